@@ -1,0 +1,14 @@
+"""kvshare: layer-wise KV-cache sharing (KVSharer) on Hugging Face transformers."""
+from .calibration import layer_distances
+from .data import calibration_texts, eval_text
+from .metrics import perplexity
+from .models import DEFAULT_MODEL, load_model
+from .search import search
+from .sharing import SUPPORTED_MODEL_TYPES, cache_bytes, disable_sharing, enable_sharing, sharing
+from .strategy import Strategy
+
+__all__ = [
+    "DEFAULT_MODEL", "SUPPORTED_MODEL_TYPES", "Strategy", "cache_bytes", "calibration_texts", "disable_sharing",
+    "enable_sharing", "eval_text", "layer_distances", "load_model", "perplexity", "search", "sharing",
+]
+__version__ = "0.1.0"

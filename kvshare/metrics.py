@@ -1,0 +1,72 @@
+"""Quality metrics: perplexity over held-out text (with whatever sharing is enabled on the model)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def _windows(n_tokens: int, window: int, stride: int):
+    """(begin, end, first scored position) of each window; every token after the first is scored once."""
+    out, prev_end, begin = [], 0, 0
+    while prev_end < n_tokens:
+        end = min(begin + window, n_tokens)
+        first = max(prev_end, begin + 1) - begin  # position 0 of the first window has no context
+        if end - begin >= 2 and first < end - begin:
+            out.append((begin, end, first))
+        prev_end = end
+        begin += stride
+    return out
+
+
+@torch.no_grad()
+def token_nlls(model, tokenizer, text: str, window: int = 512, stride: int = 512, max_tokens: int | None = None,
+               batch_size: int = 4, progress: bool = False) -> torch.Tensor:
+    """Negative log-likelihood of every scored token of `text`, in order (float64, CPU)."""
+    if stride < 1 or window < 2 or stride > window:
+        raise ValueError("need window >= 2 and 1 <= stride <= window")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    device = next(model.parameters()).device
+    spans = _windows(len(ids), window, stride)
+    nlls: list[torch.Tensor | None] = [None] * len(spans)
+    # windows of equal length run as one batch
+    by_length: dict[int, list[int]] = {}
+    for k, (b, e, _) in enumerate(spans):
+        by_length.setdefault(e - b, []).append(k)
+    batches = [(length, idx[i : i + batch_size]) for length, idx in by_length.items() for i in range(0, len(idx), batch_size)]
+    for length, idx in tqdm(batches, desc="perplexity", disable=not progress):
+        batch = torch.stack([ids[spans[k][0] : spans[k][1]] for k in idx]).to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        logprobs = F.log_softmax(logits[:, :-1], dim=-1)
+        target_lp = logprobs.gather(-1, batch[:, 1:, None])[..., 0]
+        for row, k in enumerate(idx):
+            first = spans[k][2]
+            nlls[k] = -target_lp[row, first - 1 :].double().cpu()
+    return torch.cat(nlls) if nlls else torch.zeros(0, dtype=torch.float64)
+
+
+def perplexity(model, tokenizer, text: str, window: int = 512, stride: int = 512, max_tokens: int | None = None,
+               batch_size: int = 4, progress: bool = False) -> float:
+    """exp(mean NLL) of `text` under `model`, scored in windows of `window` tokens every `stride`."""
+    nll = token_nlls(model, tokenizer, text, window, stride, max_tokens, batch_size, progress)
+    if nll.numel() == 0:
+        raise ValueError("the text has fewer than 2 tokens: nothing to score")
+    return math.exp(nll.mean().item())
+
+
+def perplexity_with_error(model, tokenizer, text: str, window: int = 512, stride: int = 512,
+                          max_tokens: int | None = None, batch_size: int = 4, progress: bool = False) -> dict:
+    """Perplexity with a standard error from the spread of per-window mean NLLs (delta method)."""
+    nll = token_nlls(model, tokenizer, text, window, stride, max_tokens, batch_size, progress)
+    # windows are the independent units; per-token NLLs within a window are correlated
+    chunks = nll.split(max(1, stride))
+    means = torch.stack([c.mean() for c in chunks])
+    mean = nll.mean().item()
+    se_nll = (means.std(unbiased=True).item() / math.sqrt(len(means))) if len(means) > 1 else float("nan")
+    ppl = math.exp(mean)
+    return {"ppl": ppl, "nll": mean, "nll_se": se_nll, "ppl_se": ppl * se_nll, "tokens": int(nll.numel()),
+            "windows": len(means)}

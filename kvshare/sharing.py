@@ -1,0 +1,303 @@
+"""KV sharing at inference: a replaced layer reads its source layer's cache.
+
+How it plugs into transformers (no modeling file is copied):
+- each replaced layer's attention module gets an instance-level `forward` that projects only
+  queries (k_proj/v_proj are never run), applies the layer's own RoPE to them, and attends over
+  the K/V its source layer attended over in the same forward pass;
+- a forward pre-hook on the decoder stack makes sure a cache exists (the source's K/V must be
+  somewhere, even for `use_cache=False`), marks the replaced layers' cache slots as holding
+  nothing (transformers' own `DummyLayer` for shared-KV consumers), and taps `cache.update` so
+  the replaced layer sees exactly what its source's cache layer returned (sliding windows,
+  quantized or evicting layers included);
+- a forward hook removes the tap again, so the cache handed back is a plain transformers cache
+  whose replaced slots hold no tensors: its bytes are exactly (L - C) / L of the unshared ones.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+import types
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .strategy import Strategy
+
+try:  # transformers >= 5.2x ships a cache slot type for shared-KV consumers
+    from transformers.cache_utils import DummyLayer
+except ImportError:  # older 5.x: an uninitialized slot holds no tensors either
+    DummyLayer = None
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+# --------------------------------------------------------------------------------------------
+# model introspection
+# --------------------------------------------------------------------------------------------
+def check_supported(model) -> None:
+    model_type = model.config.get_text_config().model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"KV sharing does not support the '{model_type}' architecture; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def decoder_layers(model):
+    """The decoder layer list of a causal LM (or of its base model)."""
+    base = model.base_model if hasattr(model, "base_model") else model
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise NotImplementedError(f"{type(model).__name__} has no `layers` list of decoder layers")
+    return layers
+
+
+def num_layers(model) -> int:
+    return model.config.get_text_config().num_hidden_layers
+
+
+def cache_kwarg_name(forward) -> str:
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+# --------------------------------------------------------------------------------------------
+# the replaced layer's attention
+# --------------------------------------------------------------------------------------------
+def source_kv(cache, source: int):
+    """K/V that `source` attended over in the current forward pass."""
+    latest = getattr(cache, "_kvshare_latest", None)
+    if latest is not None and source in latest:
+        return latest[source]
+    layer = cache.layers[source]
+    return layer.keys, layer.values
+
+
+def _shared_attention_forward(
+    self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None, **kwargs
+):
+    cache = cache if cache is not None else past_key_values
+    if cache is None:
+        raise RuntimeError(
+            f"layer {self.layer_idx} shares layer {self._kvshare_source}'s K/V but got no cache: "
+            "enable sharing with kvshare.enable_sharing(model, strategy) before calling the model"
+        )
+    input_shape = hidden_states.shape[:-1]
+    query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim)
+    if getattr(self, "q_norm", None) is not None:  # qwen3 normalizes queries per head before RoPE
+        query = self.q_norm(query)
+    query = query.transpose(1, 2)
+    cos, sin = position_embeddings
+    # the model's own RoPE on the queries only: an empty key tensor costs nothing
+    query, _ = self._kvshare_rope(query, query[:, :0], cos, sin)
+
+    keys, values = source_kv(cache, self._kvshare_source)
+    attention = self._kvshare_attention_interface()
+    attn_output, attn_weights = attention(
+        self,
+        query,
+        keys,
+        values,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **self._kvshare_attention_kwargs,
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+def _attention_interface_getter(attn):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = sys.modules[type(attn).__module__].eager_attention_forward
+
+    def get():
+        impl = attn.config._attn_implementation
+        if impl in (None, "eager"):
+            return eager
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+            return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+        return ALL_ATTENTION_FUNCTIONS[impl]
+
+    return get
+
+
+def _attention_kwargs(attn) -> dict:
+    """Extra keyword arguments the architecture passes to its attention function."""
+    model_type = attn.config.model_type
+    if model_type == "mistral":
+        return {"sliding_window": getattr(attn.config, "sliding_window", None)}
+    if model_type in ("qwen2", "qwen3"):
+        return {"sliding_window": attn.sliding_window}
+    return {}
+
+
+def _replace_attention(attn, source: int) -> None:
+    attn._kvshare_source = source
+    attn._kvshare_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    attn._kvshare_attention_interface = _attention_interface_getter(attn)
+    attn._kvshare_attention_kwargs = _attention_kwargs(attn)
+    attn.forward = types.MethodType(_shared_attention_forward, attn)
+
+
+def _restore_attention(attn) -> None:
+    for name in ("forward", "_kvshare_source", "_kvshare_rope", "_kvshare_attention_interface", "_kvshare_attention_kwargs"):
+        attn.__dict__.pop(name, None)
+
+
+# --------------------------------------------------------------------------------------------
+# the cache around a forward pass
+# --------------------------------------------------------------------------------------------
+def prepare_cache(cache, strategy: Strategy) -> None:
+    """Mark replaced slots as empty and tap `update` so sources' K/V are visible to their readers."""
+    if DummyLayer is not None:
+        for r in strategy.mapping:
+            if r < len(cache.layers) and not isinstance(cache.layers[r], DummyLayer):
+                if getattr(cache.layers[r], "keys", None) is not None:
+                    raise ValueError(
+                        f"the cache passed in holds K/V for layer {r}, which this strategy replaces: "
+                        "use a cache made with the same strategy (or a fresh one)"
+                    )
+                cache.layers[r] = DummyLayer()
+    if "_kvshare_latest" in cache.__dict__:
+        cache._kvshare_latest.clear()
+        return
+    sources = set(strategy.sources)
+    latest: dict = {}
+    original_update = cache.update
+
+    def update(key_states, value_states, layer_idx, *args, **kwargs):
+        out = original_update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx in sources:
+            latest[layer_idx] = out
+        return out
+
+    cache._kvshare_latest = latest
+    cache.update = update
+
+
+def release_cache(cache) -> None:
+    """Remove the tap: the cache handed back is an ordinary transformers cache."""
+    if cache is not None:
+        cache.__dict__.pop("update", None)
+        cache.__dict__.pop("_kvshare_latest", None)
+
+
+@dataclass
+class _SharingState:
+    strategy: Strategy
+    attentions: list = field(default_factory=list)
+    handles: list = field(default_factory=list)
+    cache_kwarg: str = "cache"
+    active_cache: object = None
+    drop_cache: bool = False
+
+
+def _pre_forward(model):
+    def hook(module, args, kwargs):
+        state: _SharingState = model._kvshare
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        state.drop_cache = False
+        if cache is None:
+            use_cache = kwargs.get("use_cache")
+            if use_cache is None:
+                use_cache = module.config.use_cache
+            cache = DynamicCache(config=module.config)
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("cache", None)
+            kwargs[state.cache_kwarg] = cache
+            state.drop_cache = not use_cache
+        prepare_cache(cache, state.strategy)
+        state.active_cache = cache
+        return args, kwargs
+
+    return hook
+
+
+def _post_forward(model):
+    def hook(module, args, kwargs, output):
+        state: _SharingState = model._kvshare
+        release_cache(state.active_cache)
+        state.active_cache = None
+        if state.drop_cache and output is not None:
+            for name in ("cache", "past_key_values"):  # the field's name differs across 5.x releases
+                if name in output.keys():
+                    output[name] = None
+        return output
+
+    return hook
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def enable_sharing(model, strategy: Strategy):
+    """Make `model` share K/V across layers per `strategy` until `disable_sharing(model)`."""
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"expected a kvshare.Strategy, got {type(strategy).__name__}")
+    check_supported(model)
+    strategy.check_model(model)
+    if getattr(model, "_kvshare", None) is not None:
+        disable_sharing(model)
+    base = model.base_model if hasattr(model, "base_model") else model
+    layers = decoder_layers(model)
+    state = _SharingState(strategy=strategy, cache_kwarg=cache_kwarg_name(base.forward))
+    model._kvshare = state
+    if not strategy.mapping:  # nothing replaced: leave the model untouched, bit for bit
+        return model
+    for r, s in strategy.mapping.items():
+        attn = layers[r].self_attn
+        _replace_attention(attn, s)
+        state.attentions.append(attn)
+    state.handles.append(base.register_forward_pre_hook(_pre_forward(model), with_kwargs=True))
+    state.handles.append(base.register_forward_hook(_post_forward(model), with_kwargs=True, always_call=True))
+    return model
+
+
+def disable_sharing(model):
+    """Restore the original model exactly (no-op when sharing is not enabled)."""
+    state = getattr(model, "_kvshare", None)
+    if state is None:
+        return model
+    for handle in state.handles:
+        handle.remove()
+    for attn in state.attentions:
+        _restore_attention(attn)
+    release_cache(state.active_cache)
+    del model._kvshare
+    return model
+
+
+def active_strategy(model) -> Strategy | None:
+    state = getattr(model, "_kvshare", None)
+    return None if state is None else state.strategy
+
+
+@contextlib.contextmanager
+def sharing(model, strategy: Strategy | None):
+    """`with kvshare.sharing(model, strategy): model.generate(...)`; None means no sharing."""
+    previous = active_strategy(model)
+    if strategy is None:
+        disable_sharing(model)
+    else:
+        enable_sharing(model, strategy)
+    try:
+        yield model
+    finally:
+        disable_sharing(model)
+        if previous is not None:
+            enable_sharing(model, previous)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a cache's K/V tensors (replaced layers hold none)."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
