@@ -47,7 +47,7 @@ class Reference:
     """What one unshared forward over the calibration batch leaves behind."""
 
     layer_inputs: list  # hidden states entering each decoder layer, [N, T, H]
-    layer_kwargs: dict  # what the decoder stack passes to each layer (mask, RoPE, ...), cache removed
+    layer_kwargs: list  # per layer, what the decoder stack passes it (mask, RoPE, ...), cache removed
     cache_layers: list  # each layer's cache slot (K/V after RoPE)
     final_hidden: torch.Tensor  # after the last norm, [N, T, H]
     description: dict = field(default_factory=dict)
@@ -57,21 +57,20 @@ class Reference:
 def reference_forward(model, input_ids: torch.Tensor) -> Reference:
     layers = decoder_layers(model)
     inputs: list = [None] * len(layers)
-    captured: dict = {}
+    captured: dict = {}  # layer -> kwargs; sliding and full layers get different masks
     hooks = []
 
     def capture(i):
         def hook(module, args, kwargs):
             inputs[i] = args[0] if args else kwargs["hidden_states"]
-            if i == 0:
-                captured.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")})
+            captured[i] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
 
         return hook
 
     for i, layer in enumerate(layers):
         hooks.append(layer.register_forward_pre_hook(capture(i), with_kwargs=True))
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # no config: sliding layers keep their full K/V for this one-shot forward
     try:
         with sharing(model, None):
             kwargs = {cache_kwarg_name(model.base_model.forward): cache}
@@ -79,7 +78,7 @@ def reference_forward(model, input_ids: torch.Tensor) -> Reference:
     finally:
         for h in hooks:
             h.remove()
-    return Reference(inputs, captured, list(cache.layers), out.last_hidden_state)
+    return Reference(inputs, [captured[i] for i in range(len(layers))], list(cache.layers), out.last_hidden_state)
 
 
 def kv_means(reference: Reference):

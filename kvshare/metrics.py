@@ -17,14 +17,14 @@ def _windows(n_tokens: int, window: int, stride: int):
         if end - begin >= 2 and first < end - begin:
             out.append((begin, end, first))
         prev_end = end
-        begin += stride
+        begin = min(begin + stride, end - 1)  # next window starts early enough to give its first scored token context
     return out
 
 
 @torch.no_grad()
-def token_nlls(model, tokenizer, text: str, window: int = 512, stride: int = 512, max_tokens: int | None = None,
-               batch_size: int = 4, progress: bool = False) -> torch.Tensor:
-    """Negative log-likelihood of every scored token of `text`, in order (float64, CPU)."""
+def window_nlls(model, tokenizer, text: str, window: int = 512, stride: int = 512, max_tokens: int | None = None,
+                batch_size: int = 4, progress: bool = False) -> list:
+    """Per-window NLLs of the scored tokens of `text`, windows in order (float64, CPU)."""
     if stride < 1 or window < 2 or stride > window:
         raise ValueError("need window >= 2 and 1 <= stride <= window")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
@@ -46,6 +46,12 @@ def token_nlls(model, tokenizer, text: str, window: int = 512, stride: int = 512
         for row, k in enumerate(idx):
             first = spans[k][2]
             nlls[k] = -target_lp[row, first - 1 :].double().cpu()
+    return nlls
+
+
+def token_nlls(*args, **kwargs) -> torch.Tensor:
+    """Negative log-likelihood of every scored token of `text`, in order (float64, CPU)."""
+    nlls = window_nlls(*args, **kwargs)
     return torch.cat(nlls) if nlls else torch.zeros(0, dtype=torch.float64)
 
 
@@ -61,9 +67,11 @@ def perplexity(model, tokenizer, text: str, window: int = 512, stride: int = 512
 def perplexity_with_error(model, tokenizer, text: str, window: int = 512, stride: int = 512,
                           max_tokens: int | None = None, batch_size: int = 4, progress: bool = False) -> dict:
     """Perplexity with a standard error from the spread of per-window mean NLLs (delta method)."""
-    nll = token_nlls(model, tokenizer, text, window, stride, max_tokens, batch_size, progress)
+    chunks = window_nlls(model, tokenizer, text, window, stride, max_tokens, batch_size, progress)
+    if not chunks:
+        raise ValueError("the text has fewer than 2 tokens: nothing to score")
+    nll = torch.cat(chunks)
     # windows are the independent units; per-token NLLs within a window are correlated
-    chunks = nll.split(max(1, stride))
     means = torch.stack([c.mean() for c in chunks])
     mean = nll.mean().item()
     se_nll = (means.std(unbiased=True).item() / math.sqrt(len(means))) if len(means) > 1 else float("nan")

@@ -24,10 +24,12 @@ from .models import model_name
 from .sharing import (
     _replace_attention,
     _restore_attention,
+    active_strategy,
     cache_kwarg_name,
     check_supported,
     decoder_layers,
     disable_sharing,
+    enable_sharing,
     num_layers,
     prepare_cache,
     release_cache,
@@ -61,17 +63,16 @@ def _run_from(model, layer_inputs, layer_kwargs, slots, start: int, mapping: dic
         _restore_attention(attn)
         if i in mapping:
             _replace_attention(attn, mapping[i])
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # full K/V in every slot: later candidates read sources from these slots
     cache.layers[:start] = slots[:start]  # read-only: the layers below `start` do not run
     prepare_cache(cache, Strategy(mapping, len(layers)))
-    kwargs = dict(layer_kwargs)
-    kwargs[cache_kwarg_name(layers[start].forward)] = cache
+    cache_kwarg = cache_kwarg_name(layers[start].forward)
     hidden = layer_inputs[start]
     inputs = {}
     try:
         for i in range(start, len(layers)):
             inputs[i] = hidden
-            out = layers[i](hidden, **kwargs)
+            out = layers[i](hidden, **layer_kwargs[i], **{cache_kwarg: cache})
             hidden = out[0] if isinstance(out, tuple) else out
     finally:
         release_cache(cache)
@@ -103,8 +104,9 @@ def search(
         raise ValueError(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    if not isinstance(num_shared, int) or not 0 <= num_shared < L:
+    if not isinstance(num_shared, int) or isinstance(num_shared, bool) or not 0 <= num_shared < L:
         raise ValueError(f"num_shared must be an integer in 0..{L - 1} for a model with {L} layers, got {num_shared!r}")
+    previous = active_strategy(model)  # restored afterwards: the search works on the plain model
     disable_sharing(model)
     t0 = time.perf_counter()
     ids, description = encode_calibration(tokenizer, texts, max_tokens)
@@ -147,6 +149,8 @@ def search(
         bar.close()
         for layer in layers:
             _restore_attention(layer.self_attn)
+        if previous is not None:
+            enable_sharing(model, previous)
     if len(mapping) < num_shared:
         warnings.warn(
             f"only {len(mapping)} of {num_shared} layers could be replaced above threshold {threshold}: "

@@ -5,6 +5,7 @@ The tiny models are built from configs (nothing is downloaded): hidden 64, 4 que
 """
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -19,6 +20,10 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine torch's thread pool
+# under contention turns a 20 ms search into seconds. KVSHARE_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("KVSHARE_TEST_THREADS", "1")))
 
 NUM_LAYERS = 6
 VOCAB = 100

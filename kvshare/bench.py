@@ -1,0 +1,392 @@
+"""Memory and speed: plain transformers next to the shared model, measured in one run.
+
+Each configuration (mode, rate, batch) is measured the same way: a fresh cache, a prefill of
+`prompt_len` random tokens, then `new_tokens` greedy decode steps, timed after a warm-up; the
+median of `repeats`. KV bytes are read from the cache's tensors. Peak memory is CUDA's
+`max_memory_allocated`, or on CPU the peak resident set of a process that runs that configuration
+alone (spawned fresh, so one configuration's garbage never inflates another's peak).
+
+Speed and memory do not depend on weight values, so the paper's model shapes can be built from a
+config with random weights (`random_weights=True`, presets below). Which layers are replaced does not
+change cost either: the benchmark's strategy replaces C layers spread evenly over the depth, each
+reading the nearest kept layer below it (a searched strategy gives the same bytes and FLOPs).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .sharing import cache_bytes, num_layers, sharing
+from .strategy import Strategy
+
+# Published shapes (layers, hidden, heads, KV heads, intermediate, vocabulary). InternLM2 packs
+# q/k/v into one matrix; with the same shapes a Llama layout does the same FLOPs and stores the
+# same KV bytes, so it is built as one.
+PRESETS = {
+    "llama2-7b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+                      intermediate_size=11008, vocab_size=32000),
+    "llama2-13b": dict(num_hidden_layers=40, hidden_size=5120, num_attention_heads=40, num_key_value_heads=40,
+                       intermediate_size=13824, vocab_size=32000),
+    "llama2-70b": dict(num_hidden_layers=80, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
+                       intermediate_size=28672, vocab_size=32000),
+    "internlm2-7b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=14336, vocab_size=92544),
+    "internlm2-20b": dict(num_hidden_layers=48, hidden_size=6144, num_attention_heads=48, num_key_value_heads=8,
+                          intermediate_size=16384, vocab_size=92544),
+}
+CACHES = ("dynamic", "static")
+
+
+@dataclass
+class Config:
+    model: str
+    mode: str  # "plain" (untouched transformers) or "shared"
+    rate: float
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    cache: str = "dynamic"
+    random_weights: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+
+
+def spread_strategy(num_layers_: int, num_shared: int) -> Strategy:
+    """C replaced layers spread evenly over layers 1..L-1, each reading the nearest kept layer below."""
+    if not 0 <= num_shared < num_layers_:
+        raise ValueError(f"cannot replace {num_shared} of {num_layers_} layers")
+    step = (num_layers_ - 1) / num_shared if num_shared else 0
+    replaced = sorted({num_layers_ - 1 - round(i * step) for i in range(num_shared)})
+    mapping, kept = {}, [i for i in range(num_layers_) if i not in replaced]
+    for r in replaced:
+        mapping[r] = max(k for k in kept if k < r)
+    return Strategy(mapping, num_layers_, {"kind": "evenly spread (benchmark)"})
+
+
+def num_shared_for(rate: float, layers: int) -> int:
+    if not 0 <= rate < 1:
+        raise ValueError(f"compression rate must be in [0, 1), got {rate}")
+    return round(rate * layers)
+
+
+def build_model(name: str, random_weights: bool, device=None, dtype=None):
+    """The model to time: a loaded checkpoint, or random weights with the shapes of `name`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from .models import EMBEDDED, _convert_embedded, load_model, resolve_device, resolve_dtype
+
+    if not random_weights:
+        return load_model(name, device=device, dtype=dtype)[0]
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if name in PRESETS:
+        config = LlamaConfig(**PRESETS[name], max_position_embeddings=4096, rope_theta=10000.0)
+    else:
+        config = AutoConfig.from_pretrained(str(_convert_embedded(name)) if name in EMBEDDED else name)
+    config._attn_implementation = "sdpa"
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # small random values keep activations finite in fp16
+            p.normal_(0.0, 0.02, generator=generator)
+    model.kvshare_name = name
+    return model.eval()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _new_cache(model, kind: str, max_len: int):
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    raise ValueError(f"unknown cache kind {kind!r}; use one of {', '.join(CACHES)}")
+
+
+@torch.no_grad()
+def _run_once(model, prompt, new_tokens: int, cache_kind: str):
+    """Prefill + greedy decode with a fresh cache; returns (prefill_s, decode_s, cache, bytes_copied)."""
+    device = prompt.device
+    cache = _new_cache(model, cache_kind, prompt.shape[1] + new_tokens)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = model(input_ids=prompt, cache=cache, use_cache=True).logits
+    token = logits[:, -1:].argmax(-1)
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = model(input_ids=token, cache=cache, use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+    _sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, cache
+
+
+def measure(config: Config, model=None) -> dict:
+    """Measure one configuration in this process (CUDA peak memory is exact; CPU peak is RSS)."""
+    from .models import model_name, resolve_device
+
+    device = resolve_device(config.device)
+    if model is None:
+        model = build_model(config.model, config.random_weights, device=config.device, dtype=config.dtype)
+    L = num_layers(model)
+    C = num_shared_for(config.rate, L)
+    strategy = None if config.mode == "plain" else spread_strategy(L, C)
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(config.seed)
+    prompt = torch.randint(0, vocab, (config.batch, config.prompt_len), generator=gen).to(device)
+    rss_before = _rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base_allocated = torch.cuda.memory_allocated(device)
+    with sharing(model, strategy):
+        for _ in range(config.warmup):
+            _run_once(model, prompt, min(config.new_tokens, 8), config.cache)
+        prefill, decode, kv = [], [], 0
+        for _ in range(config.repeats):
+            p, d, cache = _run_once(model, prompt, config.new_tokens, config.cache)
+            prefill.append(p)
+            decode.append(d)
+            kv = cache_bytes(cache)
+            del cache
+    row = asdict(config)
+    row.update(
+        model=model_name(model),
+        weights="random" if config.random_weights else "real",
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        num_layers=L,
+        num_shared=0 if strategy is None else strategy.num_shared,
+        kv_bytes=kv,
+        prefill_s=statistics.median(prefill),
+        decode_s=statistics.median(decode),
+        decode_tps=config.batch * config.new_tokens / statistics.median(decode),
+        transformers=_transformers_version(),
+        torch=torch.__version__,
+    )
+    if device.type == "cuda":
+        row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        row["baseline_bytes"] = base_allocated
+        row["peak_method"] = "cuda max_memory_allocated"
+    else:
+        row["peak_bytes"] = _rss_bytes()
+        row["baseline_bytes"] = rss_before
+        row["peak_method"] = "peak RSS of a process running this configuration alone"
+    row.update(analysis(model.config.get_text_config(), row["num_shared"], config.batch, config.prompt_len,
+                        config.new_tokens, config.cache, torch.tensor([], dtype=next(model.parameters()).dtype).element_size()))
+    return row
+
+
+def analysis(cfg, num_shared: int, batch: int, prompt_len: int, new_tokens: int, cache: str, elem: int) -> dict:
+    """Where the bytes and FLOPs go, from the shapes (exact counts, not estimates of timing).
+
+    - kv_token_bytes: K+V of one token in one layer.
+    - cache_copy_bytes: bytes written into the cache over the whole decode. A dynamic cache grows by
+      `torch.cat`, rewriting the whole layer cache at every step (quadratic in length); a static cache
+      writes one token per step in place.
+    - attn_read_bytes: K/V bytes attention reads over the decode: every layer, replaced or not, still
+      reads a cache of the full length; sharing does not reduce it.
+    - kv_proj_flops_saved: multiply-adds x2 of k_proj and v_proj skipped in replaced layers, whole run.
+    """
+    L = cfg.num_hidden_layers
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_token = 2 * cfg.num_key_value_heads * head_dim * elem * batch
+    kept = L - num_shared
+    lengths = range(prompt_len + 1, prompt_len + new_tokens + 1)  # cache length after each decode step
+    if cache == "dynamic":
+        copy = kept * kv_token * sum(lengths)
+    else:
+        copy = kept * kv_token * new_tokens
+    read = L * kv_token * sum(lengths)
+    tokens = batch * (prompt_len + new_tokens)
+    flops_saved = num_shared * tokens * 2 * 2 * cfg.hidden_size * cfg.num_key_value_heads * head_dim
+    return {"kv_token_bytes": kv_token, "cache_copy_bytes": copy, "attn_read_bytes": read,
+            "kv_proj_flops_saved": flops_saved}
+
+
+def _rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _worker(config: Config, queue):
+    try:
+        torch.set_num_threads(torch.get_num_threads())
+        queue.put(("ok", measure(config)))
+    except BaseException as e:  # report, never hang the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def measure_isolated(config: Config) -> dict:
+    """Run one configuration in a fresh process (CPU peak memory needs a process of its own)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(config, queue))
+    proc.start()
+    status, payload = "error", "the benchmark process exited without a result"
+    while True:  # a child that dies before reporting (e.g. killed for memory) must not hang us
+        try:
+            status, payload = queue.get(timeout=1.0)
+            break
+        except Exception:
+            if not proc.is_alive():
+                payload += f" (exit code {proc.exitcode})"
+                break
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark configuration {config.mode} rate={config.rate} batch={config.batch} failed: {payload}")
+    return payload
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Ratios of each row against the plain model at the same batch and lengths."""
+    base = {(r["batch"], r["prompt_len"], r["new_tokens"], r["cache"]): r for r in rows if r["mode"] == "plain"}
+    for r in rows:
+        b = base.get((r["batch"], r["prompt_len"], r["new_tokens"], r["cache"]))
+        if b is None:
+            continue
+        r["kv_bytes_ratio"] = r["kv_bytes"] / b["kv_bytes"] if b["kv_bytes"] else float("nan")
+        r["kv_bytes_expected_ratio"] = (r["num_layers"] - r["num_shared"]) / r["num_layers"]
+        r["peak_ratio"] = r["peak_bytes"] / b["peak_bytes"]
+        r["peak_above_baseline_ratio"] = (r["peak_bytes"] - r["baseline_bytes"]) / max(1, b["peak_bytes"] - b["baseline_bytes"])
+        r["prefill_ratio"] = r["prefill_s"] / b["prefill_s"]
+        r["decode_tps_ratio"] = r["decode_tps"] / b["decode_tps"]
+    return rows
+
+
+def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int = 512, new_tokens: int = 128,
+          cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None, repeats: int = 3,
+          warmup: int = 1, isolate: bool | None = None, progress: bool = True) -> list[dict]:
+    """Plain transformers and the shared model at each rate, side by side; rows with ratios."""
+    from tqdm.auto import tqdm
+
+    from .models import resolve_device
+
+    if cache not in CACHES:
+        raise ValueError(f"unknown cache kind {cache!r}; use one of {', '.join(CACHES)}")
+    for rate in rates:
+        num_shared_for(rate, 2)  # validates the range
+    dev = resolve_device(device)
+    if isolate is None:
+        isolate = dev.type == "cpu"
+    configs = [Config(model, "plain", 0.0, b, prompt_len, new_tokens, cache, random_weights, device, dtype, repeats, warmup)
+               for b in batches]
+    configs += [Config(model, "shared", float(rate), b, prompt_len, new_tokens, cache, random_weights, device, dtype,
+                       repeats, warmup) for b in batches for rate in rates]
+    rows = []
+    shared_model = None
+    for config in tqdm(configs, desc="bench", disable=not progress):
+        if isolate:
+            rows.append(measure_isolated(config))
+        else:
+            if shared_model is None:
+                shared_model = build_model(model, random_weights, device=device, dtype=dtype)
+            rows.append(measure(config, shared_model))
+    return add_ratios(rows)
+
+
+def max_batch_within(model_name: str, budget_bytes: int, rate: float, prompt_len: int, new_tokens: int,
+                     cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None,
+                     limit: int = 1024, model=None) -> dict:
+    """Largest batch whose peak memory stays within `budget_bytes`, for the plain (rate 0) or shared model.
+
+    Peak memory is affine in the batch for fixed lengths; two measurements (batches 1 and 2) give
+    the line, the prediction is checked by measuring at the chosen batch and stepped down until it fits.
+    """
+    mode = "plain" if rate == 0 else "shared"
+
+    def run(b):
+        cfg = Config(model_name, mode, rate, b, prompt_len, new_tokens, cache, random_weights, device, dtype, 1, 1)
+        return measure(cfg, model) if model is not None else measure_isolated(cfg)
+
+    one, two = run(1), run(2)
+    per_seq = max(1, two["peak_bytes"] - one["peak_bytes"])
+    fixed = one["peak_bytes"] - per_seq
+    batch = max(0, min(limit, (budget_bytes - fixed) // per_seq))
+    row = None
+    while batch >= 1:
+        row = run(int(batch))
+        if row["peak_bytes"] <= budget_bytes:
+            break
+        batch -= max(1, batch // 16)
+    if batch < 1:
+        return {"mode": mode, "rate": rate, "batch": 0, "budget_bytes": budget_bytes, "fits": False}
+    row.update(budget_bytes=budget_bytes, fits=True, per_sequence_bytes=per_seq, fixed_bytes=fixed,
+               throughput_tps=row["decode_tps"])
+    return row
+
+
+def budget_comparison(model_name: str, budget_bytes: int, rates, prompt_len: int, new_tokens: int,
+                      cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None) -> list[dict]:
+    """Throughput at the largest batch that fits the budget: plain, then shared at each rate.
+
+    The ideal gain is L / (L - C) (the KV cache is the only thing that shrinks); the gap to it comes
+    from the memory that does not scale with the cache (weights, activations, allocator slack).
+    """
+    rows = [max_batch_within(model_name, budget_bytes, 0.0, prompt_len, new_tokens, cache, random_weights, device, dtype)]
+    plain = rows[0]
+    for rate in rates:
+        row = max_batch_within(model_name, budget_bytes, rate, prompt_len, new_tokens, cache, random_weights, device, dtype)
+        if plain.get("fits") and row.get("fits"):
+            L, C = row["num_layers"], row["num_shared"]
+            row["batch_ratio"] = row["batch"] / plain["batch"]
+            row["throughput_ratio"] = row["throughput_tps"] / plain["throughput_tps"]
+            row["ideal_ratio"] = L / (L - C)
+            row["gap_to_ideal"] = row["ideal_ratio"] - row["throughput_ratio"]
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], budget: bool = False) -> str:
+    """A fixed-width table of the rows, for the terminal."""
+    if budget:
+        cols = [("mode", "{}"), ("rate", "{:.3f}"), ("batch", "{}"), ("peak_bytes", "{:,}"),
+                ("throughput_tps", "{:.1f}"), ("throughput_ratio", "{:.3f}"), ("ideal_ratio", "{:.3f}")]
+    else:
+        cols = [("mode", "{}"), ("rate", "{:.3f}"), ("num_shared", "{}"), ("batch", "{}"), ("kv_bytes", "{:,}"),
+                ("kv_bytes_ratio", "{:.4f}"), ("peak_bytes", "{:,}"), ("peak_ratio", "{:.3f}"),
+                ("prefill_s", "{:.3f}"), ("decode_tps", "{:.1f}"), ("decode_tps_ratio", "{:.3f}")]
+    cells = [[name for name, _ in cols]]
+    for r in rows:
+        cells.append([fmt.format(r[name]) if r.get(name) is not None else "-" for name, fmt in cols])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    weights = {r.get("weights") for r in rows if r.get("weights")}
+    note = "  (random weights: speed and memory only)" if "random" in weights else ""
+    return "\n".join(lines) + ("\n" + note if note else "")

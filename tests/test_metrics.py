@@ -1,0 +1,139 @@
+"""Perplexity: windowing covers every token once, and the numbers match a by-hand computation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kvshare
+from kvshare.metrics import _windows, perplexity_with_error, token_nlls
+from conftest import NUM_LAYERS
+
+TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs."
+
+
+def scored_positions(n, window, stride):
+    """Absolute positions scored by the windows (a window's position `first` onward)."""
+    out = []
+    for begin, end, first in _windows(n, window, stride):
+        assert 0 <= begin < end <= n and end - begin <= window
+        assert 1 <= first < end - begin  # position 0 of a window has no context
+        out.extend(range(begin + first, end))
+    return out
+
+
+@pytest.mark.parametrize(
+    "n, window, stride",
+    [
+        (10, 4, 2),
+        (10, 4, 1),
+        (10, 4, 3),
+        (100, 16, 5),
+        (17, 8, 7),
+        (5, 8, 4),  # text shorter than the window
+        (2, 8, 8),
+        (9, 8, 8),  # stride == window (the default): non-overlapping windows
+        (10, 4, 4),
+        (64, 16, 16),
+        (1024, 512, 512),
+    ],
+)
+def test_windows_score_every_token_after_the_first_once(n, window, stride):
+    scored = scored_positions(n, window, stride)
+    missing = sorted(set(range(1, n)) - set(scored))
+    twice = sorted({p for p in scored if scored.count(p) > 1})
+    assert not missing, f"positions never scored: {missing[:10]} (windows {_windows(n, window, stride)[:3]}...)"
+    assert not twice, f"positions scored more than once: {twice[:10]}"
+    assert scored == list(range(1, n))  # and in order, as token_nlls promises
+
+
+def test_windows_of_tiny_texts():
+    assert _windows(0, 8, 8) == [] and _windows(1, 8, 8) == []
+
+
+def tokenize(tok, text):
+    return tok(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+
+
+def test_perplexity_matches_single_forward(tiny_llama, char_tokenizer):
+    ids = tokenize(char_tokenizer, TEXT)
+    assert ids.shape[1] < 512  # fits in one (default) window
+    with torch.no_grad():
+        logits = tiny_llama(ids).logits[0]
+    nll = F.cross_entropy(logits[:-1].double(), ids[0, 1:], reduction="mean").item()
+    ppl = kvshare.perplexity(tiny_llama, char_tokenizer, TEXT)
+    assert ppl == pytest.approx(math.exp(nll), rel=1e-5)
+    nlls = token_nlls(tiny_llama, char_tokenizer, TEXT)
+    assert nlls.dtype == torch.float64 and nlls.shape == (ids.shape[1] - 1,)
+
+
+def test_perplexity_uses_the_enabled_sharing(tiny_llama, char_tokenizer):
+    plain = kvshare.perplexity(tiny_llama, char_tokenizer, TEXT)
+    with kvshare.sharing(tiny_llama, kvshare.Strategy({2: 1, 3: 1, 5: 1}, NUM_LAYERS)):
+        shared = kvshare.perplexity(tiny_llama, char_tokenizer, TEXT)
+        ids = tokenize(char_tokenizer, TEXT)
+        with torch.no_grad():
+            logits = tiny_llama(ids).logits[0]
+    assert shared != pytest.approx(plain, rel=1e-3)
+    nll = F.cross_entropy(logits[:-1].double(), ids[0, 1:]).item()
+    assert shared == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_overlapping_windows_match_by_hand(tiny_llama, char_tokenizer):
+    # stride < window: each token is scored once, with the context its window gives it
+    window, stride = 32, 16
+    ids = tokenize(char_tokenizer, TEXT)[0]
+    expected = []
+    for begin, end, first in _windows(len(ids), window, stride):
+        with torch.no_grad():
+            logits = tiny_llama(ids[None, begin:end]).logits[0].double()
+        lp = F.log_softmax(logits[:-1], -1).gather(-1, ids[begin + 1 : end, None])[:, 0]
+        expected.append(-lp[first - 1 :])
+    expected = torch.cat(expected)
+    got = token_nlls(tiny_llama, char_tokenizer, TEXT, window=window, stride=stride, batch_size=2)
+    assert got.shape == (len(ids) - 1,)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # batching windows of equal length does not change the numbers
+    one_by_one = token_nlls(tiny_llama, char_tokenizer, TEXT, window=window, stride=stride, batch_size=1)
+    torch.testing.assert_close(got, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_max_tokens_truncates(tiny_llama, char_tokenizer):
+    ids = tokenize(char_tokenizer, TEXT)[0]
+    nlls = token_nlls(tiny_llama, char_tokenizer, TEXT, max_tokens=20)
+    assert nlls.shape == (19,)
+    torch.testing.assert_close(nlls, token_nlls(tiny_llama, char_tokenizer, TEXT)[:19], atol=1e-5, rtol=1e-5)
+    assert len(ids) > 20
+
+
+def test_perplexity_with_error_keys(tiny_llama, char_tokenizer):
+    result = perplexity_with_error(tiny_llama, char_tokenizer, TEXT * 3, window=32, stride=16)
+    assert set(result) == {"ppl", "nll", "nll_se", "ppl_se", "tokens", "windows"}
+    assert result["ppl"] == pytest.approx(math.exp(result["nll"]))
+    assert result["ppl"] == pytest.approx(kvshare.perplexity(tiny_llama, char_tokenizer, TEXT * 3, window=32, stride=16))
+    assert result["tokens"] == len(tokenize(char_tokenizer, TEXT * 3)[0]) - 1
+    assert result["windows"] > 1 and result["nll_se"] > 0
+    assert result["ppl_se"] == pytest.approx(result["ppl"] * result["nll_se"])
+    single = perplexity_with_error(tiny_llama, char_tokenizer, TEXT)  # one window: no spread to measure
+    assert single["windows"] == 1 and math.isnan(single["nll_se"])
+
+
+def test_perplexity_with_error_counts_real_windows(tiny_llama, char_tokenizer):
+    # the standard error is documented as coming from per-window mean NLLs: "windows" should be the
+    # number of windows actually scored, and each unit one window's tokens
+    n = len(tokenize(char_tokenizer, TEXT * 3)[0])
+    result = perplexity_with_error(tiny_llama, char_tokenizer, TEXT * 3, window=32, stride=16)
+    assert result["windows"] == len(_windows(n, 32, 16))
+
+
+@pytest.mark.parametrize("window, stride", [(1, 1), (8, 0), (8, 9)])
+def test_invalid_windows(tiny_llama, char_tokenizer, window, stride):
+    with pytest.raises(ValueError):
+        kvshare.perplexity(tiny_llama, char_tokenizer, TEXT, window=window, stride=stride)
+
+
+def test_text_too_short(tiny_llama, char_tokenizer):
+    with pytest.raises(ValueError, match="fewer than 2 tokens"):
+        kvshare.perplexity(tiny_llama, char_tokenizer, "")  # only BOS
