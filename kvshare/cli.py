@@ -60,7 +60,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--source", default="bbc", choices=["bbc", "wikitext2"], help="evaluation data")
+    b = sub.add_parser("bench", help="memory and speed: plain transformers next to the shared model")
+    _add_model(b)
+    b.add_argument("--random-weights", action="store_true",
+                   help="build the model's shapes with random weights (presets: llama2-7b, llama2-13b, llama2-70b, "
+                        "internlm2-7b, internlm2-20b)")
+    b.add_argument("--rates", default="0,0.125,0.25", help="compression rates (fractions of the layers)")
+    b.add_argument("--batch", default="1,4", help="batch sizes")
+    b.add_argument("--prompt-len", type=int, default=512)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="also find the largest batch within this peak memory, plain and shared, and compare throughput")
+    b.add_argument("--out", required=True, help="results JSON (a CSV goes beside it)")
+    e = sub.add_parser("eval", help="benchmark table (lm-eval tasks + perplexity) of a model, with or without sharing")
+    _add_model(e)
+    _add_strategy(e)
+    e.add_argument("--suite", default="offline", choices=["offline", "online"],
+                   help="offline: BIG-bench, XSum and perplexity on local files (default); online: lm-eval's own tasks")
+    e.add_argument("--tasks", default=None, help="comma-separated task names (default: the suite's default set)")
+    e.add_argument("--limit", type=int, default=None, help="examples per task (perplexity: 512-token windows)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--no-cache", action="store_true", help="recompute even what the results cache holds")
+    e.add_argument("--out", required=True, help="results JSON (the table goes beside it as CSV)")
     return parser
+
+
+def _numbers(text: str, kind, name: str):
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"{name} must be a comma-separated list of numbers, got {text!r}") from None
 
 
 def _load(args):
@@ -143,7 +174,50 @@ def cmd_ppl(args):
                       "num_shared": 0 if strategy is None else strategy.num_shared}))
 
 
-COMMANDS = {"search": cmd_search, "generate": cmd_generate, "ppl": cmd_ppl}
+def cmd_bench(args):
+    from .bench import PRESETS, bench, budget_comparison, format_table
+    from .io import write_csv, write_json
+
+    rates = _numbers(args.rates, float, "--rates")
+    batches = _numbers(args.batch, int, "--batch")
+    if args.model in PRESETS and not args.random_weights:
+        raise CLIError(f"'{args.model}' is a shape preset: add --random-weights")
+    rows = bench(args.model, rates=rates, batches=batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                 cache=args.cache, random_weights=args.random_weights, device=args.device, dtype=args.dtype,
+                 repeats=args.repeats)
+    result = {"rows": rows}
+    if args.memory_budget_gb:
+        result["budget"] = budget_comparison(args.model, int(args.memory_budget_gb * 2**30), [r for r in rates if r > 0],
+                                             args.prompt_len, args.new_tokens, args.cache, args.random_weights,
+                                             args.device, args.dtype)
+    out = Path(args.out)
+    write_json(out, result)
+    write_csv(out.with_suffix(".csv"), rows)
+    print(format_table(rows))
+    if "budget" in result:
+        print(format_table(result["budget"], budget=True))
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+
+
+def cmd_eval(args):
+    from .evaluation import Evaluator, format_rows, resolve_tasks, write_results
+
+    specs = resolve_tasks(args.suite, args.tasks)  # a bad task name fails before the model loads
+    if args.limit is not None and args.limit < 1:
+        raise CLIError("--limit must be >= 1")
+    strategy = _read_strategy(args)
+    model, tokenizer = _load(args)
+    strategy = _check_strategy(args, strategy, model)
+    evaluator = Evaluator(model, tokenizer, batch_size=args.batch_size, cache=not args.no_cache)
+    result = evaluator.evaluate(strategy, suite=args.suite, tasks=specs, limit=args.limit)
+    json_path, csv_path = write_results(result, args.out)
+    print(format_rows(result["rows"]))
+    print(f"{len(specs)} tasks in {result['seconds']:.1f} s ({len(result['cached_tasks'])} from the cache); "
+          f"wrote {json_path} and {csv_path}")
+
+
+COMMANDS = {"search": cmd_search, "generate": cmd_generate, "ppl": cmd_ppl, "bench": cmd_bench}
+COMMANDS["eval"] = cmd_eval
 
 
 def main(argv=None) -> int:
