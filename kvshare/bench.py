@@ -323,25 +323,30 @@ def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int 
 
 def max_batch_within(model_name: str, budget_bytes: int, rate: float, prompt_len: int, new_tokens: int,
                      cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None,
-                     limit: int = 1024, model=None) -> dict:
+                     limit: int = 1024, model=None, probe_tokens: int = 16) -> dict:
     """Largest batch whose peak memory stays within `budget_bytes`, for the plain (rate 0) or shared model.
 
-    Peak memory is affine in the batch for fixed lengths; two measurements (batches 1 and 2) give
-    the line, the prediction is checked by measuring at the chosen batch and stepped down until it fits.
+    Peak memory is affine in the batch. Two short probes (batches 1 and 2, `probe_tokens` decode
+    steps) give the line; the cache growth over the remaining steps is added exactly from the
+    shapes. The prediction is then checked by the full run at the chosen batch, stepping down
+    until it fits.
     """
     mode = "plain" if rate == 0 else "shared"
 
-    def run(b):
-        cfg = Config(model_name, mode, rate, b, prompt_len, new_tokens, cache, random_weights, device, dtype, 1, 1)
+    def run(b, tokens):
+        cfg = Config(model_name, mode, rate, b, prompt_len, tokens, cache, random_weights, device, dtype, 1, 1)
         return measure(cfg, model) if model is not None else measure_isolated(cfg)
 
-    one, two = run(1), run(2)
-    per_seq = max(1, two["peak_bytes"] - one["peak_bytes"])
-    fixed = one["peak_bytes"] - per_seq
-    batch = max(0, min(limit, (budget_bytes - fixed) // per_seq))
+    probe = min(new_tokens, probe_tokens)
+    one, two = run(1, probe), run(2, probe)
+    kept = one["num_layers"] - one["num_shared"]
+    growth = kept * one["kv_token_bytes"] * (new_tokens - probe)  # per sequence, batch 1
+    per_seq = max(1, two["peak_bytes"] - one["peak_bytes"]) + growth
+    fixed = one["peak_bytes"] + growth - per_seq
+    batch = int(max(0, min(limit, (budget_bytes - fixed) // per_seq)))
     row = None
     while batch >= 1:
-        row = run(int(batch))
+        row = run(batch, new_tokens)
         if row["peak_bytes"] <= budget_bytes:
             break
         batch -= max(1, batch // 16)

@@ -92,3 +92,11 @@ def test_analysis_counts():
     s = B.analysis(cfg, 10, 1, 512, 2048, "static", 2)
     assert s["cache_copy_bytes"] == 30 * a["kv_token_bytes"] * 2048
     assert a["attn_read_bytes"] == s["attn_read_bytes"]  # sharing never shrinks what attention reads
+
+
+def test_budget_comparison_finds_batches(tiny_dir):
+    model = B.build_model(tiny_dir, random_weights=True, device="cpu")
+    plain = B.max_batch_within(tiny_dir, 10**12, 0.0, 4, 2, random_weights=True, limit=3, model=model)
+    assert plain["fits"] and plain["batch"] == 3  # an unlimited budget stops at `limit`
+    tight = B.max_batch_within(tiny_dir, 1, 0.0, 4, 2, random_weights=True, model=model)
+    assert not tight["fits"] and tight["batch"] == 0
