@@ -4,11 +4,11 @@ from .data import calibration_texts, eval_text
 from .metrics import perplexity
 from .models import DEFAULT_MODEL, load_model
 from .search import search
-from .sharing import SUPPORTED_MODEL_TYPES, cache_bytes, disable_sharing, enable_sharing, sharing
+from .sharing import SUPPORTED_MODEL_TYPES, cache_bytes, compression, disable_sharing, enable_sharing, sharing
 from .strategy import Strategy
 
 __all__ = [
-    "DEFAULT_MODEL", "SUPPORTED_MODEL_TYPES", "Strategy", "cache_bytes", "calibration_texts", "disable_sharing",
+    "DEFAULT_MODEL", "SUPPORTED_MODEL_TYPES", "Strategy", "cache_bytes", "compression", "calibration_texts", "disable_sharing",
     "enable_sharing", "eval_text", "layer_distances", "load_model", "perplexity", "search", "sharing",
 ]
 __version__ = "0.1.0"

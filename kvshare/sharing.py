@@ -151,12 +151,25 @@ def _restore_attention(attn) -> None:
 # --------------------------------------------------------------------------------------------
 # the cache around a forward pass
 # --------------------------------------------------------------------------------------------
-def prepare_cache(cache, strategy: Strategy) -> None:
-    """Mark replaced slots as empty and tap `update` so sources' K/V are visible to their readers."""
+def prepare_cache(cache, strategy: Strategy, policy=None, config=None) -> None:
+    """Get a cache ready for a shared forward pass.
+
+    Replaced slots become empty (`DummyLayer`); with a cache policy (eviction, quantization, ...),
+    every fresh slot of a kept layer becomes `policy.make_layer(i, config)`; `update` is tapped so a
+    replaced layer sees exactly what its source's slot returned, as the source's policy left it.
+    """
+    if policy is not None and config is not None:
+        n = config.get_text_config().num_hidden_layers
+        while len(cache.layers) < n:  # caches built without a config create slots lazily
+            cache.layers.append(DummyLayer() if (DummyLayer is not None and len(cache.layers) in strategy.mapping)
+                                else policy.make_layer(len(cache.layers), config))
+        for i, layer in enumerate(cache.layers):
+            if i not in strategy.mapping and not getattr(layer, "kvshare_policy", None) and _is_empty(layer):
+                cache.layers[i] = policy.make_layer(i, config)
     if DummyLayer is not None:
         for r in strategy.mapping:
             if r < len(cache.layers) and not isinstance(cache.layers[r], DummyLayer):
-                if getattr(cache.layers[r], "keys", None) is not None:
+                if not _is_empty(cache.layers[r]):
                     raise ValueError(
                         f"the cache passed in holds K/V for layer {r}, which this strategy replaces: "
                         "use a cache made with the same strategy (or a fresh one)"
@@ -179,6 +192,10 @@ def prepare_cache(cache, strategy: Strategy) -> None:
     cache.update = update
 
 
+def _is_empty(layer) -> bool:
+    return getattr(layer, "keys", None) is None or not getattr(layer, "is_initialized", True)
+
+
 def release_cache(cache) -> None:
     """Remove the tap: the cache handed back is an ordinary transformers cache."""
     if cache is not None:
@@ -189,6 +206,7 @@ def release_cache(cache) -> None:
 @dataclass
 class _SharingState:
     strategy: Strategy
+    policy: object = None
     attentions: list = field(default_factory=list)
     handles: list = field(default_factory=list)
     cache_kwarg: str = "cache"
@@ -210,7 +228,7 @@ def _pre_forward(model):
             kwargs.pop("cache", None)
             kwargs[state.cache_kwarg] = cache
             state.drop_cache = not use_cache
-        prepare_cache(cache, state.strategy)
+        prepare_cache(cache, state.strategy, state.policy, module.config)
         state.active_cache = cache
         return args, kwargs
 
@@ -234,8 +252,14 @@ def _post_forward(model):
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
-def enable_sharing(model, strategy: Strategy):
-    """Make `model` share K/V across layers per `strategy` until `disable_sharing(model)`."""
+def enable_sharing(model, strategy: Strategy, policy=None):
+    """Make `model` share K/V across layers per `strategy` until `disable_sharing(model)`.
+
+    `policy` optionally gives every kept layer's cache slot a policy of its own (token eviction,
+    KV quantization, ...): an object with `make_layer(layer_idx, config)` returning a cache layer,
+    and optional `attach(model)` / `detach(model)` for what it needs around the model. A replaced
+    layer reads its source's slot as the source's policy left it.
+    """
     if not isinstance(strategy, Strategy):
         raise TypeError(f"expected a kvshare.Strategy, got {type(strategy).__name__}")
     check_supported(model)
@@ -244,14 +268,16 @@ def enable_sharing(model, strategy: Strategy):
         disable_sharing(model)
     base = model.base_model if hasattr(model, "base_model") else model
     layers = decoder_layers(model)
-    state = _SharingState(strategy=strategy, cache_kwarg=cache_kwarg_name(base.forward))
+    state = _SharingState(strategy=strategy, policy=policy, cache_kwarg=cache_kwarg_name(base.forward))
     model._kvshare = state
-    if not strategy.mapping:  # nothing replaced: leave the model untouched, bit for bit
+    if not strategy.mapping and policy is None:  # nothing to change: leave the model untouched, bit for bit
         return model
     for r, s in strategy.mapping.items():
         attn = layers[r].self_attn
         _replace_attention(attn, s)
         state.attentions.append(attn)
+    if policy is not None and hasattr(policy, "attach"):
+        policy.attach(model)
     state.handles.append(base.register_forward_pre_hook(_pre_forward(model), with_kwargs=True))
     state.handles.append(base.register_forward_hook(_post_forward(model), with_kwargs=True, always_call=True))
     return model
@@ -266,6 +292,8 @@ def disable_sharing(model):
         handle.remove()
     for attn in state.attentions:
         _restore_attention(attn)
+    if state.policy is not None and hasattr(state.policy, "detach"):
+        state.policy.detach(model)
     release_cache(state.active_cache)
     del model._kvshare
     return model
@@ -276,28 +304,48 @@ def active_strategy(model) -> Strategy | None:
     return None if state is None else state.strategy
 
 
+def active_policy(model):
+    state = getattr(model, "_kvshare", None)
+    return None if state is None else state.policy
+
+
 @contextlib.contextmanager
-def sharing(model, strategy: Strategy | None):
-    """`with kvshare.sharing(model, strategy): model.generate(...)`; None means no sharing."""
-    previous = active_strategy(model)
-    if strategy is None:
-        disable_sharing(model)
-    else:
-        enable_sharing(model, strategy)
+def compression(model, strategy: Strategy | None = None, policy=None):
+    """One way to apply any combination: `with kvshare.compression(model, strategy, policy): ...`.
+
+    Sharing (`strategy`) and a per-layer cache policy (`policy`: eviction, quantization) compose
+    in either order of construction with one semantics: a replaced layer reads its source's cache
+    as the source's policy left it. Whatever was enabled before is restored on exit.
+    """
+    previous = (active_strategy(model), active_policy(model))
+    disable_sharing(model)
+    if strategy is not None or policy is not None:
+        enable_sharing(model, strategy if strategy is not None else Strategy({}, num_layers(model)), policy)
     try:
         yield model
     finally:
         disable_sharing(model)
-        if previous is not None:
-            enable_sharing(model, previous)
+        if previous[0] is not None:
+            enable_sharing(model, previous[0], previous[1])
+
+
+def sharing(model, strategy: Strategy | None):
+    """`with kvshare.sharing(model, strategy): model.generate(...)`; None means no sharing."""
+    return compression(model, strategy)
+
+
+def layer_bytes(layer) -> int:
+    """Bytes a cache slot holds: its own count when it stores K/V its own way (quantized, ...)."""
+    if hasattr(layer, "nbytes"):
+        return int(layer.nbytes())
+    total = 0
+    for name in ("keys", "values"):
+        t = getattr(layer, name, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by a cache's K/V tensors (replaced layers hold none)."""
-    total = 0
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    """Bytes held by a cache's K/V (replaced layers hold none)."""
+    return sum(layer_bytes(layer) for layer in cache.layers)
