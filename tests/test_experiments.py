@@ -1,0 +1,224 @@
+"""The experiment logic behind the notebooks (kvshare.experiments) and its figures (kvshare.plotting),
+on tiny random models and synthetic numbers: fast, no download."""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+
+from kvshare import experiments as ex
+from kvshare import plotting as pl
+from kvshare.strategy import Strategy
+
+from conftest import NUM_LAYERS
+
+
+def test_num_for_fraction_rounds_half_up():
+    assert ex.num_for_fraction(30, 0.125) == 4
+    assert ex.num_for_fraction(30, 0.25) == 8
+    assert ex.num_for_fraction(32, 0.25) == 8
+    assert ex.num_for_fraction(24, 0.125) == 3
+
+
+def test_c_grid_reaches_the_fraction():
+    assert ex.c_grid(30, 0.4, 2) == [0, 2, 4, 6, 8, 10, 12]
+    g = ex.c_grid(24, 0.4, 2)  # 40% of 24 = 9.6 layers: the grid must reach at least 10
+    assert g[0] == 0 and g[-1] >= 9.6 and all(b - a == 2 for a, b in zip(g, g[1:]))
+    assert ex.c_grid(30, 4 / 30, 2) == [0, 2, 4]
+    assert ex.c_grid(3, 0.9, 2)[-1] <= 2  # never all layers
+
+
+def test_settings_quick_and_overrides():
+    full = ex.settings("m", False, 3)
+    quick = ex.settings("m", True, 3)
+    assert full.calibration_sets >= 3 and full.random_seeds >= 3 and full.max_fraction >= 0.4 and full.c_step <= 2
+    assert min(full.thresholds) <= 0.3 and max(full.thresholds) >= 0.9
+    assert quick.eval_tokens < full.eval_tokens and quick.samples < full.samples
+    assert ex.settings("m", True, 0, eval_tokens=None).eval_tokens == quick.eval_tokens
+    assert ex.settings("m", True, 0, eval_tokens=77).eval_tokens == 77
+    with pytest.raises(ValueError):
+        ex.settings("m", False, 0, nonsense=1)
+
+
+def test_resolve_out_dir_explicit(tmp_path):
+    assert ex.resolve_out_dir(str(tmp_path / "x"), quick=False) == (tmp_path / "x").resolve()
+    assert (tmp_path / "x").is_dir()
+
+
+def _result(window_nlls):
+    w = np.asarray(window_nlls, dtype=float)
+    nll = torch.tensor(np.repeat(w, 4))
+    return ex.summarize_nll(nll, 4)
+
+
+def test_summarize_and_paired_difference():
+    a = _result([2.0, 3.0, 2.5, 3.5])
+    b = _result([2.1, 3.1, 2.6, 3.6])
+    assert a["ppl"] == pytest.approx(math.exp(2.75))
+    assert a["tokens"] == 16 and len(a["window_nll"]) == 4
+    d = ex.paired_difference(a, b)
+    assert d["nll_diff"] == pytest.approx(-0.1)
+    assert d["nll_diff_se"] == pytest.approx(0.0, abs=1e-12)  # a constant shift: the pairing removes all noise
+    assert d["ppl_ratio"] == pytest.approx(math.exp(-0.1))
+    with pytest.raises(ValueError):
+        ex.paired_difference(a, _result([1.0, 2.0]))
+
+
+def _rows(dis_better: bool, sets=(0, 1, 2), cs=(0, 2, 4), seeds=(0, 1, 2)):
+    """Synthetic ppl-curve rows: 'dissimilar' below 'similar' (or above), random in between."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(3.0, 0.3, size=8)
+    rows = []
+    for k in sets:
+        for c in cs:
+            gap = 0.05 * c
+            for order, seed, shift in [("dissimilar", 0, -gap if dis_better else gap), ("similar", 0, gap if dis_better else -gap)] + \
+                    [("random", s, 0.01 * s) for s in seeds]:
+                shift = 0.0 if c == 0 else shift
+                r = _result(base + shift + rng.normal(0, 0.001, size=8))
+                rows.append({"calibration_set": k, "order": order, "seed": seed, "num_shared": c, **r})
+    return rows
+
+
+@pytest.mark.parametrize("dis_better", [True, False])
+def test_conclusion_is_computed_from_the_numbers(dis_better):
+    rows = _rows(dis_better)
+    text = ex.observation_conclusion(rows, 30, "tiny")
+    if dis_better:
+        assert "claim holds" in text and "does not hold" not in text
+        assert "dissimilar wins on every set" in text
+    else:
+        assert "does not hold" in text
+        assert "similar wins on every set" in text
+    assert "C = 2" in text and "C = 4" in text and "C = 0 " not in text
+    assert "| 4 (13%) |" in text
+    assert "Stability" in text and "same on all 3 calibration sets" in text
+
+
+def test_curve_summary_random_spread():
+    rows = _rows(True)
+    summary = ex.curve_summary(rows)
+    rnd = [r for r in summary if r["order"] == "random" and r["num_shared"] == 2 and r["calibration_set"] == 0][0]
+    assert rnd["seeds"] == 3 and rnd["ppl_min"] <= rnd["ppl"] <= rnd["ppl_max"] and rnd["ppl_std"] > 0
+    comps = ex.paired_comparisons(rows)
+    assert {c["versus"] for c in comps} == {"similar", "random"}
+    assert all(c["num_shared"] > 0 for c in comps)
+    assert len([c for c in comps if c["versus"] == "random"]) == 3 * 2 * 3
+
+
+def test_acceptance_by_decile():
+    rows = [{"dissimilarity_rank": r, "accepted": r < 20} for r in range(0, 100, 2)]
+    out = ex.acceptance_by_decile(rows, 100)
+    assert [r["decile"] for r in out] == list(range(1, 11))
+    assert out[0]["visited"] == 5 and out[0]["rate"] == 1.0
+    assert out[1]["rate"] == 1.0 and out[2]["rate"] == 0.0
+    assert sum(r["visited"] for r in out) == 50
+    empty = ex.acceptance_by_decile([], 100)
+    assert all(r["visited"] == 0 and math.isnan(r["rate"]) for r in empty)
+
+
+def test_progress_prints_lines(capsys):
+    bar = ex.Progress(3, "work", every=0)
+    for _ in range(3):
+        bar.update(note="x")
+    bar.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("work: 0/3") and out[-1].startswith("work: 3/3")
+
+
+# -- on a tiny model: the real code paths --------------------------------------------------------------------
+@pytest.fixture
+def tiny_setup(tiny_llama, char_tokenizer):
+    cfg = ex.settings("tiny", True, 0, samples=3, max_tokens=16, calibration_sets=2, max_fraction=0.5,
+                      random_seeds=2, eval_tokens=96, window=32, thresholds=[0.3, 0.99])
+    text = "The quick brown fox jumps over the lazy dog. " * 10
+    evaluator = ex.Evaluator(tiny_llama, char_tokenizer, text=text, tokens=cfg.eval_tokens, window=cfg.window)
+    return tiny_llama, char_tokenizer, cfg, evaluator
+
+
+def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
+    model, tok, cfg, evaluator = tiny_setup
+    rows, runs = ex.ppl_curves(model, tok, cfg, evaluator, progress=False)
+    grid = ex.c_grid(NUM_LAYERS, cfg.max_fraction, cfg.c_step)
+    assert len(runs) == cfg.calibration_sets * (2 + cfg.random_seeds)  # one search per (set, order, seed)
+    assert all(r.strategy.metadata["target_num_shared"] == grid[-1] for r in runs)
+    # identical strategies are scored once: every C = 0 point is the same unshared model
+    zero = [r for r in rows if r["num_shared"] == 0]
+    assert len({r["ppl"] for r in zero}) == 1
+    assert evaluator.evaluations <= len(rows) - len(zero) + 1
+    for run in runs:
+        for c in grid:
+            row = [r for r in rows if r["calibration_set"] == run.calibration_set and r["order"] == run.order
+                   and r["seed"] == run.seed and r["num_shared"] == c]
+            if c > run.strategy.num_shared:  # the search ran out of candidates above T: the curve stops
+                assert row == []
+                continue
+            assert len(row) == 1
+            assert row[0]["mapping"] == {str(k): v for k, v in run.strategy.prefix(c).mapping.items()}
+    text = ex.observation_conclusion(rows, NUM_LAYERS, "tiny")
+    assert "tiny" in text
+    summary = ex.curve_summary(rows)
+    comps = ex.paired_comparisons(rows)
+    for fig in (pl.ppl_curve(summary, NUM_LAYERS), pl.ppl_curves_by_set(summary, NUM_LAYERS),
+                pl.paired_differences(comps, NUM_LAYERS)):
+        assert fig.axes
+
+
+def test_evaluator_matches_sharing_context(tiny_setup):
+    from kvshare.metrics import perplexity
+    from kvshare.sharing import sharing
+
+    model, tok, cfg, evaluator = tiny_setup
+    st = Strategy({3: 1, 5: 2}, NUM_LAYERS)
+    got = evaluator(st)["ppl"]
+    with sharing(model, st):
+        want = perplexity(model, tok, evaluator.text, window=cfg.window, stride=cfg.window, max_tokens=cfg.eval_tokens)
+    assert got == pytest.approx(want, rel=1e-9)
+    assert evaluator(Strategy({3: 1, 5: 2}, NUM_LAYERS)) is evaluator(st)  # cached
+    assert evaluator(None)["ppl"] != got
+
+
+def test_threshold_sweep_and_trace(tiny_setup, char_tokenizer):
+    model, tok, cfg, evaluator = tiny_setup
+    texts = ["alpha beta gamma delta epsilon zeta", "one two three four five six seven", "lorem ipsum dolor sit amet"]
+    d = ex.distance_matrices(model, tok, texts, cfg.max_tokens)
+    assert set(d) == {"euclidean", "cosine"} and d["euclidean"].shape == (NUM_LAYERS, NUM_LAYERS)
+    ranks = ex.dissimilarity_ranks(d[cfg.metric])
+    assert sorted(ranks.values()) == list(range(NUM_LAYERS * (NUM_LAYERS - 1) // 2))
+    main = ex.run_search(model, tok, texts, 2, "dissimilar", 0, cfg, threshold=0.3)
+    rows, runs = ex.threshold_sweep(model, tok, texts, cfg, evaluator, 2, reuse={0.3: main}, progress=False)
+    assert runs[0] is main  # reused, not searched again
+    assert [r["threshold"] for r in rows] == [0.3, 0.99]
+    for r in rows:
+        assert r["accepted"] + r["rejected"] == r["visited"] and r["num_shared"] <= 2
+    trace = ex.trace_rows(runs[-1].trace, ranks)
+    assert all("dissimilarity_rank" in t for t in trace)
+    by = {"x": ex.acceptance_by_decile(trace, len(ranks))}
+    summary = ex.search_summary(main)
+    assert summary["layer_forwards"] <= summary["naive_layer_forwards"]
+    text = ex.search_conclusion(rows, by, summary, 0.3)
+    assert "T = 0.99" in text and "decile" in text
+    for fig in (pl.trace_scatter(trace, 0.99), pl.acceptance_deciles(by), pl.strategy_arcs(main.strategy),
+                pl.threshold_sweep_plot(rows), pl.distance_heatmaps(d)):
+        assert fig.axes
+
+
+def test_save_figure_writes_png_and_pdf(tmp_path):
+    fig = pl.strategy_arcs(Strategy({4: 1, 5: 1}, 6))
+    paths = pl.save_figure(fig, tmp_path, "02_search_x")
+    assert [p.name for p in paths] == ["02_search_x.png", "02_search_x.pdf"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:5] == b"%PDF-"
+
+
+def test_generations_markdown_escapes():
+    rows = [{"setting": "full", "prompt": "p|1", "completion": "a\nb"}, {"setting": "C = 4", "prompt": "p|1", "completion": "c"}]
+    md = ex.generations_markdown(rows)
+    assert md.splitlines()[0] == "| prompt | full | C = 4 |"
+    assert "p\\|1" in md and "a b" in md
