@@ -1,0 +1,478 @@
+"""Evaluation: a model, an optional sharing strategy and a task suite -> a results table.
+
+Multiple-choice and generation tasks run through lm-evaluation-harness (`HFLM` wrapping the very
+model object that `kvshare.sharing` patches); perplexity runs through `kvshare.perplexity`.
+
+    ev = Evaluator(model, tokenizer)
+    result = ev.evaluate(strategy, suite="offline")     # {"rows": [...], "seconds": ..., ...}
+    write_results(result, "results.json")              # and results.csv beside it
+
+Rows have the columns ROW_COLUMNS: task, metric, value, stderr, n (examples; scored tokens for
+perplexity), category, chance (uniform-guess score, where defined), primary (the task's headline
+metric, averaged in the compression table), scores (per-example values, kept in the JSON only).
+
+Results are cached per (model fingerprint, strategy, task definition, limit) under
+`<kvshare cache>/eval_cache`, so re-running a notebook recomputes nothing that is done.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .io import write_csv, write_json
+from .models import model_name
+from .pypi_files import kvshare_home
+from .sharing import sharing
+from .strategy import Strategy
+from .tasks import default_tasks, suite_tasks
+
+ROW_COLUMNS = ("task", "metric", "value", "stderr", "n", "category", "chance", "primary", "higher_is_better")
+SUITES = ("offline", "online")
+CACHE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# tasks
+# --------------------------------------------------------------------------------------------
+def resolve_tasks(suite: str = "offline", tasks=None) -> list:
+    """Task specs of `suite`: its defaults, or `tasks` (names, comma-separated string or spec objects)."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; use one of {', '.join(SUITES)}")
+    available = suite_tasks(suite)
+    if tasks is None:
+        return [available[n] for n in default_tasks(suite)]
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    out = []
+    for t in tasks:
+        if not isinstance(t, str):  # a spec object (MCTask, SummarizationTask, PerplexityTask, LMEvalTask)
+            out.append(t)
+            continue
+        spec = available.get(t) or available.get("kvshare_" + t)
+        if spec is None:
+            raise ValueError(f"unknown {suite} task {t!r}; available: {', '.join(sorted(available))}")
+        out.append(spec)
+    if not out:
+        raise ValueError(f"no tasks given; available: {', '.join(sorted(available))}")
+    return out
+
+
+def task_key(spec) -> str:
+    """What defines a task's numbers besides model, strategy and limit (part of the cache key)."""
+    from dataclasses import asdict
+
+    from .tasks.offline import FORMAT_VERSION
+
+    d = asdict(spec)
+    d.pop("limit", None)
+    d.pop("category", None)
+    if d.get("source", "").endswith(".json"):  # a local file: its contents define the task
+        d["source_sha"] = hashlib.sha256(Path(d["source"]).read_bytes()).hexdigest()[:16]
+    return json.dumps({"spec": d, "format": FORMAT_VERSION}, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------
+# cache keys
+# --------------------------------------------------------------------------------------------
+def model_fingerprint(model, tokenizer) -> str:
+    """Name + architecture + a checksum of a few weights + tokenizer: tells random test models apart."""
+    import torch
+
+    h = hashlib.sha256()
+    h.update(model_name(model).encode())
+    h.update(model.config.to_json_string(use_diff=True).encode())
+    with torch.no_grad():
+        for name, p in list(model.named_parameters())[:3] + list(model.named_parameters())[-2:]:
+            h.update(name.encode())
+            h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+    h.update(f"{type(tokenizer).__name__}:{len(tokenizer)}:{getattr(tokenizer, 'name_or_path', '')}".encode())
+    h.update(str(model.dtype).encode())
+    return h.hexdigest()[:16]
+
+
+def strategy_key(strategy: Strategy | None) -> str:
+    """'full' for no sharing (None or an empty mapping: the model is left untouched), else a digest."""
+    if strategy is None or not strategy.mapping:
+        return "full"
+    text = json.dumps({"n": strategy.num_layers, "m": sorted(strategy.mapping.items())})
+    return f"c{strategy.num_shared}-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluator
+# --------------------------------------------------------------------------------------------
+class Evaluator:
+    """One loaded model evaluated under any number of strategies (the lm-eval wrapper is built once)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 32, cache: bool = True, cache_dir=None,
+                 progress: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.cache = cache
+        self.cache_dir = Path(cache_dir) if cache_dir else kvshare_home() / "eval_cache"
+        self.progress = progress
+        self._lm = None
+        self._online_tasks = None
+        self._fingerprint = None
+
+    # -- lm-eval plumbing ------------------------------------------------------------------
+    @property
+    def lm(self):
+        if self._lm is None:
+            from .tasks.lmeval import make_hflm
+
+            self._lm = make_hflm(self.model, self.tokenizer, self.batch_size)
+        return self._lm
+
+    def _task_manager(self):
+        """lm-eval's index of its own tasks (online suite), built once."""
+        from lm_eval.tasks import TaskManager
+
+        if self._online_tasks is None:
+            self._online_tasks = TaskManager()
+        return self._online_tasks
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model, self.tokenizer)
+        return self._fingerprint
+
+    def chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    # -- cache -----------------------------------------------------------------------------
+    def _cache_path(self, strategy, spec, limit) -> Path:
+        key = hashlib.sha256((task_key(spec) + f"|chat={self.chat()}|v{CACHE_VERSION}").encode()).hexdigest()[:10]
+        name = f"{_safe(spec.name)}-limit{limit if limit is not None else 'all'}-{key}.json"
+        return self.cache_dir / f"{_safe(model_name(self.model))}-{self.fingerprint}" / strategy_key(strategy) / name
+
+    def _cached(self, path: Path):
+        if self.cache and path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                return None
+        return None
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, strategy: Strategy | None = None, suite: str = "offline", tasks=None, limit: int | None = None,
+                 label: str | None = None) -> dict:
+        """Evaluate the model under `strategy` (None: the full model) on a suite; returns the results dict.
+
+        `limit` caps the examples of every task (for perplexity: 512-token windows); None uses each
+        task's default size (the offline suite's defaults fit the 5-minute budget on 2 CPU cores).
+        """
+        specs = resolve_tasks(suite, tasks)
+        if strategy is not None:
+            strategy.check_model(self.model)
+        t0 = time.perf_counter()
+        entries, todo = {}, []
+        for spec in specs:
+            n = limit if limit is not None else spec.limit
+            path = self._cache_path(strategy, spec, n)
+            hit = self._cached(path)
+            if hit is not None:
+                entries[spec.name] = hit
+            else:
+                todo.append((spec, n, path))
+        if todo:
+            with sharing(self.model, strategy):
+                for spec, n, path, entry in self._run(todo):
+                    entries[spec.name] = entry
+                    if self.cache:
+                        write_json(path, entry)
+        elapsed = time.perf_counter() - t0
+        rows = [row for spec in specs for row in entries[spec.name]["rows"]]
+        computed = sum(entries[s.name].get("seconds", 0.0) for s, _, _ in todo)
+        return {
+            "model": model_name(self.model),
+            "label": label,
+            "suite": suite,
+            "limit": limit,
+            "strategy": None if strategy is None else strategy.to_dict(),
+            "num_shared": 0 if strategy is None else strategy.num_shared,
+            "tasks": [s.name for s in specs],
+            "cached_tasks": [s.name for s in specs if s.name not in {t[0].name for t in todo}],
+            "seconds": round(elapsed, 2),
+            "compute_seconds": round(computed, 2),
+            "rows": rows,
+        }
+
+    def _run(self, todo):
+        """Yield (spec, limit, path, entry) for each task to compute; lm-eval tasks are batched together."""
+        from lm_eval.tasks import TaskManager
+
+        from .tasks.lmeval import run_lm_eval, run_perplexity
+
+        groups: dict = {}
+        for item in todo:
+            spec = item[0]
+            if spec.kind == "perplexity":
+                t0 = time.perf_counter()
+                rows = run_perplexity(self.model, self.tokenizer, spec, item[1], progress=self.progress)
+                yield (*item, {"rows": rows, "seconds": round(time.perf_counter() - t0, 2)})
+                continue
+            chat = spec.kind == "summarization" and spec.chat and self.chat()
+            groups.setdefault((spec.kind == "lm_eval", chat, item[1]), []).append(item)
+        offline = [i[0] for i in todo if i[0].kind in ("multiple_choice", "summarization")]
+        if offline:
+            from .tasks.offline import prepare
+
+            root = prepare(offline, chat=self.chat())
+        for (online, chat, n), items in groups.items():
+            t0 = time.perf_counter()
+            # lm-eval's own index takes seconds to build (kept); the offline folder's milliseconds (rebuilt,
+            # since each run may have written new task configs into it)
+            tm = self._task_manager() if online else TaskManager(include_path=str(root), include_defaults=False)
+            results = run_lm_eval(self.lm, tm, [i[0] for i in items], n, chat=chat, progress=self.progress)
+            seconds = round(time.perf_counter() - t0, 2)
+            for item in items:
+                yield (*item, {"rows": results[item[0].name], "seconds": seconds, "batched_with": [i[0].name for i in items]})
+
+
+def evaluate(model, tokenizer, strategy: Strategy | None = None, suite: str = "offline", tasks=None,
+             limit: int | None = None, **kwargs) -> dict:
+    """One-off evaluation (see `Evaluator` to reuse the model across strategies)."""
+    return Evaluator(model, tokenizer, **kwargs).evaluate(strategy, suite=suite, tasks=tasks, limit=limit)
+
+
+def write_results(result: dict, path) -> tuple[Path, Path]:
+    """The results dict as JSON at `path` and its rows (without per-example scores) as CSV beside it."""
+    path = Path(path)
+    write_json(path, result)
+    csv_path = path.with_suffix(".csv")
+    write_csv(csv_path, [{k: r.get(k) for k in ROW_COLUMNS} for r in result["rows"]])
+    return path, csv_path
+
+
+def headline(rows) -> dict:
+    """{task: primary metric value} of a results table's rows."""
+    return {r["task"]: r["value"] for r in rows if r.get("primary")}
+
+
+def format_rows(rows) -> str:
+    """A plain-text table of results rows (primary metrics marked with *)."""
+    lines = [f"{'task':34} {'metric':9} {'value':>9} {'stderr':>8} {'n':>6} {'chance':>7}"]
+    for r in rows:
+        se = "" if r["stderr"] is None else f"{r['stderr']:.4f}"
+        chance = "" if r.get("chance") is None else f"{r['chance']:.3f}"
+        star = "*" if r.get("primary") else " "
+        lines.append(f"{r['task']:34} {r['metric'] + star:9} {r['value']:9.4f} {se:>8} {r['n'] or '':>6} {chance:>7}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the compression table: rates x search orders
+# --------------------------------------------------------------------------------------------
+RATES = (0.0, 0.125, 0.25, 0.375)
+ORDERS = ("dissimilar", "similar", "random")
+
+
+def num_shared_for(rate: float, num_layers: int) -> int:
+    """Layers replaced at a compression rate: rate * L rounded half up (30 layers: 4, 8, 11)."""
+    return int(math.floor(rate * num_layers + 0.5))
+
+
+def compression_strategies(model, tokenizer, rates=RATES, orders=ORDERS, threshold: float = 0.5, samples: int = 30,
+                           seed: int = 0, cache: bool = True, cache_dir=None, progress: bool = True) -> dict:
+    """{order: Strategy} searched once per order to the largest rate; smaller rates are its prefixes.
+
+    Searches are cached beside the evaluation results (same model fingerprint).
+    """
+    from .data import calibration_texts
+    from .search import search
+    from .sharing import num_layers
+
+    c_max = max(num_shared_for(r, num_layers(model)) for r in rates)
+    root = (Path(cache_dir) if cache_dir else kvshare_home() / "eval_cache")
+    root = root / f"{_safe(model_name(model))}-{model_fingerprint(model, tokenizer)}" / "strategies"
+    out = {}
+    for order in orders:
+        path = root / f"{order}-c{c_max}-t{threshold}-n{samples}-seed{seed}.json"
+        if cache and path.is_file():
+            out[order] = Strategy.load(path)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "only k of C layers could be replaced": recorded in the metadata
+            strategy, _ = search(model, tokenizer, calibration_texts(samples), c_max, threshold=threshold, order=order,
+                                 seed=seed, progress=progress)
+        if cache:
+            strategy.save(path)
+        out[order] = strategy
+    return out
+
+
+def compression_runs(evaluator: Evaluator, strategies: dict, rates=RATES, suite: str = "offline", tasks=None,
+                     limit: int | None = None, progress: bool = True) -> list[dict]:
+    """Evaluate every (order, rate); the unshared model (rate 0) once. Returns long rows (order, rate, ...)."""
+    from tqdm.auto import tqdm
+
+    from .sharing import num_layers
+
+    L = num_layers(evaluator.model)
+    cells = [(o, r) for o in strategies for r in rates]
+    full = evaluator.evaluate(None, suite=suite, tasks=tasks, limit=limit, label="full")
+    rows = []
+    for order, rate in tqdm(cells, desc="compression table", disable=not progress):
+        c = num_shared_for(rate, L)
+        found = strategies[order].num_shared
+        if c == 0:
+            result = full
+        elif c > found:
+            print(f"kvshare: the {order} search found only {found} layers to share; no row at rate {rate}",
+                  file=sys.stderr)
+            continue
+        else:
+            result = evaluator.evaluate(strategies[order].prefix(c), suite=suite, tasks=tasks, limit=limit,
+                                        label=f"{order} {rate:.1%}")
+        for r in result["rows"]:
+            rows.append({"order": order, "rate": rate, "num_shared": c, **r,
+                         "seconds": result["compute_seconds"]})
+    return rows
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarize(rows) -> list[dict]:
+    """Per (order, rate): average of the primary higher-is-better scores, % of the full model's average kept,
+    % of its margin above chance kept, perplexity, and the paired drop vs the full model with its stderr."""
+    primary = [r for r in rows if r.get("primary") and r.get("higher_is_better", True)]
+    cells = sorted({(r["order"], r["rate"]) for r in rows}, key=lambda c: (ORDERS.index(c[0]) if c[0] in ORDERS else 9, c[1]))
+    full = {r["task"]: r for r in primary if r["num_shared"] == 0}
+    full_avg = _mean(r["value"] for r in full.values())
+    chance_avg = _mean(r["chance"] for r in full.values() if r.get("chance") is not None)
+    has_chance = all(r.get("chance") is not None for r in full.values())
+    out = []
+    for order, rate in cells:
+        here = [r for r in primary if (r["order"], r["rate"]) == (order, rate)]
+        if {r["task"] for r in here} != set(full):
+            continue
+        avg = _mean(r["value"] for r in here)
+        # paired drop: per task the mean of per-example differences against the full model
+        var = 0.0
+        for r in here:
+            f = full[r["task"]]
+            if r.get("scores") and f.get("scores") and len(r["scores"]) == len(f["scores"]) > 1:
+                d = [a - b for a, b in zip(r["scores"], f["scores"])]
+                m = _mean(d)
+                var += sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)
+            else:
+                var += (r["stderr"] or 0.0) ** 2 + (f["stderr"] or 0.0) ** 2
+        ppl = [x for x in rows if (x["order"], x["rate"]) == (order, rate) and x["metric"] == "ppl"]
+        out.append({
+            "order": order,
+            "rate": rate,
+            "num_shared": here[0]["num_shared"],
+            "average": avg,
+            "average_stderr": math.sqrt(sum((r["stderr"] or 0.0) ** 2 for r in here)) / len(here),
+            "kept_pct": 100 * avg / full_avg,
+            "above_chance_kept_pct": 100 * (avg - chance_avg) / (full_avg - chance_avg) if has_chance else None,
+            "drop": full_avg - avg,
+            "drop_stderr": math.sqrt(var) / len(here),
+            "ppl": ppl[0]["value"] if ppl else None,
+        })
+    return out
+
+
+def wide_table(rows) -> list[dict]:
+    """One row per task (primary metric, "value ± stderr"), then Average and % kept; one column per cell."""
+    primary = [r for r in rows if r.get("primary")]
+    cells = sorted({(r["order"], r["rate"]) for r in primary}, key=lambda c: (ORDERS.index(c[0]) if c[0] in ORDERS else 9, c[1]))
+    col = {c: f"{c[0]} {c[1] * 100:g}%" for c in cells}
+    tasks = list(dict.fromkeys(r["task"] for r in primary))
+    out = []
+    for t in tasks:
+        line = {"task": t}
+        for r in primary:
+            if r["task"] == t:
+                line["metric"] = r["metric"]
+                line["chance"] = r.get("chance")
+                se = f" ± {r['stderr']:.3f}" if r.get("stderr") is not None else ""
+                line[col[(r["order"], r["rate"])]] = f"{r['value']:.3f}{se}"
+        out.append(line)
+    summary = summarize(rows)
+    for key, label in (("average", "Average"), ("kept_pct", "% of full kept"),
+                       ("above_chance_kept_pct", "% of above-chance margin kept")):
+        line = {"task": label, "metric": "", "chance": None}
+        for s in summary:
+            if s[key] is not None:
+                line[col[(s["order"], s["rate"])]] = f"{s[key]:.1f}" if key != "average" else f"{s[key]:.3f}"
+        out.append(line)
+    return out
+
+
+def conclusion(summary, rate: float = 0.25, threshold_pct: float = 90.0) -> dict:
+    """Does "over 90% of the full model's performance kept at 25%" hold, per search order?"""
+    per_order = {}
+    for s in summary:
+        if abs(s["rate"] - rate) < 1e-9:
+            per_order[s["order"]] = {
+                "kept_pct": s["kept_pct"],
+                "above_chance_kept_pct": s["above_chance_kept_pct"],
+                "holds": s["kept_pct"] > threshold_pct,
+                "drop": s["drop"],
+                "drop_stderr": s["drop_stderr"],
+            }
+    lines = []
+    for order, v in per_order.items():
+        margin = ("" if v["above_chance_kept_pct"] is None
+                  else f"; of the margin above chance it keeps {v['above_chance_kept_pct']:.1f}%")
+        lines.append(f"{order}: {v['kept_pct']:.1f}% of the full model's average kept at {rate:.1%} "
+                     f"({'holds' if v['holds'] else 'does not hold'}: > {threshold_pct:g}%){margin}; "
+                     f"drop {v['drop']:.3f} ± {v['drop_stderr']:.3f} (paired stderr)")
+    return {"rate": rate, "threshold_pct": threshold_pct, "orders": per_order, "text": "\n".join(lines)}
+
+
+def plot_compression(summary, rows=None):
+    """Score versus compression rate, one line per search order: the average of the primary scores
+    (left, with the full model's level, 90% of it and chance) and held-out perplexity (right)."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import COLORS, MARKERS
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    orders = list(dict.fromkeys(s["order"] for s in summary))
+    full = next((s for s in summary if s["num_shared"] == 0), None)
+    for order in orders:
+        pts = sorted((s for s in summary if s["order"] == order), key=lambda s: s["rate"])
+        x = [100 * s["rate"] for s in pts]
+        style = {"color": COLORS.get(order), "marker": MARKERS.get(order, "o"), "label": order}
+        ax.errorbar(x, [s["average"] for s in pts], yerr=[s["drop_stderr"] for s in pts], capsize=3, **style)
+        if all(s["ppl"] is not None for s in pts):
+            bx.plot(x, [s["ppl"] for s in pts], **style)
+    if full is not None:
+        ax.axhline(full["average"], color="gray", lw=0.8)
+        ax.axhline(0.9 * full["average"], color="gray", lw=0.8, ls="--", label="90% of full")
+    if rows:
+        chance = [r["chance"] for r in rows if r.get("primary") and r["num_shared"] == 0 and r.get("chance") is not None
+                  and r.get("higher_is_better", True)]
+        if chance:
+            ax.axhline(_mean(chance), color="red", lw=0.8, ls=":", label="chance")
+    ax.set(xlabel="compression rate (% of layers sharing KV)", ylabel="average score (primary metrics)",
+           title="Benchmark average (error bars: paired stderr of the drop)")
+    bx.set(xlabel="compression rate (% of layers sharing KV)", ylabel="perplexity (held-out BBC text)",
+           title="Perplexity")
+    ax.legend(fontsize=8)
+    if bx.lines:
+        bx.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def without_scores(rows) -> list[dict]:
+    """Rows without their per-example scores (for the committed JSON/CSV; the cache keeps them)."""
+    return [{k: v for k, v in r.items() if k != "scores"} for r in rows]

@@ -1,0 +1,207 @@
+"""Evaluation: local tasks through lm-eval on a tiny random model, with and without sharing.
+
+Everything here is offline and small: a byte-level tokenizer built in memory, a 4-layer Llama with
+random weights, a 12-example multiple-choice task in BIG-bench's JSON format written to a temporary
+folder, and stand-in articles for the summarization and perplexity paths. KVSHARE_HOME points at a
+temporary folder, so the generated task configs and the results cache never touch the real cache.
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import kvshare
+from kvshare import evaluation
+from kvshare.evaluation import ROW_COLUMNS, Evaluator, resolve_tasks, summarize, write_results
+from kvshare.sharing import active_strategy
+from kvshare.tasks import MCTask, PerplexityTask, SummarizationTask
+from kvshare.tasks.offline import FEWSHOT_POOL
+
+NUM_LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(byte_tokenizer):
+    config = LlamaConfig(vocab_size=len(byte_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=NUM_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # larger weights: layers (and sharing) change the outputs visibly
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+    return model
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSHARE_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+ARTICLES = [
+    {"article": "The council approved a new bridge over the river. Work starts in May and ends next year.",
+     "summary": "A new bridge over the river has been approved."},
+    {"article": "A local school won a national science prize for a robot that sorts waste.",
+     "summary": "A school's waste-sorting robot won a science prize."},
+    {"article": "Heavy rain closed several roads in the north on Sunday, police said.",
+     "summary": "Roads in the north were closed by heavy rain."},
+]
+
+
+@pytest.fixture
+def local_tasks(home, monkeypatch):
+    """A 12-example multiple-choice task file, plus summarization and perplexity on stand-in text."""
+    examples = [
+        {"input": f"What is {a} plus {b}?", "target_scores": {str(a + b): 1, str(a + b + 1): 0, str(a * b + 7): 0}}
+        for a, b in [(1, 2), (2, 2), (3, 1), (4, 4), (5, 2), (6, 1), (2, 7), (3, 3), (8, 1), (9, 2), (4, 5), (6, 6)]
+    ]
+    path = home / "tiny_arith" / "task.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"name": "tiny_arith", "examples": examples}))
+    monkeypatch.setattr("kvshare.tasks.offline.eval_articles", lambda source="bbc": ARTICLES)
+    monkeypatch.setattr("kvshare.data.eval_text", lambda source="bbc": " ".join(a["article"] for a in ARTICLES) * 3)
+    return [
+        MCTask(str(path), "reasoning", prompt="qa", num_fewshot=1),
+        SummarizationTask(limit=3),
+        PerplexityTask(window=64, limit=None),
+    ]
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items()} for r in rows]
+
+
+def test_local_task_end_to_end_with_and_without_sharing(tiny_model, byte_tokenizer, local_tasks):
+    seen = []
+    hook = tiny_model.register_forward_pre_hook(lambda m, a: seen.append(active_strategy(m)))
+    try:
+        ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, cache=False, progress=False)
+        full = ev.evaluate(None, tasks=local_tasks)
+        assert all(s is None for s in seen) and seen
+        seen.clear()
+        strategy = kvshare.Strategy({2: 1, 3: 1}, NUM_LAYERS)
+        shared = ev.evaluate(strategy, tasks=local_tasks)
+        assert seen and all(s is strategy for s in seen)  # every forward (scoring and generation) shared KV
+    finally:
+        hook.remove()
+    assert getattr(tiny_model, "_kvshare", None) is None  # sharing is switched off again afterwards
+    for result in (full, shared):
+        by = {(r["task"], r["metric"]): r for r in result["rows"]}
+        mc = by[("kvshare_tiny_arith", "acc")]
+        assert mc["n"] == 12 - FEWSHOT_POOL and 0 <= mc["value"] <= 1 and mc["stderr"] is not None
+        assert mc["chance"] == pytest.approx(1 / 3) and mc["primary"]
+        assert len(mc["scores"]) == mc["n"]
+        assert ("kvshare_tiny_arith", "acc_norm") in by
+        rouge = by[("kvshare_xsum", "rougeL")]
+        assert rouge["n"] == 3 and 0 <= rouge["value"] <= 1 and rouge["chance"] is not None
+        ppl = by[("kvshare_ppl", "ppl")]
+        assert ppl["value"] > 1 and not ppl["higher_is_better"]
+    assert shared["num_shared"] == 2 and full["num_shared"] == 0
+    ppl_full = [r["value"] for r in full["rows"] if r["metric"] == "ppl"][0]
+    ppl_shared = [r["value"] for r in shared["rows"] if r["metric"] == "ppl"][0]
+    assert ppl_full != ppl_shared  # the strategy changed the model's outputs
+
+
+def test_results_file_has_documented_columns(tiny_model, byte_tokenizer, local_tasks, home):
+    ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, cache=False, progress=False)
+    result = ev.evaluate(None, tasks=local_tasks[:1], limit=4)
+    json_path, csv_path = write_results(result, home / "out" / "results.json")
+    data = json.loads(json_path.read_text())
+    assert data["rows"] and all(set(ROW_COLUMNS) <= set(r) for r in data["rows"])
+    assert {"task", "metric", "value", "stderr", "n"} <= set(ROW_COLUMNS)
+    with open(csv_path) as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == ROW_COLUMNS
+        assert len(list(reader)) == len(data["rows"])
+    assert all(r["n"] == 4 for r in data["rows"])
+
+
+def test_c0_strategy_equals_plain_model_exactly(tiny_model, byte_tokenizer, local_tasks):
+    ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, cache=False, progress=False)
+    plain = ev.evaluate(None, tasks=local_tasks)
+    empty = ev.evaluate(kvshare.Strategy({}, NUM_LAYERS), tasks=local_tasks)
+    assert _strip(plain["rows"]) == _strip(empty["rows"])  # values, stderrs and per-example scores, bit for bit
+
+
+def test_results_are_cached_per_strategy(tiny_model, byte_tokenizer, local_tasks):
+    ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, progress=False)
+    spec = local_tasks[:1]
+    first = ev.evaluate(None, tasks=spec, limit=5)
+    assert first["cached_tasks"] == []
+    again = ev.evaluate(None, tasks=spec, limit=5)
+    assert again["cached_tasks"] == ["kvshare_tiny_arith"] and again["rows"] == first["rows"]
+    other = ev.evaluate(kvshare.Strategy({3: 0}, NUM_LAYERS), tasks=spec, limit=5)
+    assert other["cached_tasks"] == []  # another strategy is another cache entry
+    assert ev.evaluate(None, tasks=spec, limit=6)["cached_tasks"] == []  # and so is another limit
+
+
+def test_missing_task_lists_available_ones():
+    with pytest.raises(ValueError, match="unknown offline task 'nope'; available: .*kvshare_social_iqa"):
+        resolve_tasks("offline", "social_iqa,nope")
+    with pytest.raises(ValueError, match="available: .*hellaswag"):
+        resolve_tasks("online", ["not_a_task"])
+    assert [t.name for t in resolve_tasks("offline", "social_iqa")] == ["kvshare_social_iqa"]
+
+
+def test_cli_missing_task_is_one_line_exit_2(tmp_path, capsys):
+    from kvshare.cli import main
+
+    code = main(["eval", "--tasks", "nope", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("kvshare eval: error: unknown offline task 'nope'; available: ")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_online_tasks_exist_in_lm_eval():
+    from lm_eval.tasks import TaskManager
+
+    from kvshare.tasks import ONLINE_DEFAULT, ONLINE_TASKS
+
+    known = set(TaskManager().all_tasks)
+    assert {t.name for t in ONLINE_TASKS} <= known
+    assert set(ONLINE_DEFAULT) <= {t.name for t in ONLINE_TASKS}
+
+
+def test_summary_and_conclusion_arithmetic():
+    def row(order, rate, c, task, value, chance, scores):
+        return {"order": order, "rate": rate, "num_shared": c, "task": task, "metric": "acc", "value": value,
+                "stderr": 0.01, "n": len(scores), "chance": chance, "primary": True, "higher_is_better": True,
+                "scores": scores}
+
+    rows = [
+        row("dissimilar", 0.0, 0, "a", 0.6, 0.25, [1, 1, 1, 0, 0]),
+        row("dissimilar", 0.0, 0, "b", 0.4, 0.25, [1, 1, 0, 0, 0]),
+        row("dissimilar", 0.25, 8, "a", 0.4, 0.25, [1, 1, 0, 0, 0]),
+        row("dissimilar", 0.25, 8, "b", 0.4, 0.25, [1, 1, 0, 0, 0]),
+    ]
+    s = {(x["order"], x["rate"]): x for x in summarize(rows)}
+    assert s[("dissimilar", 0.0)]["kept_pct"] == pytest.approx(100.0)
+    assert s[("dissimilar", 0.25)]["kept_pct"] == pytest.approx(80.0)
+    assert s[("dissimilar", 0.25)]["above_chance_kept_pct"] == pytest.approx(100 * 0.15 / 0.25)
+    assert s[("dissimilar", 0.25)]["drop"] == pytest.approx(0.1)
+    c = evaluation.conclusion(list(s.values()), rate=0.25)
+    assert c["orders"]["dissimilar"]["holds"] is False and "80.0%" in c["text"]
+    assert evaluation.num_shared_for(0.125, 30) == 4
+    assert evaluation.num_shared_for(0.25, 30) == 8
+    assert evaluation.num_shared_for(0.375, 30) == 11
