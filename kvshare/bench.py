@@ -182,6 +182,8 @@ def measure(config: Config, model=None) -> dict:
         decode_tps=config.batch * config.new_tokens / statistics.median(decode),
         transformers=_transformers_version(),
         torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        load_avg_1min=_load_avg(),  # other work on the machine during the run shows here
     )
     if device.type == "cuda":
         row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -227,6 +229,15 @@ def analysis(cfg, num_shared: int, batch: int, prompt_len: int, new_tokens: int,
 def _rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak * (1 if sys.platform == "darwin" else 1024)
+
+
+def _load_avg() -> float | None:
+    try:
+        import os
+
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _cpu_name() -> str:
@@ -292,7 +303,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int = 512, new_tokens: int = 128,
           cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None, repeats: int = 3,
-          warmup: int = 1, isolate: bool | None = None, progress: bool = True) -> list[dict]:
+          warmup: int = 1, isolate: bool | None = None, progress: bool = True, seed: int = 0) -> list[dict]:
     """Plain transformers and the shared model at each rate, side by side; rows with ratios."""
     from tqdm.auto import tqdm
 
@@ -305,10 +316,10 @@ def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int 
     dev = resolve_device(device)
     if isolate is None:
         isolate = dev.type == "cpu"
-    configs = [Config(model, "plain", 0.0, b, prompt_len, new_tokens, cache, random_weights, device, dtype, repeats, warmup)
-               for b in batches]
+    configs = [Config(model, "plain", 0.0, b, prompt_len, new_tokens, cache, random_weights, device, dtype, repeats, warmup,
+                      seed) for b in batches]
     configs += [Config(model, "shared", float(rate), b, prompt_len, new_tokens, cache, random_weights, device, dtype,
-                       repeats, warmup) for b in batches for rate in rates]
+                       repeats, warmup, seed) for b in batches for rate in rates]
     rows = []
     shared_model = None
     for config in tqdm(configs, desc="bench", disable=not progress):
