@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .sharing import cache_bytes, num_layers, sharing
+from .sharing import cache_bytes, compression, num_layers
 from .strategy import Strategy
 
 # Published shapes (layers, hidden, heads, KV heads, intermediate, vocabulary). InternLM2 packs
@@ -58,6 +58,9 @@ class Config:
     repeats: int = 3
     warmup: int = 1
     seed: int = 0
+    policy: str | None = None  # token eviction on the shared rows (kvshare.policies name), with `budget`
+    budget: int | None = None
+    strategy: dict | None = None  # a strategy's to_dict() to use instead of the evenly spread one
 
 
 def spread_strategy(num_layers_: int, num_shared: int) -> Strategy:
@@ -148,7 +151,15 @@ def measure(config: Config, model=None) -> dict:
         model = build_model(config.model, config.random_weights, device=config.device, dtype=config.dtype)
     L = num_layers(model)
     C = num_shared_for(config.rate, L)
-    strategy = None if config.mode == "plain" else spread_strategy(L, C)
+    strategy = None if config.mode == "plain" else (
+        Strategy.from_dict(config.strategy) if config.strategy else spread_strategy(L, C))
+    policy = None
+    if config.policy:
+        from .policies import make_policy
+
+        if config.mode == "plain" or config.cache != "dynamic":
+            raise ValueError("a cache policy applies to 'shared' rows with a dynamic cache (plain is untouched transformers)")
+        policy = make_policy(config.policy, budget=config.budget)
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(config.seed)
     prompt = torch.randint(0, vocab, (config.batch, config.prompt_len), generator=gen).to(device)
@@ -157,7 +168,7 @@ def measure(config: Config, model=None) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base_allocated = torch.cuda.memory_allocated(device)
-    with sharing(model, strategy):
+    with compression(model, strategy, policy):
         for _ in range(config.warmup):
             _run_once(model, prompt, min(config.new_tokens, 8), config.cache)
         prefill, decode, kv = [], [], 0
@@ -196,6 +207,14 @@ def measure(config: Config, model=None) -> dict:
         row["peak_method"] = "peak RSS of a process running this configuration alone"
     row.update(analysis(model.config.get_text_config(), row["num_shared"], config.batch, config.prompt_len,
                         config.new_tokens, config.cache, torch.tensor([], dtype=next(model.parameters()).dtype).element_size()))
+    if config.cache == "dynamic":  # what sharing and the policy predict together, from the shapes
+        from .policies import predicted_cache_bytes
+
+        row["kv_bytes_predicted"] = predicted_cache_bytes(model.config, strategy, policy, config.batch,
+                                                          [config.prompt_len] + [1] * config.new_tokens,
+                                                          next(model.parameters()).element_size())
+    if policy is not None:  # the analysis counts full-length caches: not what an evicting cache copies or reads
+        row.update(cache_copy_bytes=None, attn_read_bytes=None)
     return row
 
 
@@ -294,6 +313,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             continue
         r["kv_bytes_ratio"] = r["kv_bytes"] / b["kv_bytes"] if b["kv_bytes"] else float("nan")
         r["kv_bytes_expected_ratio"] = (r["num_layers"] - r["num_shared"]) / r["num_layers"]
+        if r.get("policy") and r.get("kv_bytes_predicted") is not None and b["kv_bytes"]:
+            r["kv_bytes_expected_ratio"] = r["kv_bytes_predicted"] / b["kv_bytes"]
         r["peak_ratio"] = r["peak_bytes"] / b["peak_bytes"]
         r["peak_above_baseline_ratio"] = (r["peak_bytes"] - r["baseline_bytes"]) / max(1, b["peak_bytes"] - b["baseline_bytes"])
         r["prefill_ratio"] = r["prefill_s"] / b["prefill_s"]
@@ -303,8 +324,12 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int = 512, new_tokens: int = 128,
           cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None, repeats: int = 3,
-          warmup: int = 1, isolate: bool | None = None, progress: bool = True, seed: int = 0) -> list[dict]:
-    """Plain transformers and the shared model at each rate, side by side; rows with ratios."""
+          warmup: int = 1, isolate: bool | None = None, progress: bool = True, seed: int = 0, policy: str | None = None,
+          budget: int | None = None) -> list[dict]:
+    """Plain transformers and the shared model at each rate, side by side; rows with ratios.
+
+    With `policy` (a kvshare.policies name) and `budget`, every shared row also evicts tokens (rate 0:
+    the policy alone); the plain rows stay untouched transformers."""
     from tqdm.auto import tqdm
 
     from .models import resolve_device
@@ -319,7 +344,7 @@ def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int 
     configs = [Config(model, "plain", 0.0, b, prompt_len, new_tokens, cache, random_weights, device, dtype, repeats, warmup,
                       seed) for b in batches]
     configs += [Config(model, "shared", float(rate), b, prompt_len, new_tokens, cache, random_weights, device, dtype,
-                       repeats, warmup, seed) for b in batches for rate in rates]
+                       repeats, warmup, seed, policy, budget) for b in batches for rate in rates]
     rows = []
     shared_model = None
     for config in tqdm(configs, desc="bench", disable=not progress):
@@ -369,16 +394,19 @@ def max_batch_within(model_name: str, budget_bytes: int, rate: float, prompt_len
 
 
 def budget_comparison(model_name: str, budget_bytes: int, rates, prompt_len: int, new_tokens: int,
-                      cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None) -> list[dict]:
+                      cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None,
+                      limit: int = 1024) -> list[dict]:
     """Throughput at the largest batch that fits the budget: plain, then shared at each rate.
 
     The ideal gain is L / (L - C) (the KV cache is the only thing that shrinks); the gap to it comes
     from the memory that does not scale with the cache (weights, activations, allocator slack).
     """
-    rows = [max_batch_within(model_name, budget_bytes, 0.0, prompt_len, new_tokens, cache, random_weights, device, dtype)]
+    rows = [max_batch_within(model_name, budget_bytes, 0.0, prompt_len, new_tokens, cache, random_weights, device, dtype,
+                             limit)]
     plain = rows[0]
     for rate in rates:
-        row = max_batch_within(model_name, budget_bytes, rate, prompt_len, new_tokens, cache, random_weights, device, dtype)
+        row = max_batch_within(model_name, budget_bytes, rate, prompt_len, new_tokens, cache, random_weights, device, dtype,
+                               limit)
         if plain.get("fits") and row.get("fits"):
             L, C = row["num_layers"], row["num_shared"]
             row["batch_ratio"] = row["batch"] / plain["batch"]

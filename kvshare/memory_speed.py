@@ -181,16 +181,13 @@ def plot_rate_sweep(rows: list[dict], title: str = ""):
         sub = sorted((r for r in rows if r["batch"] == batch and r["mode"] == "shared"), key=lambda r: r["rate"])
         plain = next(r for r in rows if r["batch"] == batch and r["mode"] == "plain")
         x = [100 * r["rate"] for r in sub]
-        axes[0].plot(x, [r["kv_bytes"] / 2**20 for r in sub], "o-", label=f"shared, batch {batch}")
-        axes[0].axhline(plain["kv_bytes"] / 2**20, ls=":", color="gray")
-        axes[1].plot(x, [r["peak_bytes"] / 2**20 for r in sub], "o-", label=f"shared, batch {batch}")
-        axes[1].axhline(plain["peak_bytes"] / 2**20, ls=":", color="gray")
-        axes[2].plot(x, [r["decode_tps"] for r in sub], "o-", label=f"shared, batch {batch}")
-        axes[2].axhline(plain["decode_tps"], ls=":", color="gray")
+        for ax, key, scale in ((axes[0], "kv_bytes", 2**20), (axes[1], "peak_bytes", 2**20), (axes[2], "decode_tps", 1)):
+            line, = ax.plot(x, [r[key] / scale for r in sub], "o-", label=f"shared, batch {batch}")
+            ax.axhline(plain[key] / scale, ls=":", color=line.get_color())
     for ax, label in zip(axes, ["KV cache (MiB)", "peak memory (MiB)", "decode tokens/s"]):
         ax.set_xlabel("replaced layers (% of L)")
         ax.set_ylabel(label)
-        ax.legend(fontsize=8, title="dotted: plain transformers", title_fontsize=7)
+        ax.legend(fontsize=8, title="dotted: plain transformers, same batch", title_fontsize=7)
     if title:
         fig.suptitle(title)
     return fig
