@@ -1,0 +1,381 @@
+"""Token eviction policies (StreamingLLM, H2O, PyramidInfer) alone and combined with KV sharing.
+
+- each policy keeps exactly the tokens its rule selects, on hand-checkable cases;
+- with a budget above the sequence length each policy is the full model, bit for bit;
+- combined with C = 0 sharing each equals the policy alone; with real sharing a replaced layer reads
+  its source's kept tokens and the cache's bytes are what the two predict together;
+- incremental decoding follows the policy's own semantics (StreamingLLM: a one-pass forward with the
+  mask the rule implies; H2O / PyramidInfer: a reference that tracks scores by token position);
+- left-padded batches: each row keeps and computes what it would alone.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NUM_LAYERS, make_tiny_model
+from transformers import DynamicCache
+
+import kvshare
+from kvshare.policies import (POLICIES, H2O, H2OSettings, PyramidInfer, PyramidInferSettings, StreamingLLM,
+                              layer_budgets, make_policy, predicted_cache_bytes)
+from kvshare.sharing import source_kv
+from kvshare.strategy import Strategy
+
+NAMES = list(POLICIES)
+
+
+@torch.no_grad()
+def run(model, ids, policy=None, strategy=None, prompt=None, mask=None, positions=False, on_step=None):
+    """Prefill `prompt` tokens, then decode the rest one token at a time; last-token logits of each forward."""
+    B, T = ids.shape
+    prompt = prompt or T // 2
+    mask = torch.ones(B, T, dtype=torch.long) if mask is None else mask
+    outs = []
+    with kvshare.compression(model, strategy, policy):
+        cache = DynamicCache(config=model.config)
+        for s, e in [(0, prompt)] + [(t, t + 1) for t in range(prompt, T)]:
+            kw = {}
+            if positions or mask.min() == 0:
+                am = mask[:, :e]
+                kw = dict(attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)[:, s:e])
+            outs.append(model(input_ids=ids[:, s:e], cache=cache, use_cache=True, **kw).logits[:, -1])
+            if on_step is not None:
+                on_step(cache, s, e)
+    return torch.stack(outs, 1), cache
+
+
+def kept(cache, layer):
+    """Kept stream positions of a layer: [batch][head] lists."""
+    return cache.layers[layer].positions.tolist()
+
+
+def tiny_config(**kw):
+    return make_tiny_model("llama", "eager").config
+
+
+# --------------------------------------------------------------------------------------------
+# registry and settings
+# --------------------------------------------------------------------------------------------
+def test_registry_and_settings():
+    assert set(POLICIES) == {"streamingllm", "h2o", "pyramidinfer"}
+    assert isinstance(make_policy("H2O", budget=8), H2O)
+    assert isinstance(make_policy("streaming-llm", budget=8, sink=2), StreamingLLM)
+    assert make_policy("pyramidinfer", budget=8, window=4).settings == PyramidInferSettings(8, window=4)
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("snapkv", budget=8)
+    with pytest.raises(ValueError, match="budget"):
+        make_policy("h2o", budget=0)
+    with pytest.raises(ValueError, match="sink"):
+        make_policy("streamingllm", budget=4, sink=4)
+    with pytest.raises(TypeError):
+        H2O(H2OSettings(8), budget=4)
+
+
+def test_pyramid_budgets_decay_and_average():
+    # weights 1, .875, .75, .625, .5 -> 13.3, 11.7, 10, 8.3, 6.7 -> largest remainders round up layers 1 and 4
+    assert layer_budgets(10, 5, 0.5) == [13, 12, 10, 8, 7]
+    for budget, n, ratio in [(64, 30, 0.5), (128, 30, 0.3), (7, 6, 1.0), (33, 24, 0.25)]:
+        b = layer_budgets(budget, n, ratio)
+        assert sum(b) == budget * n and all(x >= y for x, y in zip(b, b[1:]))
+
+
+# --------------------------------------------------------------------------------------------
+# each rule on hand-checkable cases
+# --------------------------------------------------------------------------------------------
+def test_streamingllm_keeps_sinks_and_recent_window():
+    model = make_tiny_model("llama", "sdpa")
+    ids = torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[0, :3] = 0  # row 0: three pad tokens on the left
+    steps = []
+    run(model, ids, StreamingLLM(budget=6, sink=2), prompt=12, mask=mask,
+        on_step=lambda c, s, e: steps.append([kept(c, i) for i in range(NUM_LAYERS)]))
+    # after the prefill of 12: sinks are each row's first 2 real tokens, then the last 4
+    assert all(layer == [[[3, 4, 8, 9, 10, 11]], [[0, 1, 8, 9, 10, 11]]] for layer in steps[0])
+    # after one decoded token (position 12) the window slides, the sinks stay
+    assert all(layer == [[[3, 4, 9, 10, 11, 12]], [[0, 1, 9, 10, 11, 12]]] for layer in steps[1])
+
+
+def _layer(policy, heads=(4, 2), dim=4, layer_idx=0):
+    cfg = tiny_config()
+    layer = policy.make_layer(layer_idx, cfg)
+    layer.num_key_value_groups = heads[0] // heads[1]
+    return layer
+
+
+def _forward(layer, q, weights, heads=(4, 2), dim=4):
+    """One forward through a slot by hand: begin, update with random K/V, end with given attention weights."""
+    layer.begin(1, q, None, None, torch.device("cpu"), "eager")
+    k = torch.randn(1, heads[1], q, dim)
+    layer.update(k, k.clone())
+    layer.end(weights=weights)
+
+
+def test_h2o_keeps_heavy_hitters_and_recent_window():
+    layer = _layer(H2O(budget=4, recent_ratio=0.5))  # 2 recent + 2 heavy hitters per KV head
+    w = torch.zeros(1, 4, 6, 6)
+    # query heads 0, 1 share KV head 0; heads 2, 3 share KV head 1
+    w[0, 0, :, 1] = 0.5
+    w[0, 1, :, 2] = 0.4
+    w[0, 0, :, 0] = 0.1
+    w[0, 2, :, 0] = 0.3
+    w[0, 3, :, 3] = 0.35
+    w[0, 2, :, 2] = 0.1
+    _forward(layer, 6, w)
+    assert kept_positions(layer) == [[1, 2, 4, 5], [0, 3, 4, 5]]
+    # accumulated scores travel with their tokens: KV head 0 had 6 * (0.5, 0.4) on tokens 1, 2
+    assert torch.allclose(layer.scores[0, 0, :2], torch.tensor([3.0, 2.4]))
+    # one decoded token (position 6): token 4 leaves the recent window and competes on its score
+    w = torch.zeros(1, 4, 1, 5)
+    w[0, 0, 0, 2] = 2.5  # KV head 0: token 4 (held at index 2) -> 2.5 beats token 2's 2.4
+    _forward(layer, 1, w)
+    assert kept_positions(layer) == [[1, 4, 5, 6], [0, 3, 5, 6]]
+
+
+def kept_positions(layer):
+    return layer.positions[0].tolist()
+
+
+def test_pyramidinfer_selects_by_the_most_recent_queries():
+    layer = _layer(PyramidInfer(budget=4, window=2, interval=2, ratio=1.0))
+    w = torch.zeros(1, 4, 6, 6)
+    w[0, :, :4, 0] = 1.0  # early queries love token 0: ignored, only the last 2 queries count
+    w[0, 0, 4:, 1] = 0.6
+    w[0, 1, 4:, 2] = 0.3
+    w[0, 2, 4:, 3] = 0.5
+    w[0, 3, 4:, 0] = 0.2
+    _forward(layer, 6, w)
+    # recent window (4, 5) + the 2 tokens the last 2 queries attend to most, per KV head
+    assert kept_positions(layer) == [[1, 2, 4, 5], [0, 3, 4, 5]]
+    # decoding: the first generated token is appended (interval 2), the second triggers a selection
+    w = torch.zeros(1, 4, 1, 5)
+    w[0, :, 0, 1] = 1.0  # KV head 0: token 2 now; KV head 1: token 3
+    _forward(layer, 1, w)
+    assert kept_positions(layer) == [[1, 2, 4, 5, 6], [0, 3, 4, 5, 6]]
+    w = torch.zeros(1, 4, 1, 6)
+    w[0, :2, 0, 2] = 0.3  # KV head 0: token 4 gets 0.6 in total (token 1: nothing), token 2 got 2.0 a step before
+    w[0, 2:, 0, 0] = 1.5  # KV head 1: token 0 gets 3.0 vs token 3's 2.0
+    _forward(layer, 1, w)
+    assert kept_positions(layer) == [[2, 4, 6, 7], [0, 3, 6, 7]]
+
+
+# --------------------------------------------------------------------------------------------
+# budget above the length: the full model, bit for bit
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_budget_above_length_is_the_full_model(tiny_model, name):
+    ids = torch.randint(3, 100, (1, 14), generator=torch.Generator().manual_seed(1))
+    full, _ = run(tiny_model, ids, prompt=9)
+    evicting, cache = run(tiny_model, ids, make_policy(name, budget=64), prompt=9)
+    assert torch.equal(full, evicting)
+    assert all(getattr(layer, "kvshare_policy", False) for layer in cache.layers)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_budget_above_length_left_padded(name):
+    for arch, impl in [("llama", "sdpa"), ("qwen3", "eager"), ("mistral_sliding", "sdpa")]:
+        model = make_tiny_model(arch, impl)
+        ids = torch.randint(3, 100, (2, 14), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones(2, 14, dtype=torch.long)
+        mask[1, :4] = 0
+        full, _ = run(model, ids, prompt=9, mask=mask)
+        evicting, _ = run(model, ids, make_policy(name, budget=64), prompt=9, mask=mask)
+        assert torch.equal(full, evicting), (arch, impl)
+
+
+# --------------------------------------------------------------------------------------------
+# composition with sharing
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_c0_sharing_with_policy_is_the_policy_alone(name):
+    model = make_tiny_model("qwen2", "sdpa")
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    alone, c1 = run(model, ids, make_policy(name, budget=5), prompt=10)
+    c0, c2 = run(model, ids, make_policy(name, budget=5), Strategy({}, NUM_LAYERS), prompt=10)
+    assert torch.equal(alone, c0)
+    assert kvshare.cache_bytes(c1) == kvshare.cache_bytes(c2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_replaced_layer_reads_the_sources_kept_tokens(name):
+    model = make_tiny_model("llama", "sdpa")
+    strategy = Strategy({3: 1, 5: 2}, NUM_LAYERS)
+    ids = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(4))
+    seen = []
+
+    def check(module, args, kwargs, output):
+        cache = kwargs["cache"]
+        keys, _ = source_kv(cache, module._kvshare_source)
+        snap = snapshots[module._kvshare_source]
+        seen.append(keys.shape[-2])
+        if snap is not None:  # what the source held after the previous forward, then this forward's token
+            assert torch.equal(keys[..., : snap.shape[-2], :], snap)
+            assert keys.shape[-2] == snap.shape[-2] + 1
+        mask = kwargs["attention_mask"]
+        assert mask is None or mask.shape[-1] == keys.shape[-2]
+
+    snapshots = {1: None, 2: None}
+
+    def snap(cache, s, e):
+        for src in snapshots:
+            snapshots[src] = cache.layers[src].keys.clone()
+
+    handles = [model.model.layers[r].self_attn.register_forward_hook(check, with_kwargs=True) for r in strategy.mapping]
+    policy = make_policy(name, budget=6)
+    try:
+        _, cache = run(model, ids, policy, strategy, prompt=10, on_step=snap)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen[:2] == [10, 10] and len(seen) == 2 * 7
+    assert all(cache.layers[r].keys is None for r in strategy.mapping)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("arch", ["llama", "mistral_sliding"])
+def test_combined_bytes_are_what_both_predict(name, arch):
+    model = make_tiny_model(arch, "sdpa")
+    strategy = Strategy({2: 0, 4: 3, 5: 1}, NUM_LAYERS)
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(5))
+    for budget in (5, 8, 40):
+        policy = make_policy(name, budget=budget)
+        for strat in (None, strategy):
+            _, cache = run(model, ids, policy, strat, prompt=9)
+            predicted = predicted_cache_bytes(model.config, strat, policy, 2, [9] + [1] * 11, 4)
+            assert kvshare.cache_bytes(cache) == predicted, (budget, strat)
+    # and the two savings multiply for uniform budgets: kept layers x tokens kept
+    _, shared_only = run(model, ids, None, strategy, prompt=9)
+    assert kvshare.cache_bytes(shared_only) == predicted_cache_bytes(model.config, strategy, None, 2, [9] + [1] * 11, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# incremental decoding follows each policy's semantics
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("llama", "eager"), ("qwen3", "sdpa")])
+def test_streamingllm_decoding_equals_the_rule_as_a_mask(arch, impl):
+    """Decoding with eviction == one forward whose mask shows each decoded token sinks + recent + itself."""
+    model = make_tiny_model(arch, impl)
+    T, prompt, budget, sink = 20, 8, 6, 2
+    ids = torch.randint(3, 100, (1, T), generator=torch.Generator().manual_seed(6))
+    decoded, _ = run(model, ids, StreamingLLM(budget=budget, sink=sink), prompt=prompt)
+    allowed = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    for t in range(prompt, T):  # token t sees what was kept after step t-1, and itself
+        visible = set(range(sink)) | set(range(t - (budget - sink), t)) | {t}
+        allowed[t] = torch.tensor([j in visible for j in range(T)])
+    mask = allowed[None, None] if impl == "sdpa" else torch.zeros(1, 1, T, T).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0]
+    assert torch.allclose(decoded[0], ref[[prompt - 1] + list(range(prompt, T))], atol=1e-5)
+
+
+class Reference:
+    """H2O / PyramidInfer by token position, from the attention weights eager attention returns."""
+
+    def __init__(self, model, policy):
+        self.policy, self.cfg = policy, model.config
+        self.score = {}  # (layer, kv head, position) -> accumulated attention
+        self.since = {}
+        self.handles = [m.self_attn.register_forward_hook(self.hook, with_kwargs=True) for m in model.model.layers]
+        self.expected = {}
+
+    def hook(self, module, args, kwargs, output):
+        layer = kwargs["cache"].layers[module.layer_idx]
+        i, w = module.layer_idx, output[1][0]  # [q heads, q, held]
+        pos = layer.positions[0].tolist() if layer.held() == w.shape[-1] else None
+        assert pos is not None
+        q, groups = w.shape[1], w.shape[0] // len(pos)
+        s = self.policy.settings
+        budget = self.policy.layer_budget(i, NUM_LAYERS)
+        out = []
+        if isinstance(self.policy, PyramidInfer):
+            self.since[i] = self.since.get(i, 0) + q
+            select = q > 1 or self.since[i] >= s.interval
+            rows = range(max(0, q - s.window), q)
+        else:
+            select, rows = True, range(q)
+        for h, positions in enumerate(pos):
+            sums = w[h * groups:(h + 1) * groups][:, list(rows)].sum(dim=(0, 1))
+            for j, p in enumerate(positions):
+                self.score[i, h, p] = self.score.get((i, h, p), 0.0) + float(sums[j])
+            if not select or len(positions) <= budget:
+                out.append(positions)
+                continue
+            recent = min(s.recent if isinstance(self.policy, H2O) else s.window, budget)
+            keep = set(positions[len(positions) - recent:]) if recent else set()
+            rest = sorted((p for p in positions if p not in keep), key=lambda p: (-self.score[i, h, p], p))
+            keep |= set(rest[: budget - len(keep)])
+            out.append(sorted(keep))
+        if isinstance(self.policy, PyramidInfer) and select:
+            self.since[i] = 0
+            self.score = {k: v for k, v in self.score.items() if k[0] != i}  # the next selection's queries start afresh
+        self.expected[i] = out
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("name", ["h2o", "pyramidinfer"])
+def test_attention_policies_follow_their_rule_while_decoding(name):
+    model = make_tiny_model("llama", "eager")
+    ids = torch.randint(3, 100, (1, 22), generator=torch.Generator().manual_seed(7))
+    policy = make_policy(name, budget=7) if name == "h2o" else make_policy(name, budget=7, window=3, interval=3)
+    ref = Reference(model, policy)
+    mismatches = []
+
+    def compare(cache, s, e):
+        for i in range(NUM_LAYERS):
+            if kept(cache, i)[0] != ref.expected[i]:
+                mismatches.append((s, i, kept(cache, i)[0], ref.expected[i]))
+
+    try:
+        run(model, ids, policy, prompt=10, on_step=compare)
+    finally:
+        ref.remove()
+    assert not mismatches, mismatches[:3]
+
+
+@pytest.mark.parametrize("name", ["h2o", "pyramidinfer"])
+def test_sdpa_scores_match_eager_weights(name):
+    """sdpa keeps its fast attention; the recomputed probabilities pick the same tokens as eager's weights."""
+    ids = torch.randint(3, 100, (2, 18), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones(2, 18, dtype=torch.long)
+    mask[0, :3] = 0
+    runs = {}
+    for impl in ("sdpa", "eager"):
+        steps = []
+        logits, _ = run(make_tiny_model("qwen3", impl), ids, make_policy(name, budget=6), prompt=9, mask=mask,
+                        on_step=lambda c, s, e: steps.append([kept(c, i) for i in range(NUM_LAYERS)]))
+        runs[impl] = (logits, steps)
+    assert runs["sdpa"][1] == runs["eager"][1]
+    assert torch.allclose(runs["sdpa"][0], runs["eager"][0], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# left-padded batches
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("mistral_sliding", "eager"), ("qwen3", "sdpa")])
+def test_left_padded_rows_match_rows_alone(name, arch, impl):
+    model = make_tiny_model(arch, impl)
+    T, pad, prompt = 20, 5, 11
+    ids = torch.randint(3, 100, (2, T), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, :pad] = 0
+    policy = make_policy(name, budget=6) if name != "pyramidinfer" else make_policy(name, budget=6, window=3, interval=3)
+    for strategy in (None, Strategy({2: 1, 4: 0}, NUM_LAYERS)):
+        batch, bc = run(model, ids, policy, strategy, prompt=prompt, mask=mask)
+        alone, ac = run(model, ids[:1, pad:], policy, strategy, prompt=prompt - pad, positions=True)
+        assert torch.allclose(batch[0], alone[0], atol=1e-5)
+        for i in range(NUM_LAYERS):
+            if i in (strategy.mapping if strategy else {}):
+                continue
+            window = bc.layers[i].sliding_window or 10**9
+            seen = ac.layers[i].seen
+
+            def visible(positions, valid):  # real tokens a query can still see (a window hides older ones)
+                return [sorted(p for p, v in zip(h.tolist(), vh.tolist()) if v and p > seen - window)
+                        for h, vh in zip(positions, valid)]
+
+            assert visible(bc.layers[i].positions[0] - pad, bc.layers[i].valid[0]) == visible(
+                ac.layers[i].positions[0], ac.layers[i].valid[0])
