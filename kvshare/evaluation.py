@@ -186,15 +186,17 @@ class Evaluator:
                 entries[spec.name] = hit
             else:
                 todo.append((spec, n, path))
+        computed = 0.0
         if todo:
+            t1 = time.perf_counter()
             with sharing(self.model, strategy):
                 for spec, n, path, entry in self._run(todo):
                     entries[spec.name] = entry
                     if self.cache:
                         write_json(path, entry)
+            computed = time.perf_counter() - t1
         elapsed = time.perf_counter() - t0
         rows = [row for spec in specs for row in entries[spec.name]["rows"]]
-        computed = sum(entries[s.name].get("seconds", 0.0) for s, _, _ in todo)
         return {
             "model": model_name(self.model),
             "label": label,
@@ -210,21 +212,25 @@ class Evaluator:
         }
 
     def _run(self, todo):
-        """Yield (spec, limit, path, entry) for each task to compute; lm-eval tasks are batched together."""
+        """Yield (spec, limit, path, entry) for each task to compute; lm-eval tasks are batched together.
+
+        `seconds` of an entry is the time of the lm-eval call it shared with the tasks in `batched_with`."""
         from lm_eval.tasks import TaskManager
 
         from .tasks.lmeval import run_lm_eval, run_perplexity
 
         groups: dict = {}
         for item in todo:
-            spec = item[0]
+            spec, n = item[0], item[1]
             if spec.kind == "perplexity":
                 t0 = time.perf_counter()
-                rows = run_perplexity(self.model, self.tokenizer, spec, item[1], progress=self.progress)
+                rows = run_perplexity(self.model, self.tokenizer, spec, n, progress=self.progress)
                 yield (*item, {"rows": rows, "seconds": round(time.perf_counter() - t0, 2)})
                 continue
+            online = spec.kind == "lm_eval"
             chat = spec.kind == "summarization" and spec.chat and self.chat()
-            groups.setdefault((spec.kind == "lm_eval", chat, item[1]), []).append(item)
+            # offline tasks of any size share one lm-eval call (per-task example indices); online ones share a limit
+            groups.setdefault((online, chat, n if online else None), []).append(item)
         offline = [i[0] for i in todo if i[0].kind in ("multiple_choice", "summarization")]
         if offline:
             from .tasks.offline import prepare
@@ -232,13 +238,19 @@ class Evaluator:
             root = prepare(offline, chat=self.chat())
         for (online, chat, n), items in groups.items():
             t0 = time.perf_counter()
-            # lm-eval's own index takes seconds to build (kept); the offline folder's milliseconds (rebuilt,
-            # since each run may have written new task configs into it)
-            tm = self._task_manager() if online else TaskManager(include_path=str(root), include_defaults=False)
-            results = run_lm_eval(self.lm, tm, [i[0] for i in items], n, chat=chat, progress=self.progress)
+            specs = [i[0] for i in items]
+            if online:
+                results = run_lm_eval(self.lm, self._task_manager(), specs, limit=n, chat=chat)
+            else:
+                from .tasks.offline import test_size
+
+                # the offline folder's index takes milliseconds: rebuilt, as this run may have added configs
+                tm = TaskManager(include_path=str(root), include_defaults=False)
+                samples = {s.name: list(range(test_size(s) if m is None else min(m, test_size(s)))) for s, m, _ in items}
+                results = run_lm_eval(self.lm, tm, specs, samples=samples, chat=chat)
             seconds = round(time.perf_counter() - t0, 2)
             for item in items:
-                yield (*item, {"rows": results[item[0].name], "seconds": seconds, "batched_with": [i[0].name for i in items]})
+                yield (*item, {"rows": results[item[0].name], "seconds": seconds, "batched_with": [s.name for s in specs]})
 
 
 def evaluate(model, tokenizer, strategy: Strategy | None = None, suite: str = "offline", tasks=None,
@@ -431,13 +443,14 @@ def conclusion(summary, rate: float = 0.25, threshold_pct: float = 90.0) -> dict
     for order, v in per_order.items():
         margin = ("" if v["above_chance_kept_pct"] is None
                   else f"; of the margin above chance it keeps {v['above_chance_kept_pct']:.1f}%")
-        lines.append(f"{order}: {v['kept_pct']:.1f}% of the full model's average kept at {rate:.1%} "
-                     f"({'holds' if v['holds'] else 'does not hold'}: > {threshold_pct:g}%){margin}; "
-                     f"drop {v['drop']:.3f} ± {v['drop_stderr']:.3f} (paired stderr)")
+        verdict = "the claim holds" if v["holds"] else "the claim does not hold"
+        lines.append(f"{order}: {v['kept_pct']:.1f}% of the full model's average score kept at {rate:.1%} "
+                     f"compression ({verdict}: > {threshold_pct:g}% needed){margin}; the average drops by "
+                     f"{v['drop']:.3f} ± {v['drop_stderr']:.3f} (paired stderr)")
     return {"rate": rate, "threshold_pct": threshold_pct, "orders": per_order, "text": "\n".join(lines)}
 
 
-def plot_compression(summary, rows=None):
+def plot_compression(summary, rows=None, title: str = ""):
     """Score versus compression rate, one line per search order: the average of the primary scores
     (left, with the full model's level, 90% of it and chance) and held-out perplexity (right)."""
     import matplotlib.pyplot as plt
@@ -464,11 +477,13 @@ def plot_compression(summary, rows=None):
             ax.axhline(_mean(chance), color="red", lw=0.8, ls=":", label="chance")
     ax.set(xlabel="compression rate (% of layers sharing KV)", ylabel="average score (primary metrics)",
            title="Benchmark average (error bars: paired stderr of the drop)")
-    bx.set(xlabel="compression rate (% of layers sharing KV)", ylabel="perplexity (held-out BBC text)",
-           title="Perplexity")
+    bx.set(xlabel="compression rate (% of layers sharing KV)", ylabel="perplexity (held-out BBC text, log scale)",
+           title="Perplexity", yscale="log")
     ax.legend(fontsize=8)
     if bx.lines:
         bx.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -156,11 +156,11 @@ def test_results_are_cached_per_strategy(tiny_model, byte_tokenizer, local_tasks
 
 
 def test_missing_task_lists_available_ones():
-    with pytest.raises(ValueError, match="unknown offline task 'nope'; available: .*kvshare_social_iqa"):
-        resolve_tasks("offline", "social_iqa,nope")
+    with pytest.raises(ValueError, match="unknown offline task 'nope'; available: .*kvshare_general_knowledge"):
+        resolve_tasks("offline", "general_knowledge,nope")
     with pytest.raises(ValueError, match="available: .*hellaswag"):
         resolve_tasks("online", ["not_a_task"])
-    assert [t.name for t in resolve_tasks("offline", "social_iqa")] == ["kvshare_social_iqa"]
+    assert [t.name for t in resolve_tasks("offline", "general_knowledge")] == ["kvshare_general_knowledge"]
 
 
 def test_cli_missing_task_is_one_line_exit_2(tmp_path, capsys):

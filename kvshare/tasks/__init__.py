@@ -11,12 +11,14 @@ from .online import ONLINE_DEFAULT, ONLINE_TASKS, LMEvalTask
 # The offline suite. Each multiple-choice task was kept because the default model (SmolLM2-135M)
 # scores measurably above chance on it with this prompt (see the README for the measurements).
 OFFLINE_TASKS = [
-    MCTask("general_knowledge", "knowledge", prompt="qa", limit=64),
-    MCTask("social_iqa", "reasoning", prompt="qa", limit=80),
-    MCTask("human_organs_senses", "knowledge", prompt="qa", limit=37),
-    MCTask("phrase_relatedness", "language", prompt="qa", metric="acc_norm", limit=95),
-    SummarizationTask(limit=24),
-    PerplexityTask(limit=8),
+    MCTask("goal_step_wikihow/step_inference", "reasoning", prompt="raw", limit=48),
+    MCTask("similarities_abstraction", "reasoning", prompt="native", metric="acc_norm", limit=30),
+    MCTask("phrase_relatedness", "language", prompt="qa", metric="acc_norm", limit=None),
+    MCTask("general_knowledge", "knowledge", prompt="qa", limit=None),
+    MCTask("human_organs_senses", "knowledge", prompt="qa", limit=None),
+    MCTask("metaphor_understanding/lit2met", "understanding", prompt="qa", limit=32),
+    SummarizationTask(limit=20),
+    PerplexityTask(limit=6),
 ]
 OFFLINE_DEFAULT = [t.name for t in OFFLINE_TASKS]
 

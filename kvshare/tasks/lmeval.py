@@ -67,7 +67,7 @@ def summary_chance(spec, n: int | None) -> dict[str, float]:
     return {m: sum(p[m] for p in pairs) / len(pairs) for m in pairs[0]}
 
 
-def rows_from_results(res: dict, spec, limit: int | None) -> list[dict]:
+def rows_from_results(res: dict, spec) -> list[dict]:
     from .offline import chance_level, mc_rows
 
     result = res["results"][spec.name]
@@ -98,8 +98,11 @@ def rows_from_results(res: dict, spec, limit: int | None) -> list[dict]:
     return rows
 
 
-def run_lm_eval(lm, task_manager, specs, limit: int | None, chat: bool = False, progress: bool = True) -> dict:
-    """One `simple_evaluate` over `specs` (their requests are batched together): {task: rows}."""
+def run_lm_eval(lm, task_manager, specs, limit: int | None = None, samples: dict | None = None,
+                chat: bool = False) -> dict:
+    """One `simple_evaluate` over `specs` (their requests are batched together): {task: rows}.
+
+    `limit` caps every task at its first examples; `samples` ({task: example indices}) sets them per task."""
     from lm_eval import simple_evaluate
 
     quiet_lm_eval()
@@ -111,13 +114,14 @@ def run_lm_eval(lm, task_manager, specs, limit: int | None, chat: bool = False, 
         model=lm,
         tasks=names,
         limit=limit,
+        samples=samples,
         task_manager=task_manager,
         log_samples=True,  # per-example scores, for paired comparisons across strategies
         bootstrap_iters=1000,  # mean metrics get their closed-form stderr; ROUGE means too
         apply_chat_template=chat,
         verbosity="ERROR",
     )
-    return {s.name: rows_from_results(res, s, limit) for s in specs}
+    return {s.name: rows_from_results(res, s) for s in specs}
 
 
 def run_perplexity(model, tokenizer, spec, limit: int | None, progress: bool = True) -> list[dict]:
@@ -125,7 +129,9 @@ def run_perplexity(model, tokenizer, spec, limit: int | None, progress: bool = T
     from ..data import eval_text
     from ..metrics import perplexity_with_error
 
-    max_tokens = None if limit is None else limit * spec.window
+    # consecutive windows overlap by one token (each scores window - 1 tokens): this many tokens make exactly
+    # `limit` full windows, with no short remnant window weighing as much as a full one in the stderr
+    max_tokens = None if limit is None else 1 + limit * (spec.window - 1)
     r = perplexity_with_error(model, tokenizer, eval_text(), window=spec.window, stride=spec.window,
                               max_tokens=max_tokens, progress=progress)
     common = {"task": spec.name, "n": r["tokens"], "category": spec.category, "chance": None,

@@ -162,6 +162,15 @@ def summarization_rows(spec: SummarizationTask) -> list[dict]:
     return rows
 
 
+def test_size(spec) -> int:
+    """Examples available for evaluation (the `test` split)."""
+    if spec.kind == "multiple_choice":
+        return len(mc_rows(spec)[1])
+    if spec.kind == "summarization":
+        return len(summarization_rows(spec))
+    raise ValueError(f"{spec.kind} tasks have no examples")
+
+
 def chance_level(spec, rows: list[dict] | None = None) -> float | None:
     """Expected score of a uniform guess (multiple choice); None where that is not defined."""
     if spec.kind != "multiple_choice":
