@@ -52,11 +52,26 @@ def test_python_version_satisfies_requires_python():
     assert Version(version) in requires, f"{python} does not satisfy requires-python {requires}"
 
 
+def _expand(project: dict, requirements: list[str], seen: set) -> list[Requirement]:
+    """Requirements with self-references (`kvshare[extra]`) replaced by that extra's requirements."""
+    out = []
+    for line in requirements:
+        r = Requirement(line)
+        if r.name.lower() == project["name"].lower():
+            for extra in sorted(r.extras - seen):
+                seen.add(extra)
+                out += _expand(project, project["optional-dependencies"][extra], seen)
+        else:
+            out.append(r)
+    return out
+
+
 def test_same_dependencies_as_pyproject():
     project = _pyproject()["project"]
-    wanted = [Requirement(r) for r in project["dependencies"]]
-    for extra in ("notebooks", "test"):  # what scripts/setup.sh installs: .[notebooks,test]
-        wanted += [Requirement(r) for r in project["optional-dependencies"][extra]]
+    # what scripts/setup.sh installs: the package with its extras, `pip install -e ".[...]"`
+    extras = re.search(r'-e "\.\[([^\]]+)\]"', (ROOT / "scripts" / "setup.sh").read_text())
+    assert extras, "scripts/setup.sh no longer installs the package with extras"
+    wanted = _expand(project, project["dependencies"] + [f"kvshare[{extras.group(1)}]"], set())
     have = _pip_requirements(_env())
     missing = [str(r) for r in wanted if r.name.lower() not in have]
     assert not missing, f"environment.yml lacks {missing}"
