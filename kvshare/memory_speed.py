@@ -166,7 +166,12 @@ def conclusion(cpu_rows: list[dict], budget_rows: list[dict], check: dict, accou
         lines.append("- **CUDA**: no GPU results file yet (`scripts/cuda_bench.sh` writes it when a GPU is lent).")
     if plain:
         lines.append(f"\nMeasured on: {plain[0].get('device_name', plain[0]['device'])}, torch {plain[0]['torch']}, "
-                     f"transformers {plain[0]['transformers']}.")
+                     f"transformers {plain[0]['transformers']}, {plain[0].get('threads', '?')} threads.")
+        loads = [r["load_avg_1min"] for r in cpu_rows if r.get("load_avg_1min") is not None]
+        if loads and max(loads) > (plain[0].get("threads") or 1) + 0.5:
+            lines.append(f"**Caution:** other work was running during these measurements (1-minute load average up to "
+                         f"{max(loads):.1f} on {plain[0].get('threads', '?')} threads): the timings and their ratios "
+                         "are noisy; the byte counts are exact regardless.")
     return "\n".join(lines)
 
 
