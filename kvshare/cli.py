@@ -29,6 +29,23 @@ def _add_strategy(p):
     p.add_argument("--force", action="store_true", help="apply a strategy searched on a differently named model")
 
 
+def _add_policy(p):
+    p.add_argument("--policy", default=None, choices=["streamingllm", "h2o", "pyramidinfer"],
+                   help="token eviction in every kept layer, with or without --strategy (needs --budget)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="tokens kept per layer (pyramidinfer: the average over layers)")
+
+
+def _read_policy(args):
+    if (args.policy is None) != (args.budget is None):
+        raise CLIError("--policy and --budget go together")
+    if args.policy is None:
+        return None
+    from .policies import make_policy
+
+    return make_policy(args.policy, budget=args.budget)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvshare", description="Layer-wise KV-cache sharing (KVSharer)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--source", default="bbc", choices=["bbc", "wikitext2"], help="evaluation data")
+    _add_policy(p)
+    p.add_argument("--decode", action="store_true",
+                   help="score by decoding (always on with --policy): prefill --context tokens of each window, then "
+                        "feed the rest one token at a time and score those; eviction only shows this way")
+    p.add_argument("--context", type=int, default=None, help="prefilled tokens per window when decoding (default: half)")
     b = sub.add_parser("bench", help="memory and speed: plain transformers next to the shared model")
     _add_model(b)
     b.add_argument("--random-weights", action="store_true",
@@ -71,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
     b.add_argument("--repeats", type=int, default=3)
+    _add_policy(b)
     b.add_argument("--memory-budget-gb", type=float, default=None,
                    help="also find the largest batch within this peak memory, plain and shared, and compare throughput")
     b.add_argument("--out", required=True, help="results JSON (a CSV goes beside it)")
@@ -161,17 +184,31 @@ def cmd_generate(args):
 def cmd_ppl(args):
     from .data import eval_text
     from .metrics import perplexity_with_error
-    from .sharing import sharing
+    from .sharing import compression
 
     strategy = _read_strategy(args)
+    policy = _read_policy(args)
+    decode = args.decode or policy is not None
+    if args.context is not None and not decode:
+        raise CLIError("--context applies to decoding: add --decode (or --policy)")
     text = eval_text(args.source)
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)
-    with sharing(model, strategy):
-        result = perplexity_with_error(model, tokenizer, text, window=args.window, stride=args.stride,
+    with compression(model, strategy, policy):
+        if decode:
+            from .intra_layer import decode_perplexity
+
+            result = decode_perplexity(model, tokenizer, text, window=args.window, context=args.context,
                                        max_tokens=args.limit_tokens, progress=True)
-    print(json.dumps({"ppl": result["ppl"], "tokens": result["tokens"], "ppl_se": result["ppl_se"],
-                      "num_shared": 0 if strategy is None else strategy.num_shared}))
+        else:
+            result = perplexity_with_error(model, tokenizer, text, window=args.window, stride=args.stride,
+                                           max_tokens=args.limit_tokens, progress=True)
+    line = {"ppl": result["ppl"], "tokens": result["tokens"], "ppl_se": result["ppl_se"],
+            "num_shared": 0 if strategy is None else strategy.num_shared}
+    if decode:
+        line.update(protocol=f"decode: prefill {result['context']} of every {result['window']} tokens, score the rest",
+                    policy=args.policy, budget=args.budget)
+    print(json.dumps(line))
 
 
 def cmd_bench(args):
@@ -182,9 +219,12 @@ def cmd_bench(args):
     batches = _numbers(args.batch, int, "--batch")
     if args.model in PRESETS and not args.random_weights:
         raise CLIError(f"'{args.model}' is a shape preset: add --random-weights")
+    _read_policy(args)  # validates --policy/--budget before any model is built
+    if args.policy and args.cache != "dynamic":
+        raise CLIError("--policy evicts tokens from a dynamic cache: drop --cache static")
     rows = bench(args.model, rates=rates, batches=batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                  cache=args.cache, random_weights=args.random_weights, device=args.device, dtype=args.dtype,
-                 repeats=args.repeats)
+                 repeats=args.repeats, policy=args.policy, budget=args.budget)
     result = {"rows": rows}
     if args.memory_budget_gb:
         result["budget"] = budget_comparison(args.model, int(args.memory_budget_gb * 2**30), [r for r in rates if r > 0],

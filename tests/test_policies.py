@@ -379,3 +379,59 @@ def test_left_padded_rows_match_rows_alone(name, arch, impl):
 
             assert visible(bc.layers[i].positions[0] - pad, bc.layers[i].valid[0]) == visible(
                 ac.layers[i].positions[0], ac.layers[i].valid[0])
+
+
+# --------------------------------------------------------------------------------------------
+# command line and benchmark
+# --------------------------------------------------------------------------------------------
+def test_cli_bench_with_policy(tmp_path, monkeypatch):
+    import json
+
+    from transformers import LlamaConfig
+
+    import kvshare.bench
+    from kvshare.cli import main
+
+    in_process = kvshare.bench.bench  # spawning a process per row costs seconds each: measure here
+    monkeypatch.setattr(kvshare.bench, "bench", lambda *a, **kw: in_process(*a, **{**kw, "isolate": False}))
+
+    LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--rates", "0,0.25", "--batch", "2",
+               "--prompt-len", "12", "--new-tokens", "3", "--repeats", "1", "--policy", "pyramidinfer", "--budget", "5",
+               "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["policy"], r["num_shared"]) for r in rows] == [("plain", None, 0), ("shared", "pyramidinfer", 0),
+                                                                        ("shared", "pyramidinfer", 2)]
+    for r in rows:
+        assert r["kv_bytes"] == r["kv_bytes_predicted"]
+    assert rows[2]["kv_bytes"] < rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
+    assert main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--policy", "h2o", "--out", str(out)]) == 2
+    assert main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--policy", "h2o", "--budget", "4",
+                 "--cache", "static", "--out", str(out)]) == 2
+
+
+def test_cli_ppl_with_policy(monkeypatch, capsys, char_tokenizer):
+    import json
+
+    import kvshare.cli as cli
+    import kvshare.data
+
+    model = make_tiny_model("llama", "sdpa")
+    monkeypatch.setattr(cli, "_load", lambda args: (model, char_tokenizer))
+    monkeypatch.setattr(kvshare.data, "eval_text", lambda source="bbc": "the quick brown fox jumps over the lazy dog " * 4)
+
+    def ppl(*extra):
+        assert cli.main(["ppl", "--window", "32", "--limit-tokens", "128", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    full = ppl("--decode", "--context", "16")
+    big = ppl("--policy", "h2o", "--budget", "100", "--context", "16")
+    small = ppl("--policy", "streamingllm", "--budget", "6", "--context", "16")
+    assert full["tokens"] == big["tokens"] == small["tokens"] == 4 * 15
+    assert big["ppl"] == full["ppl"] and small["ppl"] != full["ppl"]
+    assert small["policy"] == "streamingllm" and small["budget"] == 6
+    assert cli.main(["ppl", "--policy", "h2o"]) == 2
+    assert cli.main(["ppl", "--context", "8"]) == 2

@@ -27,8 +27,10 @@ How eviction fits transformers (nothing in a modeling file is copied or changed)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,8 +38,22 @@ from transformers.cache_utils import DynamicLayer
 
 from ..sharing import decoder_layers
 
-# queries x keys entries per chunk when attention probabilities are recomputed (bounds the memory)
-SCORE_CHUNK_ELEMENTS = 1 << 24
+# (batch x query heads x queries) x keys entries per chunk when attention probabilities are recomputed:
+# bounds the extra memory to a few 16 MiB float32 temporaries
+SCORE_CHUNK_ELEMENTS = 1 << 22
+
+# seconds spent scoring (attention probabilities) and evicting, while `timing()` is on
+TIMING = {"enabled": False, "score_s": 0.0, "evict_s": 0.0, "forwards": 0}
+
+
+@contextlib.contextmanager
+def timing():
+    """`with timing() as t: ...` then t["score_s"], t["evict_s"]: where a policy's own time goes."""
+    TIMING.update(enabled=True, score_s=0.0, evict_s=0.0, forwards=0)
+    try:
+        yield TIMING
+    finally:
+        TIMING["enabled"] = False
 
 
 @dataclass
@@ -225,10 +241,17 @@ class EvictingLayer(DynamicLayer):
             return
         new_pos, new_valid = self._pending
         self._pending = None
+        timed = TIMING["enabled"]
+        t0 = time.perf_counter() if timed else 0.0
         if self.needs_attention:
             self.observe(query, weights, scaling, new_pos, new_valid)
+        t1 = time.perf_counter() if timed else 0.0
         self.evict()
         self.last_kept = self.held()
+        if timed:
+            TIMING["score_s"] += t1 - t0
+            TIMING["evict_s"] += time.perf_counter() - t1
+            TIMING["forwards"] += 1
 
     # -- attention probabilities -------------------------------------------------------------
     def allowed(self, q_pos: torch.Tensor) -> torch.Tensor:

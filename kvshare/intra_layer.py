@@ -1,0 +1,498 @@
+"""Intra-layer compression (token eviction) next to and combined with KV sharing: notebook 05.
+
+Quality protocol (why perplexity is measured by decoding). Eviction only acts on what later tokens
+can see, and a single forward over a window attends over the whole window before anything is
+dropped, so the usual one-pass perplexity is the same with or without a policy. Here each window of
+`window` held-out tokens is split: the first `context` tokens are prefilled (the policy compresses
+them), then the remaining tokens are fed one at a time, exactly like generation with teacher
+forcing, and every token predicted by a decoding step is scored. The full model and sharing alone
+go through the same protocol, so every configuration is scored on the same tokens and compared by
+paired per-window differences.
+
+Cost protocol: `kvshare.bench.measure` with the configuration's strategy and policy (prompt of
+random tokens, greedy decoding): K/V bytes of the cache at the end, peak memory, decode tokens/s.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .policies import POLICIES, make_policy, predicted_cache_bytes
+from .sharing import compression, num_layers
+from .strategy import Strategy
+
+POLICY_LABELS = {"h2o": "H2O", "pyramidinfer": "PyramidInfer", "streamingllm": "StreamingLLM"}
+
+
+# ------------------------------------------------------------------------------------------------
+# perplexity by decoding
+# ------------------------------------------------------------------------------------------------
+def decode_windows(n_tokens: int, window: int, max_windows: int | None = None) -> list[tuple[int, int]]:
+    """Non-overlapping windows (begin, end) of exactly `window` tokens."""
+    spans = [(b, b + window) for b in range(0, n_tokens - window + 1, window)]
+    return spans if max_windows is None else spans[:max_windows]
+
+
+@torch.no_grad()
+def decode_nlls(model, tokenizer, text: str, window: int = 512, context: int = 256, max_windows: int | None = None,
+                batch_size: int = 8, progress=None) -> list[torch.Tensor]:
+    """Per-window NLLs (float64, CPU) of tokens context+1 .. window-1 of each window, each predicted by a
+    decoding step after `context` prefilled tokens, with whatever sharing/policy is enabled on `model`."""
+    from transformers import DynamicCache
+
+    if not 1 <= context <= window - 2:
+        raise ValueError(f"need 1 <= context <= window - 2, got context={context}, window={window}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+    spans = decode_windows(len(ids), window, max_windows)
+    if not spans:
+        raise ValueError(f"the text has fewer than {window} tokens")
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for i in range(0, len(spans), batch_size):
+        batch = torch.stack([ids[b:e] for b, e in spans[i : i + batch_size]]).to(device)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=batch[:, :context], cache=cache, use_cache=True)
+        nll = []
+        for t in range(context, window - 1):
+            logits = model(input_ids=batch[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1].float()
+            nll.append(-F.log_softmax(logits, dim=-1).gather(-1, batch[:, t + 1 : t + 2])[:, 0])
+            if progress is not None:
+                progress.update(batch.shape[0])
+        del cache
+        out.extend(torch.stack(nll, dim=1).double().cpu().unbind(0))
+    return out
+
+
+def summarize_windows(nlls: list[torch.Tensor]) -> dict:
+    """Perplexity with a standard error from the spread of per-window mean NLLs."""
+    means = np.array([w.mean().item() for w in nlls])
+    mean = float(torch.cat(nlls).mean())
+    se = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
+    return {"ppl": math.exp(mean), "nll": mean, "nll_se": se, "ppl_se": math.exp(mean) * se,
+            "tokens": int(sum(w.numel() for w in nlls)), "window_nll": means.tolist()}
+
+
+def decode_perplexity(model, tokenizer, text: str, window: int = 512, context: int | None = None,
+                      max_tokens: int | None = None, batch_size: int = 8, progress: bool = False) -> dict:
+    """Perplexity of the decoded part of each window (see the module docstring), with its error."""
+    from .experiments import Progress
+
+    context = window // 2 if context is None else context
+    max_windows = None if max_tokens is None else max(1, max_tokens // window)
+    ids_len = len(tokenizer(text, add_special_tokens=True)["input_ids"])
+    n = len(decode_windows(ids_len, window, max_windows))
+    bar = Progress(n * (window - 1 - context), "decode perplexity", enabled=progress)
+    nlls = decode_nlls(model, tokenizer, text, window, context, max_windows, batch_size, progress=bar)
+    bar.close()
+    return {**summarize_windows(nlls), "window": window, "context": context, "windows": n}
+
+
+# ------------------------------------------------------------------------------------------------
+# the configurations
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    """Everything notebook 05's numbers depend on (saved beside its figures)."""
+
+    model: str
+    quick: bool
+    seed: int
+    budgets: list = field(default_factory=lambda: [32, 96])  # tokens per layer (PyramidInfer: average)
+    policies: list = field(default_factory=lambda: ["h2o", "pyramidinfer", "streamingllm"])
+    share_fraction: float = 0.25  # sharing at 25% of the layers
+    samples: int = 30  # calibration texts of the sharing search
+    window: int = 512  # tokens per evaluation window
+    context: int = 256  # prefilled tokens per window (the rest is decoded and scored)
+    eval_windows: int = 8
+    eval_batch: int = 8
+    bench_batch: int = 4
+    bench_prompt: int = 512
+    bench_new_tokens: int = 64
+    bench_repeats: int = 2
+    bench_isolate: bool = True  # each cell's cost in a fresh process (CPU peak memory is then its own)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+QUICK = dict(budgets=[16, 48], samples=6, window=160, context=96, eval_windows=2, eval_batch=2, bench_batch=1,
+             bench_prompt=96, bench_new_tokens=8, bench_repeats=1, bench_isolate=False)
+
+
+def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
+    base = Settings(model=model, quick=bool(quick), seed=int(seed))
+    values = dict(QUICK) if quick else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for k, v in values.items():
+        if not hasattr(base, k):
+            raise ValueError(f"unknown setting {k!r}")
+        setattr(base, k, v)
+    return base
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration: sharing or not, and a policy at a budget or none."""
+
+    policy: str | None = None
+    budget: int | None = None
+    shared: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = []
+        if self.policy:
+            parts.append(f"{POLICY_LABELS.get(self.policy, self.policy)} {self.budget}")
+        if self.shared:
+            parts.append("sharing")
+        return " + ".join(parts) if parts else "full"
+
+    def make_policy(self):
+        return None if self.policy is None else make_policy(self.policy, budget=self.budget)
+
+
+def cells(cfg: Settings) -> list[Cell]:
+    """full; sharing; each policy at each budget; each of those with sharing."""
+    out = [Cell(), Cell(shared=True)]
+    for shared in (False, True):
+        for p in cfg.policies:
+            if p not in POLICIES:
+                raise ValueError(f"unknown policy {p!r}; use one of {', '.join(POLICIES)}")
+            for b in cfg.budgets:
+                out.append(Cell(p, int(b), shared))
+    return out
+
+
+def sharing_strategy(model, tokenizer, cfg: Settings) -> Strategy:
+    """The searched strategy at `share_fraction` of the layers (the KVSharer search, calibration set 0)."""
+    import warnings
+
+    from .data import calibration_texts
+    from .experiments import num_for_fraction
+    from .search import search
+
+    c = num_for_fraction(num_layers(model), cfg.share_fraction)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy, _ = search(model, tokenizer, calibration_texts(cfg.samples), c, seed=cfg.seed, progress=False)
+    return strategy
+
+
+# ------------------------------------------------------------------------------------------------
+# quality
+# ------------------------------------------------------------------------------------------------
+def quality(model, tokenizer, cfg: Settings, strategy: Strategy, text: str | None = None, progress: bool = True) -> list[dict]:
+    """Decode perplexity of every cell on the same held-out windows (one row per cell)."""
+    from .data import eval_text
+
+    text = eval_text() if text is None else text
+    rows = []
+    for cell in cells(cfg):
+        t0 = time.perf_counter()
+        with compression(model, strategy if cell.shared else None, cell.make_policy()):
+            r = decode_perplexity(model, tokenizer, text, cfg.window, cfg.context, cfg.eval_windows * cfg.window,
+                                  cfg.eval_batch, progress=progress)
+        rows.append({"label": cell.label, "policy": cell.policy, "budget": cell.budget, "shared": cell.shared,
+                     "num_shared": strategy.num_shared if cell.shared else 0, **r,
+                     "seconds": time.perf_counter() - t0})
+        if progress:
+            print(f"{cell.label}: ppl {r['ppl']:.3f} ± {r['ppl_se']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# memory and speed
+# ------------------------------------------------------------------------------------------------
+def cost(cfg: Settings, strategy: Strategy, model=None, progress: bool = True) -> list[dict]:
+    """K/V bytes, peak memory and decode tokens/s of every cell (`kvshare.bench.measure`; with
+    `cfg.bench_isolate` each cell runs in a fresh process, so a CPU peak is its own; otherwise in this
+    process on `model`, where the CPU peak is the process's and says nothing)."""
+    from .bench import Config, measure, measure_isolated
+
+    isolate = cfg.bench_isolate or model is None
+    rows = []
+    for cell in cells(cfg):
+        config = Config(cfg.model, "shared" if (cell.shared or cell.policy) else "plain",
+                        strategy.num_shared / strategy.num_layers if cell.shared else 0.0, cfg.bench_batch,
+                        cfg.bench_prompt, cfg.bench_new_tokens, repeats=cfg.bench_repeats, seed=cfg.seed,
+                        policy=cell.policy, budget=cell.budget, strategy=strategy.to_dict() if cell.shared else None)
+        row = measure_isolated(config) if isolate else measure(config, model)
+        row.update(label=cell.label, shared=cell.shared)
+        rows.append(row)
+        if progress:
+            print(f"{cell.label}: kv {row['kv_bytes'] / 2**20:.2f} MiB, peak {row['peak_bytes'] / 2**20:.0f} MiB, "
+                  f"decode {row['decode_tps']:.1f} tok/s", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# the table and what it says
+# ------------------------------------------------------------------------------------------------
+def paired(a: dict, b: dict) -> tuple[float, float]:
+    """Mean per-window NLL difference a - b and its standard error."""
+    d = np.asarray(a["window_nll"]) - np.asarray(b["window_nll"])
+    return float(d.mean()), (float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"))
+
+
+def table(quality_rows: list[dict], cost_rows: list[dict]) -> list[dict]:
+    """One row per cell, ratios against the full model."""
+    by_label = {r["label"]: r for r in cost_rows}
+    full_q = next(r for r in quality_rows if r["label"] == "full")
+    full_c = by_label["full"]
+    out = []
+    for q in quality_rows:
+        c = by_label[q["label"]]
+        d, se = paired(q, full_q)
+        out.append({
+            "label": q["label"], "policy": q["policy"] or "", "budget": q["budget"], "shared": q["shared"],
+            "num_shared": q["num_shared"], "ppl": q["ppl"], "ppl_se": q["ppl_se"], "ppl_ratio": q["ppl"] / full_q["ppl"],
+            "nll_diff": d, "nll_diff_se": se,
+            "kv_bytes": c["kv_bytes"], "kv_bytes_predicted": c.get("kv_bytes_predicted"),
+            "kv_ratio": c["kv_bytes"] / full_c["kv_bytes"],
+            "peak_bytes": c["peak_bytes"], "peak_ratio": c["peak_bytes"] / full_c["peak_bytes"],
+            "peak_above_baseline_ratio": (c["peak_bytes"] - c["baseline_bytes"]) / max(1, full_c["peak_bytes"] - full_c["baseline_bytes"]),
+            "decode_tps": c["decode_tps"], "decode_tps_ratio": c["decode_tps"] / full_c["decode_tps"],
+            "prefill_s": c["prefill_s"], "prefill_ratio": c["prefill_s"] / full_c["prefill_s"],
+        })
+    return out
+
+
+def pareto_front(rows: list[dict], x: str = "kv_ratio", y: str = "ppl") -> list[str]:
+    """Labels of the rows no other row beats on both memory (`x`) and quality (`y`), lower both better."""
+    front = []
+    for r in rows:
+        if not any((o[x] <= r[x] and o[y] <= r[y]) and (o[x] < r[x] or o[y] < r[y]) for o in rows):
+            front.append(r["label"])
+    return front
+
+
+def additivity(rows: list[dict], quality_rows: list[dict]) -> list[dict]:
+    """For each policy and budget: do memory savings multiply and quality costs add when combined with sharing?
+
+    - memory: combined K/V ratio against (policy ratio x sharing ratio);
+    - quality: interaction = dNLL(combined) - dNLL(policy) - dNLL(sharing), every dNLL against the
+      full model, paired per window (0 = the costs add up exactly; > 0 = worse together than the sum).
+    """
+    q = {r["label"]: r for r in quality_rows}
+    t = {r["label"]: r for r in rows}
+    share = t["sharing"]
+    out = []
+    for r in rows:
+        if r["shared"] or not r["policy"]:
+            continue
+        comb = t[f"{r['label']} + sharing"]
+        w = (np.asarray(q[comb["label"]]["window_nll"]) - np.asarray(q[r["label"]]["window_nll"])
+             - np.asarray(q["sharing"]["window_nll"]) + np.asarray(q["full"]["window_nll"]))
+        se = float(w.std(ddof=1) / math.sqrt(len(w))) if len(w) > 1 else float("nan")
+        out.append({
+            "policy": r["policy"], "budget": r["budget"],
+            "kv_ratio_policy": r["kv_ratio"], "kv_ratio_sharing": share["kv_ratio"], "kv_ratio_combined": comb["kv_ratio"],
+            "kv_ratio_product": r["kv_ratio"] * share["kv_ratio"],
+            "nll_diff_policy": r["nll_diff"], "nll_diff_sharing": share["nll_diff"], "nll_diff_combined": comb["nll_diff"],
+            "nll_diff_sum": r["nll_diff"] + share["nll_diff"],
+            "interaction": float(w.mean()), "interaction_se": se,
+            "ppl_policy": r["ppl"], "ppl_combined": comb["ppl"],
+            "combined_on_front": None,
+        })
+    return out
+
+
+def conclusion(rows: list[dict], adds: list[dict], front: list[str], model: str, strategy: Strategy | None = None,
+               z_crit: float = 2.0) -> str:
+    """Markdown: whether the gains add up, computed from the table."""
+    full = next(r for r in rows if r["label"] == "full")
+    share = next(r for r in rows if r["label"] == "sharing")
+    exact = all(r["kv_bytes"] == r["kv_bytes_predicted"] for r in rows if r.get("kv_bytes_predicted") is not None)
+    lines = [f"**{model}**: sharing {share['num_shared']} layers keeps {share['kv_ratio']:.1%} of the K/V bytes at "
+             f"perplexity {share['ppl']:.2f} (full model {full['ppl']:.2f}, decoded tokens).", ""]
+    multiply = [a for a in adds if abs(a["kv_ratio_combined"] - a["kv_ratio_product"]) <= 0.005]
+    other = [a for a in adds if a not in multiply]
+    text = ("- **Memory**: every cache held exactly the bytes sharing and the policy predict together"
+            if exact else "- **Memory**: some caches did NOT hold the predicted bytes")
+    if multiply:
+        text += ("; the savings multiply for " + ", ".join(f"{POLICY_LABELS[a['policy']]} {a['budget']} "
+                                                           f"({a['kv_ratio_combined']:.3f} = {a['kv_ratio_policy']:.3f} × "
+                                                           f"{a['kv_ratio_sharing']:.3f})" for a in multiply))
+    lines.append(text + ".")
+    for a in other:
+        why = ""
+        if strategy is not None and a["policy"] in POLICIES:
+            policy = make_policy(a["policy"], budget=a["budget"])
+            n = strategy.num_layers
+            replaced = [policy.layer_budget(i, n) for i in strategy.mapping]
+            if replaced:
+                why = (f": the replaced layers ({', '.join(map(str, strategy.mapping))}) keep "
+                       f"{sum(replaced) / len(replaced):.1f} tokens on average under it, against {a['budget']} over all "
+                       "layers, so sharing removes a different share of its bytes")
+        lines.append(f"  - {POLICY_LABELS[a['policy']]} {a['budget']}: combined {a['kv_ratio_combined']:.3f} vs product "
+                     f"{a['kv_ratio_product']:.3f} (sharing removes {1 - a['kv_ratio_combined'] / a['kv_ratio_policy']:.1%} "
+                     f"of the policy's bytes instead of {1 - a['kv_ratio_sharing']:.1%}){why}.")
+    add, worse, better = [], [], []
+    for a in adds:
+        z = a["interaction"] / a["interaction_se"] if a["interaction_se"] and a["interaction_se"] > 0 else float("nan")
+        name = f"{POLICY_LABELS[a['policy']]} {a['budget']}"
+        text = (f"{name}: ΔNLL {a['nll_diff_combined']:+.3f} combined vs {a['nll_diff_sum']:+.3f} summed "
+                f"(interaction {a['interaction']:+.3f} ± {a['interaction_se']:.3f})")
+        (worse if z > z_crit else better if z < -z_crit else add).append(text)
+    if add:
+        lines.append(f"- **Quality costs add up** (interaction within {z_crit:g} standard errors of 0): " + "; ".join(add) + ".")
+    if worse:
+        lines.append("- **Worse together than the sum of the parts**: " + "; ".join(worse) + ".")
+    if better:
+        lines.append("- **Less than the sum of the parts** (the combined loss is smaller than the two losses added): "
+                     + "; ".join(better) + ".")
+    combos = [lbl for lbl in front if "+ sharing" in lbl]
+    lines.append(f"- Pareto front (K/V bytes vs perplexity): {', '.join(front)}. "
+                 + (f"{len(combos)} combined configuration(s) on it." if combos else "No combined configuration is on it."))
+    speed = sorted(rows, key=lambda r: -r["decode_tps_ratio"])
+    lines.append(f"- Decode speed against the full model ranges from {speed[-1]['decode_tps_ratio']:.2f}× "
+                 f"({speed[-1]['label']}) to {speed[0]['decode_tps_ratio']:.2f}× ({speed[0]['label']}).")
+    return "\n".join(lines)
+
+
+def expected_kv_bytes(model_config, strategy, policy, batch, prompt_len, new_tokens, dtype_bytes) -> int:
+    """What sharing and the policy predict together for a bench run (prefill, then one token per step)."""
+    return predicted_cache_bytes(model_config, strategy, policy, batch, [prompt_len] + [1] * new_tokens, dtype_bytes)
+
+
+# ------------------------------------------------------------------------------------------------
+# what the attention weights cost
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "eager"), repeats: int = 1) -> list[dict]:
+    """Prefill and decode time of the full model and each policy, under sdpa (H2O/PyramidInfer recompute
+    the probabilities they need from the query and kept keys) and eager (the probabilities come with the
+    attention); `score_s` / `evict_s`: the policies' own time, scoring and dropping (in-process, CPU)."""
+    from transformers import DynamicCache
+
+    from .policies.base import timing
+
+    budget = cfg.budgets[0] if budget is None else budget
+    vocab = model.config.get_text_config().vocab_size
+    prompt = torch.randint(0, vocab, (cfg.bench_batch, cfg.bench_prompt), generator=torch.Generator().manual_seed(cfg.seed))
+    original = model.config._attn_implementation
+    rows = []
+    try:
+        for impl in impls:
+            model.set_attn_implementation(impl)
+            for name in [None, *cfg.policies]:
+                policy = None if name is None else make_policy(name, budget=budget)
+                best = None
+                for _ in range(repeats):
+                    with compression(model, None, policy), timing() as t:
+                        cache = DynamicCache(config=model.config)
+                        t0 = time.perf_counter()
+                        token = model(input_ids=prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                        t1 = time.perf_counter()
+                        prefill_score, prefill_evict = t["score_s"], t["evict_s"]
+                        for _ in range(cfg.bench_new_tokens):
+                            token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                        t2 = time.perf_counter()
+                        row = {"attention": impl, "policy": name or "full", "budget": budget if name else None,
+                               "prefill_s": t1 - t0, "decode_s": t2 - t1,
+                               "prefill_score_s": prefill_score, "prefill_evict_s": prefill_evict,
+                               "decode_score_s": t["score_s"] - prefill_score, "decode_evict_s": t["evict_s"] - prefill_evict}
+                    if best is None or row["prefill_s"] + row["decode_s"] < best["prefill_s"] + best["decode_s"]:
+                        best = row
+                rows.append(best)
+    finally:
+        model.set_attn_implementation(original)
+    base = {r["attention"]: r for r in rows if r["policy"] == "full"}
+    ref = base.get("sdpa", rows[0])
+    for r in rows:
+        r["prefill_ratio"] = r["prefill_s"] / ref["prefill_s"]
+        r["decode_ratio"] = r["decode_s"] / ref["decode_s"]
+        r["decode_step_ms"] = 1000 * r["decode_s"] / cfg.bench_new_tokens
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------------
+POLICY_STYLE = {"": ("#222222", "*"), "h2o": ("#1f77b4", "o"), "pyramidinfer": ("#2ca02c", "s"),
+                "streamingllm": ("#ff7f0e", "^")}
+
+
+def pareto_figure(rows: list[dict], title: str = ""):
+    """Left: K/V bytes vs perplexity (filled: alone, hollow: with sharing; arrows: adding sharing; grey
+    steps: the Pareto front). Right: decode tokens/s and peak memory above the loaded model, vs full."""
+    from . import plotting  # noqa: F401  (sets a headless backend when needed)
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True, gridspec_kw={"width_ratios": [1.25, 1]})
+    t = {r["label"]: r for r in rows}
+    front = [t[label] for label in pareto_front(rows)]
+    front.sort(key=lambda r: r["kv_ratio"])
+    xs, ys = [], []
+    for r in front:
+        if xs:
+            xs.append(r["kv_ratio"])
+            ys.append(ys[-1])
+        xs.append(r["kv_ratio"])
+        ys.append(r["ppl"])
+    ax.plot(xs, ys, color="#bbbbbb", lw=6, alpha=0.6, zorder=0, label="Pareto front")
+    for r in rows:
+        color, marker = POLICY_STYLE.get(r["policy"], ("#7f7f7f", "o"))
+        if r["policy"] == "" and r["shared"]:
+            color, marker = "#d62728", "D"
+        ax.errorbar(r["kv_ratio"], r["ppl"], yerr=r["ppl_se"], fmt=marker, ms=9, color=color,
+                    mfc="white" if (r["shared"] and r["policy"]) else color, mew=2, capsize=2, zorder=3)
+        ax.annotate(r["label"].replace(" + sharing", "+S"), (r["kv_ratio"], r["ppl"]), textcoords="offset points",
+                    xytext=(6, 4), fontsize=7)
+        if r["shared"] and r["policy"]:
+            alone = t[r["label"].replace(" + sharing", "")]
+            ax.annotate("", (r["kv_ratio"], r["ppl"]), (alone["kv_ratio"], alone["ppl"]),
+                        arrowprops=dict(arrowstyle="->", color=color, alpha=0.5))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("K/V bytes at the end of decoding / full model (log)")
+    ax.set_ylabel("perplexity of decoded tokens (± s.e., log)")
+    handles = [plt.Line2D([], [], color=c, marker=m, ls="", ms=8, label=POLICY_LABELS.get(p, "full"))
+               for p, (c, m) in POLICY_STYLE.items() if any(r["policy"] == p for r in rows)]
+    handles.append(plt.Line2D([], [], color="#d62728", marker="D", ls="", ms=8, label="sharing 25%"))
+    handles.append(plt.Line2D([], [], color="#555555", marker="o", mfc="white", ls="", ms=8, label="policy + sharing"))
+    handles.append(plt.Line2D([], [], color="#bbbbbb", lw=6, alpha=0.6, label="Pareto front"))
+    ax.legend(handles=handles, fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3, which="both")
+    labels = [r["label"] for r in rows]
+    y = np.arange(len(rows))
+    bx.barh(y - 0.2, [r["decode_tps_ratio"] for r in rows], height=0.4, color="#4c72b0", label="decode tokens/s")
+    bx.barh(y + 0.2, [r["peak_above_baseline_ratio"] for r in rows], height=0.4, color="#dd8452",
+            label="peak memory above the loaded model")
+    bx.axvline(1.0, color="k", lw=0.8)
+    bx.set_yticks(y, labels, fontsize=8)
+    bx.invert_yaxis()
+    bx.set_xlabel("ratio to the full model")
+    bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    bx.grid(alpha=0.3, axis="x")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The comparison as a Markdown table (ratios against the full model)."""
+    head = ("| configuration | ppl (± s.e.) | ppl / full | K/V MiB | K/V / full | peak above model / full | "
+            "decode tok/s | tok/s / full |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['ppl']:.2f} ± {r['ppl_se']:.2f} | {r['ppl_ratio']:.3f} | "
+                     f"{r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} | {r['peak_above_baseline_ratio']:.3f} | "
+                     f"{r['decode_tps']:.1f} | {r['decode_tps_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def overhead_markdown(rows: list[dict]) -> str:
+    lines = ["| attention | policy | prefill s | of which scoring | decode ms/token | of which scoring | of which evicting |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        steps = r["decode_s"] / max(1e-9, r["decode_step_ms"] / 1000)
+        lines.append(f"| {r['attention']} | {POLICY_LABELS.get(r['policy'], r['policy'])} | {r['prefill_s']:.2f} | "
+                     f"{r['prefill_score_s']:.2f} | {r['decode_step_ms']:.1f} | {1000 * r['decode_score_s'] / steps:.1f} | "
+                     f"{1000 * r['decode_evict_s'] / steps:.1f} |")
+    return "\n".join(lines)
