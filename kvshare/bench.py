@@ -61,6 +61,7 @@ class Config:
     policy: str | None = None  # token eviction on the shared rows (kvshare.policies name), with `budget`
     budget: int | None = None
     strategy: dict | None = None  # a strategy's to_dict() to use instead of the evenly spread one
+    kv_bits: int | None = None  # KV-cache quantization on the shared rows (kvshare.quantized_kv: 8 or 4 bits)
 
 
 def spread_strategy(num_layers_: int, num_shared: int) -> Strategy:
@@ -160,6 +161,14 @@ def measure(config: Config, model=None) -> dict:
         if config.mode == "plain" or config.cache != "dynamic":
             raise ValueError("a cache policy applies to 'shared' rows with a dynamic cache (plain is untouched transformers)")
         policy = make_policy(config.policy, budget=config.budget)
+    if config.kv_bits:
+        from .quantized_kv import QuantizedKV
+
+        if policy is not None:
+            raise ValueError("token eviction and KV-cache quantization do not compose (yet): use --policy or --kv-bits")
+        if config.mode == "plain" or config.cache != "dynamic":
+            raise ValueError("KV-cache quantization applies to 'shared' rows with a dynamic cache (plain is untouched transformers)")
+        policy = QuantizedKV(bits=config.kv_bits)
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(config.seed)
     prompt = torch.randint(0, vocab, (config.batch, config.prompt_len), generator=gen).to(device)
@@ -210,9 +219,13 @@ def measure(config: Config, model=None) -> dict:
     if config.cache == "dynamic":  # what sharing and the policy predict together, from the shapes
         from .policies import predicted_cache_bytes
 
-        row["kv_bytes_predicted"] = predicted_cache_bytes(model.config, strategy, policy, config.batch,
-                                                          [config.prompt_len] + [1] * config.new_tokens,
-                                                          next(model.parameters()).element_size())
+        elem = next(model.parameters()).element_size()
+        if config.kv_bits:  # (L - C) kept layers x the quantizer's bytes per token
+            row["kv_bytes_predicted"] = policy.predicted_cache_bytes(model.config, strategy, config.batch,
+                                                                     config.prompt_len + config.new_tokens, elem)
+        else:
+            row["kv_bytes_predicted"] = predicted_cache_bytes(model.config, strategy, policy, config.batch,
+                                                              [config.prompt_len] + [1] * config.new_tokens, elem)
     if policy is not None:  # the analysis counts full-length caches: not what an evicting cache copies or reads
         row.update(cache_copy_bytes=None, attn_read_bytes=None)
     return row
@@ -313,7 +326,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             continue
         r["kv_bytes_ratio"] = r["kv_bytes"] / b["kv_bytes"] if b["kv_bytes"] else float("nan")
         r["kv_bytes_expected_ratio"] = (r["num_layers"] - r["num_shared"]) / r["num_layers"]
-        if r.get("policy") and r.get("kv_bytes_predicted") is not None and b["kv_bytes"]:
+        if (r.get("policy") or r.get("kv_bits")) and r.get("kv_bytes_predicted") is not None and b["kv_bytes"]:
             r["kv_bytes_expected_ratio"] = r["kv_bytes_predicted"] / b["kv_bytes"]
         r["peak_ratio"] = r["peak_bytes"] / b["peak_bytes"]
         r["peak_above_baseline_ratio"] = (r["peak_bytes"] - r["baseline_bytes"]) / max(1, b["peak_bytes"] - b["baseline_bytes"])
@@ -325,11 +338,12 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int = 512, new_tokens: int = 128,
           cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None, repeats: int = 3,
           warmup: int = 1, isolate: bool | None = None, progress: bool = True, seed: int = 0, policy: str | None = None,
-          budget: int | None = None) -> list[dict]:
+          budget: int | None = None, kv_bits: int | None = None) -> list[dict]:
     """Plain transformers and the shared model at each rate, side by side; rows with ratios.
 
     With `policy` (a kvshare.policies name) and `budget`, every shared row also evicts tokens (rate 0:
-    the policy alone); the plain rows stay untouched transformers."""
+    the policy alone); with `kv_bits` (8 or 4) every shared row quantizes its KV cache instead
+    (kvshare.quantized_kv). The plain rows stay untouched transformers."""
     from tqdm.auto import tqdm
 
     from .models import resolve_device
@@ -344,7 +358,7 @@ def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int 
     configs = [Config(model, "plain", 0.0, b, prompt_len, new_tokens, cache, random_weights, device, dtype, repeats, warmup,
                       seed) for b in batches]
     configs += [Config(model, "shared", float(rate), b, prompt_len, new_tokens, cache, random_weights, device, dtype,
-                       repeats, warmup, seed, policy, budget) for b in batches for rate in rates]
+                       repeats, warmup, seed, policy, budget, kv_bits=kv_bits) for b in batches for rate in rates]
     rows = []
     shared_model = None
     for config in tqdm(configs, desc="bench", disable=not progress):
