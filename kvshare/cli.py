@@ -46,6 +46,22 @@ def _read_policy(args):
     return make_policy(args.policy, budget=args.budget)
 
 
+def _add_kv_bits(p):
+    p.add_argument("--kv-bits", type=int, default=None, choices=[8, 4],
+                   help="quantize the KV cache of every kept layer to int8 or int4 (kvshare.quantized_kv), "
+                        "with or without --strategy; a replaced layer reads its source's quantized cache")
+
+
+def _read_kv_bits(args, policy):
+    if args.kv_bits is None:
+        return None
+    if policy is not None:
+        raise CLIError("--kv-bits and --policy do not compose (yet): use one of them")
+    from .quantized_kv import QuantizedKV
+
+    return QuantizedKV(bits=args.kv_bits)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvshare", description="Layer-wise KV-cache sharing (KVSharer)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--source", default="bbc", choices=["bbc", "wikitext2"], help="evaluation data")
     _add_policy(p)
+    _add_kv_bits(p)
     p.add_argument("--decode", action="store_true",
                    help="score by decoding (always on with --policy): prefill --context tokens of each window, then "
                         "feed the rest one token at a time and score those; eviction only shows this way")
@@ -94,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
     b.add_argument("--repeats", type=int, default=3)
     _add_policy(b)
+    _add_kv_bits(b)
     b.add_argument("--memory-budget-gb", type=float, default=None,
                    help="also find the largest batch within this peak memory, plain and shared, and compare throughput")
     b.add_argument("--out", required=True, help="results JSON (a CSV goes beside it)")
@@ -188,13 +206,14 @@ def cmd_ppl(args):
 
     strategy = _read_strategy(args)
     policy = _read_policy(args)
+    kv_policy = _read_kv_bits(args, policy)  # one pass reads the quantized cache: no need to decode
     decode = args.decode or policy is not None
     if args.context is not None and not decode:
         raise CLIError("--context applies to decoding: add --decode (or --policy)")
     text = eval_text(args.source)
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)
-    with compression(model, strategy, policy):
+    with compression(model, strategy, policy or kv_policy):
         if decode:
             from .intra_layer import decode_perplexity
 
@@ -208,6 +227,8 @@ def cmd_ppl(args):
     if decode:
         line.update(protocol=f"decode: prefill {result['context']} of every {result['window']} tokens, score the rest",
                     policy=args.policy, budget=args.budget)
+    if kv_policy is not None:
+        line.update(kv_bits=args.kv_bits)
     print(json.dumps(line))
 
 
@@ -219,12 +240,14 @@ def cmd_bench(args):
     batches = _numbers(args.batch, int, "--batch")
     if args.model in PRESETS and not args.random_weights:
         raise CLIError(f"'{args.model}' is a shape preset: add --random-weights")
-    _read_policy(args)  # validates --policy/--budget before any model is built
+    _read_kv_bits(args, _read_policy(args))  # validates --policy/--budget/--kv-bits before any model is built
     if args.policy and args.cache != "dynamic":
         raise CLIError("--policy evicts tokens from a dynamic cache: drop --cache static")
+    if args.kv_bits and args.cache != "dynamic":
+        raise CLIError("--kv-bits quantizes a dynamic cache: drop --cache static")
     rows = bench(args.model, rates=rates, batches=batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                  cache=args.cache, random_weights=args.random_weights, device=args.device, dtype=args.dtype,
-                 repeats=args.repeats, policy=args.policy, budget=args.budget)
+                 repeats=args.repeats, policy=args.policy, budget=args.budget, kv_bits=args.kv_bits)
     result = {"rows": rows}
     if args.memory_budget_gb:
         result["budget"] = budget_comparison(args.model, int(args.memory_budget_gb * 2**30), [r for r in rates if r > 0],
