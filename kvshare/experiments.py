@@ -95,8 +95,8 @@ class Settings:
     max_fraction: float = 0.4
     c_step: int = 2
     random_seeds: int = 3
-    eval_tokens: int = 4096
-    window: int = 512
+    eval_tokens: int = 3072  # held-out tokens per perplexity: every strategy on the same ones
+    window: int = 256  # scoring window (= stride): 12 independent windows for the standard errors
     thresholds: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     sweep_fraction: float = 0.25
     max_new_tokens: int = 48
@@ -105,7 +105,7 @@ class Settings:
         return asdict(self)
 
 
-QUICK = dict(samples=6, calibration_sets=2, max_fraction=4 / 30, random_seeds=2, eval_tokens=1024, window=256,
+QUICK = dict(samples=6, calibration_sets=2, max_fraction=4 / 30, random_seeds=2, eval_tokens=1024, window=128,
              thresholds=[0.3, 0.6, 0.9], sweep_fraction=0.1, max_new_tokens=16)
 
 
@@ -467,36 +467,60 @@ def acceptance_by_decile(rows: list[dict], num_pairs: int, bins: int = 10, rank_
     return out
 
 
-def threshold_sweep(model, tokenizer, texts, cfg: Settings, evaluator: Evaluator, num_shared: int,
-                    order: str = "dissimilar", reuse: dict | None = None, progress: bool = True):
-    """For each threshold T: a greedy search to `num_shared`, how many candidates pass, and its perplexity.
+def sweep_searches(model, tokenizer, texts, cfg: Settings, num_shared: int, order: str = "dissimilar",
+                   reuse: dict | None = None, progress: bool = True) -> list[SearchRun]:
+    """One greedy search to `num_shared` per threshold in `cfg.thresholds`.
 
-    `reuse` maps a threshold to a SearchRun already made with the same settings (it is not searched again).
+    `reuse` maps a threshold to a SearchRun already made with the same settings (not searched again).
+    A strict threshold rejects most candidates, so its search walks far down the list: that is its real cost.
     """
     reuse = reuse or {}
-    rows, runs = [], []
-    bar = Progress(len(cfg.thresholds), f"threshold sweep (search to C={num_shared} per T, then perplexity)",
-                   enabled=progress, every=0)
+    runs = []
+    bar = Progress(len(cfg.thresholds), f"threshold sweep: a search to C={num_shared} per T", enabled=progress, every=0)
     try:
         for T in cfg.thresholds:
             run = reuse.get(T)
             if run is None or run.strategy.metadata.get("target_num_shared") != num_shared:
                 run = run_search(model, tokenizer, texts, num_shared, order, cfg.seed, cfg, threshold=T)
             runs.append(run)
-            st = run.strategy
-            visited = len(run.trace)
-            accepted = sum(t["accepted"] for t in run.trace)
-            result = evaluator(st)
-            rows.append({"threshold": T, "target": num_shared, "accepted": accepted, "visited": visited,
-                         "rejected": visited - accepted, "pass_rate": accepted / visited if visited else float("nan"),
-                         "reached_target": st.num_shared >= num_shared, "num_shared": st.num_shared,
-                         "search_seconds": st.metadata["search_seconds"], "layer_forwards": st.metadata["layer_forwards"],
-                         "mapping": {str(r): s for r, s in st.mapping.items()},
-                         **{k: v for k, v in result.items() if k != "window_nll"}})
-            bar.update(note=f"T={T}: {accepted}/{visited} passed, ppl={result['ppl']:.2f}")
+            acc = sum(t["accepted"] for t in run.trace)
+            bar.update(note=f"T={T}: {acc}/{len(run.trace)} passed in {run.strategy.metadata['search_seconds']:.0f} s")
     finally:
         bar.close()
-    return rows, runs
+    return runs
+
+
+def sweep_rows(runs: list[SearchRun], evaluator: Evaluator, progress: bool = True) -> list[dict]:
+    """Per threshold: how many visited candidates passed, and the perplexity of the resulting strategy."""
+    rows = []
+    bar = Progress(len(runs), "threshold sweep: perplexity per T", enabled=progress, every=0)
+    for run in runs:
+        st = run.strategy
+        visited = len(run.trace)
+        accepted = sum(t["accepted"] for t in run.trace)
+        target = st.metadata["target_num_shared"]
+        result = evaluator(st)
+        rows.append({"threshold": st.metadata["threshold"], "target": target, "accepted": accepted, "visited": visited,
+                     "rejected": visited - accepted, "pass_rate": accepted / visited if visited else float("nan"),
+                     "reached_target": st.num_shared >= target, "num_shared": st.num_shared,
+                     "search_seconds": st.metadata["search_seconds"], "layer_forwards": st.metadata["layer_forwards"],
+                     "mapping": {str(r): s for r, s in st.mapping.items()},
+                     **{k: v for k, v in result.items() if k != "window_nll"}})
+        bar.update(note=f"T={rows[-1]['threshold']}: ppl={result['ppl']:.2f}")
+    return rows
+
+
+def threshold_sweep(model, tokenizer, texts, cfg: Settings, evaluator: Evaluator, num_shared: int,
+                    order: str = "dissimilar", reuse: dict | None = None, progress: bool = True):
+    """`sweep_searches` then `sweep_rows`: returns (rows, runs)."""
+    runs = sweep_searches(model, tokenizer, texts, cfg, num_shared, order, reuse, progress)
+    return sweep_rows(runs, evaluator, progress), runs
+
+
+def run_counts(run: SearchRun) -> dict:
+    visited = len(run.trace)
+    accepted = sum(t["accepted"] for t in run.trace)
+    return {"visited": visited, "accepted": accepted, "rejected": visited - accepted}
 
 
 def search_summary(run: SearchRun) -> dict:
@@ -541,25 +565,38 @@ def generations_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def search_conclusion(sweep: list[dict], deciles_by_source: dict[str, list[dict]], main: dict, default_T: float) -> str:
+def search_conclusion(sweep: list[dict], deciles_by_source: dict[str, list[dict]], main: dict, default_T: float,
+                      control: dict | None = None, default: dict | None = None) -> str:
     """Markdown for notebook 02: what the threshold and the ranking do, computed from the numbers."""
     lines = [f"**Computed from this run.** The default search (T = {default_T}) replaced {main['num_shared']} layers "
              f"after visiting {main['candidates_visited']} candidates in {main['search_seconds']:.1f} s "
-             f"({main['layer_forwards']} layer-forwards; re-running every candidate from scratch would cost "
-             f"{main['naive_layer_forwards']}, {main['speedup_vs_naive']:.1f}x more).", ""]
-    lines.append("Threshold sweep:")
-    lines.append("")
+             f"({main['layer_forwards']} layer-forwards; re-running the whole model for every candidate and for the "
+             f"reference would cost {main['naive_layer_forwards']}, {main['speedup_vs_naive']:.1f}x more).", ""]
+    if default is None:  # counts of the default search: from the sweep when it holds the default T
+        default = next((r for r in sweep if r["threshold"] == default_T), None)
+    if default is not None:
+        if default["rejected"] == 0:
+            lines.append(f"At the default T = {default_T} the threshold rejected nothing: the first "
+                         f"{default['accepted']} candidates in dissimilarity order all passed, so the *ranking* alone "
+                         "chose the strategy.")
+        else:
+            lines.append(f"At the default T = {default_T} the threshold rejected {default['rejected']} of "
+                         f"{default['visited']} visited candidates, so both the ranking and the threshold shaped the strategy.")
+    if control is not None:
+        lines.append(f"The random-order control at the same T passed {control['accepted']} of {control['visited']} "
+                     "candidates it visited" + (" (nothing rejected either)." if control["rejected"] == 0 else "."))
+    lines += ["", "Threshold sweep (same target, dissimilar order):", ""]
     for r in sweep:
+        short = "" if r["reached_target"] else f" (the candidates ran out: only {r['num_shared']} of {r['target']} layers)"
         lines.append(f"- T = {r['threshold']}: {r['accepted']} of {r['visited']} visited candidates passed "
-                     f"({r['pass_rate']:.0%}); the strategy has {r['num_shared']} of {r['target']} layers replaced, "
-                     f"perplexity {r['ppl']:.2f} ± {r['ppl_se']:.2f}.")
+                     f"({r['pass_rate']:.0%}){short}; perplexity {r['ppl']:.2f} ± {r['ppl_se']:.2f}.")
     lines.append("")
     for src, rows in deciles_by_source.items():
         seen = [r for r in rows if r["visited"]]
         if not seen:
             continue
-        desc = ", ".join(f"decile {r['decile']}: {r['accepted']}/{r['visited']}" for r in seen)
-        lines.append(f"- Acceptance by dissimilarity decile, {src}: {desc}.")
+        desc = ", ".join(f"{r['decile']}: {r['accepted']}/{r['visited']}" for r in seen)
+        lines.append(f"- Accepted/visited by dissimilarity decile, {src}: {desc}.")
     return "\n".join(lines)
 
 
@@ -576,3 +613,12 @@ def environment_info() -> dict:
 
     return {"kvshare": kvshare.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "machine": platform.machine()}
+
+
+def timing_line(t_start: float, cpu_start: float) -> str:
+    """Wall time and this process's CPU time since the start (CPU / threads ~ wall time on an idle machine)."""
+    wall = time.perf_counter() - t_start
+    cpu = time.process_time() - cpu_start
+    threads = torch.get_num_threads()
+    return (f"notebook time: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU with {threads} torch thread(s) "
+            f"(~{cpu / threads / 60:.1f} min wall on {threads} idle core(s))")

@@ -36,14 +36,16 @@ def save_figure(fig, out_dir, name: str, formats=("png", "pdf")) -> list[Path]:
 
 
 def distance_heatmaps(matrices: dict, title: str = ""):
-    """Layer-to-layer KV distance, one panel per metric (side by side)."""
+    """Layer-to-layer KV distance, one panel per metric side by side (lower triangle: row r > column s)."""
     fig, axes = plt.subplots(1, len(matrices), figsize=(5.2 * len(matrices), 4.4), constrained_layout=True)
     axes = np.atleast_1d(axes)
     for ax, (metric, d) in zip(axes, matrices.items()):
-        im = ax.imshow(d, cmap="viridis", origin="upper")
+        d = np.asarray(d, dtype=float)
+        shown = np.where(np.tril(np.ones_like(d, dtype=bool), k=-1), d, np.nan)  # symmetric: show each pair once
+        im = ax.imshow(np.ma.masked_invalid(shown), cmap="viridis", origin="upper")
         ax.set_title(f"{metric} distance")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("layer")
+        ax.set_xlabel("earlier layer s")
+        ax.set_ylabel("later layer r")
         fig.colorbar(im, ax=ax, shrink=0.85)
     if title:
         fig.suptitle(title)
@@ -134,41 +136,50 @@ def paired_differences(comparisons, num_layers: int, title: str = ""):
     return fig
 
 
-def trace_scatter(rows, threshold: float, title: str = "", rank_key: str = "dissimilarity_rank"):
-    """Score of every visited candidate against its dissimilarity rank; accepted filled, threshold dashed."""
-    fig, ax = plt.subplots(figsize=(7, 4.4), constrained_layout=True)
-    acc = [r for r in rows if r["accepted"]]
-    rej = [r for r in rows if not r["accepted"]]
-    ax.scatter([r[rank_key] for r in rej], [r["score"] for r in rej], s=18, facecolors="none", edgecolors="#1f77b4",
-               label=f"rejected ({len(rej)})")
-    ax.scatter([r[rank_key] for r in acc], [r["score"] for r in acc], s=22, color="#d62728", label=f"accepted ({len(acc)})")
-    ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold T = {threshold}")
-    ax.set_xlabel("dissimilarity rank of the pair (0 = most dissimilar)")
-    ax.set_ylabel("score: cosine similarity of final hidden states")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "search trace")
+def trace_scatter(panels: dict, title: str = "", rank_key: str = "dissimilarity_rank", num_pairs: int | None = None):
+    """Score of every visited candidate against its dissimilarity rank, one panel per search.
+
+    `panels` maps a label to (trace rows, threshold): accepted candidates filled, threshold dashed.
+    """
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), sharey=True, constrained_layout=True)
+    axes = np.atleast_1d(axes)
+    for ax, (label, (rows, threshold)) in zip(axes, panels.items()):
+        acc = [r for r in rows if r["accepted"]]
+        rej = [r for r in rows if not r["accepted"]]
+        ax.scatter([r[rank_key] for r in rej], [r["score"] for r in rej], s=14, facecolors="none",
+                   edgecolors="#1f77b4", lw=0.8, label=f"rejected ({len(rej)})")
+        ax.scatter([r[rank_key] for r in acc], [r["score"] for r in acc], s=26, color="#d62728", zorder=3,
+                   label=f"accepted ({len(acc)})")
+        ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold T = {threshold}")
+        if num_pairs:
+            ax.set_xlim(-num_pairs * 0.02, num_pairs * 1.02)
+        ax.set_xlabel("dissimilarity rank (0 = most dissimilar pair)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    axes[0].set_ylabel("score: cosine similarity of final hidden states")
+    if title:
+        fig.suptitle(title)
     return fig
 
 
 def acceptance_deciles(by_source: dict, title: str = ""):
-    """Acceptance rate per decile of dissimilarity rank, one bar group per search (visited counts on top)."""
-    fig, ax = plt.subplots(figsize=(8, 4.2), constrained_layout=True)
-    n = len(by_source)
-    width = 0.8 / max(1, n)
-    for i, (label, rows) in enumerate(by_source.items()):
-        x = np.array([r["decile"] for r in rows]) + (i - (n - 1) / 2) * width
-        rate = np.array([r["rate"] if r["visited"] else 0.0 for r in rows])
-        bars = ax.bar(x, rate, width=width, label=label)
-        for b, r in zip(bars, rows):
-            ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.01, str(r["visited"]) if r["visited"] else "–",
-                    ha="center", va="bottom", fontsize=6)
-    ax.set_xticks(range(1, 11))
-    ax.set_xlabel("dissimilarity-rank decile of the candidate (1 = most dissimilar pairs)")
-    ax.set_ylabel("acceptance rate of visited candidates")
-    ax.set_ylim(0, 1.12)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "acceptance by dissimilarity decile (numbers: candidates visited)")
+    """Acceptance rate per dissimilarity-rank decile (columns) for each search (rows); cells show accepted/visited."""
+    labels = list(by_source)
+    rate = np.array([[r["rate"] if r["visited"] else np.nan for r in rows] for rows in by_source.values()])
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(labels) + 1.8), constrained_layout=True)
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("#eeeeee")
+    im = ax.imshow(np.ma.masked_invalid(rate), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    for i, rows in enumerate(by_source.values()):
+        for j, r in enumerate(rows):
+            ax.text(j, i, f"{r['accepted']}/{r['visited']}" if r["visited"] else "–", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(rate.shape[1]), [str(r["decile"]) for r in next(iter(by_source.values()))])
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("dissimilarity-rank decile of the candidate (1 = the most dissimilar tenth of all pairs)")
+    fig.colorbar(im, ax=ax, label="acceptance rate", shrink=0.9)
+    ax.set_title(title or "acceptance by dissimilarity decile (cells: accepted / visited)")
     return fig
 
 
@@ -199,23 +210,34 @@ def strategy_arcs(strategy, title: str = ""):
 
 
 def threshold_sweep_plot(rows, title: str = ""):
-    """Pairs that pass (bars) and perplexity of the resulting strategy (line) versus the threshold."""
-    fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
-    T = np.array([r["threshold"] for r in rows])
-    width = 0.035 if len(T) < 2 else 0.35 * float(np.min(np.diff(sorted(T))))
-    ax.bar(T - width / 2, [r["accepted"] for r in rows], width=width, color="#d62728", alpha=0.8, label="passed (accepted)")
-    ax.bar(T + width / 2, [r["rejected"] for r in rows], width=width, color="#1f77b4", alpha=0.6, label="rejected")
-    ax.set_xlabel("threshold T")
-    ax.set_ylabel("candidates visited by the search")
-    ax.set_yscale("symlog", linthresh=10)
-    ax2 = ax.twinx()
+    """Top: candidates that passed / were rejected per threshold. Bottom: perplexity of the resulting strategy."""
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, constrained_layout=True,
+                                  gridspec_kw={"height_ratios": [1, 1.2]})
+    T = np.array([r["threshold"] for r in rows], dtype=float)
+    step = float(np.min(np.diff(np.sort(T)))) if len(T) > 1 else 0.1
+    width = min(0.035, 0.35 * step)
+    acc = np.array([r["accepted"] for r in rows])
+    rej = np.array([r["rejected"] for r in rows])
+    ax.bar(T - width / 2, acc, width=width, color="#d62728", label="passed (accepted)")
+    ax.bar(T + width / 2, rej, width=width, color="#1f77b4", label="rejected")
+    for t, a, r in zip(T, acc, rej):
+        ax.annotate(f"{a}/{a + r}", (t, max(a, r)), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+    if max(1, *(acc + rej)) > 30:
+        ax.set_yscale("log")
+        ax.set_ylim(0.8, max(acc.max(), rej.max()) * 3)
+    else:
+        ax.set_ylim(0, max(acc.max(), rej.max(), 1) * 1.25)
+    ax.set_ylabel("candidates visited")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3, axis="y")
     ax2.errorbar(T, [r["ppl"] for r in rows], yerr=[r["ppl_se"] for r in rows], color="k", marker="o", capsize=2,
-                 label="perplexity of the strategy")
+                 label="perplexity of the strategy (±1 SE)")
     for t, r in zip(T, rows):
-        ax2.annotate(f"C={r['num_shared']}", (t, r["ppl"]), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+        ax2.annotate(f"C={r['num_shared']}", (t, r["ppl"]), textcoords="offset points", xytext=(8, 4), fontsize=7)
+    ax2.set_xlabel("threshold T")
     ax2.set_ylabel("held-out perplexity")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
-    ax.set_title(title or f"threshold sweep (target C = {rows[0]['target']})")
+    ax2.set_xticks(T)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.suptitle(title or f"threshold sweep (target C = {rows[0]['target']})")
     return fig

@@ -202,9 +202,9 @@ def test_threshold_sweep_and_trace(tiny_setup, char_tokenizer):
     by = {"x": ex.acceptance_by_decile(trace, len(ranks))}
     summary = ex.search_summary(main)
     assert summary["layer_forwards"] <= summary["naive_layer_forwards"]
-    text = ex.search_conclusion(rows, by, summary, 0.3)
+    text = ex.search_conclusion(rows, by, summary, 0.3, control=ex.run_counts(main))
     assert "T = 0.99" in text and "decile" in text
-    for fig in (pl.trace_scatter(trace, 0.99), pl.acceptance_deciles(by), pl.strategy_arcs(main.strategy),
+    for fig in (pl.trace_scatter({"T = 0.99": (trace, 0.99), "T = 0.3": (ex.trace_rows(main.trace, ranks), 0.3)}, num_pairs=len(ranks)), pl.acceptance_deciles(by), pl.strategy_arcs(main.strategy),
                 pl.threshold_sweep_plot(rows), pl.distance_heatmaps(d)):
         assert fig.axes
 

@@ -3,6 +3,7 @@ figures named after the notebook; run_all.sh options and its failure report."""
 from __future__ import annotations
 
 import ast
+import re
 import os
 import subprocess
 import sys
@@ -151,7 +152,7 @@ def test_figures_are_named_after_the_notebook(path):
     assert "save_figure(" in code
     for line in code.splitlines():
         if "save_figure(" in line and "def " not in line:
-            assert 'f"{NAME}_' in line, f"figure not named after the notebook: {line.strip()}"
+            assert 'f"{NAME}' in line or re.search(r"\bNAME\b", line), f"figure not named after the notebook: {line.strip()}"
     # the numbers behind the figures are saved beside them
     assert "write_csv(" in code or "write_json(" in code
 
@@ -229,3 +230,19 @@ def test_run_all_only_selects_notebooks(tmp_path):
     bad = subprocess.run([str(ROOT / "run_all.sh"), "--quick", "--only", "07"], capture_output=True, text=True,
                          timeout=600, env=env)
     assert bad.returncode != 0 and "07" in bad.stderr
+
+
+def test_colab_cell_and_readme_badges_point_at_the_same_repository():
+    """Once README carries "Open in Colab" badges, the first cell's default KVSHARE_REPO must be that repository."""
+    import re
+
+    readme = ROOT / "README.md"
+    badges = re.findall(r"colab\.research\.google\.com/github/([^/\s)]+)/([^/\s)]+)/blob/[^/\s)]+/notebooks/(\d\d_\w+)\.ipynb",
+                        readme.read_text()) if readme.is_file() else []
+    if not badges:
+        pytest.skip("README has no Open-in-Colab badges yet")
+    assert {b[2] for b in badges} >= {p.stem for p in NOTEBOOKS}, "every notebook needs its Colab badge"
+    repos = {f"https://github.com/{owner}/{repo}" for owner, repo, _ in badges}
+    assert len(repos) == 1
+    default = re.search(r'os\.environ\.get\("KVSHARE_REPO", "([^"]*)"\)', _load(NOTEBOOKS[0]).cells[0].source)
+    assert default and default.group(1).removesuffix(".git") == repos.pop()
