@@ -477,8 +477,8 @@ def plot_compression(summary, rows=None, title: str = ""):
             ax.axhline(_mean(chance), color="red", lw=0.8, ls=":", label="chance")
     ax.set(xlabel="compression rate (% of layers sharing KV)", ylabel="average score (primary metrics)",
            title="Benchmark average (error bars: paired stderr of the drop)")
-    bx.set(xlabel="compression rate (% of layers sharing KV)", ylabel="perplexity (held-out BBC text, log scale)",
-           title="Perplexity", yscale="log")
+    bx.set(xlabel="compression rate (% of layers sharing KV)", ylabel="perplexity (log scale)",
+           title="Perplexity on held-out BBC text", yscale="log")
     ax.legend(fontsize=8)
     if bx.lines:
         bx.legend(fontsize=8)
