@@ -1,0 +1,343 @@
+"""Quantized runs: the KV quantizer, the quantized cache alone and with sharing, GPTQ weights.
+
+- the quantize-dequantize error is within its documented bound (half a step of the element's group)
+  on random data, for int8 / int4 / int2, and int4 really packs two codes per byte;
+- the quantized cache is causal: one prefill and token-by-token decoding give the same logits;
+- C = 0 sharing with a quantized cache equals the quantized cache alone, bit for bit;
+- with real sharing a replaced layer reads exactly its source's dequantized slot, and the cache's
+  bytes are what the two predict together: (L - C) layers of quantized tokens;
+- GPTQ: the embedded default quantized with GPTQModel loads through transformers and scores close to
+  the unquantized model (runs only where gptqmodel is installed; skipped with the reason otherwise).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, NUM_LAYERS, make_tiny_model
+
+import importlib
+
+import kvshare
+from kvshare.quantized_kv import (QuantizedKV, QuantizedKVLayer, dequantize, error_bound, make_policy,
+                                  plain_cache_bytes, quantize)
+from kvshare.strategy import Strategy
+
+sharing_mod = importlib.import_module("kvshare.sharing")  # the module (kvshare.sharing is also a function)
+
+
+@torch.no_grad()
+def run(model, ids, policy=None, strategy=None, prompt=None, cache=None):
+    """Prefill `prompt` tokens, then decode the rest one at a time; logits of every position."""
+    T = ids.shape[1]
+    prompt = T if prompt is None else prompt
+    outs = []
+    with kvshare.compression(model, strategy, policy):
+        cache = cache if cache is not None else (policy.make_cache(model.config) if policy is not None else None)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+        for s, e in [(0, prompt)] + [(t, t + 1) for t in range(prompt, T)]:
+            outs.append(model(input_ids=ids[:, s:e], cache=cache, use_cache=True).logits)
+    return torch.cat(outs, 1), cache
+
+
+# --------------------------------------------------------------------------------------------
+# the quantizer
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("group_size", [8, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_trip_error_within_bound(bits, group_size, dtype):
+    gen = torch.Generator().manual_seed(bits * 100 + group_size)
+    # heavy-tailed, shifted data with an outlier channel: the bound must hold per group, not on average
+    x = (torch.randn(3, 4, 17, 64, generator=gen, dtype=dtype) ** 3 + 0.5)
+    x[..., 5] *= 40
+    q = quantize(x, bits, group_size)
+    err = (dequantize(q) - x).abs()
+    bound = error_bound(x, bits, group_size)
+    eps = torch.finfo(dtype).eps * 4 * x.abs().amax()  # the rounding of q * scale + zero in the dtype
+    assert torch.all(err <= bound + eps), (err - bound).max()
+    # the bound is tight: the worst element of a group is near half a step, not far below it
+    assert (err / bound.clamp_min(1e-30)).max() > 0.4
+    # storage: codes packed 8 // bits per byte, one scale and one zero per group
+    assert q.packed.dtype == torch.uint8 and q.packed.shape == (3, 4, 17, 64 * bits // 8)
+    assert q.scale.shape == q.zero.shape == (3, 4, 17, 64 // group_size)
+    assert q.nbytes() == 3 * 4 * 17 * (64 * bits // 8 + 2 * (64 // group_size) * x.element_size())
+
+
+def test_quantizer_edge_cases():
+    x = torch.full((1, 1, 3, 8), 2.5)  # constant groups are exact
+    assert torch.equal(dequantize(quantize(x, 4, 8)), x)
+    y = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 15.0]])  # on the int4 grid: exact
+    assert torch.equal(dequantize(quantize(y, 4, 8)), y)
+    with pytest.raises(ValueError, match="bits"):
+        quantize(x, 3, 8)
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize(x, 8, 3)
+    with pytest.raises(ValueError, match="bits"):
+        QuantizedKV(bits=5)
+    assert make_policy(None) is None and make_policy(16) is None
+    assert make_policy(4).bits == 4
+
+
+def test_int8_is_closer_than_int4():
+    x = torch.randn(2, 2, 50, 64, generator=torch.Generator().manual_seed(0))
+    e8 = (dequantize(quantize(x, 8, 32)) - x).abs().mean()
+    e4 = (dequantize(quantize(x, 4, 32)) - x).abs().mean()
+    assert e8 * 10 < e4
+
+
+# --------------------------------------------------------------------------------------------
+# the quantized cache
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_cache_is_causal_and_close(arch, bits):
+    """One prefill == token-by-token decoding (the codes of a token depend on that token only);
+    int8 stays close to the unquantized model (masks, sliding windows and GQA handled)."""
+    model = make_tiny_model(arch, "sdpa")
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(1))
+    policy = QuantizedKV(bits=bits, group_size=8)
+    one_pass, c1 = run(model, ids, policy)
+    stepwise, c2 = run(model, ids, policy, prompt=6)
+    # the same codes either way; float noise between a batched and a one-token projection can move a
+    # value across a rounding boundary, so a rare code of layer 0 differs by one step (and deeper
+    # layers then see slightly different inputs)
+    a, b = c1.layers[0], c2.layers[0]
+    for qa, qb in ((a.qkeys, b.qkeys), (a.qvalues, b.qvalues)):
+        assert (qa.packed != qb.packed).float().mean() < 0.01
+    assert (stepwise - one_pass).abs().max() / one_pass.abs().max() < 5e-3
+    assert all(isinstance(layer, QuantizedKVLayer) for layer in c1.layers)
+    assert kvshare.cache_bytes(c1) == kvshare.cache_bytes(c2) == policy.predicted_cache_bytes(model.config, None, 2, 20)
+    full, plain = run(model, ids)
+    assert kvshare.cache_bytes(plain) == plain_cache_bytes(model.config, None, 2, 20, 4)
+    if bits == 8:
+        rel = (one_pass - full).abs().max() / full.abs().max()
+        assert rel < 0.02, rel
+    # bytes per element: bits / 8 for the code plus two float32 numbers per group of 8 channels
+    assert kvshare.cache_bytes(c1) / kvshare.cache_bytes(plain) == policy.compression_ratio(16, 4) == (bits / 8 + 1) / 4
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_c0_sharing_with_quantized_cache_is_the_quantized_cache_alone(impl, bits):
+    model = make_tiny_model("llama", impl)
+    ids = torch.randint(3, 100, (2, 18), generator=torch.Generator().manual_seed(2))
+    policy = QuantizedKV(bits=bits, group_size=16)
+    # alone: the quantized cache handed to the untouched model, no kvshare hooks at all
+    with torch.no_grad():
+        cache = policy.make_cache(model.config)
+        alone = [model(input_ids=ids[:, :10], cache=cache, use_cache=True).logits]
+        for t in range(10, 18):
+            alone.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+    alone = torch.cat(alone, 1)
+    c0, c0_cache = run(model, ids, policy, Strategy({}, NUM_LAYERS), prompt=10, cache=None)
+    assert torch.equal(c0, alone)
+    assert kvshare.cache_bytes(c0_cache) == kvshare.cache_bytes(cache)
+    # and through a fresh DynamicCache, whose slots prepare_cache turns into policy slots
+    from transformers import DynamicCache
+
+    fresh, fresh_cache = run(model, ids, policy, Strategy({}, NUM_LAYERS), prompt=10, cache=DynamicCache(config=model.config))
+    assert torch.equal(fresh, alone)
+    assert all(isinstance(layer, QuantizedKVLayer) for layer in fresh_cache.layers)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral_sliding", "qwen3"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_replaced_layer_reads_its_sources_quantized_slot(arch, bits, monkeypatch):
+    model = make_tiny_model(arch, "sdpa")
+    strategy = Strategy({2: 0, 4: 1, 5: 3}, NUM_LAYERS)
+    policy = QuantizedKV(bits=bits, group_size=8)
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    seen = []
+    original = sharing_mod.source_kv
+
+    def spy(cache, source):
+        k, v = original(cache, source)
+        layer = cache.layers[source]
+        # the slot's stored codes, dequantized, are exactly what the replaced layer attends over
+        # (a sliding slot may already have dropped its oldest tokens: compare the tail)
+        dk, dv = layer.dequantized()
+        n = dk.shape[-2]
+        seen.append((source, torch.equal(k[..., -n:, :], dk) and torch.equal(v[..., -n:, :], dv), k.shape[-2]))
+        return k, v
+
+    monkeypatch.setattr(sharing_mod, "source_kv", spy)
+    _, cache = run(model, ids, policy, strategy, prompt=9)
+    assert seen and all(ok for _, ok, _ in seen)
+    assert {s for s, _, _ in seen} == set(strategy.mapping.values())
+    # replaced slots hold nothing; bytes are what sharing and quantization predict together
+    for r in strategy.mapping:
+        assert sharing_mod.layer_bytes(cache.layers[r]) == 0
+    L, C = NUM_LAYERS, strategy.num_shared
+    alone_bytes = policy.predicted_cache_bytes(model.config, None, 2, 16)
+    together = policy.predicted_cache_bytes(model.config, strategy, 2, 16)
+    assert kvshare.cache_bytes(cache) == together
+    if arch != "mistral_sliding":
+        assert together * L == alone_bytes * (L - C)
+
+
+def test_quantized_sharing_differs_from_plain_sharing_and_is_close():
+    model = make_tiny_model("llama", "sdpa")
+    strategy = Strategy({3: 1, 5: 2}, NUM_LAYERS)
+    ids = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(4))
+    shared, _ = run(model, ids, None, strategy)
+    q8, _ = run(model, ids, QuantizedKV(8, 16), strategy)
+    assert not torch.equal(shared, q8)
+    assert (q8 - shared).abs().max() / shared.abs().max() < 0.02
+
+
+def test_generate_with_quantized_sharing():
+    model = make_tiny_model("llama", "sdpa")
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(5))
+    with kvshare.compression(model, Strategy({4: 2}, NUM_LAYERS), QuantizedKV(4, 16)):
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 13)
+
+
+def test_perplexity_with_quantized_cache(char_tokenizer):
+    from kvshare.metrics import perplexity
+
+    model = make_tiny_model("llama", "sdpa")
+    text = "the quick brown fox jumps over the lazy dog " * 4
+    full = perplexity(model, char_tokenizer, text, window=32, stride=32)
+    with kvshare.compression(model, None, QuantizedKV(8, 16)):
+        q8 = perplexity(model, char_tokenizer, text, window=32, stride=32)
+    with kvshare.compression(model, None, QuantizedKV(2, 16)):
+        q2 = perplexity(model, char_tokenizer, text, window=32, stride=32)
+    assert q8 != full and abs(q8 - full) / full < 0.02
+    assert abs(q2 - full) > abs(q8 - full)
+
+
+# --------------------------------------------------------------------------------------------
+# GPTQ weights
+# --------------------------------------------------------------------------------------------
+def _gptq_skip_reason():
+    from kvshare.gptq import gptq_status, is_ready
+
+    ok, reason = gptq_status()
+    if not ok:
+        return f"GPTQ backend unavailable: {reason}"
+    if not is_ready("smollm2-135m-gptq"):
+        return ("the GPTQ checkpoint is not made yet (quantizing takes ~5-10 min on 2 CPU cores): run "
+                "`python -c \"import kvshare; kvshare.load_model('smollm2-135m-gptq')\"` once")
+    return None
+
+
+def test_gptq_status_reports():
+    from kvshare.gptq import GPTQ_MODELS, gptq_status
+
+    ok, reason = gptq_status()
+    assert isinstance(ok, bool) and reason
+    assert GPTQ_MODELS["smollm2-135m-gptq"]["bits"] == 4 and GPTQ_MODELS["smollm2-135m-gptq"]["group_size"] == 128
+
+
+@pytest.mark.real_model
+def test_gptq_default_model_loads_through_transformers_and_scores():
+    reason = _gptq_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from kvshare.gptq import gptq_config_of, is_gptq_model, quantized_dir, weight_bytes
+    from kvshare.metrics import perplexity
+
+    model, tokenizer = kvshare.load_model("smollm2-135m-gptq", device="cpu")
+    assert is_gptq_model(model)
+    qc = gptq_config_of(quantized_dir("smollm2-135m-gptq"))
+    assert qc["bits"] == 4 and qc["group_size"] == 128
+    proj = model.model.layers[0].self_attn.q_proj
+    assert not isinstance(proj, torch.nn.Linear)  # a GPTQ kernel module, packed int32 codes
+    assert any(b.dtype == torch.int32 for b in proj.buffers())
+    base, _ = kvshare.load_model("smollm2-135m", device="cpu")
+    assert weight_bytes(model) < 0.5 * weight_bytes(base)
+    text = kvshare.eval_text()
+    p_gptq = perplexity(model, tokenizer, text, max_tokens=512)
+    p_base = perplexity(base, tokenizer, text, max_tokens=512)
+    assert p_base < p_gptq < 2.0 * p_base
+    # sharing and a quantized KV cache compose with GPTQ weights
+    with kvshare.compression(model, Strategy({29: 28}, 30), QuantizedKV(8)):
+        p_both = perplexity(model, tokenizer, text, max_tokens=512)
+    assert abs(p_both - p_gptq) / p_gptq < 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark and the command line
+# --------------------------------------------------------------------------------------------
+def test_bench_measures_quantized_sharing_bytes():
+    from kvshare.bench import Config, add_ratios, measure
+
+    model = make_tiny_model("llama", "sdpa")
+    common = dict(model="tiny", batch=2, prompt_len=12, new_tokens=3, repeats=1, warmup=1)
+    plain = measure(Config(mode="plain", rate=0.0, **common), model)
+    rows = [plain]
+    for bits in (8, 4):
+        row = measure(Config(mode="shared", rate=2 / NUM_LAYERS, kv_bits=bits, **common), model)
+        assert row["num_shared"] == 2 and row["kv_bits"] == bits
+        assert row["kv_bytes"] == row["kv_bytes_predicted"]
+        rows.append(row)
+    add_ratios(rows)
+    for row in rows[1:]:
+        ratio = QuantizedKV(row["kv_bits"]).compression_ratio(16, 4) * (NUM_LAYERS - 2) / NUM_LAYERS
+        assert row["kv_bytes_expected_ratio"] == pytest.approx(ratio)
+        assert row["kv_bytes_ratio"] == pytest.approx(ratio)
+    with pytest.raises(ValueError, match="do not compose"):
+        measure(Config(mode="shared", rate=0.0, kv_bits=8, policy="h2o", budget=4, **common), model)
+    with pytest.raises(ValueError, match="dynamic cache"):
+        measure(Config(mode="shared", rate=0.0, kv_bits=8, cache="static", **common), model)
+
+
+def test_cli_ppl_with_kv_bits(monkeypatch, capsys, char_tokenizer):
+    import json
+
+    import kvshare.cli as cli
+    import kvshare.data
+
+    model = make_tiny_model("llama", "sdpa")
+    monkeypatch.setattr(cli, "_load", lambda args: (model, char_tokenizer))
+    monkeypatch.setattr(kvshare.data, "eval_text", lambda source="bbc": "the quick brown fox jumps over the lazy dog " * 4)
+
+    def ppl(*extra):
+        assert cli.main(["ppl", "--window", "32", "--limit-tokens", "128", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    full, q8, q4 = (ppl("--stride", "32", *kv) for kv in ((), ("--kv-bits", "8"), ("--kv-bits", "4")))
+    assert full["tokens"] == q8["tokens"] == q4["tokens"]
+    assert q8["kv_bits"] == 8 and "kv_bits" not in full
+    assert full["ppl"] != q8["ppl"] and abs(q8["ppl"] - full["ppl"]) < abs(q4["ppl"] - full["ppl"])
+    decoded = ppl("--kv-bits", "8", "--decode", "--context", "16")
+    assert decoded["kv_bits"] == 8 and decoded["tokens"] == 4 * 15
+    assert cli.main(["ppl", "--kv-bits", "8", "--policy", "h2o", "--budget", "4"]) == 2
+    assert "do not compose" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: only 8 or 4
+        cli.main(["ppl", "--kv-bits", "3"])
+
+
+def test_cli_bench_with_kv_bits(tmp_path, monkeypatch):
+    import json
+
+    from transformers import LlamaConfig
+
+    import kvshare.bench
+    from kvshare.cli import main
+
+    in_process = kvshare.bench.bench  # spawning a process per row costs seconds each: measure here
+    monkeypatch.setattr(kvshare.bench, "bench", lambda *a, **kw: in_process(*a, **{**kw, "isolate": False}))
+    LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--rates", "0,0.25", "--batch", "2",
+               "--prompt-len", "12", "--new-tokens", "3", "--repeats", "1", "--kv-bits", "4", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["kv_bits"], r["num_shared"]) for r in rows] == [("plain", None, 0), ("shared", 4, 0),
+                                                                        ("shared", 4, 2)]
+    for r in rows:
+        assert r["kv_bytes"] == r["kv_bytes_predicted"]
+        assert r["kv_bytes_ratio"] == pytest.approx(r["kv_bytes_expected_ratio"])
+    # int4 with groups of 8 float32 channels: (0.5 + 8 / 8) / 4 of the bytes, times (L - C) / L
+    assert rows[1]["kv_bytes_ratio"] == pytest.approx(0.375)
+    assert rows[2]["kv_bytes_ratio"] == pytest.approx(0.375 * 6 / 8)
+    assert main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--kv-bits", "8", "--cache", "static",
+                 "--out", str(out)]) == 2
+    assert main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--kv-bits", "8", "--policy", "h2o",
+                 "--budget", "4", "--out", str(out)]) == 2
