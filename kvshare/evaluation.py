@@ -76,6 +76,17 @@ def task_key(spec) -> str:
     return json.dumps({"spec": d, "format": FORMAT_VERSION}, sort_keys=True)
 
 
+def prepare_offline() -> Path:
+    """Fetch the offline suite's data (one download of the BIG-bench sdist, with gem/xsum) and write its
+    lm-eval configs, so that evaluation needs no network afterwards (scripts/setup.sh calls this)."""
+    from .data import ensure_bigbench_tasks
+    from .tasks import OFFLINE_TASKS
+    from .tasks.offline import prepare
+
+    ensure_bigbench_tasks(sorted({"gem/xsum"} | {t.source for t in OFFLINE_TASKS if t.kind == "multiple_choice"}))
+    return prepare(OFFLINE_TASKS)
+
+
 # --------------------------------------------------------------------------------------------
 # cache keys
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ fi
 "$venv/bin/python" - <<'PY'
 import kvshare
 kvshare.load_model()
+from kvshare.evaluation import prepare_offline; prepare_offline()  # BIG-bench tasks of the benchmark suite
 kvshare.calibration_texts(30)
 print("setup: model and offline data ready")
 PY
