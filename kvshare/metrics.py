@@ -71,10 +71,18 @@ def perplexity_with_error(model, tokenizer, text: str, window: int = 512, stride
     if not chunks:
         raise ValueError("the text has fewer than 2 tokens: nothing to score")
     nll = torch.cat(chunks)
-    # windows are the independent units; per-token NLLs within a window are correlated
+    # windows are the independent units (per-token NLLs within a window are correlated); the mean
+    # is token-weighted, so its standard error is the ratio-estimator one: a short last window
+    # counts for its few tokens, not as much as a full window
     means = torch.stack([c.mean() for c in chunks])
+    weights = torch.tensor([float(c.numel()) for c in chunks], dtype=torch.float64)
     mean = nll.mean().item()
-    se_nll = (means.std(unbiased=True).item() / math.sqrt(len(means))) if len(means) > 1 else float("nan")
+    n = len(chunks)
+    if n > 1:
+        var = (weights**2 * (means - mean) ** 2).sum().item() / weights.sum().item() ** 2 * n / (n - 1)
+        se_nll = math.sqrt(var)
+    else:
+        se_nll = float("nan")
     ppl = math.exp(mean)
     return {"ppl": ppl, "nll": mean, "nll_se": se_nll, "ppl_se": ppl * se_nll, "tokens": int(nll.numel()),
             "windows": len(means)}
