@@ -341,3 +341,61 @@ def test_cli_bench_with_kv_bits(tmp_path, monkeypatch):
                  "--out", str(out)]) == 2
     assert main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--kv-bits", "8", "--policy", "h2o",
                  "--budget", "4", "--out", str(out)]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# notebook 06's table logic (kvshare.quantized_runs) on made-up rows
+# --------------------------------------------------------------------------------------------
+def _rows():
+    rows = []
+    for w, base in (("fp32 weights", 2.0), ("GPTQ 4-bit weights", 2.2)):
+        for c in (0, 4):
+            for bits, extra in ((None, 0.0), (8, 0.001), (4, 0.05)):
+                nll = base + 0.3 * c / 4 + extra
+                q = 1.0 if bits is None else QuantizedKV(bits).compression_ratio(64, 4)
+                kv = int(1000 * (30 - c) / 30 * q)
+                rows.append({"weights": w, "model": "m", "num_shared": c, "num_layers": 30, "kv_bits": bits,
+                             "kv": {None: "unquantized", 8: "int8", 4: "int4"}[bits], "kv_quant_ratio": q,
+                             "weight_bytes": 100, "ppl": float(torch.tensor(nll).exp()), "ppl_se": 0.1,
+                             "window_nll": [nll - 0.01, nll + 0.01, nll], "kv_bytes": kv, "kv_bytes_predicted": kv,
+                             "decode_tps": 10.0, "prefill_s": 1.0, "tokens": 100})
+    return rows
+
+
+def test_quantized_runs_tables_and_conclusion():
+    from kvshare import quantized_runs as qr
+
+    rows = qr.add_ratios(_rows())
+    r = next(r for r in rows if r["weights"] == "fp32 weights" and r["num_shared"] == 4 and r["kv_bits"] == 4)
+    assert r["ppl_ratio"] == pytest.approx(float(torch.tensor(0.35).exp()))
+    assert r["kv_ratio_predicted"] == pytest.approx(26 / 30 * 0.1875)  # int4, groups of 32 float32 channels
+    assert r["nll_diff"] == pytest.approx(0.35)
+    wide = qr.wide_table(rows)
+    assert len(wide) == 6 and set(wide[0]) == {"weights", "kv cache", "C=0", "C=4"}
+    md = qr.wide_markdown(rows, [0, 4])
+    assert "8.61" in md and "10.40" in md
+    assert qr.markdown_table(rows).count("\n") == len(rows) + 1
+    text = qr.conclusion(rows, [], "m")
+    assert "rises with C" in text and "K/V bytes equal" in text and "GPTQ weights" in text
+    rows[0]["kv_bytes"] += 1
+    assert "differ from the prediction" in qr.conclusion(rows, [], "m")
+    fig = qr.figure(rows)
+    assert len(fig.axes) == 2
+
+
+def test_quantized_runs_settings_and_eval_prefix(char_tokenizer):
+    from kvshare import quantized_runs as qr
+
+    cfg = qr.settings("smollm2-135m", quick=True, gptq="skip")
+    assert cfg.num_shared == [0, 4] and cfg.kv_bits == [None, 8, 4]
+    sets, notes = qr.weight_sets(cfg)
+    assert sets == [("fp32 weights", "smollm2-135m")] and "skipped" in notes[0]
+    assert qr.settings("x", quick=False).num_shared == [0, 4, 8, 12]
+    with pytest.raises(ValueError):
+        qr.settings("x", quick=False, gptq="maybe")
+    with pytest.raises(ValueError):
+        qr.settings("x", quick=False, nope=1)
+    text = "\n\n".join(f"paragraph {i} " + "word " * 5 for i in range(200))
+    prefix = qr.eval_prefix(char_tokenizer, text, 300)
+    ids = char_tokenizer(prefix)["input_ids"]
+    assert len(ids) > 300 and ids[:300] == char_tokenizer(text)["input_ids"][:300] and len(prefix) < len(text)
