@@ -124,9 +124,27 @@ def _new_cache(model, kind: str, max_len: int):
     raise ValueError(f"unknown cache kind {kind!r}; use one of {', '.join(CACHES)}")
 
 
+def _peaks(device) -> tuple[int, int]:
+    """(peak bytes, peak reserved bytes) so far: CUDA's allocator, or this process's peak RSS twice on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    rss = _rss_bytes()
+    return rss, rss
+
+
+def _restart_peaks(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_peak()
+
+
 @torch.no_grad()
-def _run_once(model, prompt, new_tokens: int, cache_kind: str):
-    """Prefill + greedy decode with a fresh cache; returns (prefill_s, decode_s, cache, bytes_copied)."""
+def _run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | None = None):
+    """Prefill + greedy decode with a fresh cache; returns (prefill_s, decode_s, cache, bytes_copied).
+
+    With a `phases` dict: the peaks up to the end of the prefill ("before_decode") and of the decode
+    phase alone ("decode": the cache at its largest, without the prefill's activations and logits)."""
     device = prompt.device
     cache = _new_cache(model, cache_kind, prompt.shape[1] + new_tokens)
     _sync(device)
@@ -135,12 +153,20 @@ def _run_once(model, prompt, new_tokens: int, cache_kind: str):
     token = logits[:, -1:].argmax(-1)
     _sync(device)
     t1 = time.perf_counter()
+    prefill_s = t1 - t0
+    if phases is not None:
+        del logits
+        phases["before_decode"] = _peaks(device)
+        _restart_peaks(device)
+        t1 = time.perf_counter()
     for _ in range(new_tokens):
         logits = model(input_ids=token, cache=cache, use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
     _sync(device)
     t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, cache
+    if phases is not None:
+        phases["decode"] = _peaks(device)
+    return prefill_s, t2 - t1, cache
 
 
 def measure(config: Config, model=None) -> dict:
@@ -172,6 +198,8 @@ def measure(config: Config, model=None) -> dict:
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(config.seed)
     prompt = torch.randint(0, vocab, (config.batch, config.prompt_len), generator=gen).to(device)
+    if device.type == "cpu":
+        _reset_peak()  # like reset_peak_memory_stats below: the peak of the run, not of loading the model
     rss_before = _rss_bytes()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -180,9 +208,10 @@ def measure(config: Config, model=None) -> dict:
     with compression(model, strategy, policy):
         for _ in range(config.warmup):
             _run_once(model, prompt, min(config.new_tokens, 8), config.cache)
-        prefill, decode, kv = [], [], 0
-        for _ in range(config.repeats):
-            p, d, cache = _run_once(model, prompt, config.new_tokens, config.cache)
+        prefill, decode, kv, phases = [], [], 0, {}
+        for i in range(config.repeats):
+            p, d, cache = _run_once(model, prompt, config.new_tokens, config.cache,
+                                    phases if i == config.repeats - 1 else None)
             prefill.append(p)
             decode.append(d)
             kv = cache_bytes(cache)
@@ -214,6 +243,11 @@ def measure(config: Config, model=None) -> dict:
         row["peak_bytes"] = _rss_bytes()
         row["baseline_bytes"] = rss_before
         row["peak_method"] = "peak RSS of a process running this configuration alone"
+    if phases:  # the last repeat restarted the peak after its prefill: the run's peak is the larger of the two
+        row["decode_peak_bytes"] = phases["decode"][0]
+        row["peak_bytes"] = max(row["peak_bytes"], phases["before_decode"][0], phases["decode"][0])
+        if "peak_reserved_bytes" in row:
+            row["peak_reserved_bytes"] = max(row["peak_reserved_bytes"], phases["before_decode"][1], phases["decode"][1])
     row.update(analysis(model.config.get_text_config(), row["num_shared"], config.batch, config.prompt_len,
                         config.new_tokens, config.cache, torch.tensor([], dtype=next(model.parameters()).dtype).element_size()))
     if config.cache == "dynamic":  # what sharing and the policy predict together, from the shapes
@@ -259,8 +293,28 @@ def analysis(cfg, num_shared: int, batch: int, prompt_len: int, new_tokens: int,
 
 
 def _rss_bytes() -> int:
+    """Peak resident set of this process's own memory (Linux VmHWM, since the last `_reset_peak`).
+
+    Not ru_maxrss where VmHWM exists: in a spawned child ru_maxrss starts at the parent's peak (a notebook
+    kernel holding the model), so every configuration would report the parent's memory."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak * (1 if sys.platform == "darwin" else 1024)
+
+
+def _reset_peak() -> None:
+    """Restart the peak from the current resident set (Linux `clear_refs` 5; elsewhere nothing happens)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _load_avg() -> float | None:
