@@ -256,6 +256,11 @@ def table(quality_rows: list[dict], cost_rows: list[dict]) -> list[dict]:
             "kv_ratio": c["kv_bytes"] / full_c["kv_bytes"],
             "peak_bytes": c["peak_bytes"], "peak_ratio": c["peak_bytes"] / full_c["peak_bytes"],
             "peak_above_baseline_ratio": (c["peak_bytes"] - c["baseline_bytes"]) / max(1, full_c["peak_bytes"] - full_c["baseline_bytes"]),
+            "decode_peak_bytes": c.get("decode_peak_bytes"),
+            "decode_peak_ratio": (c["decode_peak_bytes"] / full_c["decode_peak_bytes"]
+                                  if c.get("decode_peak_bytes") and full_c.get("decode_peak_bytes") else None),
+            "decode_peak_minus_full_mib": ((c["decode_peak_bytes"] - full_c["decode_peak_bytes"]) / 2**20
+                                           if c.get("decode_peak_bytes") and full_c.get("decode_peak_bytes") else None),
             "decode_tps": c["decode_tps"], "decode_tps_ratio": c["decode_tps"] / full_c["decode_tps"],
             "prefill_s": c["prefill_s"], "prefill_ratio": c["prefill_s"] / full_c["prefill_s"],
         })

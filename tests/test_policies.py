@@ -435,3 +435,21 @@ def test_cli_ppl_with_policy(monkeypatch, capsys, char_tokenizer):
     assert small["policy"] == "streamingllm" and small["budget"] == 6
     assert cli.main(["ppl", "--policy", "h2o"]) == 2
     assert cli.main(["ppl", "--context", "8"]) == 2
+
+
+def test_decode_protocol_without_policy_is_the_single_forward(char_tokenizer):
+    """Perplexity by decoding scores the same tokens a single forward would, with the same numbers."""
+    import torch.nn.functional as F
+
+    from kvshare.intra_layer import decode_nlls
+
+    model = make_tiny_model("qwen3", "sdpa")
+    text = "a stitch in time saves nine; " * 5
+    nlls = decode_nlls(model, char_tokenizer, text, window=40, context=20, batch_size=2)
+    ids = char_tokenizer(text, return_tensors="pt")["input_ids"][0]
+    assert len(nlls) == len(ids) // 40 and all(n.numel() == 19 for n in nlls)
+    with torch.no_grad():
+        for k, n in enumerate(nlls):
+            w = ids[k * 40:(k + 1) * 40][None]
+            lp = F.log_softmax(model(input_ids=w).logits.float(), -1)[0, :-1].gather(-1, w[0, 1:, None])[:, 0]
+            assert torch.allclose(n.float(), -lp[20:], atol=1e-5)

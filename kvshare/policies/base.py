@@ -39,8 +39,8 @@ from transformers.cache_utils import DynamicLayer
 from ..sharing import decoder_layers
 
 # (batch x query heads x queries) x keys entries per chunk when attention probabilities are recomputed:
-# bounds the extra memory to a few 16 MiB float32 temporaries
-SCORE_CHUNK_ELEMENTS = 1 << 22
+# bounds the extra memory to two 8 MiB float32 temporaries
+SCORE_CHUNK_ELEMENTS = 1 << 21
 
 # seconds spent scoring (attention probabilities) and evicting, while `timing()` is on
 TIMING = {"enabled": False, "score_s": 0.0, "evict_s": 0.0, "forwards": 0}
@@ -284,12 +284,14 @@ class EvictingLayer(DynamicLayer):
         for s in range(0, r, step):
             e = min(r, s + step)
             qs = q.view(batch, kv_heads, group, r, dim)[:, :, :, s:e].reshape(batch, kv_heads, group * (e - s), dim)
-            logits = (qs @ keys_t).to(torch.float32) * scaling
+            logits = (qs @ keys_t).to(torch.float32).mul_(scaling)
             logits = logits.view(batch, kv_heads, group, e - s, held)
-            logits = logits.masked_fill(~ok[:, :, None, s:e, :], float("-inf"))
-            probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a fully masked (padding) row gives zeros
-            probs = probs * row_valid[:, None, None, s:e, None]
+            logits.masked_fill_(~ok[:, :, None, s:e, :], float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            del logits
+            probs.nan_to_num_(0.0).mul_(row_valid[:, None, None, s:e, None])  # fully masked (padding) rows: zeros
             total += probs.sum(dim=(2, 3))
+            del probs
         return total
 
     # -- selection ---------------------------------------------------------------------------
