@@ -354,6 +354,22 @@ def conclusion(rows: list[dict], adds: list[dict], front: list[str], model: str,
     combos = [lbl for lbl in front if "+ sharing" in lbl]
     lines.append(f"- Pareto front (K/V bytes vs perplexity): {', '.join(front)}. "
                  + (f"{len(combos)} combined configuration(s) on it." if combos else "No combined configuration is on it."))
+    peaks = sorted(rows, key=lambda r: r["peak_ratio"])
+    by_prefill = full.get("decode_peak_bytes") is not None and full["peak_bytes"] > full["decode_peak_bytes"]
+    lines.append(f"- Peak memory of the whole run ranges from {peaks[0]['peak_ratio']:.2f}× ({peaks[0]['label']}) to "
+                 f"{peaks[-1]['peak_ratio']:.2f}× ({peaks[-1]['label']}) of the full model's {full['peak_bytes'] / 2**20:.0f} MiB"
+                 + (f"; it is reached in the prefill ({full['peak_bytes'] / 2**20:.0f} MiB against "
+                    f"{full['decode_peak_bytes'] / 2**20:.0f} MiB while decoding), which every configuration runs over the "
+                    "whole prompt before it evicts anything." if by_prefill else "."))
+    dec = [r for r in rows if r.get("decode_peak_minus_full_mib") is not None]
+    if dec:
+        low = min(dec, key=lambda r: r["decode_peak_minus_full_mib"])
+        if low["decode_peak_minus_full_mib"] < 0:
+            saved = (full["kv_bytes"] - low["kv_bytes"]) / 2**20
+            lines.append(f"- While decoding, the peak falls by up to {-low['decode_peak_minus_full_mib']:.0f} MiB "
+                         f"({low['label']}, whose cache holds {saved:.0f} MiB less K/V than the full model's).")
+        else:
+            lines.append("- While decoding, no configuration's peak is below the full model's.")
     speed = sorted(rows, key=lambda r: -r["decode_tps_ratio"])
     lines.append(f"- Decode speed against the full model ranges from {speed[-1]['decode_tps_ratio']:.2f}× "
                  f"({speed[-1]['label']}) to {speed[0]['decode_tps_ratio']:.2f}× ({speed[0]['label']}).")
@@ -429,7 +445,7 @@ def pareto_figure(rows: list[dict], title: str = ""):
     from . import plotting  # noqa: F401  (sets a headless backend when needed)
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True, gridspec_kw={"width_ratios": [1.25, 1]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.6), constrained_layout=True, gridspec_kw={"width_ratios": [1.25, 1]})
     t = {r["label"]: r for r in rows}
     front = [t[label] for label in pareto_front(rows)]
     front.sort(key=lambda r: r["kv_ratio"])
@@ -466,14 +482,16 @@ def pareto_figure(rows: list[dict], title: str = ""):
     ax.grid(alpha=0.3, which="both")
     labels = [r["label"] for r in rows]
     y = np.arange(len(rows))
-    bx.barh(y - 0.2, [r["decode_tps_ratio"] for r in rows], height=0.4, color="#4c72b0", label="decode tokens/s")
-    bx.barh(y + 0.2, [r["peak_above_baseline_ratio"] for r in rows], height=0.4, color="#dd8452",
-            label="peak memory above the loaded model")
+    h = 0.27
+    bx.barh(y - h, [r["decode_tps_ratio"] for r in rows], height=h, color="#4c72b0", label="decode tokens/s")
+    bx.barh(y, [r["peak_ratio"] for r in rows], height=h, color="#dd8452", label="peak memory (whole run)")
+    bx.barh(y + h, [r["decode_peak_ratio"] or 0.0 for r in rows], height=h, color="#8172b3",
+            label="peak memory while decoding")
     bx.axvline(1.0, color="k", lw=0.8)
     bx.set_yticks(y, labels, fontsize=8)
     bx.invert_yaxis()
     bx.set_xlabel("ratio to the full model")
-    bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     bx.grid(alpha=0.3, axis="x")
     if title:
         fig.suptitle(title)
@@ -482,12 +500,14 @@ def pareto_figure(rows: list[dict], title: str = ""):
 
 def markdown_table(rows: list[dict]) -> str:
     """The comparison as a Markdown table (ratios against the full model)."""
-    head = ("| configuration | ppl (± s.e.) | ppl / full | K/V MiB | K/V / full | peak above model / full | "
-            "decode tok/s | tok/s / full |\n|---|---|---|---|---|---|---|---|")
+    head = ("| configuration | ppl (± s.e.) | ppl / full | K/V MiB | K/V / full | peak MiB | peak / full | "
+            "decode-phase peak − full, MiB | decode tok/s | tok/s / full |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
+        dp = r.get("decode_peak_minus_full_mib")
         lines.append(f"| {r['label']} | {r['ppl']:.2f} ± {r['ppl_se']:.2f} | {r['ppl_ratio']:.3f} | "
-                     f"{r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} | {r['peak_above_baseline_ratio']:.3f} | "
+                     f"{r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} | {r['peak_bytes'] / 2**20:.0f} | "
+                     f"{r['peak_ratio']:.3f} | {'' if dp is None else f'{dp:+.0f}'} | "
                      f"{r['decode_tps']:.1f} | {r['decode_tps_ratio']:.3f} |")
     return "\n".join(lines)
 
