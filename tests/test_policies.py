@@ -18,7 +18,7 @@ from transformers import DynamicCache
 import kvshare
 from kvshare.policies import (POLICIES, H2O, H2OSettings, PyramidInfer, PyramidInferSettings, StreamingLLM,
                               layer_budgets, make_policy, predicted_cache_bytes)
-from kvshare.sharing import source_kv
+from kvshare.sharing import active_policy, active_strategy, source_kv
 from kvshare.strategy import Strategy
 
 NAMES = list(POLICIES)
@@ -453,3 +453,20 @@ def test_decode_protocol_without_policy_is_the_single_forward(char_tokenizer):
             w = ids[k * 40:(k + 1) * 40][None]
             lp = F.log_softmax(model(input_ids=w).logits.float(), -1)[0, :-1].gather(-1, w[0, 1:, None])[:, 0]
             assert torch.allclose(n.float(), -lp[20:], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_order_of_construction_does_not_matter(name):
+    """Policy first or sharing first, nested or not: one semantics, and whatever was enabled before comes back."""
+    model = make_tiny_model("llama", "sdpa")
+    strategy = Strategy({2: 1, 5: 3}, NUM_LAYERS)
+    ids = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(10))
+    direct, _ = run(model, ids, make_policy(name, budget=5), strategy, prompt=9)
+    with kvshare.compression(model, None, make_policy(name, budget=5)):  # a policy on, then sharing + policy
+        nested, _ = run(model, ids, make_policy(name, budget=5), strategy, prompt=9)
+        assert active_strategy(model).mapping == {}
+    with kvshare.compression(model, strategy):  # sharing on, then sharing + policy
+        nested2, _ = run(model, ids, make_policy(name, budget=5), strategy, prompt=9)
+        assert active_policy(model) is None
+    assert torch.equal(direct, nested) and torch.equal(direct, nested2)
+    assert getattr(model, "_kvshare", None) is None
