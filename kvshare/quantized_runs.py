@@ -358,13 +358,24 @@ def figure(rows: list[dict], title: str = ""):
              label=f"{REBUTTAL['model']} (rebuttal)")
     handles, labels = ax2.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.13), frameon=False)
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for a in (ax, ax2):
+        a.set_yscale("log")
+        a.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        a.yaxis.set_major_formatter(plain)
+        a.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("K/V cache bytes (MiB, log scale)")
-    ax.set_ylabel("perplexity (held-out BBC text)")
+    ax.set_ylabel("perplexity (held-out BBC text, log scale)")
     ax.set_title("perplexity vs K/V bytes (points: C shared layers)")
     ax.grid(alpha=0.3, which="both")
     ax2.set_xlabel("shared layers C")
-    ax2.set_ylabel("perplexity / perplexity at C = 0")
+    ax2.set_ylabel("perplexity / perplexity at C = 0 (log scale)")
     ax2.set_title("trend with C, against the rebuttal's")
     ax2.grid(alpha=0.3)
     if title:
@@ -427,6 +438,35 @@ def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2
                          f"{', '.join(str(x[0]) for x in diffs)}"
                          + (f"; beyond {z_crit:g} standard errors at C = {', '.join(map(str, sig))}" if sig else
                             f"; within {z_crit:g} standard errors of the unquantized cache at every C") + ".")
+    # does GPTQ change sharing's relative cost?
+    fp_s, g_s = series.get(("fp32 weights", "unquantized"), {}), None
+    gptq_label = next((r["weights"] for r in rows if r["weights"] != "fp32 weights"), None)
+    if gptq_label is not None:
+        g_s = series.get((gptq_label, "unquantized"), {})
+    if fp_s and g_s and 0 in fp_s and 0 in g_s:
+        both = [c for c in grid if c and c in fp_s and c in g_s]
+        if both:
+            lines.append("")
+            lines.append("**Sharing on GPTQ weights vs full-precision weights** (perplexity rise from C = 0, unquantized "
+                         "cache): " + "; ".join(f"C = {c}: × {g_s[c]['ppl'] / g_s[0]['ppl']:.2f} vs × "
+                                                f"{fp_s[c]['ppl'] / fp_s[0]['ppl']:.2f}" for c in both)
+                         + ". Ratio of the two rises at C = "
+                         + f"{both[-1]}: {(g_s[both[-1]]['ppl'] / g_s[0]['ppl']) / (fp_s[both[-1]]['ppl'] / fp_s[0]['ppl']):.2f}.")
+    # which configuration is best at a given K/V budget
+    lines.append("")
+    lines.append("**At a given K/V budget** (Pareto front of K/V bytes and perplexity, per weight set, fewest bytes first):")
+    for w in dict.fromkeys(r["weights"] for r in rows):
+        mine = [r for r in rows if r["weights"] == w]
+        front = [r for r in mine if not any(o["kv_bytes"] <= r["kv_bytes"] and o["ppl"] <= r["ppl"]
+                                            and (o["kv_bytes"] < r["kv_bytes"] or o["ppl"] < r["ppl"]) for o in mine)]
+        front.sort(key=lambda r: r["kv_bytes"])
+        lines.append(f"- {w}: " + " → ".join(f"{r['kv']} C = {r['num_shared']} ({r['kv_bytes'] / 2**20:.2f} MiB, "
+                                             f"ppl {r['ppl']:.1f})" for r in front) + ".")
+        ties = [(a, b) for a in mine for b in mine if a is not b and a["num_shared"] > b["num_shared"]
+                and a["kv_bits"] != b["kv_bits"] and abs(a["kv_bytes"] - b["kv_bytes"]) <= 0.01 * b["kv_bytes"]]
+        for a, b in ties:
+            lines.append(f"  - equal bytes ({a['kv_bytes'] / 2**20:.2f} MiB): {a['kv']} cache with C = {a['num_shared']}, "
+                         f"perplexity {a['ppl']:.1f}, vs {b['kv']} cache with C = {b['num_shared']}, {b['ppl']:.1f}.")
     gptq = [r for r in rows if r["weights"] != "fp32 weights"]
     if gptq:
         lines.append("")
