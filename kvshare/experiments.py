@@ -12,6 +12,7 @@ Cost model (what makes a full run fit on 2 CPU cores):
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -250,10 +251,61 @@ class SearchRun:
         return f"set{self.calibration_set}-{self.order}" + (f"-seed{self.seed}" if self.order == "random" else "")
 
 
+class _SearchWatch:
+    """A heartbeat for one long search: every `every` seconds, a line with the candidates scored so far.
+
+    The count comes from wrapping `kvshare.search.similarity` (called once per candidate) for the
+    duration of the search; the wrapper is removed again afterwards.
+    """
+
+    def __init__(self, label: str, threshold: float, every: float = 30.0, enabled: bool = True):
+        self.label, self.threshold, self.every, self.enabled = label, threshold, every, enabled
+        self.scored = self.passed = 0
+
+    def __enter__(self):
+        import importlib
+        import threading
+
+        # the module, not the function `kvshare.search` that the package exports under the same name
+        search_module = importlib.import_module(".search", __package__)
+
+        self._module = search_module
+        self._original = getattr(search_module, "similarity", None)
+        if self.enabled and self._original is not None:
+            def counting(*args, **kwargs):
+                score = self._original(*args, **kwargs)
+                self.scored += 1
+                self.passed += score > self.threshold
+                return score
+
+            search_module.similarity = counting
+        self._stop = threading.Event()
+        self._t0 = time.perf_counter()
+        if self.enabled:
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self):
+        while not self._stop.wait(self.every):
+            print(f"{self.label}: still searching, {_fmt(time.perf_counter() - self._t0)}, "
+                  f"{self.scored} candidates scored, {self.passed} above T = {self.threshold}", flush=True)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.enabled and self._original is not None:
+            self._module.similarity = self._original
+        return False
+
+
 def run_search(model, tokenizer, texts, num_shared: int, order: str, seed: int, cfg: Settings,
-               calibration_set: int = 0, threshold: float | None = None) -> SearchRun:
-    strategy, trace = search(model, tokenizer, texts, num_shared, threshold=cfg.threshold if threshold is None else threshold,
-                             order=order, metric=cfg.metric, seed=seed, max_tokens=cfg.max_tokens, progress=False)
+               calibration_set: int = 0, threshold: float | None = None, progress: bool = True) -> SearchRun:
+    """One greedy search (a heartbeat line every 30 s while it runs long)."""
+    T = cfg.threshold if threshold is None else threshold
+    label = f"search ({order}{f' seed {seed}' if order == 'random' else ''}, set {calibration_set}, T={T}, C={num_shared})"
+    with _SearchWatch(label, T, enabled=progress):
+        strategy, trace = search(model, tokenizer, texts, num_shared, threshold=T, order=order, metric=cfg.metric,
+                                 seed=seed, max_tokens=cfg.max_tokens, progress=False)
     strategy.metadata["calibration"].update(source="bbc", set_index=calibration_set)
     return SearchRun(calibration_set, order, seed, strategy, trace)
 
@@ -333,8 +385,9 @@ def paired_comparisons(rows: list[dict]) -> list[dict]:
     return out
 
 
-def observation_conclusion(rows: list[dict], num_layers_: int, model: str, z_crit: float = 2.0) -> str:
-    """The markdown conclusion of notebook 01, written from the numbers."""
+def observation_conclusion(rows: list[dict], num_layers_: int, model: str, z_crit: float = 2.0,
+                           runs: list | None = None) -> str:
+    """The markdown conclusion of notebook 01, written from the numbers (and the searches' traces, if given)."""
     comps = paired_comparisons(rows)
     sets = sorted({r["calibration_set"] for r in rows})
     cs = sorted({c["num_shared"] for c in comps})
@@ -438,6 +491,22 @@ def observation_conclusion(rows: list[dict], num_layers_: int, model: str, z_cri
         f"{sum(stable)} of {len(cs)} compression levels"
         + ("." if all(stable) else f" (it flips at C = {', '.join(str(c) for c, s in zip(cs, stable) if not s)}).")
     )
+    if len(sets) > 1:
+        same = []
+        for order in ORDER_LABELS:
+            keys = sorted({(r["seed"], r["num_shared"]) for r in rows if r["order"] == order and r["num_shared"] > 0})
+            n_same = sum(len({json.dumps(r["mapping"], sort_keys=True)
+                              for r in _find(rows, order=order, seed=sd, num_shared=c)}) == 1 for sd, c in keys)
+            if keys:
+                same.append(f"{order} {n_same} of {len(keys)}")
+        lines.append(f"The searches on the {len(sets)} calibration sets chose the *identical* strategy at "
+                     f"{', '.join(same)} (seed, C) points, so their curves coincide there.")
+    if runs:
+        visited = sum(len(r.trace) for r in runs)
+        rejected = sum(not t["accepted"] for r in runs for t in r.trace)
+        lines.append(f"The threshold rejected {rejected} of the {visited} candidates the {len(runs)} searches visited"
+                     + (": the candidate order alone decided every strategy (so a random order with a given seed "
+                        "picks the same layers whatever the calibration set)." if rejected == 0 else "."))
     return "\n".join(lines)
 
 
@@ -490,9 +559,15 @@ def sweep_searches(model, tokenizer, texts, cfg: Settings, num_shared: int, orde
     return runs
 
 
-def sweep_rows(runs: list[SearchRun], evaluator: Evaluator, progress: bool = True) -> list[dict]:
-    """Per threshold: how many visited candidates passed, and the perplexity of the resulting strategy."""
+def sweep_rows(runs: list[SearchRun], evaluator: Evaluator, reference: Strategy | None = None,
+               progress: bool = True) -> list[dict]:
+    """Per threshold: how many visited candidates passed, and the perplexity of the resulting strategy.
+
+    With a `reference` strategy (the default search's), each row also holds the paired perplexity ratio
+    against it and its z-score (same evaluation windows).
+    """
     rows = []
+    ref = evaluator(reference) if reference is not None else None
     bar = Progress(len(runs), "threshold sweep: perplexity per T", enabled=progress, every=0)
     for run in runs:
         st = run.strategy
@@ -506,6 +581,9 @@ def sweep_rows(runs: list[SearchRun], evaluator: Evaluator, progress: bool = Tru
                      "search_seconds": st.metadata["search_seconds"], "layer_forwards": st.metadata["layer_forwards"],
                      "mapping": {str(r): s for r, s in st.mapping.items()},
                      **{k: v for k, v in result.items() if k != "window_nll"}})
+        if ref is not None:
+            d = paired_difference(result, ref)
+            rows[-1].update(ppl_ratio_vs_default=d["ppl_ratio"], z_vs_default=d["z"])
         bar.update(note=f"T={rows[-1]['threshold']}: ppl={result['ppl']:.2f}")
     return rows
 
@@ -514,7 +592,7 @@ def threshold_sweep(model, tokenizer, texts, cfg: Settings, evaluator: Evaluator
                     order: str = "dissimilar", reuse: dict | None = None, progress: bool = True):
     """`sweep_searches` then `sweep_rows`: returns (rows, runs)."""
     runs = sweep_searches(model, tokenizer, texts, cfg, num_shared, order, reuse, progress)
-    return sweep_rows(runs, evaluator, progress), runs
+    return sweep_rows(runs, evaluator, progress=progress), runs
 
 
 def run_counts(run: SearchRun) -> dict:
@@ -588,8 +666,17 @@ def search_conclusion(sweep: list[dict], deciles_by_source: dict[str, list[dict]
     lines += ["", "Threshold sweep (same target, dissimilar order):", ""]
     for r in sweep:
         short = "" if r["reached_target"] else f" (the candidates ran out: only {r['num_shared']} of {r['target']} layers)"
+        vs = ""
+        if "ppl_ratio_vs_default" in r and r["threshold"] != default_T and not math.isnan(r["z_vs_default"]):
+            vs = f", {(r['ppl_ratio_vs_default'] - 1) * 100:+.1f}% against the default T ({r['z_vs_default']:+.1f} paired SE)"
         lines.append(f"- T = {r['threshold']}: {r['accepted']} of {r['visited']} visited candidates passed "
-                     f"({r['pass_rate']:.0%}){short}; perplexity {r['ppl']:.2f} ± {r['ppl_se']:.2f}.")
+                     f"({r['pass_rate']:.0%}){short}; perplexity {r['ppl']:.2f} ± {r['ppl_se']:.2f}{vs}.")
+    reached = [r for r in sweep if r["reached_target"]]
+    if reached and default is not None:
+        best = min(reached, key=lambda r: r["ppl"])
+        strictest = max(r["threshold"] for r in reached)
+        lines += ["", f"Of the thresholds whose search reached the target C, T = {best['threshold']} gave the lowest "
+                      f"perplexity ({best['ppl']:.2f}); the strictest one that still reached it was T = {strictest}."]
     lines.append("")
     for src, rows in deciles_by_source.items():
         seen = [r for r in rows if r["visited"]]

@@ -66,8 +66,8 @@ def _order_curves(ax, summary, k, num_layers, show_se=True):
             hi = np.array([r["ppl_max"] for r in rows])
             ax.fill_between(c, lo, hi, color=COLORS[order], alpha=0.25, lw=0,
                             label=f"random: min–max over {rows[0]['seeds']} seeds")
-            ax.errorbar(c, y, yerr=[r["ppl_std"] for r in rows], color=COLORS[order], marker=MARKERS[order],
-                        ms=4, capsize=2, label=f"random: mean ± std ({rows[0]['seeds']} seeds)")
+            ax.plot(c, y, color=COLORS[order], marker=MARKERS[order], ms=4,
+                    label=f"random: mean of {rows[0]['seeds']} seeds")
         else:
             yerr = [r["ppl_se"] for r in rows] if show_se else None
             ax.errorbar(c, y, yerr=yerr, color=COLORS[order], marker=MARKERS[order], ms=4, capsize=2, label=label)

@@ -82,7 +82,8 @@ def _rows(dis_better: bool, sets=(0, 1, 2), cs=(0, 2, 4), seeds=(0, 1, 2)):
                     [("random", s, 0.01 * s) for s in seeds]:
                 shift = 0.0 if c == 0 else shift
                 r = _result(base + shift + rng.normal(0, 0.001, size=8))
-                rows.append({"calibration_set": k, "order": order, "seed": seed, "num_shared": c, **r})
+                mapping = {str(29 - i): (0 if order == "similar" else 9 + k) for i in range(c)}
+                rows.append({"calibration_set": k, "order": order, "seed": seed, "num_shared": c, "mapping": mapping, **r})
     return rows
 
 
@@ -99,6 +100,8 @@ def test_conclusion_is_computed_from_the_numbers(dis_better):
     assert "C = 2" in text and "C = 4" in text and "C = 0 " not in text
     assert "| 4 (13%) |" in text
     assert "Stability" in text and "same on all 3 calibration sets" in text
+    # similar picked the same layers on every set, dissimilar a different source per set
+    assert "identical* strategy at dissimilar 0 of 2, similar 2 of 2" in text
 
 
 def test_curve_summary_random_spread():
@@ -161,8 +164,10 @@ def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
                 continue
             assert len(row) == 1
             assert row[0]["mapping"] == {str(k): v for k, v in run.strategy.prefix(c).mapping.items()}
-    text = ex.observation_conclusion(rows, NUM_LAYERS, "tiny")
+    text = ex.observation_conclusion(rows, NUM_LAYERS, "tiny", runs=runs)
     assert "tiny" in text
+    visited = sum(len(r.trace) for r in runs)
+    assert f"candidates the {len(runs)} searches visited" in text and f"of the {visited} candidates" in text
     summary = ex.curve_summary(rows)
     comps = ex.paired_comparisons(rows)
     for fig in (pl.ppl_curve(summary, NUM_LAYERS), pl.ppl_curves_by_set(summary, NUM_LAYERS),
@@ -193,6 +198,9 @@ def test_threshold_sweep_and_trace(tiny_setup, char_tokenizer):
     assert sorted(ranks.values()) == list(range(NUM_LAYERS * (NUM_LAYERS - 1) // 2))
     main = ex.run_search(model, tok, texts, 2, "dissimilar", 0, cfg, threshold=0.3)
     rows, runs = ex.threshold_sweep(model, tok, texts, cfg, evaluator, 2, reuse={0.3: main}, progress=False)
+    paired = ex.sweep_rows(runs, evaluator, reference=main.strategy, progress=False)
+    assert paired[0]["ppl_ratio_vs_default"] == pytest.approx(1.0)
+    assert all("z_vs_default" in r for r in paired)
     assert runs[0] is main  # reused, not searched again
     assert [r["threshold"] for r in rows] == [0.3, 0.99]
     for r in rows:
@@ -222,3 +230,23 @@ def test_generations_markdown_escapes():
     md = ex.generations_markdown(rows)
     assert md.splitlines()[0] == "| prompt | full | C = 4 |"
     assert "p\\|1" in md and "a b" in md
+
+
+def test_long_search_heartbeat(tiny_setup, capsys):
+    import importlib
+
+    search_module = importlib.import_module("kvshare.search")
+
+    model, tok, cfg, _ = tiny_setup
+    original = search_module.similarity
+    watch = ex._SearchWatch("search (test)", 0.5, every=0.01)
+    with watch:
+        ex.run_search(model, tok, ["alpha beta gamma delta", "one two three four"], 2, "dissimilar", 0, cfg,
+                      threshold=0.5, progress=False)
+        import time
+
+        time.sleep(0.05)
+    assert search_module.similarity is original  # the counting wrapper is gone again
+    assert watch.scored >= 2
+    out = capsys.readouterr().out
+    assert "search (test): still searching" in out and "candidates scored" in out
