@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="examples per task (perplexity: 512-token windows)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--no-cache", action="store_true", help="recompute even what the results cache holds")
+    _add_policy(e)
+    _add_kv_bits(e)
+    e.add_argument("--decode", action="store_true",
+                   help="score log-likelihoods and perplexity by decoding (always on with --policy: eviction only "
+                        "shows this way); use it for the full model to compare with --policy under one protocol")
     e.add_argument("--out", required=True, help="results JSON (the table goes beside it as CSV)")
     return parser
 
@@ -268,15 +273,22 @@ def cmd_eval(args):
     specs = resolve_tasks(args.suite, args.tasks)  # a bad task name fails before the model loads
     if args.limit is not None and args.limit < 1:
         raise CLIError("--limit must be >= 1")
+    policy = _read_policy(args)
+    kv_policy = _read_kv_bits(args, policy)  # --policy with --kv-bits is refused here, before the model loads
+    policy = policy or kv_policy
     strategy = _read_strategy(args)
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)
     evaluator = Evaluator(model, tokenizer, batch_size=args.batch_size, cache=not args.no_cache)
-    result = evaluator.evaluate(strategy, suite=args.suite, tasks=specs, limit=args.limit)
+    result = evaluator.evaluate(strategy, suite=args.suite, tasks=specs, limit=args.limit, policy=policy,
+                                decode=True if args.decode else None)
     json_path, csv_path = write_results(result, args.out)
     print(format_rows(result["rows"]))
-    print(f"{len(specs)} tasks in {result['seconds']:.1f} s ({len(result['cached_tasks'])} from the cache); "
-          f"wrote {json_path} and {csv_path}")
+    setup = ", ".join(x for x in (f"{result['num_shared']} layers shared" if result["num_shared"] else "",
+                                  repr(policy) if policy is not None else "",
+                                  "scored by decoding" if result["protocol"] == "decode" else "") if x)
+    print(f"{len(specs)} tasks in {result['seconds']:.1f} s ({len(result['cached_tasks'])} from the cache)"
+          f"{'; ' + setup if setup else ''}; wrote {json_path} and {csv_path}")
 
 
 COMMANDS = {"search": cmd_search, "generate": cmd_generate, "ppl": cmd_ppl, "bench": cmd_bench}

@@ -11,7 +11,13 @@ Rows have the columns ROW_COLUMNS: task, metric, value, stderr, n (examples; sco
 perplexity), category, chance (uniform-guess score, where defined), primary (the task's headline
 metric, averaged in the compression table), scores (per-example values, kept in the JSON only).
 
-Results are cached per (model fingerprint, strategy, task definition, limit) under
+With a cache policy (`policy=`: token eviction from kvshare.policies, or kvshare.quantized_kv),
+sharing and the policy are applied together through `kvshare.compression`. Token eviction only shows
+when tokens are scored by decoding, so with an evicting policy log-likelihoods and perplexity are
+scored by decoding (`decode=True`, see kvshare.tasks.lmeval); pass `decode=True` for the full model
+too to compare under the same protocol. A quantized cache shows in the usual one-pass scoring.
+
+Results are cached per (model fingerprint, strategy, policy, protocol, task definition, limit) under
 `<kvshare cache>/eval_cache`, so re-running a notebook recomputes nothing that is done.
 """
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 from .io import write_csv, write_json
 from .models import model_name
 from .pypi_files import kvshare_home
-from .sharing import sharing
+from .sharing import compression
 from .strategy import Strategy
 from .tasks import default_tasks, suite_tasks
 
@@ -114,6 +120,32 @@ def strategy_key(strategy: Strategy | None) -> str:
     return f"c{strategy.num_shared}-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def policy_description(policy) -> dict | None:
+    """What defines a cache policy's effect: its name and settings (None: no policy)."""
+    if policy is None:
+        return None
+    if hasattr(policy, "to_dict") and callable(policy.to_dict):
+        settings = policy.to_dict()
+    else:
+        settings = policy.settings.to_dict()
+    return {"policy": getattr(policy, "name", type(policy).__name__), **settings}
+
+
+def policy_key(policy, decode: bool = False) -> str:
+    """'none' (or 'decode': the full cache scored by decoding), else name + settings (+ '-decode')."""
+    d = policy_description(policy)
+    base = "none" if d is None else "-".join(
+        [_safe(str(d.get("policy")))] + [f"{k}{v}" for k, v in sorted(d.items()) if k != "policy"])
+    return ("decode" if d is None else base + "-decode") if decode else base
+
+
+def evicts(policy) -> bool:
+    """Does `policy` drop tokens (so that only scoring by decoding shows its effect)?"""
+    from .policies import EvictionPolicy
+
+    return isinstance(policy, EvictionPolicy)
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -133,6 +165,7 @@ class Evaluator:
         self.cache_dir = Path(cache_dir) if cache_dir else kvshare_home() / "eval_cache"
         self.progress = progress
         self._lm = None
+        self._decode = False  # the protocol of the evaluation in progress
         self._online_tasks = None
         self._fingerprint = None
 
@@ -143,6 +176,7 @@ class Evaluator:
             from .tasks.lmeval import make_hflm
 
             self._lm = make_hflm(self.model, self.tokenizer, self.batch_size)
+        self._lm.decode = self._decode
         return self._lm
 
     def _task_manager(self):
@@ -163,10 +197,13 @@ class Evaluator:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     # -- cache -----------------------------------------------------------------------------
-    def _cache_path(self, strategy, spec, limit) -> Path:
+    def _cache_path(self, strategy, spec, limit, policy=None, decode: bool = False) -> Path:
         key = hashlib.sha256((task_key(spec) + f"|chat={self.chat()}|v{CACHE_VERSION}").encode()).hexdigest()[:10]
         name = f"{_safe(spec.name)}-limit{limit if limit is not None else 'all'}-{key}.json"
-        return self.cache_dir / f"{_safe(model_name(self.model))}-{self.fingerprint}" / strategy_key(strategy) / name
+        where = strategy_key(strategy)
+        if policy is not None or decode:
+            where += "/" + policy_key(policy, decode)
+        return self.cache_dir / f"{_safe(model_name(self.model))}-{self.fingerprint}" / where / name
 
     def _cached(self, path: Path):
         if self.cache and path.is_file():
@@ -178,20 +215,29 @@ class Evaluator:
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self, strategy: Strategy | None = None, suite: str = "offline", tasks=None, limit: int | None = None,
-                 label: str | None = None) -> dict:
-        """Evaluate the model under `strategy` (None: the full model) on a suite; returns the results dict.
+                 label: str | None = None, policy=None, decode: bool | None = None) -> dict:
+        """Evaluate the model under `strategy` (None: no sharing) and cache `policy` (None: none) on a suite;
+        returns the results dict.
 
         `limit` caps the examples of every task (for perplexity: 512-token windows); None uses each
         task's default size (the offline suite's defaults fit the 5-minute budget on 2 CPU cores).
+        `decode` scores log-likelihoods and perplexity by decoding (module docstring); None: on exactly
+        when `policy` evicts tokens. An evicting policy with `decode=False` is refused: it would
+        measure nothing.
         """
         specs = resolve_tasks(suite, tasks)
         if strategy is not None:
             strategy.check_model(self.model)
+        if decode is None:
+            decode = evicts(policy)
+        elif not decode and evicts(policy):
+            raise ValueError(f"{policy!r} drops tokens only after a forward: one-pass scoring would not see it; "
+                             "score by decoding (decode=True, or leave decode unset)")
         t0 = time.perf_counter()
         entries, todo = {}, []
         for spec in specs:
             n = limit if limit is not None else spec.limit
-            path = self._cache_path(strategy, spec, n)
+            path = self._cache_path(strategy, spec, n, policy, decode)
             hit = self._cached(path)
             if hit is not None:
                 entries[spec.name] = hit
@@ -200,11 +246,15 @@ class Evaluator:
         computed = 0.0
         if todo:
             t1 = time.perf_counter()
-            with sharing(self.model, strategy):
-                for spec, n, path, entry in self._run(todo):
-                    entries[spec.name] = entry
-                    if self.cache:
-                        write_json(path, entry)
+            self._decode = decode
+            try:
+                with compression(self.model, strategy, policy):
+                    for spec, n, path, entry in self._run(todo):
+                        entries[spec.name] = entry
+                        if self.cache:
+                            write_json(path, entry)
+            finally:
+                self._decode = False
             computed = time.perf_counter() - t1
         elapsed = time.perf_counter() - t0
         rows = [row for spec in specs for row in entries[spec.name]["rows"]]
@@ -215,6 +265,8 @@ class Evaluator:
             "limit": limit,
             "strategy": None if strategy is None else strategy.to_dict(),
             "num_shared": 0 if strategy is None else strategy.num_shared,
+            "policy": policy_description(policy),
+            "protocol": "decode" if decode else "one-pass",
             "tasks": [s.name for s in specs],
             "cached_tasks": [s.name for s in specs if s.name not in {t[0].name for t in todo}],
             "seconds": round(elapsed, 2),
@@ -235,7 +287,8 @@ class Evaluator:
             spec, n = item[0], item[1]
             if spec.kind == "perplexity":
                 t0 = time.perf_counter()
-                rows = run_perplexity(self.model, self.tokenizer, spec, n, progress=self.progress)
+                rows = run_perplexity(self.model, self.tokenizer, spec, n, progress=self.progress, decode=self._decode,
+                                      batch_size=min(self.batch_size, 8))
                 yield (*item, {"rows": rows, "seconds": round(time.perf_counter() - t0, 2)})
                 continue
             online = spec.kind == "lm_eval"
@@ -265,9 +318,10 @@ class Evaluator:
 
 
 def evaluate(model, tokenizer, strategy: Strategy | None = None, suite: str = "offline", tasks=None,
-             limit: int | None = None, **kwargs) -> dict:
-    """One-off evaluation (see `Evaluator` to reuse the model across strategies)."""
-    return Evaluator(model, tokenizer, **kwargs).evaluate(strategy, suite=suite, tasks=tasks, limit=limit)
+             limit: int | None = None, policy=None, decode: bool | None = None, **kwargs) -> dict:
+    """One-off evaluation (see `Evaluator` to reuse the model across strategies and policies)."""
+    return Evaluator(model, tokenizer, **kwargs).evaluate(strategy, suite=suite, tasks=tasks, limit=limit,
+                                                          policy=policy, decode=decode)
 
 
 def write_results(result: dict, path) -> tuple[Path, Path]:

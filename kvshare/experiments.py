@@ -110,16 +110,22 @@ QUICK = dict(samples=6, calibration_sets=2, max_fraction=4 / 30, random_seeds=2,
              thresholds=[0.3, 0.6, 0.9], sweep_fraction=0.1, max_new_tokens=16)
 
 
-def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
-    """Full-run defaults, or the quick ones (minutes on 2 cores, every code path); None means default."""
-    base = Settings(model=model, quick=bool(quick), seed=int(seed))
-    values = dict(QUICK) if quick else {}
+def make_settings(cls, quick_values: dict, model: str, quick: bool, seed: int = 0, **overrides):
+    """A notebook's settings dataclass `cls`: full-run defaults, or `quick_values` over them in quick mode
+    (minutes on 2 cores, every code path); then `overrides`, where None means the default."""
+    base = cls(model=model, quick=bool(quick), seed=int(seed))
+    values = dict(quick_values) if quick else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     for k, v in values.items():
         if not hasattr(base, k):
             raise ValueError(f"unknown setting {k!r}")
         setattr(base, k, v)
     return base
+
+
+def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
+    """Notebooks 01 and 02's settings (see `make_settings`)."""
+    return make_settings(Settings, QUICK, model, quick, seed, **overrides)
 
 
 # ------------------------------------------------------------------------------------------------

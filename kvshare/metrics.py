@@ -1,8 +1,16 @@
-"""Quality metrics: perplexity over held-out text (with whatever sharing is enabled on the model)."""
+"""Quality metrics: perplexity over held-out text (with whatever sharing or cache policy is enabled on the model).
+
+Two protocols. One pass (`perplexity`, `window_nlls`): every window in one forward, the usual
+perplexity; sharing and a quantized cache show in it. By decoding (`decode_perplexity`): each window's
+first `context` tokens are prefilled, the rest fed one at a time (generation with teacher forcing)
+and scored. Token eviction only shows this way: a single forward attends over the whole window
+before anything is dropped, so one-pass perplexity is the same with or without an eviction policy.
+"""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -85,4 +93,70 @@ def perplexity_with_error(model, tokenizer, text: str, window: int = 512, stride
         se_nll = float("nan")
     ppl = math.exp(mean)
     return {"ppl": ppl, "nll": mean, "nll_se": se_nll, "ppl_se": ppl * se_nll, "tokens": int(nll.numel()),
-            "windows": len(means)}
+            "windows": len(means), "window_nll": means.tolist()}
+
+
+# ------------------------------------------------------------------------------------------------
+# perplexity by decoding
+# ------------------------------------------------------------------------------------------------
+def decode_windows(n_tokens: int, window: int, max_windows: int | None = None) -> list[tuple[int, int]]:
+    """Non-overlapping windows (begin, end) of exactly `window` tokens."""
+    spans = [(b, b + window) for b in range(0, n_tokens - window + 1, window)]
+    return spans if max_windows is None else spans[:max_windows]
+
+
+@torch.no_grad()
+def decode_nlls(model, tokenizer, text: str, window: int = 512, context: int = 256, max_windows: int | None = None,
+                batch_size: int = 8, progress=None) -> list[torch.Tensor]:
+    """Per-window NLLs (float64, CPU) of tokens context+1 .. window-1 of each window, each predicted by a
+    decoding step after `context` prefilled tokens, with whatever sharing/policy is enabled on `model`."""
+    from transformers import DynamicCache
+
+    from .sharing import cache_kwarg_name
+
+    if not 1 <= context <= window - 2:
+        raise ValueError(f"need 1 <= context <= window - 2, got context={context}, window={window}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+    spans = decode_windows(len(ids), window, max_windows)
+    if not spans:
+        raise ValueError(f"the text has fewer than {window} tokens")
+    device = next(model.parameters()).device
+    cache_kw = cache_kwarg_name(model.base_model.forward if hasattr(model, "base_model") else model.forward)
+    out: list[torch.Tensor] = []
+    for i in range(0, len(spans), batch_size):
+        batch = torch.stack([ids[b:e] for b, e in spans[i : i + batch_size]]).to(device)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=batch[:, :context], use_cache=True, **{cache_kw: cache})
+        nll = []
+        for t in range(context, window - 1):
+            logits = model(input_ids=batch[:, t : t + 1], use_cache=True, **{cache_kw: cache}).logits[:, -1].float()
+            nll.append(-F.log_softmax(logits, dim=-1).gather(-1, batch[:, t + 1 : t + 2])[:, 0])
+            if progress is not None:
+                progress.update(batch.shape[0])
+        del cache
+        out.extend(torch.stack(nll, dim=1).double().cpu().unbind(0))
+    return out
+
+
+def summarize_windows(nlls: list[torch.Tensor]) -> dict:
+    """Perplexity with a standard error from the spread of per-window mean NLLs."""
+    means = np.array([w.mean().item() for w in nlls])
+    mean = float(torch.cat(nlls).mean())
+    se = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
+    return {"ppl": math.exp(mean), "nll": mean, "nll_se": se, "ppl_se": math.exp(mean) * se,
+            "tokens": int(sum(w.numel() for w in nlls)), "window_nll": means.tolist()}
+
+
+def decode_perplexity(model, tokenizer, text: str, window: int = 512, context: int | None = None,
+                      max_tokens: int | None = None, batch_size: int = 8, progress: bool = False) -> dict:
+    """Perplexity of the decoded part of each window (see the module docstring), with its error."""
+    from .experiments import Progress
+
+    context = window // 2 if context is None else context
+    max_windows = None if max_tokens is None else max(1, max_tokens // window)
+    ids_len = len(tokenizer(text, add_special_tokens=True)["input_ids"])
+    n = len(decode_windows(ids_len, window, max_windows))
+    bar = Progress(n * (window - 1 - context), "decode perplexity", enabled=progress)
+    nlls = decode_nlls(model, tokenizer, text, window, context, max_windows, batch_size, progress=bar)
+    bar.close()
+    return {**summarize_windows(nlls), "window": window, "context": context, "windows": n}

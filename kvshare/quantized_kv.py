@@ -43,6 +43,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .sharing import layer_window
+
 SUPPORTED_BITS = (2, 4, 8)
 
 
@@ -159,15 +161,7 @@ def _map(qt: QTensor | None, fn) -> QTensor | None:
 # the cache layer
 # --------------------------------------------------------------------------------------------
 def _sliding_window(config, layer_idx: int) -> int | None:
-    """The sliding window of layer `layer_idx` (None for full attention), as transformers' caches see it."""
-    if config is None:
-        return None
-    cfg = config.get_text_config()
-    types = getattr(cfg, "layer_types", None)
-    window = getattr(cfg, "sliding_window", None)
-    if types is not None:
-        return window if types[layer_idx] in ("sliding_attention", "chunked_attention") and window else None
-    return window or None
+    return None if config is None else layer_window(config, layer_idx)
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -333,15 +327,7 @@ class QuantizedKV:
         if dtype_bytes is None:
             dtype_bytes = torch.tensor([], dtype=getattr(text, "dtype", None) or torch.float32).element_size()
         per_token = self.bytes_per_token(text.num_key_value_heads, _head_dim(config), dtype_bytes)
-        replaced = set(strategy.mapping) if strategy is not None else set()
-        total = 0
-        for i in range(text.num_hidden_layers):
-            if i in replaced:
-                continue
-            window = _sliding_window(config, i)
-            held = tokens if window is None else min(tokens, window - 1)
-            total += batch * held * per_token
-        return total
+        return batch * per_token * held_tokens(config, strategy, tokens)
 
     def compression_ratio(self, head_dim: int, dtype_bytes: int) -> float:
         """Quantized bytes over unquantized bytes of the same tokens."""
@@ -353,18 +339,23 @@ def _head_dim(config) -> int:
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
+def held_tokens(config, strategy, tokens: int) -> int:
+    """Tokens held per sequence, summed over the layers, after `tokens` tokens: replaced layers hold
+    nothing, sliding-window layers at most `window - 1`, every other layer all of them."""
+    replaced = set(strategy.mapping) if strategy is not None else set()
+    total = 0
+    for i in range(config.get_text_config().num_hidden_layers):
+        if i not in replaced:
+            window = _sliding_window(config, i)
+            total += tokens if window is None else min(tokens, window - 1)
+    return total
+
+
 def plain_cache_bytes(config, strategy=None, batch: int = 1, tokens: int = 0, dtype_bytes: int = 4) -> int:
     """Bytes of an unquantized dynamic cache with `tokens` tokens: (L - C) layers of full-precision K/V."""
     text = config.get_text_config()
     per_token = 2 * text.num_key_value_heads * _head_dim(config) * dtype_bytes
-    replaced = set(strategy.mapping) if strategy is not None else set()
-    total = 0
-    for i in range(text.num_hidden_layers):
-        if i in replaced:
-            continue
-        window = _sliding_window(config, i)
-        total += batch * (tokens if window is None else min(tokens, window - 1)) * per_token
-    return total
+    return batch * per_token * held_tokens(config, strategy, tokens)
 
 
 def make_policy(kv_bits: int | None, group_size: int = 32) -> QuantizedKV | None:

@@ -68,13 +68,10 @@ QUICK = dict(num_shared=[0, 4], samples=6, eval_tokens=256, window=128, bench_pr
 
 
 def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
-    base = Settings(model=model, quick=bool(quick), seed=int(seed))
-    values = dict(QUICK) if quick else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    for k, v in values.items():
-        if not hasattr(base, k):
-            raise ValueError(f"unknown setting {k!r}")
-        setattr(base, k, v)
+    """Notebook 06's settings (see `kvshare.experiments.make_settings`)."""
+    from .experiments import make_settings
+
+    base = make_settings(Settings, QUICK, model, quick, seed, **overrides)
     if base.gptq not in ("auto", "skip", "require"):
         raise ValueError(f"gptq must be 'auto', 'skip' or 'require', got {base.gptq!r}")
     return base

@@ -57,6 +57,16 @@ def num_layers(model) -> int:
     return model.config.get_text_config().num_hidden_layers
 
 
+def layer_window(config, layer_idx: int) -> int | None:
+    """The sliding window of layer `layer_idx` (None for full attention), as transformers' caches see it."""
+    cfg = config.get_text_config()
+    types = getattr(cfg, "layer_types", None)
+    window = getattr(cfg, "sliding_window", None)
+    if types is not None:
+        return window if types[layer_idx] in ("sliding_attention", "chunked_attention") and window else None
+    return window or None
+
+
 def cache_kwarg_name(forward) -> str:
     params = inspect.signature(forward).parameters
     return "cache" if "cache" in params else "past_key_values"

@@ -205,3 +205,101 @@ def test_summary_and_conclusion_arithmetic():
     assert evaluation.num_shared_for(0.125, 30) == 4
     assert evaluation.num_shared_for(0.25, 30) == 8
     assert evaluation.num_shared_for(0.375, 30) == 11
+
+
+# --------------------------------------------------------------------------------------------
+# cache policies (token eviction, quantized KV) through the evaluation entry point
+# --------------------------------------------------------------------------------------------
+def _requests(tokenizer):
+    """lm-eval's ((context, continuation), context ids, continuation ids): shared contexts, uneven continuations."""
+    out = []
+    for ctx, conts in [("The council approved a new bridge over the", [" river", " sea and the hills", " x"]),
+                       ("Q", [" a", " bb"]), ("Heavy rain closed several roads in the north on Sunday,", [" police"])]:
+        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        for c in conts:
+            out.append(((ctx, c), ctx_ids, tokenizer(c, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def _one_pass(model, requests):
+    out = []
+    with torch.no_grad():
+        for _, ctx, cont in requests:
+            ids = torch.tensor([ctx + cont])
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            target = ids[0, 1:]
+            tok = lp.gather(-1, target[:, None])[:, 0][-len(cont):]
+            greedy = bool((lp.argmax(-1)[-len(cont):] == target[-len(cont):]).all())
+            out.append((float(tok.sum()), greedy))
+    return out
+
+
+def test_decoding_protocol_equals_one_pass_without_eviction(tiny_model, byte_tokenizer):
+    from kvshare.tasks.lmeval import decode_loglikelihoods
+
+    requests = _requests(byte_tokenizer)
+    ref = _one_pass(tiny_model, requests)
+    for batch in (1, 2, 8):  # shared prefills, right-padded continuations
+        got = decode_loglikelihoods(tiny_model, requests, max_length=512, batch_size=batch)
+        assert [g[1] for g in got] == [r[1] for r in ref]
+        assert [g[0] for g in got] == pytest.approx([r[0] for r in ref], abs=1e-4)
+    # a budget above every length: the policy changes nothing; a small one changes the scores
+    big = kvshare.policies.make_policy("h2o", budget=200)
+    small = kvshare.policies.make_policy("streamingllm", budget=8)
+    with kvshare.compression(tiny_model, None, big):
+        same = decode_loglikelihoods(tiny_model, requests, max_length=512, batch_size=4)
+    with kvshare.compression(tiny_model, None, small):
+        evicted = decode_loglikelihoods(tiny_model, requests, max_length=512, batch_size=4)
+    assert [g[0] for g in same] == pytest.approx([r[0] for r in ref], abs=1e-4)
+    long_ctx = [i for i, r in enumerate(requests) if len(r[1]) > 9]
+    assert any(abs(evicted[i][0] - ref[i][0]) > 1e-3 for i in long_ctx)
+
+
+def test_evaluate_with_policy_scores_by_decoding(tiny_model, byte_tokenizer, local_tasks):
+    ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, progress=False)
+    tasks = [local_tasks[0], local_tasks[2]]
+    one_pass = ev.evaluate(None, tasks=tasks)
+    decoded = ev.evaluate(None, tasks=tasks, decode=True)
+    assert decoded["protocol"] == "decode" and one_pass["protocol"] == "one-pass" and decoded["cached_tasks"] == []
+    by = lambda res: {(r["task"], r["metric"]): r for r in res["rows"]}  # noqa: E731
+    # multiple choice: the same log-likelihoods, hence the same per-example scores
+    assert by(decoded)[("kvshare_tiny_arith", "acc")]["scores"] == by(one_pass)[("kvshare_tiny_arith", "acc")]["scores"]
+    wide = kvshare.policies.make_policy("h2o", budget=10_000)
+    same = ev.evaluate(None, tasks=tasks, policy=wide)
+    assert same["policy"] == {"policy": "h2o", "budget": 10_000, "recent_ratio": 0.5} and same["protocol"] == "decode"
+    assert same["cached_tasks"] == []  # another policy is another cache entry
+    assert by(same)[("kvshare_ppl", "ppl")]["value"] == pytest.approx(by(decoded)[("kvshare_ppl", "ppl")]["value"], rel=1e-6)
+    tight = ev.evaluate(kvshare.Strategy({3: 1}, NUM_LAYERS), tasks=tasks,
+                        policy=kvshare.policies.make_policy("streamingllm", budget=8))
+    assert tight["num_shared"] == 1
+    assert by(tight)[("kvshare_ppl", "ppl")]["value"] != by(decoded)[("kvshare_ppl", "ppl")]["value"]
+    assert getattr(tiny_model, "_kvshare", None) is None  # everything switched off afterwards
+    with pytest.raises(ValueError, match="score by decoding"):
+        ev.evaluate(None, tasks=tasks, policy=wide, decode=False)
+
+
+def test_evaluate_with_quantized_kv(tiny_model, byte_tokenizer, local_tasks):
+    from kvshare.quantized_kv import QuantizedKV
+
+    ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, cache=False, progress=False)
+    tasks = [local_tasks[2]]
+    full = ev.evaluate(None, tasks=tasks)
+    q4 = ev.evaluate(None, tasks=tasks, policy=QuantizedKV(bits=4))
+    q8 = ev.evaluate(kvshare.Strategy({}, NUM_LAYERS), tasks=tasks, policy=QuantizedKV(bits=8))
+    assert q4["protocol"] == "one-pass" and q4["policy"]["bits"] == 4
+    ppl = lambda res: [r["value"] for r in res["rows"] if r["metric"] == "ppl"][0]  # noqa: E731
+    # the one-pass forward reads the quantized cache: int4 moves perplexity more than int8
+    assert ppl(q4) != ppl(full)
+    assert abs(ppl(q8) - ppl(full)) < abs(ppl(q4) - ppl(full))
+
+
+def test_cli_eval_accepts_policy_and_kv_bits(tmp_path, capsys):
+    from kvshare.cli import main
+
+    p = tmp_path / "r.json"
+    for extra in (["--policy", "h2o"], ["--budget", "8"], ["--policy", "h2o", "--budget", "8", "--kv-bits", "4"]):
+        assert main(["eval", "--tasks", "ppl", "--out", str(p), *extra]) == 2
+        assert "error" in capsys.readouterr().err
+    args = __import__("kvshare.cli", fromlist=["build_parser"]).build_parser().parse_args(
+        ["eval", "--tasks", "ppl", "--out", str(p), "--kv-bits", "8", "--decode"])
+    assert args.kv_bits == 8 and args.decode

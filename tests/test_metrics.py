@@ -110,7 +110,8 @@ def test_max_tokens_truncates(tiny_llama, char_tokenizer):
 
 def test_perplexity_with_error_keys(tiny_llama, char_tokenizer):
     result = perplexity_with_error(tiny_llama, char_tokenizer, TEXT * 3, window=32, stride=16)
-    assert set(result) == {"ppl", "nll", "nll_se", "ppl_se", "tokens", "windows"}
+    assert set(result) == {"ppl", "nll", "nll_se", "ppl_se", "tokens", "windows", "window_nll"}
+    assert len(result["window_nll"]) == result["windows"]
     assert result["ppl"] == pytest.approx(math.exp(result["nll"]))
     assert result["ppl"] == pytest.approx(kvshare.perplexity(tiny_llama, char_tokenizer, TEXT * 3, window=32, stride=16))
     assert result["tokens"] == len(tokenize(char_tokenizer, TEXT * 3)[0]) - 1

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..sharing import decoder_layers
+from ..sharing import decoder_layers, layer_window
 
 # (batch x query heads x queries) x keys entries per chunk when attention probabilities are recomputed:
 # bounds the extra memory to two 8 MiB float32 temporaries
@@ -71,14 +71,7 @@ class PolicySettings:
         return asdict(self)
 
 
-def layer_kind(config, layer_idx: int) -> int | None:
-    """The sliding window of layer `layer_idx` (None for full attention), as transformers' caches see it."""
-    cfg = config.get_text_config()
-    types = getattr(cfg, "layer_types", None)
-    window = getattr(cfg, "sliding_window", None)
-    if types is not None:
-        return window if types[layer_idx] in ("sliding_attention", "chunked_attention") and window else None
-    return window or None
+layer_kind = layer_window  # the sliding window of a layer (None: full attention)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,17 @@
 """Running tasks: lm-eval's `HFLM` around the (possibly sharing) model, and perplexity through kvshare.
 
 Nothing in lm-eval or transformers is patched: `HFLM(pretrained=<model object>, tokenizer=...)`
-calls the model's ordinary forward and `generate`, which `kvshare.sharing` has already made share KV.
+calls the model's ordinary forward and `generate`, which `kvshare.compression` has already made
+share KV (and evict or quantize it).
+
+Two scoring protocols for log-likelihoods (multiple choice, perplexity):
+- one pass (lm-eval's own): context and continuation in a single forward. Sharing and a quantized
+  cache show in it; token eviction does not, since nothing is dropped before that forward ends.
+- decoding (`KVShareLM(decode=True)`): the context but its last token is prefilled into the cache
+  (and compressed by the policy); its last token and the continuation are then fed one token at a
+  time, and every continuation token is scored from the cache the policy left, as in generation.
+  The choices of one question share a prefill (a batch of identical rows, so no padding).
+Generation tasks always decode (`generate`), so eviction shows in them under either protocol.
 """
 from __future__ import annotations
 
@@ -19,13 +29,94 @@ def quiet_lm_eval(level=logging.ERROR) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def make_hflm(model, tokenizer, batch_size: int = 32):
-    from lm_eval.models.huggingface import HFLM
-
+def make_hflm(model, tokenizer, batch_size: int = 32, decode: bool = False):
+    """lm-eval's HFLM around `model`; `decode=True` scores log-likelihoods by decoding (module docstring)."""
     quiet_lm_eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm.decode = decode
+    return lm
+
+
+_LM_CLASS = None
+
+
+def _lm_class():
+    """`KVShareLM`: HFLM whose log-likelihoods can be scored by decoding (built on first use: lm-eval is
+    an optional dependency)."""
+    global _LM_CLASS
+    if _LM_CLASS is not None:
+        return _LM_CLASS
+    from lm_eval.models.huggingface import HFLM
+
+    class KVShareLM(HFLM):
+        decode = False
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            if not self.decode:
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            return decode_loglikelihoods(self.model, requests, self.max_length, int(self.batch_size),
+                                         self.tokenizer.pad_token_id or 0, progress=not disable_tqdm,
+                                         cache_hook=self.cache_hook)
+
+    _LM_CLASS = KVShareLM
+    return KVShareLM
+
+
+def decode_loglikelihoods(model, requests, max_length: int, batch_size: int, pad_id: int = 0, progress: bool = False,
+                          cache_hook=None) -> list[tuple[float, bool]]:
+    """(sum of log-probabilities, greedy?) of each request's continuation, scored by decoding.
+
+    `requests` are lm-eval's `((context, continuation), context_ids, continuation_ids)`. Requests with
+    the same context are prefilled together; continuations of different lengths are right-padded
+    (what follows a continuation's last token never changes its scores: attention is causal).
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    from ..sharing import cache_kwarg_name
+
+    device = next(model.parameters()).device
+    cache_kw = cache_kwarg_name(model.base_model.forward if hasattr(model, "base_model") else model.forward)
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, ctx, cont) in enumerate(requests):
+        if not cont:
+            raise ValueError("a log-likelihood request with an empty continuation")
+        groups.setdefault(tuple(ctx), []).append(i)
+    chunks = [(ctx, idx[k : k + batch_size]) for ctx, idx in groups.items() for k in range(0, len(idx), batch_size)]
+    results: list = [None] * len(requests)
+    with torch.no_grad():
+        for ctx, idx in tqdm(chunks, desc="log-likelihoods by decoding", disable=not progress):
+            conts = [list(requests[i][2]) for i in idx]
+            longest = max(len(c) for c in conts)
+            ctx = list(ctx)[-max(1, max_length + 1 - longest):]  # the window the model can see, as lm-eval cuts it
+            rows = len(idx)
+            # fed one at a time: the context's last token, then every continuation token but the last
+            steps = torch.tensor([[ctx[-1]] + c[:-1] + [pad_id] * (longest - len(c)) for c in conts], device=device)
+            targets = torch.tensor([c + [pad_id] * (longest - len(c)) for c in conts], device=device)
+            cache = DynamicCache(config=model.config)
+            if len(ctx) > 1:
+                prefix = torch.tensor([ctx[:-1]], device=device).expand(rows, -1)
+                model(input_ids=prefix, use_cache=True, **{cache_kw: cache})
+            logprobs, greedy = [], []
+            for t in range(longest):
+                logits = model(input_ids=steps[:, t : t + 1], use_cache=True, **{cache_kw: cache}).logits[:, -1].float()
+                lp = F.log_softmax(logits, dim=-1)
+                logprobs.append(lp.gather(-1, targets[:, t : t + 1])[:, 0])
+                greedy.append(lp.argmax(dim=-1) == targets[:, t])
+            del cache
+            logprobs = torch.stack(logprobs, dim=1).double().cpu()
+            greedy = torch.stack(greedy, dim=1).cpu()
+            for row, i in enumerate(idx):
+                n = len(conts[row])
+                answer = (float(logprobs[row, :n].sum()), bool(greedy[row, :n].all()))
+                results[i] = answer
+                if cache_hook is not None and requests[i][0] is not None:
+                    cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+    return results
 
 
 def _num(x):
@@ -124,19 +215,28 @@ def run_lm_eval(lm, task_manager, specs, limit: int | None = None, samples: dict
     return {s.name: rows_from_results(res, s) for s in specs}
 
 
-def run_perplexity(model, tokenizer, spec, limit: int | None, progress: bool = True) -> list[dict]:
-    """Perplexity on the held-out BBC text with `kvshare.metrics.perplexity_with_error`."""
+def run_perplexity(model, tokenizer, spec, limit: int | None, progress: bool = True, decode: bool = False,
+                   batch_size: int = 8) -> list[dict]:
+    """Perplexity on the held-out BBC text with `kvshare.metrics.perplexity_with_error` (one pass), or with
+    `kvshare.metrics.decode_perplexity` (`decode`: `spec.context` tokens of each window prefilled, the rest
+    decoded and scored). The nll row's `scores` are the per-window mean NLLs (for paired comparisons)."""
     from ..data import eval_text
-    from ..metrics import perplexity_with_error
+    from ..metrics import decode_perplexity, perplexity_with_error
 
-    # consecutive windows overlap by one token (each scores window - 1 tokens): this many tokens make exactly
-    # `limit` full windows, with no short remnant window weighing as much as a full one in the stderr
-    max_tokens = None if limit is None else 1 + limit * (spec.window - 1)
-    r = perplexity_with_error(model, tokenizer, eval_text(), window=spec.window, stride=spec.window,
-                              max_tokens=max_tokens, progress=progress)
+    if decode:
+        max_tokens = None if limit is None else limit * spec.window
+        r = decode_perplexity(model, tokenizer, eval_text(), window=spec.window, context=spec.context,
+                              max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+    else:
+        # consecutive windows overlap by one token (each scores window - 1 tokens): this many tokens make exactly
+        # `limit` full windows, with no short remnant window weighing as much as a full one in the stderr
+        max_tokens = None if limit is None else 1 + limit * (spec.window - 1)
+        r = perplexity_with_error(model, tokenizer, eval_text(), window=spec.window, stride=spec.window,
+                                  max_tokens=max_tokens, batch_size=batch_size, progress=progress)
     common = {"task": spec.name, "n": r["tokens"], "category": spec.category, "chance": None,
               "higher_is_better": False, "scores": None}
     return [
         {**common, "metric": "ppl", "value": r["ppl"], "stderr": _num(r["ppl_se"]), "primary": True},
-        {**common, "metric": "nll", "value": r["nll"], "stderr": _num(r["nll_se"]), "primary": False},
+        {**common, "metric": "nll", "value": r["nll"], "stderr": _num(r["nll_se"]), "primary": False,
+         "scores": r["window_nll"]},
     ]

@@ -73,6 +73,7 @@ class PerplexityTask:
     limit: int | None = 8  # windows of `window` tokens scored (None: the whole held-out text)
     num_fewshot: int = 0
     kind: str = "perplexity"
+    context: int | None = None  # scored by decoding: tokens prefilled per window (None: half the window)
 
 
 def prompt_qa(task: dict, text: str) -> str:
