@@ -145,11 +145,14 @@ def _run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | No
 
     With a `phases` dict: the peaks up to the end of the prefill ("before_decode") and of the decode
     phase alone ("decode": the cache at its largest, without the prefill's activations and logits)."""
+    from .sharing import model_cache_kwarg
+
     device = prompt.device
     cache = _new_cache(model, cache_kind, prompt.shape[1] + new_tokens)
+    kw = model_cache_kwarg(model)  # `cache` in transformers >= 5.24, `past_key_values` before
     _sync(device)
     t0 = time.perf_counter()
-    logits = model(input_ids=prompt, cache=cache, use_cache=True).logits
+    logits = model(input_ids=prompt, use_cache=True, **{kw: cache}).logits
     token = logits[:, -1:].argmax(-1)
     _sync(device)
     t1 = time.perf_counter()
@@ -160,7 +163,7 @@ def _run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | No
         _restart_peaks(device)
         t1 = time.perf_counter()
     for _ in range(new_tokens):
-        logits = model(input_ids=token, cache=cache, use_cache=True).logits
+        logits = model(input_ids=token, use_cache=True, **{kw: cache}).logits
         token = logits[:, -1:].argmax(-1)
     _sync(device)
     t2 = time.perf_counter()

@@ -1,13 +1,17 @@
 """Intra-layer compression (token eviction) next to and combined with KV sharing: notebook 05.
 
-Quality protocol (why perplexity is measured by decoding). Eviction only acts on what later tokens
-can see, and a single forward over a window attends over the whole window before anything is
-dropped, so the usual one-pass perplexity is the same with or without a policy. Here each window of
-`window` held-out tokens is split: the first `context` tokens are prefilled (the policy compresses
-them), then the remaining tokens are fed one at a time, exactly like generation with teacher
-forcing, and every token predicted by a decoding step is scored. The full model and sharing alone
-go through the same protocol, so every configuration is scored on the same tokens and compared by
-paired per-window differences.
+Quality protocol, through the evaluation entry point (`kvshare.evaluation.Evaluator` with the
+cell's strategy and policy, scored by decoding). Eviction only acts on what later tokens can see,
+and a single forward over a window attends over the whole window before anything is dropped, so the
+usual one-pass perplexity is the same with or without a policy. Here each window of `window`
+held-out tokens is split: the first `context` tokens are prefilled (the policy compresses them),
+then the remaining tokens are fed one at a time, exactly like generation with teacher forcing, and
+every token predicted by a decoding step is scored. Beside it: ROUGE-L of XSum summaries generated
+from ~200-token prompts (eviction acts on the prompt before the summary is written), and a
+multiple-choice task whose question and answers are scored by decoding as well (its prompts are
+short, up to ~50 tokens: eviction can only matter at the smaller budget). The full model and
+sharing alone go through the same protocol, so every configuration is scored on the same tokens
+and examples, and compared by paired differences.
 
 Cost protocol: `kvshare.bench.measure` with the configuration's strategy and policy (prompt of
 random tokens, greedy decoding): K/V bytes of the cache at the end, peak memory, decode tokens/s.
@@ -22,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import decode_nlls, decode_perplexity, decode_windows, summarize_windows  # noqa: F401 (re-exported)
 from .policies import POLICIES, make_policy, predicted_cache_bytes
 from .sharing import compression, num_layers
 from .strategy import Strategy
@@ -48,6 +51,9 @@ class Settings:
     context: int = 256  # prefilled tokens per window (the rest is decoded and scored)
     eval_windows: int = 8
     eval_batch: int = 8
+    summaries: int = 20  # XSum articles summarized per cell (ROUGE-L)
+    mc_tasks: list = field(default_factory=lambda: ["metaphor_understanding/lit2met"])  # offline suite names (or MCTask specs)
+    mc_limit: int | None = None  # examples per multiple-choice task (None: the task's default)
     bench_batch: int = 4
     bench_prompt: int = 512
     bench_new_tokens: int = 64
@@ -59,7 +65,8 @@ class Settings:
         return asdict(self)
 
 
-QUICK = dict(budgets=[16, 48], samples=6, window=160, context=96, eval_windows=2, eval_batch=2, bench_batch=1,
+QUICK = dict(budgets=[16, 48], samples=6, window=160, context=96, eval_windows=2, eval_batch=2, summaries=2, mc_limit=4,
+             bench_batch=1,
              bench_prompt=96, bench_new_tokens=8, bench_repeats=1, bench_rounds=1, bench_isolate=False)
 
 
@@ -121,22 +128,61 @@ def sharing_strategy(model, tokenizer, cfg: Settings) -> Strategy:
 # ------------------------------------------------------------------------------------------------
 # quality
 # ------------------------------------------------------------------------------------------------
-def quality(model, tokenizer, cfg: Settings, strategy: Strategy, text: str | None = None, progress: bool = True) -> list[dict]:
-    """Decode perplexity of every cell on the same held-out windows (one row per cell)."""
-    from .data import eval_text
+def quality_tasks(cfg: Settings) -> list:
+    """The evaluation tasks of the quality columns: decoded perplexity, XSum (ROUGE-L), multiple choice."""
+    from dataclasses import replace
 
-    text = eval_text() if text is None else text
+    from .tasks import OFFLINE_TASKS, PerplexityTask, SummarizationTask
+
+    tasks = [PerplexityTask(window=cfg.window, limit=cfg.eval_windows, context=cfg.context)]
+    if cfg.summaries:
+        tasks.append(SummarizationTask(limit=cfg.summaries))
+    offline = {t.source: t for t in OFFLINE_TASKS if t.kind == "multiple_choice"}
+    for name in cfg.mc_tasks:
+        if not isinstance(name, str):  # a task spec (e.g. an MCTask on a local file)
+            tasks.append(replace(name, limit=cfg.mc_limit) if cfg.mc_limit else name)
+            continue
+        if name not in offline:
+            raise ValueError(f"unknown multiple-choice task {name!r}; use one of {', '.join(offline)}")
+        tasks.append(replace(offline[name], limit=cfg.mc_limit) if cfg.mc_limit else offline[name])
+    return tasks
+
+
+def quality(model, tokenizer, cfg: Settings, strategy: Strategy, progress: bool = True, evaluator=None) -> list[dict]:
+    """Every cell through `kvshare.evaluation.Evaluator` (its strategy and policy, scored by decoding), on the
+    same windows and examples: one row per cell with the decoded perplexity (`ppl`, `ppl_se`, `window_nll`),
+    ROUGE-L of the summaries (`rougeL`, per-article `rougeL_scores`) and multiple-choice accuracy (`mc_acc`,
+    the mean over `cfg.mc_tasks`, per-example `mc_scores`), plus the evaluation's own rows (`eval_rows`)."""
+    from .evaluation import Evaluator
+
+    ev = evaluator or Evaluator(model, tokenizer, batch_size=cfg.eval_batch, progress=progress)
+    tasks = quality_tasks(cfg)
     rows = []
     for cell in cells(cfg):
         t0 = time.perf_counter()
-        with compression(model, strategy if cell.shared else None, cell.make_policy()):
-            r = decode_perplexity(model, tokenizer, text, cfg.window, cfg.context, cfg.eval_windows * cfg.window,
-                                  cfg.eval_batch, progress=progress)
-        rows.append({"label": cell.label, "policy": cell.policy, "budget": cell.budget, "shared": cell.shared,
-                     "num_shared": strategy.num_shared if cell.shared else 0, **r,
-                     "seconds": time.perf_counter() - t0})
+        result = ev.evaluate(strategy if cell.shared else None, tasks=tasks, policy=cell.make_policy(), decode=True,
+                             label=cell.label)
+        by = {(r["task"], r["metric"]): r for r in result["rows"]}
+        ppl, nll = by[(tasks[0].name, "ppl")], by[(tasks[0].name, "nll")]
+        row = {"label": cell.label, "policy": cell.policy, "budget": cell.budget, "shared": cell.shared,
+               "num_shared": strategy.num_shared if cell.shared else 0,
+               "ppl": ppl["value"], "ppl_se": ppl["stderr"], "nll": nll["value"], "nll_se": nll["stderr"],
+               "tokens": ppl["n"], "window_nll": nll["scores"], "window": cfg.window, "context": cfg.context,
+               "windows": len(nll["scores"])}
+        summary = [by[(t.name, t.metric)] for t in tasks if t.kind == "summarization"]
+        if summary:
+            row.update(rougeL=summary[0]["value"], rougeL_se=summary[0]["stderr"], rougeL_scores=summary[0]["scores"])
+        mc = [by[(t.name, t.metric)] for t in tasks if t.kind == "multiple_choice"]
+        if mc:
+            row.update(mc_acc=float(np.mean([r["value"] for r in mc])),
+                       mc_scores=[s for r in mc for s in (r["scores"] or [])], mc_chance=float(np.mean([r["chance"] for r in mc])))
+        row.update(seconds=time.perf_counter() - t0, cached=bool(result["cached_tasks"]),
+                   eval_rows=[{k: v for k, v in r.items() if k != "scores"} for r in result["rows"]])
+        rows.append(row)
         if progress:
-            print(f"{cell.label}: ppl {r['ppl']:.3f} ± {r['ppl_se']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+            extra = "".join([f", ROUGE-L {row['rougeL']:.3f}" if "rougeL" in row else "",
+                             f", MC acc {row['mc_acc']:.3f}" if "mc_acc" in row else ""])
+            print(f"{cell.label}: ppl {row['ppl']:.3f} ± {row['ppl_se']:.3f}{extra} ({row['seconds']:.0f} s)", flush=True)
     return rows
 
 
@@ -186,9 +232,11 @@ def cost(cfg: Settings, strategy: Strategy, model=None, progress: bool = True) -
 # ------------------------------------------------------------------------------------------------
 # the table and what it says
 # ------------------------------------------------------------------------------------------------
-def paired(a: dict, b: dict) -> tuple[float, float]:
-    """Mean per-window NLL difference a - b and its standard error."""
-    d = np.asarray(a["window_nll"]) - np.asarray(b["window_nll"])
+def paired(a: dict, b: dict, key: str = "window_nll") -> tuple[float, float]:
+    """Mean per-unit difference a - b of `key` (per-window NLLs, per-article ROUGE-L, ...) and its standard error."""
+    if not a.get(key) or not b.get(key) or len(a[key]) != len(b[key]):
+        return float("nan"), float("nan")
+    d = np.asarray(a[key], dtype=float) - np.asarray(b[key], dtype=float)
     return float(d.mean()), (float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"))
 
 
@@ -205,6 +253,10 @@ def table(quality_rows: list[dict], cost_rows: list[dict]) -> list[dict]:
             "label": q["label"], "policy": q["policy"] or "", "budget": q["budget"], "shared": q["shared"],
             "num_shared": q["num_shared"], "ppl": q["ppl"], "ppl_se": q["ppl_se"], "ppl_ratio": q["ppl"] / full_q["ppl"],
             "nll_diff": d, "nll_diff_se": se,
+            "rougeL": q.get("rougeL"), "rougeL_diff": paired(q, full_q, "rougeL_scores")[0],
+            "rougeL_diff_se": paired(q, full_q, "rougeL_scores")[1],
+            "mc_acc": q.get("mc_acc"), "mc_acc_diff": paired(q, full_q, "mc_scores")[0],
+            "mc_acc_diff_se": paired(q, full_q, "mc_scores")[1],
             "kv_bytes": c["kv_bytes"], "kv_bytes_predicted": c.get("kv_bytes_predicted"),
             "kv_ratio": c["kv_bytes"] / full_c["kv_bytes"],
             "peak_bytes": c["peak_bytes"], "peak_ratio": c["peak_bytes"] / full_c["peak_bytes"],
@@ -304,6 +356,17 @@ def conclusion(rows: list[dict], adds: list[dict], front: list[str], model: str,
     if better:
         lines.append("- **Less than the sum of the parts** (the combined loss is smaller than the two losses added): "
                      + "; ".join(better) + ".")
+    for key, name in (("rougeL", "ROUGE-L of the summaries"), ("mc_acc", "multiple-choice accuracy")):
+        scored = [r for r in rows if r.get(key) is not None and r.get(f"{key}_diff") == r.get(f"{key}_diff")]
+        if not scored:
+            continue
+        hurt = [r for r in scored if r[f"{key}_diff_se"] and r[f"{key}_diff"] < -z_crit * r[f"{key}_diff_se"]]
+        worst = min(scored, key=lambda r: r[f"{key}_diff"])
+        lines.append(f"- **{name[0].upper() + name[1:]}** (full model {full[key]:.3f}): "
+                     + (f"{len(hurt)} of {len(scored) - 1} configurations lose significantly (paired, > {z_crit:g} s.e.): "
+                        + ", ".join(f"{r['label']} ({r[f'{key}_diff']:+.3f})" for r in hurt)
+                        if hurt else f"no configuration loses significantly (paired, {z_crit:g} s.e.)")
+                     + f"; the largest drop is {worst[f'{key}_diff']:+.3f} ({worst['label']}).")
     combos = [lbl for lbl in front if "+ sharing" in lbl]
     lines.append(f"- Pareto front (K/V bytes vs perplexity): {', '.join(front)}. "
                  + (f"{len(combos)} combined configuration(s) on it." if combos else "No combined configuration is on it."))
@@ -345,8 +408,10 @@ def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "ea
     from transformers import DynamicCache
 
     from .policies.base import timing
+    from .sharing import model_cache_kwarg
 
     budget = cfg.budgets[0] if budget is None else budget
+    cache_kw = model_cache_kwarg(model)
     vocab = model.config.get_text_config().vocab_size
     prompt = torch.randint(0, vocab, (cfg.bench_batch, cfg.bench_prompt), generator=torch.Generator().manual_seed(cfg.seed))
     original = model.config._attn_implementation
@@ -360,11 +425,11 @@ def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "ea
                     with compression(model, None, policy), timing() as t:
                         cache = DynamicCache(config=model.config)
                         t0 = time.perf_counter()
-                        token = model(input_ids=prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                        token = model(input_ids=prompt, use_cache=True, **{cache_kw: cache}).logits[:, -1:].argmax(-1)
                         t1 = time.perf_counter()
                         prefill_score, prefill_evict = t["score_s"], t["evict_s"]
                         for _ in range(cfg.bench_new_tokens):
-                            token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                            token = model(input_ids=token, use_cache=True, **{cache_kw: cache}).logits[:, -1:].argmax(-1)
                         t2 = time.perf_counter()
                         row = {"attention": impl, "policy": name or "full", "budget": budget if name else None,
                                "prefill_s": t1 - t0, "decode_s": t2 - t1,
@@ -453,12 +518,21 @@ def pareto_figure(rows: list[dict], title: str = ""):
 
 def markdown_table(rows: list[dict]) -> str:
     """The comparison as a Markdown table (ratios against the full model)."""
-    head = ("| configuration | ppl (± s.e.) | ppl / full | K/V MiB | K/V / full | peak MiB | peak / full | "
-            "decode-phase peak − full, MiB | decode tok/s | tok/s / full |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| configuration | ppl (± s.e.) | ppl / full | ROUGE-L (Δ vs full) | MC acc (Δ vs full) | K/V MiB | K/V / full | "
+            "peak MiB | peak / full | decode-phase peak − full, MiB | decode tok/s | tok/s / full |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
+
+    def score(r, key):
+        if r.get(key) is None:
+            return ""
+        d = r.get(f"{key}_diff")
+        return f"{r[key]:.3f}" + ("" if d is None or d != d else f" ({d:+.3f})")
+
     for r in rows:
         dp = r.get("decode_peak_minus_full_mib")
         lines.append(f"| {r['label']} | {r['ppl']:.2f} ± {r['ppl_se']:.2f} | {r['ppl_ratio']:.3f} | "
+                     f"{score(r, 'rougeL')} | {score(r, 'mc_acc')} | "
                      f"{r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} | {r['peak_bytes'] / 2**20:.0f} | "
                      f"{r['peak_ratio']:.3f} | {'' if dp is None else f'{dp:+.0f}'} | "
                      f"{r['decode_tps']:.1f} | {r['decode_tps_ratio']:.3f} |")

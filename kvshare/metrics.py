@@ -112,7 +112,7 @@ def decode_nlls(model, tokenizer, text: str, window: int = 512, context: int = 2
     decoding step after `context` prefilled tokens, with whatever sharing/policy is enabled on `model`."""
     from transformers import DynamicCache
 
-    from .sharing import cache_kwarg_name
+    from .sharing import model_cache_kwarg
 
     if not 1 <= context <= window - 2:
         raise ValueError(f"need 1 <= context <= window - 2, got context={context}, window={window}")
@@ -121,7 +121,7 @@ def decode_nlls(model, tokenizer, text: str, window: int = 512, context: int = 2
     if not spans:
         raise ValueError(f"the text has fewer than {window} tokens")
     device = next(model.parameters()).device
-    cache_kw = cache_kwarg_name(model.base_model.forward if hasattr(model, "base_model") else model.forward)
+    cache_kw = model_cache_kwarg(model)
     out: list[torch.Tensor] = []
     for i in range(0, len(spans), batch_size):
         batch = torch.stack([ids[b:e] for b, e in spans[i : i + batch_size]]).to(device)

@@ -68,8 +68,19 @@ def layer_window(config, layer_idx: int) -> int | None:
 
 
 def cache_kwarg_name(forward) -> str:
+    """The name under which `forward` takes the KV cache: `cache` (transformers >= 5.24) or `past_key_values`."""
     params = inspect.signature(forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    if "cache" in params or "past_key_values" in params:
+        return "cache" if "cache" in params else "past_key_values"
+    # a wrapper taking **kwargs only (hooks, quantized models): the name the installed transformers uses
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def model_cache_kwarg(model) -> str:
+    """`cache_kwarg_name` of a model's top-level forward, for calls like `model(ids, **{kw: cache})`."""
+    return cache_kwarg_name(model.forward)
 
 
 # --------------------------------------------------------------------------------------------

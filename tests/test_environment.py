@@ -117,3 +117,36 @@ def test_scripts_parse(script):
 
     proc = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_set_repository_points_every_link_at_a_fork(tmp_path):
+    """scripts/set_repository.py rewrites the badges, the notebooks' Colab default and pyproject's URL."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    for name in ("README.md", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "set_repository.py", tmp_path / "scripts")
+    script = tmp_path / "scripts" / "set_repository.py"
+    bad = subprocess.run([sys.executable, str(script), "not-a-url"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "OWNER/REPO" in bad.stderr
+    ok = subprocess.run([sys.executable, str(script), "https://github.com/someone/fork.git", "--branch", "dev"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    readme = (tmp_path / "README.md").read_text()
+    notebooks = sorted((tmp_path / "notebooks").glob("[0-9]*.ipynb"))
+    assert "mybinder.org/v2/gh/someone/fork/dev" in readme
+    for nb in notebooks:
+        assert f"colab.research.google.com/github/someone/fork/blob/dev/notebooks/{nb.name}" in readme
+        first = "".join(json.loads(nb.read_text())["cells"][0]["source"])
+        assert 'os.environ.get("KVSHARE_REPO", "https://github.com/someone/fork")' in first
+    assert readme.count("<!-- badges -->") == 1 and "kvshare/kvshare/blob" not in readme
+    assert 'Repository = "https://github.com/someone/fork"' in (tmp_path / "pyproject.toml").read_text()
+    # everything else is untouched
+    assert readme.split("<!-- /badges -->")[1] == (ROOT / "README.md").read_text().split("<!-- /badges -->")[1]
+    assert tomllib.loads((tmp_path / "pyproject.toml").read_text())["project"]["dependencies"] == \
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]

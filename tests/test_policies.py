@@ -441,7 +441,7 @@ def test_decode_protocol_without_policy_is_the_single_forward(char_tokenizer):
     """Perplexity by decoding scores the same tokens a single forward would, with the same numbers."""
     import torch.nn.functional as F
 
-    from kvshare.intra_layer import decode_nlls
+    from kvshare.metrics import decode_nlls
 
     model = make_tiny_model("qwen3", "sdpa")
     text = "a stitch in time saves nine; " * 5

@@ -77,10 +77,10 @@ def decode_loglikelihoods(model, requests, max_length: int, batch_size: int, pad
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
-    from ..sharing import cache_kwarg_name
+    from ..sharing import model_cache_kwarg
 
     device = next(model.parameters()).device
-    cache_kw = cache_kwarg_name(model.base_model.forward if hasattr(model, "base_model") else model.forward)
+    cache_kw = model_cache_kwarg(model)
     groups: dict[tuple, list[int]] = {}
     for i, (_, ctx, cont) in enumerate(requests):
         if not cont:

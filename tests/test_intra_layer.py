@@ -1,0 +1,79 @@
+"""Notebook 05's logic (kvshare.intra_layer) on a tiny random model: quality through the evaluation entry
+point (decoded perplexity, summaries, multiple choice, every cell scored by decoding), then the table,
+the additivity check, the conclusion and the figure on made-up costs."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+from test_evaluation import NUM_LAYERS, byte_tokenizer, home, local_tasks, tiny_model  # noqa: E402,F401 (fixtures)
+
+import kvshare  # noqa: E402
+from kvshare import intra_layer as il  # noqa: E402
+
+BIG = 10_000  # tokens per layer: more than any sequence here, so the policy drops nothing
+
+
+@pytest.fixture
+def quality_rows(tiny_model, byte_tokenizer, local_tasks):
+    cfg = il.settings("tiny", quick=False, budgets=[6, BIG], policies=["streamingllm", "h2o"], window=40, context=20,
+                      eval_windows=2, eval_batch=2, summaries=2, mc_tasks=[local_tasks[0]])
+    strategy = kvshare.Strategy({3: 1}, NUM_LAYERS)
+    return cfg, strategy, il.quality(tiny_model, byte_tokenizer, cfg, strategy, progress=False)
+
+
+def test_quality_goes_through_the_evaluation_entry_point(quality_rows, tiny_model):
+    cfg, strategy, rows = quality_rows
+    t = {r["label"]: r for r in rows}
+    assert list(t) == [c.label for c in il.cells(cfg)]
+    for r in rows:
+        assert len(r["window_nll"]) == r["windows"] == 2
+        assert len(r["rougeL_scores"]) == 2 and 0 <= r["rougeL"] <= 1
+        assert len(r["mc_scores"]) == 7 and 0 <= r["mc_acc"] <= 1 and r["mc_chance"] == pytest.approx(1 / 3)
+        assert r["num_shared"] == (1 if r["shared"] else 0)
+        assert {e["task"] for e in r["eval_rows"]} == {"kvshare_ppl", "kvshare_xsum", "kvshare_tiny_arith"}
+    same = ("window_nll", "rougeL_scores", "mc_scores")
+    # a budget above every length is the full model, alone and with sharing
+    for name in ("StreamingLLM", "H2O"):
+        for key in same:
+            assert t[f"{name} {BIG}"][key] == pytest.approx(t["full"][key], abs=1e-9)
+            assert t[f"{name} {BIG} + sharing"][key] == pytest.approx(t["sharing"][key], abs=1e-9)
+    assert t["sharing"]["ppl"] != t["full"]["ppl"]  # sharing changes the model
+    assert t["StreamingLLM 6"]["ppl"] != t["full"]["ppl"]  # and a small budget evicts
+    assert getattr(tiny_model, "_kvshare", None) is None
+
+
+def _costs(rows, strategy):
+    """Made-up costs: K/V bytes scale with what is kept, speed and peaks vary a little."""
+    out = []
+    for i, r in enumerate(rows):
+        kv = 1000.0 * (0.75 if r["shared"] else 1.0) * (min(r["budget"], 40) / 40 if r["budget"] else 1.0)
+        out.append({"label": r["label"], "kv_bytes": kv, "kv_bytes_predicted": kv, "peak_bytes": 5e6 + kv,
+                    "baseline_bytes": 4e6, "decode_peak_bytes": 4.5e6 + kv, "decode_tps": 20.0 + i, "prefill_s": 0.1})
+    return out
+
+
+def test_table_additivity_conclusion_and_figure(quality_rows):
+    cfg, strategy, q = quality_rows
+    rows = il.table(q, _costs(q, strategy))
+    t = {r["label"]: r for r in rows}
+    assert t["full"]["rougeL_diff"] == 0 and t["full"]["mc_acc_diff"] == 0 and t["full"]["kv_ratio"] == 1
+    assert t[f"H2O {BIG}"]["rougeL_diff"] == pytest.approx(0) and t[f"H2O {BIG}"]["nll_diff"] == pytest.approx(0)
+    assert t["sharing"]["kv_ratio"] == pytest.approx(0.75)
+    adds = il.additivity(rows, q)
+    assert len(adds) == 4
+    exact = next(a for a in adds if a["policy"] == "h2o" and a["budget"] == BIG)
+    assert exact["interaction"] == pytest.approx(0, abs=1e-9)  # nothing evicted: sharing's cost alone
+    assert exact["kv_ratio_combined"] == pytest.approx(exact["kv_ratio_product"])
+    text = il.conclusion(rows, adds, il.pareto_front(rows), "tiny", strategy)
+    assert "exactly the bytes sharing and the policy predict together" in text
+    assert "ROUGE-L of the summaries" in text and "Multiple-choice accuracy" in text
+    md = il.markdown_table(rows)
+    assert md.count("\n") == len(rows) + 1 and "ROUGE-L" in md
+    fig = il.pareto_figure(rows, title="tiny")
+    assert fig.axes
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
