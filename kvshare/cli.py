@@ -220,7 +220,7 @@ def cmd_ppl(args):
     strategy = _check_strategy(args, strategy, model)
     with compression(model, strategy, policy or kv_policy):
         if decode:
-            from .intra_layer import decode_perplexity
+            from .metrics import decode_perplexity
 
             result = decode_perplexity(model, tokenizer, text, window=args.window, context=args.context,
                                        max_tokens=args.limit_tokens, progress=True)
