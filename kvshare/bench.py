@@ -191,13 +191,11 @@ def measure(config: Config, model=None) -> dict:
             raise ValueError("a cache policy applies to 'shared' rows with a dynamic cache (plain is untouched transformers)")
         policy = make_policy(config.policy, budget=config.budget)
     if config.kv_bits:
-        from .quantized_kv import QuantizedKV
+        from .quantized_kv import quantized
 
-        if policy is not None:
-            raise ValueError("token eviction and KV-cache quantization do not compose (yet): use --policy or --kv-bits")
         if config.mode == "plain" or config.cache != "dynamic":
             raise ValueError("KV-cache quantization applies to 'shared' rows with a dynamic cache (plain is untouched transformers)")
-        policy = QuantizedKV(bits=config.kv_bits)
+        policy = quantized(policy, bits=config.kv_bits)  # with a policy: its kept tokens, held as codes
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(config.seed)
     prompt = torch.randint(0, vocab, (config.batch, config.prompt_len), generator=gen).to(device)
@@ -257,7 +255,7 @@ def measure(config: Config, model=None) -> dict:
         from .policies import predicted_cache_bytes
 
         elem = next(model.parameters()).element_size()
-        if config.kv_bits:  # (L - C) kept layers x the quantizer's bytes per token
+        if config.kv_bits and not config.policy:  # (L - C) kept layers x the quantizer's bytes per token
             row["kv_bytes_predicted"] = policy.predicted_cache_bytes(model.config, strategy, config.batch,
                                                                      config.prompt_len + config.new_tokens, elem)
         else:
@@ -399,8 +397,8 @@ def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int 
     """Plain transformers and the shared model at each rate, side by side; rows with ratios.
 
     With `policy` (a kvshare.policies name) and `budget`, every shared row also evicts tokens (rate 0:
-    the policy alone); with `kv_bits` (8 or 4) every shared row quantizes its KV cache instead
-    (kvshare.quantized_kv). The plain rows stay untouched transformers."""
+    the policy alone); with `kv_bits` (8 or 4) every shared row quantizes its KV cache (with a policy too:
+    the policy's kept tokens held as codes; kvshare.quantized_kv). The plain rows stay untouched transformers."""
     from tqdm.auto import tqdm
 
     from .models import resolve_device

@@ -49,17 +49,17 @@ def _read_policy(args):
 def _add_kv_bits(p):
     p.add_argument("--kv-bits", type=int, default=None, choices=[8, 4],
                    help="quantize the KV cache of every kept layer to int8 or int4 (kvshare.quantized_kv), "
-                        "with or without --strategy; a replaced layer reads its source's quantized cache")
+                        "with or without --strategy and --policy; a replaced layer reads its source's quantized cache")
 
 
-def _read_kv_bits(args, policy):
+def _cache_policy(args):
+    """The cache policy of --policy/--budget and --kv-bits: eviction, quantization, both, or None."""
+    policy = _read_policy(args)
     if args.kv_bits is None:
-        return None
-    if policy is not None:
-        raise CLIError("--kv-bits and --policy do not compose (yet): use one of them")
-    from .quantized_kv import QuantizedKV
+        return policy
+    from .quantized_kv import quantized
 
-    return QuantizedKV(bits=args.kv_bits)
+    return quantized(policy, bits=args.kv_bits)  # with --policy: the policy's kept tokens, held as codes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,15 +210,14 @@ def cmd_ppl(args):
     from .sharing import compression
 
     strategy = _read_strategy(args)
-    policy = _read_policy(args)
-    kv_policy = _read_kv_bits(args, policy)  # one pass reads the quantized cache: no need to decode
-    decode = args.decode or policy is not None
+    policy = _cache_policy(args)
+    decode = args.decode or args.policy is not None  # eviction only shows when decoding; a quantized cache shows in one pass
     if args.context is not None and not decode:
         raise CLIError("--context applies to decoding: add --decode (or --policy)")
     text = eval_text(args.source)
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)
-    with compression(model, strategy, policy or kv_policy):
+    with compression(model, strategy, policy):
         if decode:
             from .metrics import decode_perplexity
 
@@ -232,7 +231,7 @@ def cmd_ppl(args):
     if decode:
         line.update(protocol=f"decode: prefill {result['context']} of every {result['window']} tokens, score the rest",
                     policy=args.policy, budget=args.budget)
-    if kv_policy is not None:
+    if args.kv_bits is not None:
         line.update(kv_bits=args.kv_bits)
     print(json.dumps(line))
 
@@ -245,7 +244,7 @@ def cmd_bench(args):
     batches = _numbers(args.batch, int, "--batch")
     if args.model in PRESETS and not args.random_weights:
         raise CLIError(f"'{args.model}' is a shape preset: add --random-weights")
-    _read_kv_bits(args, _read_policy(args))  # validates --policy/--budget/--kv-bits before any model is built
+    _cache_policy(args)  # validates --policy/--budget/--kv-bits before any model is built
     if args.policy and args.cache != "dynamic":
         raise CLIError("--policy evicts tokens from a dynamic cache: drop --cache static")
     if args.kv_bits and args.cache != "dynamic":
@@ -273,9 +272,7 @@ def cmd_eval(args):
     specs = resolve_tasks(args.suite, args.tasks)  # a bad task name fails before the model loads
     if args.limit is not None and args.limit < 1:
         raise CLIError("--limit must be >= 1")
-    policy = _read_policy(args)
-    kv_policy = _read_kv_bits(args, policy)  # --policy with --kv-bits is refused here, before the model loads
-    policy = policy or kv_policy
+    policy = _cache_policy(args)  # a bad --policy/--budget is refused here, before the model loads
     strategy = _read_strategy(args)
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)

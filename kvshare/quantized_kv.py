@@ -31,9 +31,12 @@ quantized cache. `nbytes()` counts what is stored (packed codes + scales + zeros
 `kvshare.sharing.layer_bytes` / `cache_bytes` report. Sliding-window layers keep their last
 `window - 1` tokens, as transformers' `DynamicSlidingWindowLayer` does.
 
-Composition with token eviction (kvshare.policies) is not provided: an evicting slot stores its kept
-tokens as full-precision tensors and gathers masks by position; quantized storage would have to
-become a pluggable part of that layer.
+Composition with token eviction: `quantized_eviction(H2O(budget=64), QuantizedKV(bits=4))` (or
+`quantized(policy, bits)`) is an eviction policy whose slots select and drop tokens exactly as the
+policy does, but hold the kept tokens as codes (`QuantizedStorage`): the bytes are the policy's kept
+tokens times the quantizer's bytes per token. H2O/PyramidInfer score tokens with the keys as
+attention reads them (dequantized). Since codes are per token, dropping tokens never re-quantizes
+anything: the evicting cache holds exactly the codes the quantized cache alone would hold for them.
 """
 from __future__ import annotations
 
@@ -334,6 +337,120 @@ class QuantizedKV:
         return self.bytes_per_token(1, head_dim, dtype_bytes) / (2 * head_dim * dtype_bytes)
 
 
+# --------------------------------------------------------------------------------------------
+# quantization x token eviction
+# --------------------------------------------------------------------------------------------
+class QuantizedStorage:
+    """Mixin for a kvshare.policies evicting layer: K/V held as packed codes (`qkeys` / `qvalues`,
+    [batch, kv_heads, held, ...]); `keys` / `values` stay empty tensors that give dtype and device."""
+
+    bits = 8
+    group_size = 32
+    qkeys: QTensor | None = None
+    qvalues: QTensor | None = None
+
+    def _quantize(self, x: torch.Tensor) -> QTensor:
+        return quantize(x, self.bits, group_size_for(x.shape[-1], self.group_size))
+
+    def held(self) -> int:
+        return 0 if self.qkeys is None else self.qkeys.packed.shape[-2]
+
+    def store(self, key_states, value_states, first: bool):
+        qk, qv = self._quantize(key_states), self._quantize(value_states)
+        self.qkeys = qk if first else _cat(self.qkeys, qk)
+        self.qvalues = qv if first else _cat(self.qvalues, qv)
+        return self.dequantized()
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.keys.dtype
+        return dequantize(self.qkeys, dtype), dequantize(self.qvalues, dtype)
+
+    def held_keys(self) -> torch.Tensor:
+        return dequantize(self.qkeys, self.keys.dtype)
+
+    def gather_kv(self, idx: torch.Tensor) -> None:
+        def pick(t):
+            return t.gather(2, idx[..., None].expand(t.shape[0], t.shape[1], idx.shape[-1], t.shape[-1]))
+
+        self.qkeys, self.qvalues = _map(self.qkeys, pick), _map(self.qvalues, pick)
+
+    def _index_state(self, fn) -> None:
+        stubs = self.keys, self.values
+        self.keys = self.values = None  # the empty stubs are not per-sequence state
+        try:
+            super()._index_state(fn)
+        finally:
+            self.keys, self.values = stubs
+        self.qkeys, self.qvalues = _map(self.qkeys, fn), _map(self.qvalues, fn)
+
+    def nbytes(self) -> int:
+        return sum(q.nbytes() for q in (self.qkeys, self.qvalues) if q is not None)
+
+    def reset(self) -> None:
+        super().reset()
+        self.qkeys = self.qvalues = None
+
+
+_QUANTIZED_LAYER_CLASSES: dict = {}
+
+
+def quantized_layer_class(layer_class):
+    """`layer_class` (an evicting layer) with `QuantizedStorage`: same selection, codes instead of tensors."""
+    if layer_class not in _QUANTIZED_LAYER_CLASSES:
+        _QUANTIZED_LAYER_CLASSES[layer_class] = type(f"Quantized{layer_class.__name__}", (QuantizedStorage, layer_class), {})
+    return _QUANTIZED_LAYER_CLASSES[layer_class]
+
+
+def quantized_eviction(eviction, quantization: QuantizedKV):
+    """Token eviction and KV quantization together: a copy of `eviction` (a kvshare.policies policy, so it
+    attaches the same hooks and evaluation scores it by decoding) whose slots keep their tokens as codes."""
+    from .policies import EvictionPolicy
+
+    if not isinstance(eviction, EvictionPolicy):
+        raise TypeError(f"quantized_eviction combines a kvshare.policies eviction policy with QuantizedKV, "
+                        f"got {type(eviction).__name__}")
+    if not isinstance(quantization, QuantizedKV):
+        raise TypeError(f"the second argument must be a QuantizedKV, got {type(quantization).__name__}")
+    combined = _combined_class(type(eviction))(settings=eviction.settings)
+    combined.eviction, combined.quantization = eviction, quantization
+    combined.layer_class = quantized_layer_class(type(eviction).layer_class)
+    combined.name = f"{eviction.name}+kv{quantization.bits}"
+    return combined
+
+
+_COMBINED_CLASSES: dict = {}
+
+
+def _combined_class(policy_class):
+    if policy_class not in _COMBINED_CLASSES:
+        def make_layer(self, layer_idx, config):
+            layer = policy_class.make_layer(self, layer_idx, config)
+            if config is not None:
+                _check(self.quantization.bits, group_size_for(_head_dim(config), self.quantization.group_size),
+                       _head_dim(config))
+            layer.bits, layer.group_size = self.quantization.bits, self.quantization.group_size
+            return layer
+
+        def to_dict(self):
+            return {**self.settings.to_dict(), "bits": self.quantization.bits, "group_size": self.quantization.group_size}
+
+        def bytes_per_token(self, kv_heads, head_dim, dtype_bytes):
+            return self.quantization.bytes_per_token(kv_heads, head_dim, dtype_bytes)
+
+        def __repr__(self):
+            return f"quantized_eviction({self.eviction!r}, {self.quantization!r})"
+
+        _COMBINED_CLASSES[policy_class] = type(f"Quantized{policy_class.__name__}", (policy_class,), {
+            "make_layer": make_layer, "to_dict": to_dict, "bytes_per_token": bytes_per_token, "__repr__": __repr__})
+    return _COMBINED_CLASSES[policy_class]
+
+
+def quantized(policy, bits: int, group_size: int = 32):
+    """`policy` with a `bits`-bit KV cache: an eviction policy -> `quantized_eviction`; None -> QuantizedKV."""
+    quantization = QuantizedKV(bits=bits, group_size=group_size)
+    return quantization if policy is None else quantized_eviction(policy, quantization)
+
+
 def _head_dim(config) -> int:
     text = config.get_text_config()
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -365,5 +482,5 @@ def make_policy(kv_bits: int | None, group_size: int = 32) -> QuantizedKV | None
     return QuantizedKV(bits=int(kv_bits), group_size=group_size)
 
 
-__all__ = ["QTensor", "QuantizedKV", "QuantizedKVLayer", "SUPPORTED_BITS", "dequantize", "error_bound", "make_policy",
-           "plain_cache_bytes", "quantize"]
+__all__ = ["QTensor", "QuantizedKV", "QuantizedKVLayer", "QuantizedStorage", "SUPPORTED_BITS",
+           "dequantize", "error_bound", "make_policy", "plain_cache_bytes", "quantize", "quantized", "quantized_eviction"]

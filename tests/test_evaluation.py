@@ -297,7 +297,7 @@ def test_cli_eval_accepts_policy_and_kv_bits(tmp_path, capsys):
     from kvshare.cli import main
 
     p = tmp_path / "r.json"
-    for extra in (["--policy", "h2o"], ["--budget", "8"], ["--policy", "h2o", "--budget", "8", "--kv-bits", "4"]):
+    for extra in (["--policy", "h2o"], ["--budget", "8"], ["--policy", "h2o", "--budget", "0"]):
         assert main(["eval", "--tasks", "ppl", "--out", str(p), *extra]) == 2
         assert "error" in capsys.readouterr().err
     args = __import__("kvshare.cli", fromlist=["build_parser"]).build_parser().parse_args(

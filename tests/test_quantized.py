@@ -280,8 +280,11 @@ def test_bench_measures_quantized_sharing_bytes():
         ratio = QuantizedKV(row["kv_bits"]).compression_ratio(16, 4) * (NUM_LAYERS - 2) / NUM_LAYERS
         assert row["kv_bytes_expected_ratio"] == pytest.approx(ratio)
         assert row["kv_bytes_ratio"] == pytest.approx(ratio)
-    with pytest.raises(ValueError, match="do not compose"):
-        measure(Config(mode="shared", rate=0.0, kv_bits=8, policy="h2o", budget=4, **common), model)
+    # eviction and quantization together: the policy's kept tokens at the quantizer's bytes per token
+    both = measure(Config(mode="shared", rate=2 / NUM_LAYERS, kv_bits=8, policy="h2o", budget=4, **common), model)
+    assert both["kv_bytes"] == both["kv_bytes_predicted"]
+    per_token = QuantizedKV(8).bytes_per_token(2, 16, 4)  # tiny llama: 2 KV heads of 16 channels, float32
+    assert both["kv_bytes"] == 2 * (NUM_LAYERS - 2) * 4 * per_token  # batch 2, 4 tokens kept in each kept layer
     with pytest.raises(ValueError, match="dynamic cache"):
         measure(Config(mode="shared", rate=0.0, kv_bits=8, cache="static", **common), model)
 
@@ -306,8 +309,10 @@ def test_cli_ppl_with_kv_bits(monkeypatch, capsys, char_tokenizer):
     assert full["ppl"] != q8["ppl"] and abs(q8["ppl"] - full["ppl"]) < abs(q4["ppl"] - full["ppl"])
     decoded = ppl("--kv-bits", "8", "--decode", "--context", "16")
     assert decoded["kv_bits"] == 8 and decoded["tokens"] == 4 * 15
-    assert cli.main(["ppl", "--kv-bits", "8", "--policy", "h2o", "--budget", "4"]) == 2
-    assert "do not compose" in capsys.readouterr().err
+    both = ppl("--kv-bits", "8", "--policy", "h2o", "--budget", "8", "--context", "16")  # scored by decoding
+    evicted = ppl("--policy", "h2o", "--budget", "8", "--context", "16")
+    assert both["kv_bits"] == 8 and both["policy"] == "h2o" and both["tokens"] == evicted["tokens"] == 4 * 15
+    assert both["ppl"] != evicted["ppl"] and abs(both["ppl"] - evicted["ppl"]) / evicted["ppl"] < 0.1
     with pytest.raises(SystemExit):  # argparse: only 8 or 4
         cli.main(["ppl", "--kv-bits", "3"])
 
@@ -340,7 +345,10 @@ def test_cli_bench_with_kv_bits(tmp_path, monkeypatch):
     assert main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--kv-bits", "8", "--cache", "static",
                  "--out", str(out)]) == 2
     assert main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--kv-bits", "8", "--policy", "h2o",
-                 "--budget", "4", "--out", str(out)]) == 2
+                 "--budget", "4", "--rates", "0.25", "--batch", "1", "--prompt-len", "12", "--new-tokens", "3",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    both = json.loads(out.read_text())["rows"][-1]
+    assert both["policy"] == "h2o" and both["kv_bits"] == 8 and both["kv_bytes"] == both["kv_bytes_predicted"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,3 +407,70 @@ def test_quantized_runs_settings_and_eval_prefix(char_tokenizer):
     prefix = qr.eval_prefix(char_tokenizer, text, 300)
     ids = char_tokenizer(prefix)["input_ids"]
     assert len(ids) > 300 and ids[:300] == char_tokenizer(text)["input_ids"][:300] and len(prefix) < len(text)
+
+
+# --------------------------------------------------------------------------------------------
+# token eviction x KV quantization (x sharing)
+# --------------------------------------------------------------------------------------------
+EVICTION = ["streamingllm", "h2o", "pyramidinfer"]
+
+
+@pytest.mark.parametrize("name", EVICTION)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_quantized_eviction_with_a_budget_above_the_length_is_the_quantized_cache(name, impl):
+    from kvshare.policies import make_policy
+    from kvshare.quantized_kv import quantized
+
+    model = make_tiny_model("llama", impl)
+    ids = torch.randint(3, 100, (2, 18), generator=torch.Generator().manual_seed(6))
+    for strategy in (None, Strategy({3: 1, 5: 2}, NUM_LAYERS)):
+        alone, alone_cache = run(model, ids, QuantizedKV(bits=4, group_size=16), strategy, prompt=10)
+        combined = quantized(make_policy(name, budget=1000), bits=4, group_size=16)
+        both, both_cache = run(model, ids, combined, strategy, prompt=10,
+                               cache=__import__("transformers").DynamicCache(config=model.config))
+        assert torch.equal(both, alone)  # per-token codes: the same codes, the same attention
+        assert kvshare.cache_bytes(both_cache) == kvshare.cache_bytes(alone_cache)
+
+
+@pytest.mark.parametrize("name", EVICTION)
+def test_quantized_eviction_keeps_the_policys_tokens_as_codes(name):
+    from transformers import DynamicCache
+
+    from kvshare.policies import make_policy, predicted_cache_bytes
+    from kvshare.quantized_kv import quantized
+
+    model = make_tiny_model("llama", "sdpa")
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(7))
+    strategy = Strategy({3: 1, 5: 2}, NUM_LAYERS)
+    plain_policy = make_policy(name, budget=8)
+    combined = quantized(make_policy(name, budget=8), bits=8, group_size=16)
+    assert combined.name == f"{name}+kv8" and combined.to_dict()["bits"] == 8 and combined.budget == 8
+    evicted, evicted_cache = run(model, ids, plain_policy, strategy, prompt=12, cache=DynamicCache(config=model.config))
+    both, both_cache = run(model, ids, combined, strategy, prompt=12, cache=DynamicCache(config=model.config))
+    lengths = [12] + [1] * 12
+    elem = 4
+    assert kvshare.cache_bytes(both_cache) == predicted_cache_bytes(model.config, strategy, combined, 2, lengths, elem)
+    assert kvshare.cache_bytes(evicted_cache) == predicted_cache_bytes(model.config, strategy, plain_policy, 2, lengths, elem)
+    ratio = combined.bytes_per_token(1, 16, elem) / (2 * 16 * elem)
+    assert kvshare.cache_bytes(both_cache) == pytest.approx(kvshare.cache_bytes(evicted_cache) * ratio)
+    for i, layer in enumerate(both_cache.layers):
+        if i in strategy.mapping:
+            continue
+        assert layer.keys.numel() == 0 and layer.qkeys.packed.dtype == torch.uint8  # codes, no full tensors
+        ref = evicted_cache.layers[i]
+        assert layer.held() == ref.held()
+        if name == "streamingllm":  # selection by position only: the very same tokens are kept
+            assert torch.equal(layer.positions, ref.positions)
+    assert (both - evicted).abs().max() / evicted.abs().max() < 0.05  # int8: close to the unquantized eviction
+    with kvshare.compression(model, strategy, combined):  # beams reorder the codes with the rest of the state
+        out = model.generate(ids[:, :12], max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 16)
+
+
+def test_quantized_eviction_rejects_what_it_cannot_combine():
+    from kvshare.quantized_kv import quantized_eviction
+
+    with pytest.raises(TypeError, match="eviction policy"):
+        quantized_eviction(QuantizedKV(8), QuantizedKV(4))
+    with pytest.raises(TypeError, match="QuantizedKV"):
+        quantized_eviction(kvshare.policies.make_policy("h2o", budget=8), 4)

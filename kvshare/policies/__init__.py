@@ -30,7 +30,10 @@ def predicted_cache_bytes(config, strategy, policy, batch: int, lengths, dtype_b
     hold nothing, every other layer what its policy keeps (everything without a policy)."""
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_token = 2 * text.num_key_value_heads * head_dim * dtype_bytes * batch
+    if hasattr(policy, "bytes_per_token"):  # a quantized cache (kvshare.quantized_kv): codes + scales + zeros
+        per_token = policy.bytes_per_token(text.num_key_value_heads, head_dim, dtype_bytes) * batch
+    else:
+        per_token = 2 * text.num_key_value_heads * head_dim * dtype_bytes * batch
     replaced = set(strategy.mapping) if strategy is not None else set()
     lengths = list(lengths)
     total = 0

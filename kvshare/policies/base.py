@@ -120,6 +120,27 @@ class EvictingLayer(DynamicLayer):
         """Tokens held now (per sequence and head)."""
         return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
 
+    # -- storage: full-precision tensors here; kvshare.quantized_kv.QuantizedStorage holds codes instead --
+    def store(self, key_states, value_states, first: bool):
+        """Append the new tokens' K/V (`first`: nothing held yet); return the K/V of everything held."""
+        if first:
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def held_keys(self) -> torch.Tensor:
+        """[batch, kv_heads, held, head_dim]: the keys attention reads (scoring recomputes from them)."""
+        return self.keys
+
+    def gather_kv(self, idx: torch.Tensor) -> None:
+        """Keep the held K/V at `idx` ([batch, P, keep]) only."""
+        batch, kv_heads, _, dim = self.keys.shape
+        kidx = idx[..., None].expand(batch, kv_heads, idx.shape[-1], dim)
+        self.keys = self.keys.gather(2, kidx)
+        self.values = self.values.gather(2, kidx)
+
     def reset(self) -> None:
         super().reset()
         self.seen = 0
@@ -215,17 +236,16 @@ class EvictingLayer(DynamicLayer):
         heads = self.num_kv_heads if self.per_head else 1
         pos = new_pos.view(1, 1, -1).expand(batch, heads, q_len)
         val = new_valid.view(batch, 1, q_len).expand(batch, heads, q_len)
-        if self.positions is None or self.positions.numel() == 0:
-            self.keys, self.values = key_states, value_states
+        first = self.positions is None or self.positions.numel() == 0
+        keys, values = self.store(key_states, value_states, first)
+        if first:
             self.positions, self.valid = pos.contiguous(), val.contiguous()
         else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
             self.positions = torch.cat([self.positions, pos], dim=-1)
             self.valid = torch.cat([self.valid, val], dim=-1)
         self._grow_scores(batch, heads, q_len)
         self.seen += q_len
-        return self.keys, self.values
+        return keys, values
 
     @torch.no_grad()
     def end(self, query=None, weights=None, scaling: float | None = None) -> None:
@@ -257,7 +277,8 @@ class EvictingLayer(DynamicLayer):
     def attention_sums(self, query, weights, scaling, rows: slice, new_pos, new_valid) -> torch.Tensor:
         """Attention received by every held token, summed over the query rows `rows` of this forward
         that are not padding and over the query heads of each KV head: [batch, kv_heads, held] (float32)."""
-        batch, kv_heads, held, dim = self.keys.shape
+        keys = self.held_keys()
+        batch, kv_heads, held, dim = keys.shape
         row_valid = new_valid[:, rows].to(torch.float32)  # [batch, r]
         q_pos = new_pos[rows]
         if weights is not None:  # eager: the probabilities the layer used
@@ -273,7 +294,7 @@ class EvictingLayer(DynamicLayer):
         ok = ok.expand(batch, kv_heads, r, held)
         total = torch.zeros(batch, kv_heads, held, dtype=torch.float32, device=self.keys.device)
         step = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * n_q_heads * held))
-        keys_t = self.keys.transpose(-1, -2)
+        keys_t = keys.transpose(-1, -2)
         for s in range(0, r, step):
             e = min(r, s + step)
             qs = q.view(batch, kv_heads, group, r, dim)[:, :, :, s:e].reshape(batch, kv_heads, group * (e - s), dim)
@@ -329,10 +350,7 @@ class EvictingLayer(DynamicLayer):
 
     def gather(self, idx: torch.Tensor) -> None:
         """Keep the held tokens at `idx` ([batch, P, keep], ascending) and nothing else."""
-        batch, kv_heads, _, dim = self.keys.shape
-        kidx = idx[..., None].expand(batch, kv_heads, idx.shape[-1], dim)
-        self.keys = self.keys.gather(2, kidx)
-        self.values = self.values.gather(2, kidx)
+        self.gather_kv(idx)
         self.positions = self.positions.gather(-1, idx)
         self.valid = self.valid.gather(-1, idx)
         for name in self.score_names:
