@@ -1,8 +1,8 @@
 """Memory and speed: plain transformers next to the shared model, measured in one run.
 
 Each configuration (mode, rate, batch) is measured the same way: a fresh cache, a prefill of
-`prompt_len` random tokens, then `new_tokens` greedy decode steps, timed after a warm-up; the
-median of `repeats`. KV bytes are read from the cache's tensors. Peak memory is CUDA's
+`prompt_len` random tokens (computing the last position's logits only, as `generate` does), then
+`new_tokens` greedy decode steps, timed after a warm-up; the median of `repeats`. KV bytes are read from the cache's tensors. Peak memory is CUDA's
 `max_memory_allocated`, or on CPU the peak resident set of a process that runs that configuration
 alone (spawned fresh, so one configuration's garbage never inflates another's peak).
 
@@ -139,6 +139,14 @@ def _restart_peaks(device) -> None:
         _reset_peak()
 
 
+def last_logits_only(model) -> dict:
+    """`logits_to_keep=1` where the model takes it: like `generate`, the prefill computes the logits of the
+    last position only (all of them would be prompt x vocabulary floats that generation never reads)."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.no_grad()
 def _run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | None = None):
     """Prefill + greedy decode with a fresh cache; returns (prefill_s, decode_s, cache, bytes_copied).
@@ -152,7 +160,7 @@ def _run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | No
     kw = model_cache_kwarg(model)  # `cache` in transformers >= 5.24, `past_key_values` before
     _sync(device)
     t0 = time.perf_counter()
-    logits = model(input_ids=prompt, use_cache=True, **{kw: cache}).logits
+    logits = model(input_ids=prompt, use_cache=True, **{kw: cache}, **last_logits_only(model)).logits
     token = logits[:, -1:].argmax(-1)
     _sync(device)
     t1 = time.perf_counter()

@@ -407,11 +407,13 @@ def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "ea
     attention); `score_s` / `evict_s`: the policies' own time, scoring and dropping (in-process, CPU)."""
     from transformers import DynamicCache
 
+    from .bench import last_logits_only
     from .policies.base import timing
     from .sharing import model_cache_kwarg
 
     budget = cfg.budgets[0] if budget is None else budget
     cache_kw = model_cache_kwarg(model)
+    last = last_logits_only(model)  # like generate: the prefill computes the last position's logits only
     vocab = model.config.get_text_config().vocab_size
     prompt = torch.randint(0, vocab, (cfg.bench_batch, cfg.bench_prompt), generator=torch.Generator().manual_seed(cfg.seed))
     original = model.config._attn_implementation
@@ -425,7 +427,7 @@ def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "ea
                     with compression(model, None, policy), timing() as t:
                         cache = DynamicCache(config=model.config)
                         t0 = time.perf_counter()
-                        token = model(input_ids=prompt, use_cache=True, **{cache_kw: cache}).logits[:, -1:].argmax(-1)
+                        token = model(input_ids=prompt, use_cache=True, **{cache_kw: cache}, **last).logits[:, -1:].argmax(-1)
                         t1 = time.perf_counter()
                         prefill_score, prefill_evict = t["score_s"], t["evict_s"]
                         for _ in range(cfg.bench_new_tokens):
