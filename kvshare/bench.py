@@ -401,14 +401,15 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int = 512, new_tokens: int = 128,
           cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None, repeats: int = 3,
           warmup: int = 1, isolate: bool | None = None, progress: bool = True, seed: int = 0, policy: str | None = None,
-          budget: int | None = None, kv_bits: int | None = None) -> list[dict]:
+          budget: int | None = None, kv_bits: int | None = None, rounds: int = 1) -> list[dict]:
     """Plain transformers and the shared model at each rate, side by side; rows with ratios.
+
+    `rounds` > 1 measures every configuration that many times, in alternating order (see `measure_rounds`):
+    on a shared machine a burst of other work then cannot make one configuration look fast or slow.
 
     With `policy` (a kvshare.policies name) and `budget`, every shared row also evicts tokens (rate 0:
     the policy alone); with `kv_bits` (8 or 4) every shared row quantizes its KV cache (with a policy too:
     the policy's kept tokens held as codes; kvshare.quantized_kv). The plain rows stay untouched transformers."""
-    from tqdm.auto import tqdm
-
     from .models import resolve_device
 
     if cache not in CACHES:
@@ -422,16 +423,48 @@ def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int 
                       seed) for b in batches]
     configs += [Config(model, "shared", float(rate), b, prompt_len, new_tokens, cache, random_weights, device, dtype,
                        repeats, warmup, seed, policy, budget, kv_bits=kv_bits) for b in batches for rate in rates]
-    rows = []
     shared_model = None
-    for config in tqdm(configs, desc="bench", disable=not progress):
+
+    def run(config):
+        nonlocal shared_model
         if isolate:
-            rows.append(measure_isolated(config))
-        else:
-            if shared_model is None:
-                shared_model = build_model(model, random_weights, device=device, dtype=dtype)
-            rows.append(measure(config, shared_model))
-    return add_ratios(rows)
+            return measure_isolated(config)
+        if shared_model is None:
+            shared_model = build_model(model, random_weights, device=device, dtype=dtype)
+        return measure(config, shared_model)
+
+    return add_ratios(measure_rounds(configs, run, rounds, progress=progress))
+
+
+def measure_rounds(configs: list, run, rounds: int = 1, progress: bool = True, desc: str = "bench") -> list[dict]:
+    """`run(config)` for every config, `rounds` times: forward order, then reverse, and so on, so that load
+    drift hits every configuration alike. Per config the row of its fastest decode is kept, with the lowest
+    prefill time and peaks of its runs (noise only adds to them) and every run under `rounds`."""
+    from tqdm.auto import tqdm
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    runs: list[list[dict]] = [[] for _ in configs]
+    order = list(range(len(configs)))
+    with tqdm(total=rounds * len(configs), desc=desc, disable=not progress) as bar:
+        for k in range(rounds):
+            for i in (order if k % 2 == 0 else order[::-1]):
+                row = run(configs[i])
+                row["round"] = k
+                runs[i].append(row)
+                bar.update()
+    rows = []
+    for rs in runs:
+        best = dict(max(rs, key=lambda r: r["decode_tps"]))
+        if len(rs) > 1:
+            best["prefill_s"] = min(r["prefill_s"] for r in rs)
+            for key in ("peak_bytes", "decode_peak_bytes"):
+                if all(r.get(key) is not None for r in rs):
+                    best[key] = min(r[key] for r in rs)
+            best["rounds"] = [{k: r.get(k) for k in ("round", "decode_tps", "prefill_s", "peak_bytes",
+                                                     "decode_peak_bytes", "load_avg_1min")} for r in rs]
+        rows.append(best)
+    return rows
 
 
 def max_batch_within(model_name: str, budget_bytes: int, rate: float, prompt_len: int, new_tokens: int,

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--rounds", type=int, default=1,
+                   help="measure every configuration this many times in alternating order, keep its fastest "
+                        "(steadier numbers on a shared machine)")
     _add_policy(b)
     _add_kv_bits(b)
     b.add_argument("--memory-budget-gb", type=float, default=None,
@@ -251,7 +254,7 @@ def cmd_bench(args):
         raise CLIError("--kv-bits quantizes a dynamic cache: drop --cache static")
     rows = bench(args.model, rates=rates, batches=batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                  cache=args.cache, random_weights=args.random_weights, device=args.device, dtype=args.dtype,
-                 repeats=args.repeats, policy=args.policy, budget=args.budget, kv_bits=args.kv_bits)
+                 repeats=args.repeats, policy=args.policy, budget=args.budget, kv_bits=args.kv_bits, rounds=args.rounds)
     result = {"rows": rows}
     if args.memory_budget_gb:
         result["budget"] = budget_comparison(args.model, int(args.memory_budget_gb * 2**30), [r for r in rates if r > 0],

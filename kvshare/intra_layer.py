@@ -197,36 +197,29 @@ def cost(cfg: Settings, strategy: Strategy, model=None, progress: bool = True) -
     On a shared machine the load drifts: the cells are measured in `cfg.bench_rounds` passes, forward
     then backward, and each cell keeps its fastest run's row (peaks: the lowest of its runs, RSS noise
     only adds); `rounds` keeps every run."""
-    from .bench import Config, measure, measure_isolated
+    from .bench import Config, measure, measure_isolated, measure_rounds
 
     isolate = cfg.bench_isolate or model is None
     order = cells(cfg)
-    runs: dict[str, list[dict]] = {c.label: [] for c in order}
-    for k in range(cfg.bench_rounds):
-        for cell in (order if k % 2 == 0 else order[::-1]):
-            config = Config(cfg.model, "shared" if (cell.shared or cell.policy) else "plain",
-                            strategy.num_shared / strategy.num_layers if cell.shared else 0.0, cfg.bench_batch,
-                            cfg.bench_prompt, cfg.bench_new_tokens, repeats=cfg.bench_repeats, seed=cfg.seed,
-                            policy=cell.policy, budget=cell.budget, strategy=strategy.to_dict() if cell.shared else None)
-            row = measure_isolated(config) if isolate else measure(config, model)
-            row.update(label=cell.label, shared=cell.shared, round=k)
-            runs[cell.label].append(row)
-            if progress:
-                print(f"round {k + 1}/{cfg.bench_rounds} {cell.label}: kv {row['kv_bytes'] / 2**20:.2f} MiB, "
-                      f"peak {row['peak_bytes'] / 2**20:.0f} MiB, decode {row['decode_tps']:.1f} tok/s "
-                      f"(load {row.get('load_avg_1min')})", flush=True)
-    rows = []
-    for cell in order:
-        rs = runs[cell.label]
-        best = dict(max(rs, key=lambda r: r["decode_tps"]))
-        best["prefill_s"] = min(r["prefill_s"] for r in rs)
-        for key in ("peak_bytes", "decode_peak_bytes"):
-            if all(r.get(key) is not None for r in rs):
-                best[key] = min(r[key] for r in rs)
-        best["rounds"] = [{k: r.get(k) for k in ("round", "decode_tps", "prefill_s", "peak_bytes", "decode_peak_bytes",
-                                                 "load_avg_1min")} for r in rs]
-        rows.append(best)
-    return rows
+    configs = [(cell, Config(cfg.model, "shared" if (cell.shared or cell.policy) else "plain",
+                             strategy.num_shared / strategy.num_layers if cell.shared else 0.0, cfg.bench_batch,
+                             cfg.bench_prompt, cfg.bench_new_tokens, repeats=cfg.bench_repeats, seed=cfg.seed,
+                             policy=cell.policy, budget=cell.budget, strategy=strategy.to_dict() if cell.shared else None))
+               for cell in order]
+    done = [0]
+
+    def run(item):
+        cell, config = item
+        row = measure_isolated(config) if isolate else measure(config, model)
+        row.update(label=cell.label, shared=cell.shared)
+        done[0] += 1
+        if progress:
+            print(f"round {(done[0] - 1) // len(configs) + 1}/{cfg.bench_rounds} {cell.label}: kv "
+                  f"{row['kv_bytes'] / 2**20:.2f} MiB, peak {row['peak_bytes'] / 2**20:.0f} MiB, decode "
+                  f"{row['decode_tps']:.1f} tok/s (load {row.get('load_avg_1min')})", flush=True)
+        return row
+
+    return measure_rounds(configs, run, cfg.bench_rounds, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
