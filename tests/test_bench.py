@@ -100,3 +100,29 @@ def test_budget_comparison_finds_batches(tiny_dir):
     assert plain["fits"] and plain["batch"] == 3  # an unlimited budget stops at `limit`
     tight = B.max_batch_within(tiny_dir, 1, 0.0, 4, 2, random_weights=True, model=model)
     assert not tight["fits"] and tight["batch"] == 0
+
+
+def test_rounds_and_notebook_04_conclusion_on_a_tiny_run(tiny_dir):
+    """bench(rounds=2) keeps every run and the fastest; notebook 04's conclusion reads the rows (numbers unasserted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from kvshare import memory_speed as ms
+
+    rows = ms.rate_sweep(tiny_dir, rates=(0.0, 0.25), batches=(1,), prompt_len=8, new_tokens=3, repeats=1,
+                         random_weights=True, isolate=False, rounds=2, progress=False)
+    assert [(r["mode"], r["num_shared"]) for r in rows] == [("plain", 0), ("shared", 0), ("shared", 2)]
+    for r in rows:
+        assert [x["round"] for x in r["rounds"]] == [0, 1]
+        assert r["decode_tps"] == max(x["decode_tps"] for x in r["rounds"])
+        assert r["prefill_s"] == min(x["prefill_s"] for x in r["rounds"])
+    assert rows[2]["kv_bytes_ratio"] == pytest.approx(6 / 8)
+    check = ms.paper_memory_check()
+    acc = ms.byte_accounting(LlamaConfig(**B.PRESETS["llama2-13b"]), rates=(0.0, 0.25),
+                             batch=check["max_batch_in_paper_peak"], prompt_len=512, new_tokens=64, elem=2)
+    text = ms.conclusion(rows, [], check, acc, None)
+    assert "exactly (L−C)/L = 0.7500" in text
+    assert "C=0 overhead" in text and "measurement noise" in text and "the very same code runs" in text
+    assert "no GPU results file" in text
+    with pytest.raises(ValueError, match="rounds"):
+        B.measure_rounds([1], lambda c: {}, rounds=0)
