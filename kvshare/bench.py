@@ -2,9 +2,10 @@
 
 Each configuration (mode, rate, batch) is measured the same way: a fresh cache, a prefill of
 `prompt_len` random tokens (computing the last position's logits only, as `generate` does), then
-`new_tokens` greedy decode steps, timed after a warm-up; the median of `repeats`. KV bytes are read from the cache's tensors. Peak memory is CUDA's
-`max_memory_allocated`, or on CPU the peak resident set of a process that runs that configuration
-alone (spawned fresh, so one configuration's garbage never inflates another's peak).
+`new_tokens` greedy decode steps, timed after a warm-up; the median of `repeats`. KV bytes are read
+from the cache's tensors. Peak memory is CUDA's `max_memory_allocated`, or on CPU the peak resident
+set of a process that runs that configuration alone (spawned fresh, so one configuration's garbage
+never inflates another's peak).
 
 Speed and memory do not depend on weight values, so the paper's model shapes can be built from a
 config with random weights (`random_weights=True`, presets below). Which layers are replaced does not

@@ -139,12 +139,10 @@ def quality_tasks(cfg: Settings) -> list:
         tasks.append(SummarizationTask(limit=cfg.summaries))
     offline = {t.source: t for t in OFFLINE_TASKS if t.kind == "multiple_choice"}
     for name in cfg.mc_tasks:
-        if not isinstance(name, str):  # a task spec (e.g. an MCTask on a local file)
-            tasks.append(replace(name, limit=cfg.mc_limit) if cfg.mc_limit else name)
-            continue
-        if name not in offline:
+        if isinstance(name, str) and name not in offline:
             raise ValueError(f"unknown multiple-choice task {name!r}; use one of {', '.join(offline)}")
-        tasks.append(replace(offline[name], limit=cfg.mc_limit) if cfg.mc_limit else offline[name])
+        spec = offline[name] if isinstance(name, str) else name  # a name, or a spec (e.g. an MCTask on a local file)
+        tasks.append(replace(spec, limit=cfg.mc_limit) if cfg.mc_limit else spec)
     return tasks
 
 
@@ -242,14 +240,14 @@ def table(quality_rows: list[dict], cost_rows: list[dict]) -> list[dict]:
     for q in quality_rows:
         c = by_label[q["label"]]
         d, se = paired(q, full_q)
+        rouge_d, rouge_se = paired(q, full_q, "rougeL_scores")
+        mc_d, mc_se = paired(q, full_q, "mc_scores")
         out.append({
             "label": q["label"], "policy": q["policy"] or "", "budget": q["budget"], "shared": q["shared"],
             "num_shared": q["num_shared"], "ppl": q["ppl"], "ppl_se": q["ppl_se"], "ppl_ratio": q["ppl"] / full_q["ppl"],
             "nll_diff": d, "nll_diff_se": se,
-            "rougeL": q.get("rougeL"), "rougeL_diff": paired(q, full_q, "rougeL_scores")[0],
-            "rougeL_diff_se": paired(q, full_q, "rougeL_scores")[1],
-            "mc_acc": q.get("mc_acc"), "mc_acc_diff": paired(q, full_q, "mc_scores")[0],
-            "mc_acc_diff_se": paired(q, full_q, "mc_scores")[1],
+            "rougeL": q.get("rougeL"), "rougeL_diff": rouge_d, "rougeL_diff_se": rouge_se,
+            "mc_acc": q.get("mc_acc"), "mc_acc_diff": mc_d, "mc_acc_diff_se": mc_se,
             "kv_bytes": c["kv_bytes"], "kv_bytes_predicted": c.get("kv_bytes_predicted"),
             "kv_ratio": c["kv_bytes"] / full_c["kv_bytes"],
             "peak_bytes": c["peak_bytes"], "peak_ratio": c["peak_bytes"] / full_c["peak_bytes"],

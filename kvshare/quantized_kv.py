@@ -33,7 +33,7 @@ quantized cache. `nbytes()` counts what is stored (packed codes + scales + zeros
 
 Composition with token eviction: `quantized_eviction(H2O(budget=64), QuantizedKV(bits=4))` (or
 `quantized(policy, bits)`) is an eviction policy whose slots select and drop tokens exactly as the
-policy does, but hold the kept tokens as codes (`QuantizedStorage`): the bytes are the policy's kept
+policy does, but hold the kept tokens as codes (`EvictingCodes`): the bytes are the policy's kept
 tokens times the quantizer's bytes per token. H2O/PyramidInfer score tokens with the keys as
 attention reads them (dequantized). Since codes are per token, dropping tokens never re-quantizes
 anything: the evicting cache holds exactly the codes the quantized cache alone would hold for them.
@@ -167,7 +167,35 @@ def _sliding_window(config, layer_idx: int) -> int | None:
     return None if config is None else layer_window(config, layer_idx)
 
 
-class QuantizedKVLayer(DynamicLayer):
+class QuantizedStorage:
+    """K/V held as packed codes (`qkeys` / `qvalues`, [batch, kv_heads, tokens, ...], see `QTensor`) by a
+    cache layer whose `keys` / `values` stay empty tensors that give dtype and device."""
+
+    bits = 8
+    group_size = 32
+    qkeys: QTensor | None = None
+    qvalues: QTensor | None = None
+
+    def _quantize(self, x: torch.Tensor) -> QTensor:
+        return quantize(x, self.bits, group_size_for(x.shape[-1], self.group_size))
+
+    def held(self) -> int:
+        """Tokens held now (per sequence and head)."""
+        return 0 if self.qkeys is None else self.qkeys.packed.shape[-2]
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V attention reads: the dequantized contents of the layer."""
+        if self.qkeys is None:
+            return self.keys, self.values
+        dtype = self.keys.dtype
+        return dequantize(self.qkeys, dtype), dequantize(self.qvalues, dtype)
+
+    def nbytes(self) -> int:
+        """Bytes stored: packed codes, scales and zeros of keys and values."""
+        return sum(q.nbytes() for q in (self.qkeys, self.qvalues) if q is not None)
+
+
+class QuantizedKVLayer(QuantizedStorage, DynamicLayer):
     """A dynamic cache layer that stores K and V as packed per-token group-wise codes.
 
     `keys` / `values` stay empty tensors (they give the dtype and device); the data is in
@@ -193,25 +221,6 @@ class QuantizedKVLayer(DynamicLayer):
     def __repr__(self):
         window = f", sliding_window={self.sliding_window}" if self.is_sliding else ""
         return f"QuantizedKVLayer(bits={self.bits}, group_size={self.group_size}{window})"
-
-    # -- storage ---------------------------------------------------------------------------
-    def _quantize(self, x: torch.Tensor) -> QTensor:
-        return quantize(x, self.bits, group_size_for(x.shape[-1], self.group_size))
-
-    def held(self) -> int:
-        """Tokens held now (per sequence and head)."""
-        return 0 if self.qkeys is None else self.qkeys.packed.shape[-2]
-
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K/V attention reads: the dequantized contents of the layer."""
-        if self.qkeys is None:
-            return self.keys, self.values
-        dtype = self.keys.dtype
-        return dequantize(self.qkeys, dtype), dequantize(self.qvalues, dtype)
-
-    def nbytes(self) -> int:
-        """Bytes stored: packed codes, scales and zeros of keys and values."""
-        return sum(q.nbytes() for q in (self.qkeys, self.qvalues) if q is not None)
 
     # -- transformers' layer interface -----------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -340,30 +349,14 @@ class QuantizedKV:
 # --------------------------------------------------------------------------------------------
 # quantization x token eviction
 # --------------------------------------------------------------------------------------------
-class QuantizedStorage:
-    """Mixin for a kvshare.policies evicting layer: K/V held as packed codes (`qkeys` / `qvalues`,
-    [batch, kv_heads, held, ...]); `keys` / `values` stay empty tensors that give dtype and device."""
-
-    bits = 8
-    group_size = 32
-    qkeys: QTensor | None = None
-    qvalues: QTensor | None = None
-
-    def _quantize(self, x: torch.Tensor) -> QTensor:
-        return quantize(x, self.bits, group_size_for(x.shape[-1], self.group_size))
-
-    def held(self) -> int:
-        return 0 if self.qkeys is None else self.qkeys.packed.shape[-2]
+class EvictingCodes(QuantizedStorage):
+    """Mixin for a kvshare.policies evicting layer: the storage hooks of `EvictingLayer` on codes."""
 
     def store(self, key_states, value_states, first: bool):
         qk, qv = self._quantize(key_states), self._quantize(value_states)
         self.qkeys = qk if first else _cat(self.qkeys, qk)
         self.qvalues = qv if first else _cat(self.qvalues, qv)
         return self.dequantized()
-
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = self.keys.dtype
-        return dequantize(self.qkeys, dtype), dequantize(self.qvalues, dtype)
 
     def held_keys(self) -> torch.Tensor:
         return dequantize(self.qkeys, self.keys.dtype)
@@ -383,9 +376,6 @@ class QuantizedStorage:
             self.keys, self.values = stubs
         self.qkeys, self.qvalues = _map(self.qkeys, fn), _map(self.qvalues, fn)
 
-    def nbytes(self) -> int:
-        return sum(q.nbytes() for q in (self.qkeys, self.qvalues) if q is not None)
-
     def reset(self) -> None:
         super().reset()
         self.qkeys = self.qvalues = None
@@ -395,9 +385,9 @@ _QUANTIZED_LAYER_CLASSES: dict = {}
 
 
 def quantized_layer_class(layer_class):
-    """`layer_class` (an evicting layer) with `QuantizedStorage`: same selection, codes instead of tensors."""
+    """`layer_class` (an evicting layer) with `EvictingCodes`: same selection, codes instead of tensors."""
     if layer_class not in _QUANTIZED_LAYER_CLASSES:
-        _QUANTIZED_LAYER_CLASSES[layer_class] = type(f"Quantized{layer_class.__name__}", (QuantizedStorage, layer_class), {})
+        _QUANTIZED_LAYER_CLASSES[layer_class] = type(f"Quantized{layer_class.__name__}", (EvictingCodes, layer_class), {})
     return _QUANTIZED_LAYER_CLASSES[layer_class]
 
 
@@ -482,5 +472,5 @@ def make_policy(kv_bits: int | None, group_size: int = 32) -> QuantizedKV | None
     return QuantizedKV(bits=int(kv_bits), group_size=group_size)
 
 
-__all__ = ["QTensor", "QuantizedKV", "QuantizedKVLayer", "QuantizedStorage", "SUPPORTED_BITS",
+__all__ = ["EvictingCodes", "QTensor", "QuantizedKV", "QuantizedKVLayer", "QuantizedStorage", "SUPPORTED_BITS",
            "dequantize", "error_bound", "make_policy", "plain_cache_bytes", "quantize", "quantized", "quantized_eviction"]

@@ -120,7 +120,7 @@ class EvictingLayer(DynamicLayer):
         """Tokens held now (per sequence and head)."""
         return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
 
-    # -- storage: full-precision tensors here; kvshare.quantized_kv.QuantizedStorage holds codes instead --
+    # -- storage: full-precision tensors here; kvshare.quantized_kv.EvictingCodes holds codes instead --
     def store(self, key_states, value_states, first: bool):
         """Append the new tokens' K/V (`first`: nothing held yet); return the K/V of everything held."""
         if first:
