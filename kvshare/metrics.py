@@ -150,7 +150,7 @@ def summarize_windows(nlls: list[torch.Tensor]) -> dict:
 def decode_perplexity(model, tokenizer, text: str, window: int = 512, context: int | None = None,
                       max_tokens: int | None = None, batch_size: int = 8, progress: bool = False) -> dict:
     """Perplexity of the decoded part of each window (see the module docstring), with its error."""
-    from .experiments import Progress
+    from .progress import Progress
 
     context = window // 2 if context is None else context
     max_windows = None if max_tokens is None else max(1, max_tokens // window)

@@ -107,7 +107,8 @@ def test_rounds_and_notebook_04_conclusion_on_a_tiny_run(tiny_dir):
     import matplotlib
 
     matplotlib.use("Agg")
-    from kvshare import memory_speed as ms
+    from kvshare.experiments import memory_speed as ms
+    from kvshare.experiments.reports import memory_speed as report
 
     rows = ms.rate_sweep(tiny_dir, rates=(0.0, 0.25), batches=(1,), prompt_len=8, new_tokens=3, repeats=1,
                          random_weights=True, isolate=False, rounds=2, progress=False)
@@ -120,7 +121,7 @@ def test_rounds_and_notebook_04_conclusion_on_a_tiny_run(tiny_dir):
     check = ms.paper_memory_check()
     acc = ms.byte_accounting(LlamaConfig(**B.PRESETS["llama2-13b"]), rates=(0.0, 0.25),
                              batch=check["max_batch_in_paper_peak"], prompt_len=512, new_tokens=64, elem=2)
-    text = ms.conclusion(rows, [], check, acc, None)
+    text = report.conclusion(rows, [], check, acc, None)
     assert "exactly (L−C)/L = 0.7500" in text
     assert "C=0 overhead" in text and "measurement noise" in text and "the very same code runs" in text
     assert "no GPU results file" in text

@@ -15,8 +15,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import kvshare
-from kvshare import evaluation
-from kvshare.evaluation import ROW_COLUMNS, Evaluator, resolve_tasks, summarize, write_results
+from kvshare.evaluation import ROW_COLUMNS, Evaluator, resolve_tasks, write_results
+from kvshare.experiments import evaluation as compression_table
+from kvshare.experiments.reports import evaluation as compression_report
 from kvshare.sharing import active_strategy
 from kvshare.tasks import MCTask, PerplexityTask, SummarizationTask
 from kvshare.tasks.offline import FEWSHOT_POOL
@@ -195,16 +196,16 @@ def test_summary_and_conclusion_arithmetic():
         row("dissimilar", 0.25, 8, "a", 0.4, 0.25, [1, 1, 0, 0, 0]),
         row("dissimilar", 0.25, 8, "b", 0.4, 0.25, [1, 1, 0, 0, 0]),
     ]
-    s = {(x["order"], x["rate"]): x for x in summarize(rows)}
+    s = {(x["order"], x["rate"]): x for x in compression_table.summarize(rows)}
     assert s[("dissimilar", 0.0)]["kept_pct"] == pytest.approx(100.0)
     assert s[("dissimilar", 0.25)]["kept_pct"] == pytest.approx(80.0)
     assert s[("dissimilar", 0.25)]["above_chance_kept_pct"] == pytest.approx(100 * 0.15 / 0.25)
     assert s[("dissimilar", 0.25)]["drop"] == pytest.approx(0.1)
-    c = evaluation.conclusion(list(s.values()), rate=0.25)
+    c = compression_report.conclusion(list(s.values()), rate=0.25)
     assert c["orders"]["dissimilar"]["holds"] is False and "80.0%" in c["text"]
-    assert evaluation.num_shared_for(0.125, 30) == 4
-    assert evaluation.num_shared_for(0.25, 30) == 8
-    assert evaluation.num_shared_for(0.375, 30) == 11
+    assert compression_table.num_shared_for(0.125, 30) == 4
+    assert compression_table.num_shared_for(0.25, 30) == 8
+    assert compression_table.num_shared_for(0.375, 30) == 11
 
 
 # --------------------------------------------------------------------------------------------

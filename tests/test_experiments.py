@@ -1,5 +1,6 @@
-"""The experiment logic behind the notebooks (kvshare.experiments) and its figures (kvshare.plotting),
-on tiny random models and synthetic numbers: fast, no download."""
+"""The logic behind notebooks 01 and 02 (kvshare.experiments.common, .observation, .search) and their reports
+(kvshare.experiments.reports.*), on tiny random models and synthetic numbers: fast, no download; and the layering
+of the package (the core never imports notebook logic, computation never imports matplotlib)."""
 from __future__ import annotations
 
 import math
@@ -12,49 +13,54 @@ import numpy as np
 import pytest
 import torch
 
-from kvshare import experiments as ex
-from kvshare import plotting as pl
+from kvshare.experiments import common
+from kvshare.experiments import observation as obs
+from kvshare.experiments import search as srch
+from kvshare.experiments.reports import observation as obs_report
+from kvshare.experiments.reports import search as search_report
+from kvshare.experiments.reports.common import generations_markdown, save_figure
+from kvshare.progress import Progress
 from kvshare.strategy import Strategy
 
 from conftest import NUM_LAYERS
 
 
 def test_num_for_fraction_rounds_half_up():
-    assert ex.num_for_fraction(30, 0.125) == 4
-    assert ex.num_for_fraction(30, 0.25) == 8
-    assert ex.num_for_fraction(32, 0.25) == 8
-    assert ex.num_for_fraction(24, 0.125) == 3
+    assert common.num_for_fraction(30, 0.125) == 4
+    assert common.num_for_fraction(30, 0.25) == 8
+    assert common.num_for_fraction(32, 0.25) == 8
+    assert common.num_for_fraction(24, 0.125) == 3
 
 
 def test_c_grid_reaches_the_fraction():
-    assert ex.c_grid(30, 0.4, 2) == [0, 2, 4, 6, 8, 10, 12]
-    g = ex.c_grid(24, 0.4, 2)  # 40% of 24 = 9.6 layers: the grid must reach at least 10
+    assert obs.c_grid(30, 0.4, 2) == [0, 2, 4, 6, 8, 10, 12]
+    g = obs.c_grid(24, 0.4, 2)  # 40% of 24 = 9.6 layers: the grid must reach at least 10
     assert g[0] == 0 and g[-1] >= 9.6 and all(b - a == 2 for a, b in zip(g, g[1:]))
-    assert ex.c_grid(30, 4 / 30, 2) == [0, 2, 4]
-    assert ex.c_grid(3, 0.9, 2)[-1] <= 2  # never all layers
+    assert obs.c_grid(30, 4 / 30, 2) == [0, 2, 4]
+    assert obs.c_grid(3, 0.9, 2)[-1] <= 2  # never all layers
 
 
 def test_settings_quick_and_overrides():
-    full = ex.settings("m", False, 3)
-    quick = ex.settings("m", True, 3)
+    full = common.settings("m", False, 3)
+    quick = common.settings("m", True, 3)
     assert full.calibration_sets >= 3 and full.random_seeds >= 3 and full.max_fraction >= 0.4 and full.c_step <= 2
     assert min(full.thresholds) <= 0.3 and max(full.thresholds) >= 0.9
     assert quick.eval_tokens < full.eval_tokens and quick.samples < full.samples
-    assert ex.settings("m", True, 0, eval_tokens=None).eval_tokens == quick.eval_tokens
-    assert ex.settings("m", True, 0, eval_tokens=77).eval_tokens == 77
+    assert common.settings("m", True, 0, eval_tokens=None).eval_tokens == quick.eval_tokens
+    assert common.settings("m", True, 0, eval_tokens=77).eval_tokens == 77
     with pytest.raises(ValueError):
-        ex.settings("m", False, 0, nonsense=1)
+        common.settings("m", False, 0, nonsense=1)
 
 
 def test_resolve_out_dir_explicit(tmp_path):
-    assert ex.resolve_out_dir(str(tmp_path / "x"), quick=False) == (tmp_path / "x").resolve()
+    assert common.resolve_out_dir(str(tmp_path / "x"), quick=False) == (tmp_path / "x").resolve()
     assert (tmp_path / "x").is_dir()
 
 
 def _result(window_nlls):
     w = np.asarray(window_nlls, dtype=float)
     nll = torch.tensor(np.repeat(w, 4))
-    return ex.summarize_nll(nll, 4)
+    return common.summarize_nll(nll, 4)
 
 
 def test_summarize_and_paired_difference():
@@ -62,12 +68,12 @@ def test_summarize_and_paired_difference():
     b = _result([2.1, 3.1, 2.6, 3.6])
     assert a["ppl"] == pytest.approx(math.exp(2.75))
     assert a["tokens"] == 16 and len(a["window_nll"]) == 4
-    d = ex.paired_difference(a, b)
+    d = common.paired_difference(a, b)
     assert d["nll_diff"] == pytest.approx(-0.1)
     assert d["nll_diff_se"] == pytest.approx(0.0, abs=1e-12)  # a constant shift: the pairing removes all noise
     assert d["ppl_ratio"] == pytest.approx(math.exp(-0.1))
     with pytest.raises(ValueError):
-        ex.paired_difference(a, _result([1.0, 2.0]))
+        common.paired_difference(a, _result([1.0, 2.0]))
 
 
 def _rows(dis_better: bool, sets=(0, 1, 2), cs=(0, 2, 4), seeds=(0, 1, 2)):
@@ -90,7 +96,7 @@ def _rows(dis_better: bool, sets=(0, 1, 2), cs=(0, 2, 4), seeds=(0, 1, 2)):
 @pytest.mark.parametrize("dis_better", [True, False])
 def test_conclusion_is_computed_from_the_numbers(dis_better):
     rows = _rows(dis_better)
-    text = ex.observation_conclusion(rows, 30, "tiny")
+    text = obs_report.observation_conclusion(rows, 30, "tiny")
     if dis_better:
         assert "claim holds" in text and "does not hold" not in text
         assert "dissimilar wins on every set" in text
@@ -106,10 +112,10 @@ def test_conclusion_is_computed_from_the_numbers(dis_better):
 
 def test_curve_summary_random_spread():
     rows = _rows(True)
-    summary = ex.curve_summary(rows)
+    summary = obs.curve_summary(rows)
     rnd = [r for r in summary if r["order"] == "random" and r["num_shared"] == 2 and r["calibration_set"] == 0][0]
     assert rnd["seeds"] == 3 and rnd["ppl_min"] <= rnd["ppl"] <= rnd["ppl_max"] and rnd["ppl_std"] > 0
-    comps = ex.paired_comparisons(rows)
+    comps = obs.paired_comparisons(rows)
     assert {c["versus"] for c in comps} == {"similar", "random"}
     assert all(c["num_shared"] > 0 for c in comps)
     assert len([c for c in comps if c["versus"] == "random"]) == 3 * 2 * 3
@@ -117,17 +123,17 @@ def test_curve_summary_random_spread():
 
 def test_acceptance_by_decile():
     rows = [{"dissimilarity_rank": r, "accepted": r < 20} for r in range(0, 100, 2)]
-    out = ex.acceptance_by_decile(rows, 100)
+    out = srch.acceptance_by_decile(rows, 100)
     assert [r["decile"] for r in out] == list(range(1, 11))
     assert out[0]["visited"] == 5 and out[0]["rate"] == 1.0
     assert out[1]["rate"] == 1.0 and out[2]["rate"] == 0.0
     assert sum(r["visited"] for r in out) == 50
-    empty = ex.acceptance_by_decile([], 100)
+    empty = srch.acceptance_by_decile([], 100)
     assert all(r["visited"] == 0 and math.isnan(r["rate"]) for r in empty)
 
 
 def test_progress_prints_lines(capsys):
-    bar = ex.Progress(3, "work", every=0)
+    bar = Progress(3, "work", every=0)
     for _ in range(3):
         bar.update(note="x")
     bar.close()
@@ -138,17 +144,17 @@ def test_progress_prints_lines(capsys):
 # -- on a tiny model: the real code paths --------------------------------------------------------------------
 @pytest.fixture
 def tiny_setup(tiny_llama, char_tokenizer):
-    cfg = ex.settings("tiny", True, 0, samples=3, max_tokens=16, calibration_sets=2, max_fraction=0.5,
-                      random_seeds=2, eval_tokens=96, window=32, thresholds=[0.3, 0.99])
+    cfg = common.settings("tiny", True, 0, samples=3, max_tokens=16, calibration_sets=2, max_fraction=0.5,
+                          random_seeds=2, eval_tokens=96, window=32, thresholds=[0.3, 0.99])
     text = "The quick brown fox jumps over the lazy dog. " * 10
-    evaluator = ex.Evaluator(tiny_llama, char_tokenizer, text=text, tokens=cfg.eval_tokens, window=cfg.window)
+    evaluator = common.HeldOutScorer(tiny_llama, char_tokenizer, text=text, tokens=cfg.eval_tokens, window=cfg.window)
     return tiny_llama, char_tokenizer, cfg, evaluator
 
 
 def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
     model, tok, cfg, evaluator = tiny_setup
-    rows, runs = ex.ppl_curves(model, tok, cfg, evaluator, progress=False)
-    grid = ex.c_grid(NUM_LAYERS, cfg.max_fraction, cfg.c_step)
+    rows, runs = obs.ppl_curves(model, tok, cfg, evaluator, progress=False)
+    grid = obs.c_grid(NUM_LAYERS, cfg.max_fraction, cfg.c_step)
     assert len(runs) == cfg.calibration_sets * (2 + cfg.random_seeds)  # one search per (set, order, seed)
     assert all(r.strategy.metadata["target_num_shared"] == grid[-1] for r in runs)
     # identical strategies are scored once: every C = 0 point is the same unshared model
@@ -164,14 +170,14 @@ def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
                 continue
             assert len(row) == 1
             assert row[0]["mapping"] == {str(k): v for k, v in run.strategy.prefix(c).mapping.items()}
-    text = ex.observation_conclusion(rows, NUM_LAYERS, "tiny", runs=runs)
+    text = obs_report.observation_conclusion(rows, NUM_LAYERS, "tiny", runs=runs)
     assert "tiny" in text
     visited = sum(len(r.trace) for r in runs)
     assert f"candidates the {len(runs)} searches visited" in text and f"of the {visited} candidates" in text
-    summary = ex.curve_summary(rows)
-    comps = ex.paired_comparisons(rows)
-    for fig in (pl.ppl_curve(summary, NUM_LAYERS), pl.ppl_curves_by_set(summary, NUM_LAYERS),
-                pl.paired_differences(comps, NUM_LAYERS)):
+    summary = obs.curve_summary(rows)
+    comps = obs.paired_comparisons(rows)
+    for fig in (obs_report.ppl_curve(summary, NUM_LAYERS), obs_report.ppl_curves_by_set(summary, NUM_LAYERS),
+                obs_report.paired_differences(comps, NUM_LAYERS)):
         assert fig.axes
 
 
@@ -192,34 +198,36 @@ def test_evaluator_matches_sharing_context(tiny_setup):
 def test_threshold_sweep_and_trace(tiny_setup, char_tokenizer):
     model, tok, cfg, evaluator = tiny_setup
     texts = ["alpha beta gamma delta epsilon zeta", "one two three four five six seven", "lorem ipsum dolor sit amet"]
-    d = ex.distance_matrices(model, tok, texts, cfg.max_tokens)
+    d = common.distance_matrices(model, tok, texts, cfg.max_tokens)
     assert set(d) == {"euclidean", "cosine"} and d["euclidean"].shape == (NUM_LAYERS, NUM_LAYERS)
-    ranks = ex.dissimilarity_ranks(d[cfg.metric])
+    ranks = srch.dissimilarity_ranks(d[cfg.metric])
     assert sorted(ranks.values()) == list(range(NUM_LAYERS * (NUM_LAYERS - 1) // 2))
-    main = ex.run_search(model, tok, texts, 2, "dissimilar", 0, cfg, threshold=0.3)
-    rows, runs = ex.threshold_sweep(model, tok, texts, cfg, evaluator, 2, reuse={0.3: main}, progress=False)
-    paired = ex.sweep_rows(runs, evaluator, reference=main.strategy, progress=False)
+    main = common.run_search(model, tok, texts, 2, "dissimilar", 0, cfg, threshold=0.3)
+    rows, runs = srch.threshold_sweep(model, tok, texts, cfg, evaluator, 2, reuse={0.3: main}, progress=False)
+    paired = srch.sweep_rows(runs, evaluator, reference=main.strategy, progress=False)
     assert paired[0]["ppl_ratio_vs_default"] == pytest.approx(1.0)
     assert all("z_vs_default" in r for r in paired)
     assert runs[0] is main  # reused, not searched again
     assert [r["threshold"] for r in rows] == [0.3, 0.99]
     for r in rows:
         assert r["accepted"] + r["rejected"] == r["visited"] and r["num_shared"] <= 2
-    trace = ex.trace_rows(runs[-1].trace, ranks)
+    trace = srch.trace_rows(runs[-1].trace, ranks)
     assert all("dissimilarity_rank" in t for t in trace)
-    by = {"x": ex.acceptance_by_decile(trace, len(ranks))}
-    summary = ex.search_summary(main)
+    by = {"x": srch.acceptance_by_decile(trace, len(ranks))}
+    summary = srch.search_summary(main)
     assert summary["layer_forwards"] <= summary["naive_layer_forwards"]
-    text = ex.search_conclusion(rows, by, summary, 0.3, control=ex.run_counts(main))
+    text = search_report.search_conclusion(rows, by, summary, 0.3, control=srch.run_counts(main))
     assert "T = 0.99" in text and "decile" in text
-    for fig in (pl.trace_scatter({"T = 0.99": (trace, 0.99), "T = 0.3": (ex.trace_rows(main.trace, ranks), 0.3)}, num_pairs=len(ranks)), pl.acceptance_deciles(by), pl.strategy_arcs(main.strategy),
-                pl.threshold_sweep_plot(rows), pl.distance_heatmaps(d)):
+    panels = {"T = 0.99": (trace, 0.99), "T = 0.3": (srch.trace_rows(main.trace, ranks), 0.3)}
+    for fig in (search_report.trace_scatter(panels, num_pairs=len(ranks)), search_report.acceptance_deciles(by),
+                search_report.strategy_arcs(main.strategy), search_report.threshold_sweep_plot(rows),
+                obs_report.distance_heatmaps(d)):
         assert fig.axes
 
 
 def test_save_figure_writes_png_and_pdf(tmp_path):
-    fig = pl.strategy_arcs(Strategy({4: 1, 5: 1}, 6))
-    paths = pl.save_figure(fig, tmp_path, "02_search_x")
+    fig = search_report.strategy_arcs(Strategy({4: 1, 5: 1}, 6))
+    paths = save_figure(fig, tmp_path, "02_search_x")
     assert [p.name for p in paths] == ["02_search_x.png", "02_search_x.pdf"]
     assert all(p.stat().st_size > 1000 for p in paths)
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:5] == b"%PDF-"
@@ -227,7 +235,7 @@ def test_save_figure_writes_png_and_pdf(tmp_path):
 
 def test_generations_markdown_escapes():
     rows = [{"setting": "full", "prompt": "p|1", "completion": "a\nb"}, {"setting": "C = 4", "prompt": "p|1", "completion": "c"}]
-    md = ex.generations_markdown(rows)
+    md = generations_markdown(rows)
     assert md.splitlines()[0] == "| prompt | full | C = 4 |"
     assert "p\\|1" in md and "a b" in md
 
@@ -239,10 +247,10 @@ def test_long_search_heartbeat(tiny_setup, capsys):
 
     model, tok, cfg, _ = tiny_setup
     original = search_module.similarity
-    watch = ex._SearchWatch("search (test)", 0.5, every=0.01)
+    watch = common._SearchWatch("search (test)", 0.5, every=0.01)
     with watch:
-        ex.run_search(model, tok, ["alpha beta gamma delta", "one two three four"], 2, "dissimilar", 0, cfg,
-                      threshold=0.5, progress=False)
+        common.run_search(model, tok, ["alpha beta gamma delta", "one two three four"], 2, "dissimilar", 0, cfg,
+                          threshold=0.5, progress=False)
         import time
 
         time.sleep(0.05)
@@ -250,3 +258,80 @@ def test_long_search_heartbeat(tiny_setup, capsys):
     assert watch.scored >= 2
     out = capsys.readouterr().out
     assert "search (test): still searching" in out and "candidates scored" in out
+
+
+# -- the layers: core <- experiments <- reports ------------------------------------------------------------------
+def _sources() -> dict:
+    """{path: dotted module name} of every kvshare source file."""
+    from pathlib import Path
+
+    import kvshare
+
+    root = Path(kvshare.__file__).parent
+    return {p: ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+            for p in sorted(root.rglob("*.py"))}
+
+
+def _imports(path, module: str) -> list[str]:
+    """Absolute names of everything `module` (at `path`) imports, inside functions too (`from . import x` gives
+    both the package and `package.x`, which may be a module)."""
+    import ast
+
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else []))
+            out += [name] + [f"{name}.{a.name}" for a in node.names]
+    return out
+
+
+def test_the_core_never_imports_notebook_logic():
+    """Only kvshare.experiments (and the CLI) may import kvshare.experiments: notebook logic sits on top of the core."""
+    offenders = [f"{module} imports {name}" for path, module in _sources().items()
+                 if not module.startswith("kvshare.experiments") and module != "kvshare.cli"
+                 for name in _imports(path, module) if name.startswith("kvshare.experiments")]
+    assert offenders == []
+
+
+def test_computation_never_imports_matplotlib_and_reports_sit_on_top():
+    modules = {m: p for p, m in _sources().items() if m.startswith("kvshare.experiments")}
+    notebooks = ("observation", "search", "evaluation", "memory_speed", "intra_layer", "quantized")
+    assert {f"kvshare.experiments.{n}" for n in notebooks} <= set(modules)
+    assert {f"kvshare.experiments.reports.{n}" for n in notebooks} <= set(modules)
+    for module, path in modules.items():
+        if module.startswith("kvshare.experiments.reports"):
+            continue
+        names = _imports(path, module)
+        assert not any(n.split(".")[0] == "matplotlib" for n in names), f"{module} imports matplotlib"
+        assert not any(n.startswith("kvshare.experiments.reports") for n in names), f"{module} imports a report"
+
+
+def test_no_import_cycle_among_the_notebook_modules():
+    modules = {m: p for p, m in _sources().items() if m.startswith("kvshare.experiments")}
+    graph = {m: {n for n in _imports(p, m) if n in modules and n != m} for m, p in modules.items()}
+    state: dict[str, str] = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in graph[m]:
+            assert state.get(n) != "open", f"import cycle: {' -> '.join(path + [n])}"
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_one_class_named_evaluator():
+    """kvshare.evaluation.Evaluator is the benchmark runner; notebooks 01/02's scorer is `HeldOutScorer`."""
+    import ast
+
+    found = [m for p, m in _sources().items() for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.ClassDef) and node.name == "Evaluator"]
+    assert found == ["kvshare.evaluation"]

@@ -1,6 +1,6 @@
-"""Notebook 05's logic (kvshare.intra_layer) on a tiny random model: quality through the evaluation entry
-point (decoded perplexity, summaries, multiple choice, every cell scored by decoding), then the table,
-the additivity check, the conclusion and the figure on made-up costs."""
+"""Notebook 05's logic (kvshare.experiments.intra_layer) on a tiny random model: quality through the evaluation
+entry point (decoded perplexity, summaries, multiple choice, every cell scored by decoding), then the table,
+the additivity check, and its report (the conclusion and the figure) on made-up costs."""
 from __future__ import annotations
 
 import matplotlib
@@ -11,7 +11,8 @@ import pytest  # noqa: E402
 from test_evaluation import NUM_LAYERS, byte_tokenizer, home, local_tasks, tiny_model  # noqa: E402,F401 (fixtures)
 
 import kvshare  # noqa: E402
-from kvshare import intra_layer as il  # noqa: E402
+from kvshare.experiments import intra_layer as il  # noqa: E402
+from kvshare.experiments.reports import intra_layer as report  # noqa: E402
 
 BIG = 10_000  # tokens per layer: more than any sequence here, so the policy drops nothing
 
@@ -67,12 +68,12 @@ def test_table_additivity_conclusion_and_figure(quality_rows):
     exact = next(a for a in adds if a["policy"] == "h2o" and a["budget"] == BIG)
     assert exact["interaction"] == pytest.approx(0, abs=1e-9)  # nothing evicted: sharing's cost alone
     assert exact["kv_ratio_combined"] == pytest.approx(exact["kv_ratio_product"])
-    text = il.conclusion(rows, adds, il.pareto_front(rows), "tiny", strategy)
+    text = report.conclusion(rows, adds, il.pareto_front(rows), "tiny", strategy)
     assert "exactly the bytes sharing and the policy predict together" in text
     assert "ROUGE-L of the summaries" in text and "Multiple-choice accuracy" in text
-    md = il.markdown_table(rows)
+    md = report.markdown_table(rows)
     assert md.count("\n") == len(rows) + 1 and "ROUGE-L" in md
-    fig = il.pareto_figure(rows, title="tiny")
+    fig = report.pareto_figure(rows, title="tiny")
     assert fig.axes
     import matplotlib.pyplot as plt
 

@@ -172,10 +172,10 @@ def test_run_all_help():
 
 
 def test_default_out_dir_of_a_quick_run_is_scratch():
-    import kvshare.experiments as ex
+    from kvshare.experiments import common
 
-    if ex.repo_root() is not None:  # the tests run inside the checkout
-        assert ex.resolve_out_dir(None, quick=True) == (ex.repo_root() / "runs" / "quick" / "figures").resolve()
+    if common.repo_root() is not None:  # the tests run inside the checkout
+        assert common.resolve_out_dir(None, quick=True) == (common.repo_root() / "runs" / "quick" / "figures").resolve()
 
 
 def _printed(path) -> str:

@@ -352,7 +352,7 @@ def test_cli_bench_with_kv_bits(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# notebook 06's table logic (kvshare.quantized_runs) on made-up rows
+# notebook 06's table logic (kvshare.experiments.quantized, its report) on made-up rows
 # --------------------------------------------------------------------------------------------
 def _rows():
     rows = []
@@ -371,7 +371,8 @@ def _rows():
 
 
 def test_quantized_runs_tables_and_conclusion():
-    from kvshare import quantized_runs as qr
+    from kvshare.experiments import quantized as qr
+    from kvshare.experiments.reports import quantized as report
 
     rows = qr.add_ratios(_rows())
     r = next(r for r in rows if r["weights"] == "fp32 weights" and r["num_shared"] == 4 and r["kv_bits"] == 4)
@@ -380,19 +381,19 @@ def test_quantized_runs_tables_and_conclusion():
     assert r["nll_diff"] == pytest.approx(0.35)
     wide = qr.wide_table(rows)
     assert len(wide) == 6 and set(wide[0]) == {"weights", "kv cache", "C=0", "C=4"}
-    md = qr.wide_markdown(rows, [0, 4])
+    md = report.wide_markdown(rows, [0, 4])
     assert "8.61" in md and "10.40" in md
-    assert qr.markdown_table(rows).count("\n") == len(rows) + 1
-    text = qr.conclusion(rows, [], "m")
+    assert report.markdown_table(rows).count("\n") == len(rows) + 1
+    text = report.conclusion(rows, [], "m")
     assert "rises with C" in text and "K/V bytes equal" in text and "GPTQ weights" in text
     rows[0]["kv_bytes"] += 1
-    assert "differ from the prediction" in qr.conclusion(rows, [], "m")
-    fig = qr.figure(rows)
+    assert "differ from the prediction" in report.conclusion(rows, [], "m")
+    fig = report.figure(rows)
     assert len(fig.axes) == 2
 
 
 def test_quantized_runs_settings_and_eval_prefix(char_tokenizer):
-    from kvshare import quantized_runs as qr
+    from kvshare.experiments import quantized as qr
 
     cfg = qr.settings("smollm2-135m", quick=True, gptq="skip")
     assert cfg.num_shared == [0, 4] and cfg.kv_bits == [None, 8, 4]

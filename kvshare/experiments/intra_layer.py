@@ -15,6 +15,8 @@ and examples, and compared by paired differences.
 
 Cost protocol: `kvshare.bench.measure` with the configuration's strategy and policy (prompt of
 random tokens, greedy decoding): K/V bytes of the cache at the end, peak memory, decode tokens/s.
+
+Table, figure and conclusion text: `kvshare.experiments.reports.intra_layer`.
 """
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .policies import POLICIES, make_policy, predicted_cache_bytes
-from .sharing import compression, num_layers
-from .strategy import Strategy
+from ..policies import POLICIES, make_policy, predicted_cache_bytes
+from ..sharing import compression, num_layers
+from ..strategy import Strategy
+
 
 POLICY_LABELS = {"h2o": "H2O", "pyramidinfer": "PyramidInfer", "streamingllm": "StreamingLLM"}
 
@@ -71,8 +73,8 @@ QUICK = dict(budgets=[16, 48], samples=6, window=160, context=96, eval_windows=2
 
 
 def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
-    """Notebook 05's settings (see `kvshare.experiments.make_settings`)."""
-    from .experiments import make_settings
+    """Notebook 05's settings (see `kvshare.experiments.common.make_settings`)."""
+    from .common import make_settings
 
     return make_settings(Settings, QUICK, model, quick, seed, **overrides)
 
@@ -114,9 +116,9 @@ def sharing_strategy(model, tokenizer, cfg: Settings) -> Strategy:
     """The searched strategy at `share_fraction` of the layers (the KVSharer search, calibration set 0)."""
     import warnings
 
-    from .data import calibration_texts
-    from .experiments import num_for_fraction
-    from .search import search
+    from ..data import calibration_texts
+    from ..search import search
+    from .common import num_for_fraction
 
     c = num_for_fraction(num_layers(model), cfg.share_fraction)
     with warnings.catch_warnings():
@@ -132,7 +134,7 @@ def quality_tasks(cfg: Settings) -> list:
     """The evaluation tasks of the quality columns: decoded perplexity, XSum (ROUGE-L), multiple choice."""
     from dataclasses import replace
 
-    from .tasks import OFFLINE_TASKS, PerplexityTask, SummarizationTask
+    from ..tasks import OFFLINE_TASKS, PerplexityTask, SummarizationTask
 
     tasks = [PerplexityTask(window=cfg.window, limit=cfg.eval_windows, context=cfg.context)]
     if cfg.summaries:
@@ -151,7 +153,7 @@ def quality(model, tokenizer, cfg: Settings, strategy: Strategy, progress: bool 
     same windows and examples: one row per cell with the decoded perplexity (`ppl`, `ppl_se`, `window_nll`),
     ROUGE-L of the summaries (`rougeL`, per-article `rougeL_scores`) and multiple-choice accuracy (`mc_acc`,
     the mean over `cfg.mc_tasks`, per-example `mc_scores`), plus the evaluation's own rows (`eval_rows`)."""
-    from .evaluation import Evaluator
+    from ..evaluation import Evaluator
 
     ev = evaluator or Evaluator(model, tokenizer, batch_size=cfg.eval_batch, progress=progress)
     tasks = quality_tasks(cfg)
@@ -195,7 +197,7 @@ def cost(cfg: Settings, strategy: Strategy, model=None, progress: bool = True) -
     On a shared machine the load drifts: the cells are measured in `cfg.bench_rounds` passes, forward
     then backward, and each cell keeps its fastest run's row (peaks: the lowest of its runs, RSS noise
     only adds); `rounds` keeps every run."""
-    from .bench import Config, measure, measure_isolated, measure_rounds
+    from ..bench import Config, measure, measure_isolated, measure_rounds
 
     isolate = cfg.bench_isolate or model is None
     order = cells(cfg)
@@ -303,86 +305,6 @@ def additivity(rows: list[dict], quality_rows: list[dict]) -> list[dict]:
     return out
 
 
-def conclusion(rows: list[dict], adds: list[dict], front: list[str], model: str, strategy: Strategy | None = None,
-               z_crit: float = 2.0) -> str:
-    """Markdown: whether the gains add up, computed from the table."""
-    full = next(r for r in rows if r["label"] == "full")
-    share = next(r for r in rows if r["label"] == "sharing")
-    exact = all(r["kv_bytes"] == r["kv_bytes_predicted"] for r in rows if r.get("kv_bytes_predicted") is not None)
-    lines = [f"**{model}**: sharing {share['num_shared']} layers keeps {share['kv_ratio']:.1%} of the K/V bytes at "
-             f"perplexity {share['ppl']:.2f} (full model {full['ppl']:.2f}, decoded tokens).", ""]
-    multiply = [a for a in adds if abs(a["kv_ratio_combined"] - a["kv_ratio_product"]) <= 0.005]
-    other = [a for a in adds if a not in multiply]
-    text = ("- **Memory**: every cache held exactly the bytes sharing and the policy predict together"
-            if exact else "- **Memory**: some caches did NOT hold the predicted bytes")
-    if multiply:
-        text += ("; the savings multiply for " + ", ".join(f"{POLICY_LABELS[a['policy']]} {a['budget']} "
-                                                           f"({a['kv_ratio_combined']:.3f} = {a['kv_ratio_policy']:.3f} × "
-                                                           f"{a['kv_ratio_sharing']:.3f})" for a in multiply))
-    lines.append(text + ".")
-    for a in other:
-        why = ""
-        if strategy is not None and a["policy"] in POLICIES:
-            policy = make_policy(a["policy"], budget=a["budget"])
-            n = strategy.num_layers
-            replaced = [policy.layer_budget(i, n) for i in strategy.mapping]
-            if replaced:
-                why = (f": the replaced layers ({', '.join(map(str, strategy.mapping))}) keep "
-                       f"{sum(replaced) / len(replaced):.1f} tokens on average under it, against {a['budget']} over all "
-                       "layers, so sharing removes a different share of its bytes")
-        lines.append(f"  - {POLICY_LABELS[a['policy']]} {a['budget']}: combined {a['kv_ratio_combined']:.3f} vs product "
-                     f"{a['kv_ratio_product']:.3f} (sharing removes {1 - a['kv_ratio_combined'] / a['kv_ratio_policy']:.1%} "
-                     f"of the policy's bytes instead of {1 - a['kv_ratio_sharing']:.1%}){why}.")
-    add, worse, better = [], [], []
-    for a in adds:
-        z = a["interaction"] / a["interaction_se"] if a["interaction_se"] and a["interaction_se"] > 0 else float("nan")
-        name = f"{POLICY_LABELS[a['policy']]} {a['budget']}"
-        text = (f"{name}: ΔNLL {a['nll_diff_combined']:+.3f} combined vs {a['nll_diff_sum']:+.3f} summed "
-                f"(interaction {a['interaction']:+.3f} ± {a['interaction_se']:.3f})")
-        (worse if z > z_crit else better if z < -z_crit else add).append(text)
-    if add:
-        lines.append(f"- **Quality costs add up** (interaction within {z_crit:g} standard errors of 0): " + "; ".join(add) + ".")
-    if worse:
-        lines.append("- **Worse together than the sum of the parts**: " + "; ".join(worse) + ".")
-    if better:
-        lines.append("- **Less than the sum of the parts** (the combined loss is smaller than the two losses added): "
-                     + "; ".join(better) + ".")
-    for key, name in (("rougeL", "ROUGE-L of the summaries"), ("mc_acc", "multiple-choice accuracy")):
-        scored = [r for r in rows if r.get(key) is not None and r.get(f"{key}_diff") == r.get(f"{key}_diff")]
-        if not scored:
-            continue
-        hurt = [r for r in scored if r[f"{key}_diff_se"] and r[f"{key}_diff"] < -z_crit * r[f"{key}_diff_se"]]
-        worst = min(scored, key=lambda r: r[f"{key}_diff"])
-        lines.append(f"- **{name[0].upper() + name[1:]}** (full model {full[key]:.3f}): "
-                     + (f"{len(hurt)} of {len(scored) - 1} configurations lose significantly (paired, > {z_crit:g} s.e.): "
-                        + ", ".join(f"{r['label']} ({r[f'{key}_diff']:+.3f})" for r in hurt)
-                        if hurt else f"no configuration loses significantly (paired, {z_crit:g} s.e.)")
-                     + f"; the largest drop is {worst[f'{key}_diff']:+.3f} ({worst['label']}).")
-    combos = [lbl for lbl in front if "+ sharing" in lbl]
-    lines.append(f"- Pareto front (K/V bytes vs perplexity): {', '.join(front)}. "
-                 + (f"{len(combos)} combined configuration(s) on it." if combos else "No combined configuration is on it."))
-    peaks = sorted(rows, key=lambda r: r["peak_ratio"])
-    by_prefill = full.get("decode_peak_bytes") is not None and full["peak_bytes"] > full["decode_peak_bytes"]
-    lines.append(f"- Peak memory of the whole run ranges from {peaks[0]['peak_ratio']:.2f}× ({peaks[0]['label']}) to "
-                 f"{peaks[-1]['peak_ratio']:.2f}× ({peaks[-1]['label']}) of the full model's {full['peak_bytes'] / 2**20:.0f} MiB"
-                 + (f"; it is reached in the prefill ({full['peak_bytes'] / 2**20:.0f} MiB against "
-                    f"{full['decode_peak_bytes'] / 2**20:.0f} MiB while decoding), which every configuration runs over the "
-                    "whole prompt before it evicts anything." if by_prefill else "."))
-    dec = [r for r in rows if r.get("decode_peak_minus_full_mib") is not None]
-    if dec:
-        low = min(dec, key=lambda r: r["decode_peak_minus_full_mib"])
-        if low["decode_peak_minus_full_mib"] < 0:
-            saved = (full["kv_bytes"] - low["kv_bytes"]) / 2**20
-            lines.append(f"- While decoding, the peak falls by up to {-low['decode_peak_minus_full_mib']:.0f} MiB "
-                         f"({low['label']}, whose cache holds {saved:.0f} MiB less K/V than the full model's).")
-        else:
-            lines.append("- While decoding, no configuration's peak is below the full model's.")
-    speed = sorted(rows, key=lambda r: -r["decode_tps_ratio"])
-    lines.append(f"- Decode speed against the full model ranges from {speed[-1]['decode_tps_ratio']:.2f}× "
-                 f"({speed[-1]['label']}) to {speed[0]['decode_tps_ratio']:.2f}× ({speed[0]['label']}).")
-    return "\n".join(lines)
-
-
 def expected_kv_bytes(model_config, strategy, policy, batch, prompt_len, new_tokens, dtype_bytes) -> int:
     """What sharing and the policy predict together for a bench run (prefill, then one token per step)."""
     return predicted_cache_bytes(model_config, strategy, policy, batch, [prompt_len] + [1] * new_tokens, dtype_bytes)
@@ -398,9 +320,9 @@ def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "ea
     attention); `score_s` / `evict_s`: the policies' own time, scoring and dropping (in-process, CPU)."""
     from transformers import DynamicCache
 
-    from .bench import last_logits_only
-    from .policies.base import timing
-    from .sharing import model_cache_kwarg
+    from ..bench import last_logits_only
+    from ..policies.base import timing
+    from ..sharing import model_cache_kwarg
 
     budget = cfg.budgets[0] if budget is None else budget
     cache_kw = model_cache_kwarg(model)
@@ -441,103 +363,3 @@ def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "ea
         r["decode_ratio"] = r["decode_s"] / ref["decode_s"]
         r["decode_step_ms"] = 1000 * r["decode_s"] / cfg.bench_new_tokens
     return rows
-
-
-# ------------------------------------------------------------------------------------------------
-# figures
-# ------------------------------------------------------------------------------------------------
-POLICY_STYLE = {"": ("#222222", "*"), "h2o": ("#1f77b4", "o"), "pyramidinfer": ("#2ca02c", "s"),
-                "streamingllm": ("#ff7f0e", "^")}
-
-
-def pareto_figure(rows: list[dict], title: str = ""):
-    """Left: K/V bytes vs perplexity (filled: alone, hollow: with sharing; arrows: adding sharing; grey
-    steps: the Pareto front). Right: decode tokens/s and peak memory above the loaded model, vs full."""
-    from . import plotting  # noqa: F401  (sets a headless backend when needed)
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.6), constrained_layout=True, gridspec_kw={"width_ratios": [1.25, 1]})
-    t = {r["label"]: r for r in rows}
-    front = [t[label] for label in pareto_front(rows)]
-    front.sort(key=lambda r: r["kv_ratio"])
-    xs, ys = [], []
-    for r in front:
-        if xs:
-            xs.append(r["kv_ratio"])
-            ys.append(ys[-1])
-        xs.append(r["kv_ratio"])
-        ys.append(r["ppl"])
-    ax.plot(xs, ys, color="#bbbbbb", lw=6, alpha=0.6, zorder=0, label="Pareto front")
-    for r in rows:
-        color, marker = POLICY_STYLE.get(r["policy"], ("#7f7f7f", "o"))
-        if r["policy"] == "" and r["shared"]:
-            color, marker = "#d62728", "D"
-        ax.errorbar(r["kv_ratio"], r["ppl"], yerr=r["ppl_se"], fmt=marker, ms=9, color=color,
-                    mfc="white" if (r["shared"] and r["policy"]) else color, mew=2, capsize=2, zorder=3)
-        ax.annotate(r["label"].replace(" + sharing", "+S"), (r["kv_ratio"], r["ppl"]), textcoords="offset points",
-                    xytext=(6, 4), fontsize=7)
-        if r["shared"] and r["policy"]:
-            alone = t[r["label"].replace(" + sharing", "")]
-            ax.annotate("", (r["kv_ratio"], r["ppl"]), (alone["kv_ratio"], alone["ppl"]),
-                        arrowprops=dict(arrowstyle="->", color=color, alpha=0.5))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("K/V bytes at the end of decoding / full model (log)")
-    ax.set_ylabel("perplexity of decoded tokens (± s.e., log)")
-    handles = [plt.Line2D([], [], color=c, marker=m, ls="", ms=8, label=POLICY_LABELS.get(p, "full"))
-               for p, (c, m) in POLICY_STYLE.items() if any(r["policy"] == p for r in rows)]
-    handles.append(plt.Line2D([], [], color="#d62728", marker="D", ls="", ms=8, label="sharing 25%"))
-    handles.append(plt.Line2D([], [], color="#555555", marker="o", mfc="white", ls="", ms=8, label="policy + sharing"))
-    handles.append(plt.Line2D([], [], color="#bbbbbb", lw=6, alpha=0.6, label="Pareto front"))
-    ax.legend(handles=handles, fontsize=8, loc="upper right")
-    ax.grid(alpha=0.3, which="both")
-    labels = [r["label"] for r in rows]
-    y = np.arange(len(rows))
-    h = 0.27
-    bx.barh(y - h, [r["decode_tps_ratio"] for r in rows], height=h, color="#4c72b0", label="decode tokens/s")
-    bx.barh(y, [r["peak_ratio"] for r in rows], height=h, color="#dd8452", label="peak memory (whole run)")
-    bx.barh(y + h, [r["decode_peak_ratio"] or 0.0 for r in rows], height=h, color="#8172b3",
-            label="peak memory while decoding")
-    bx.axvline(1.0, color="k", lw=0.8)
-    bx.set_yticks(y, labels, fontsize=8)
-    bx.invert_yaxis()
-    bx.set_xlabel("ratio to the full model")
-    bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
-    bx.grid(alpha=0.3, axis="x")
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table (ratios against the full model)."""
-    head = ("| configuration | ppl (± s.e.) | ppl / full | ROUGE-L (Δ vs full) | MC acc (Δ vs full) | K/V MiB | K/V / full | "
-            "peak MiB | peak / full | decode-phase peak − full, MiB | decode tok/s | tok/s / full |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
-
-    def score(r, key):
-        if r.get(key) is None:
-            return ""
-        d = r.get(f"{key}_diff")
-        return f"{r[key]:.3f}" + ("" if d is None or d != d else f" ({d:+.3f})")
-
-    for r in rows:
-        dp = r.get("decode_peak_minus_full_mib")
-        lines.append(f"| {r['label']} | {r['ppl']:.2f} ± {r['ppl_se']:.2f} | {r['ppl_ratio']:.3f} | "
-                     f"{score(r, 'rougeL')} | {score(r, 'mc_acc')} | "
-                     f"{r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} | {r['peak_bytes'] / 2**20:.0f} | "
-                     f"{r['peak_ratio']:.3f} | {'' if dp is None else f'{dp:+.0f}'} | "
-                     f"{r['decode_tps']:.1f} | {r['decode_tps_ratio']:.3f} |")
-    return "\n".join(lines)
-
-
-def overhead_markdown(rows: list[dict]) -> str:
-    lines = ["| attention | policy | prefill s | of which scoring | decode ms/token | of which scoring | of which evicting |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        steps = r["decode_s"] / max(1e-9, r["decode_step_ms"] / 1000)
-        lines.append(f"| {r['attention']} | {POLICY_LABELS.get(r['policy'], r['policy'])} | {r['prefill_s']:.2f} | "
-                     f"{r['prefill_score_s']:.2f} | {r['decode_step_ms']:.1f} | {1000 * r['decode_score_s'] / steps:.1f} | "
-                     f"{1000 * r['decode_evict_s'] / steps:.1f} |")
-    return "\n".join(lines)
