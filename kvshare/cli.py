@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from .models import DEFAULT_MODEL
+from .serving.export import add_export_parser, cmd_export_vllm
 
 
 class CLIError(Exception):
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score log-likelihoods and perplexity by decoding (always on with --policy: eviction only "
                         "shows this way); use it for the full model to compare with --policy under one protocol")
     e.add_argument("--out", required=True, help="results JSON (the table goes beside it as CSV)")
+    add_export_parser(sub)  # export-vllm: kvshare.serving.export
     return parser
 
 
@@ -293,6 +295,7 @@ def cmd_eval(args):
 
 COMMANDS = {"search": cmd_search, "generate": cmd_generate, "ppl": cmd_ppl, "bench": cmd_bench}
 COMMANDS["eval"] = cmd_eval
+COMMANDS["export-vllm"] = cmd_export_vllm
 
 
 def main(argv=None) -> int:

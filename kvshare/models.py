@@ -82,6 +82,13 @@ def _convert_embedded(name: str) -> Path:
     return out
 
 
+def checkpoint_dir(name: str) -> Path:
+    """The local safetensors checkpoint of an embedded model (converted once), e.g. to export it for vLLM."""
+    if name not in EMBEDDED:
+        raise ValueError(f"'{name}' is not an embedded model (embedded: {', '.join(EMBEDDED)})")
+    return _convert_embedded(name)
+
+
 def resolve_device(device=None) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
