@@ -4,7 +4,8 @@
 #
 #   ./run_all.sh                  full run: figures/ (the committed figures), executed copies in runs/full/
 #   ./run_all.sh --quick          minutes-long run of every code path: runs/quick/figures/, runs/quick/
-#   ./run_all.sh --model NAME     passed to every notebook (embedded name, hub id or local path)
+#   ./run_all.sh --model NAME     passed to every notebook (embedded name, hub id, path); a non-default
+#                                 model writes its figures into figures/NAME/ (quick: runs/quick/figures/NAME/)
 #   ./run_all.sh --only 01,02     only the notebooks whose names start with these prefixes
 #
 # A failing cell stops the run with a non-zero exit status, naming the notebook and the cell.
@@ -12,7 +13,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$root"
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 quick=0
 model=""
 only=""
@@ -56,6 +57,20 @@ runs_root = Path(os.environ.get("RUN_ALL_RUNS") or root / "runs").resolve()
 runs = runs_root / mode
 # a quick run never writes over the committed figures
 figures = runs_root / "quick" / "figures" if quick else root / "figures"
+
+
+def model_folder(name: str) -> str:
+    """The subfolder of a non-default model's figures: an embedded name as it is, a hub id with '/' as '--'
+    (org--model), a local checkpoint by its folder's name."""
+    path = Path(name).expanduser()
+    return path.resolve().name if path.exists() else name.strip("/").replace("/", "--")
+
+
+if model:
+    from kvshare.models import DEFAULT_MODEL
+
+    if model != DEFAULT_MODEL:  # the default model's figures stay in figures/ (runs/quick/figures/ when quick)
+        figures = figures / model_folder(model)
 notebook_dir = Path(os.environ.get("RUN_ALL_NOTEBOOKS") or root / "notebooks").resolve()
 notebooks = sorted(notebook_dir.glob("[0-9]*.ipynb"))
 if only:

@@ -23,8 +23,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .sharing import cache_bytes, compression, num_layers
-from .strategy import Strategy
+from . import methods
+from .accounting import cache_bytes, kv_token_bytes, num_shared_for, predicted_cache_bytes
+from .adapter import head_dim, num_layers
+from .combine import compression
+from .strategy import Strategy, spread_strategy
 
 # Published shapes (layers, hidden, heads, KV heads, intermediate, vocabulary). InternLM2 packs
 # q/k/v into one matrix; with the same shapes a Llama layout does the same FLOPs and stores the
@@ -62,32 +65,15 @@ class Config:
     policy: str | None = None  # token eviction on the shared rows (kvshare.policies name), with `budget`
     budget: int | None = None
     strategy: dict | None = None  # a strategy's to_dict() to use instead of the evenly spread one
-    kv_bits: int | None = None  # KV-cache quantization on the shared rows (kvshare.quantized_kv: 8 or 4 bits)
-
-
-def spread_strategy(num_layers_: int, num_shared: int) -> Strategy:
-    """C replaced layers spread evenly over layers 1..L-1, each reading the nearest kept layer below."""
-    if not 0 <= num_shared < num_layers_:
-        raise ValueError(f"cannot replace {num_shared} of {num_layers_} layers")
-    step = (num_layers_ - 1) / num_shared if num_shared else 0
-    replaced = sorted({num_layers_ - 1 - round(i * step) for i in range(num_shared)})
-    mapping, kept = {}, [i for i in range(num_layers_) if i not in replaced]
-    for r in replaced:
-        mapping[r] = max(k for k in kept if k < r)
-    return Strategy(mapping, num_layers_, {"kind": "evenly spread (benchmark)"})
-
-
-def num_shared_for(rate: float, layers: int) -> int:
-    if not 0 <= rate < 1:
-        raise ValueError(f"compression rate must be in [0, 1), got {rate}")
-    return round(rate * layers)
+    kv_bits: int | None = None  # KV-cache quantization on the shared rows (the `quantized` method: 8 or 4 bits)
+    method: dict | None = None  # any registered method on the shared rows, as its to_dict() (kvshare.methods)
 
 
 def build_model(name: str, random_weights: bool, device=None, dtype=None):
     """The model to time: a loaded checkpoint, or random weights with the shapes of `name`."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-    from .models import EMBEDDED, _convert_embedded, load_model, resolve_device, resolve_dtype
+    from .models import EMBEDDED, checkpoint_dir, load_model, resolve_device, resolve_dtype
 
     if not random_weights:
         return load_model(name, device=device, dtype=dtype)[0]
@@ -96,7 +82,7 @@ def build_model(name: str, random_weights: bool, device=None, dtype=None):
     if name in PRESETS:
         config = LlamaConfig(**PRESETS[name], max_position_embeddings=4096, rope_theta=10000.0)
     else:
-        config = AutoConfig.from_pretrained(str(_convert_embedded(name)) if name in EMBEDDED else name)
+        config = AutoConfig.from_pretrained(str(checkpoint_dir(name)) if name in EMBEDDED else name)
     config._attn_implementation = "sdpa"
     from transformers.initialization import no_init_weights
 
@@ -108,6 +94,76 @@ def build_model(name: str, random_weights: bool, device=None, dtype=None):
             p.normal_(0.0, 0.02, generator=generator)
     model.kvshare_name = name
     return model.eval()
+
+
+def param_count(cfg) -> int:
+    """Parameters of a Llama-layout model with these shapes (untied embeddings and LM head)."""
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    per_layer = (cfg.hidden_size * head_dim(cfg) * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+                 + 3 * cfg.hidden_size * cfg.intermediate_size + 2 * cfg.hidden_size)
+    return cfg.vocab_size * cfg.hidden_size * 2 + cfg.num_hidden_layers * per_layer + cfg.hidden_size
+
+
+def bytes_needed(cfg, batch: int, prompt_len: int, new_tokens: int, dtype_bytes: int) -> int:
+    """What one configuration needs at least: weights, the full KV cache of the batch, and the prefill's
+    largest activations (hidden states and MLP intermediates of every prompt token)."""
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    weights = param_count(cfg) * dtype_bytes
+    kv = cfg.num_hidden_layers * kv_token_bytes(cfg, dtype_bytes) * batch * (prompt_len + new_tokens)
+    activations = batch * prompt_len * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * dtype_bytes
+    return weights + kv + activations
+
+
+def available_bytes(device) -> int:
+    """Free memory where the model will live: CUDA's free memory, or the machine's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A `field:  N kB` line of a Linux /proc file, in bytes (None where there is no such file or line)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(name: str, random_weights: bool, batch: int, prompt_len: int, new_tokens: int, device=None,
+               dtype=None) -> None:
+    """Refuse, before anything is loaded, a configuration that cannot fit in memory: one line with the bytes it
+    needs, what the machine has, and which --dtype would fit."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from .models import EMBEDDED, checkpoint_dir, resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    if name in PRESETS:
+        cfg = LlamaConfig(**PRESETS[name])
+    elif name in EMBEDDED:
+        cfg = AutoConfig.from_pretrained(str(checkpoint_dir(name)))
+    else:
+        return  # a hub id or a path: its config may need the network; transformers reports its own errors
+    chosen = resolve_dtype(dtype, device)
+    need = bytes_needed(cfg, batch, prompt_len, new_tokens, torch.tensor([], dtype=chosen).element_size())
+    have = available_bytes(device)
+    if need <= have:
+        return
+    smaller = [d for d, b in (("bfloat16", 2), ("float16", 2)) if b < torch.tensor([], dtype=chosen).element_size()
+               and bytes_needed(cfg, batch, prompt_len, new_tokens, b) <= have]
+    hint = f"; --dtype {smaller[0]} would fit" if smaller else "; no --dtype fits: lower --batch or --prompt-len"
+    raise MemoryError(f"{name} at batch {batch}, {prompt_len}+{new_tokens} tokens in {str(chosen).replace('torch.', '')} "
+                      f"needs at least {need / 2**30:.1f} GiB ({need:,} bytes), {device.type} has "
+                      f"{have / 2**30:.1f} GiB available{hint}")
 
 
 def _sync(device):
@@ -149,12 +205,12 @@ def last_logits_only(model) -> dict:
 
 
 @torch.no_grad()
-def _run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | None = None):
+def run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | None = None):
     """Prefill + greedy decode with a fresh cache; returns (prefill_s, decode_s, cache, bytes_copied).
 
     With a `phases` dict: the peaks up to the end of the prefill ("before_decode") and of the decode
     phase alone ("decode": the cache at its largest, without the prefill's activations and logits)."""
-    from .sharing import model_cache_kwarg
+    from .adapter import model_cache_kwarg
 
     device = prompt.device
     cache = _new_cache(model, cache_kind, prompt.shape[1] + new_tokens)
@@ -192,19 +248,7 @@ def measure(config: Config, model=None) -> dict:
     C = num_shared_for(config.rate, L)
     strategy = None if config.mode == "plain" else (
         Strategy.from_dict(config.strategy) if config.strategy else spread_strategy(L, C))
-    policy = None
-    if config.policy:
-        from .policies import make_policy
-
-        if config.mode == "plain" or config.cache != "dynamic":
-            raise ValueError("a cache policy applies to 'shared' rows with a dynamic cache (plain is untouched transformers)")
-        policy = make_policy(config.policy, budget=config.budget)
-    if config.kv_bits:
-        from .quantized_kv import quantized
-
-        if config.mode == "plain" or config.cache != "dynamic":
-            raise ValueError("KV-cache quantization applies to 'shared' rows with a dynamic cache (plain is untouched transformers)")
-        policy = quantized(policy, bits=config.kv_bits)  # with a policy: its kept tokens, held as codes
+    policy = cache_method(config)
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(config.seed)
     prompt = torch.randint(0, vocab, (config.batch, config.prompt_len), generator=gen).to(device)
@@ -217,10 +261,10 @@ def measure(config: Config, model=None) -> dict:
         base_allocated = torch.cuda.memory_allocated(device)
     with compression(model, strategy, policy):
         for _ in range(config.warmup):
-            _run_once(model, prompt, min(config.new_tokens, 8), config.cache)
+            run_once(model, prompt, min(config.new_tokens, 8), config.cache)
         prefill, decode, kv, phases = [], [], 0, {}
         for i in range(config.repeats):
-            p, d, cache = _run_once(model, prompt, config.new_tokens, config.cache,
+            p, d, cache = run_once(model, prompt, config.new_tokens, config.cache,
                                     phases if i == config.repeats - 1 else None)
             prefill.append(p)
             decode.append(d)
@@ -260,19 +304,31 @@ def measure(config: Config, model=None) -> dict:
             row["peak_reserved_bytes"] = max(row["peak_reserved_bytes"], phases["before_decode"][1], phases["decode"][1])
     row.update(analysis(model.config.get_text_config(), row["num_shared"], config.batch, config.prompt_len,
                         config.new_tokens, config.cache, torch.tensor([], dtype=next(model.parameters()).dtype).element_size()))
-    if config.cache == "dynamic":  # what sharing and the policy predict together, from the shapes
-        from .policies import predicted_cache_bytes
-
+    if config.cache == "dynamic":  # what sharing and the methods predict together, from the shapes
         elem = next(model.parameters()).element_size()
-        if config.kv_bits and not config.policy:  # (L - C) kept layers x the quantizer's bytes per token
-            row["kv_bytes_predicted"] = policy.predicted_cache_bytes(model.config, strategy, config.batch,
-                                                                     config.prompt_len + config.new_tokens, elem)
-        else:
-            row["kv_bytes_predicted"] = predicted_cache_bytes(model.config, strategy, policy, config.batch,
-                                                              [config.prompt_len] + [1] * config.new_tokens, elem)
+        row["kv_bytes_predicted"] = predicted_cache_bytes(model.config, policy, config.batch,
+                                                          [config.prompt_len] + [1] * config.new_tokens, elem,
+                                                          strategy=strategy)
     if policy is not None:  # the analysis counts full-length caches: not what an evicting cache copies or reads
         row.update(cache_copy_bytes=None, attn_read_bytes=None)
     return row
+
+
+def cache_method(config: Config):
+    """The cache methods of a shared row (eviction `policy`/`budget`, `kv_bits`, any registered `method`) as one
+    composition, or None; plain rows are untouched transformers."""
+    wanted = []
+    if config.policy:
+        wanted.append(methods.make(config.policy, budget=config.budget))
+    if config.kv_bits:
+        wanted.append(methods.make("quantized", bits=config.kv_bits))  # with a policy: its kept tokens, as codes
+    if config.method:
+        wanted.append(methods.from_dict(config.method))
+    if not wanted:
+        return None
+    if config.mode == "plain" or config.cache != "dynamic":
+        raise ValueError("cache methods apply to 'shared' rows with a dynamic cache (plain is untouched transformers)")
+    return methods.Composition(*wanted)
 
 
 def analysis(cfg, num_shared: int, batch: int, prompt_len: int, new_tokens: int, cache: str, elem: int) -> dict:
@@ -287,8 +343,7 @@ def analysis(cfg, num_shared: int, batch: int, prompt_len: int, new_tokens: int,
     - kv_proj_flops_saved: multiply-adds x2 of k_proj and v_proj skipped in replaced layers, whole run.
     """
     L = cfg.num_hidden_layers
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_token = 2 * cfg.num_key_value_heads * head_dim * elem * batch
+    kv_token = kv_token_bytes(cfg, elem) * batch
     kept = L - num_shared
     lengths = range(prompt_len + 1, prompt_len + new_tokens + 1)  # cache length after each decode step
     if cache == "dynamic":
@@ -297,7 +352,7 @@ def analysis(cfg, num_shared: int, batch: int, prompt_len: int, new_tokens: int,
         copy = kept * kv_token * new_tokens
     read = L * kv_token * sum(lengths)
     tokens = batch * (prompt_len + new_tokens)
-    flops_saved = num_shared * tokens * 2 * 2 * cfg.hidden_size * cfg.num_key_value_heads * head_dim
+    flops_saved = num_shared * tokens * 2 * 2 * cfg.hidden_size * cfg.num_key_value_heads * head_dim(cfg)
     return {"kv_token_bytes": kv_token, "cache_copy_bytes": copy, "attn_read_bytes": read,
             "kv_proj_flops_saved": flops_saved}
 
@@ -307,13 +362,9 @@ def _rss_bytes() -> int:
 
     Not ru_maxrss where VmHWM exists: in a spawned child ru_maxrss starts at the parent's peak (a notebook
     kernel holding the model), so every configuration would report the parent's memory."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak * (1 if sys.platform == "darwin" else 1024)
 
@@ -390,7 +441,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             continue
         r["kv_bytes_ratio"] = r["kv_bytes"] / b["kv_bytes"] if b["kv_bytes"] else float("nan")
         r["kv_bytes_expected_ratio"] = (r["num_layers"] - r["num_shared"]) / r["num_layers"]
-        if (r.get("policy") or r.get("kv_bits")) and r.get("kv_bytes_predicted") is not None and b["kv_bytes"]:
+        if (r.get("policy") or r.get("kv_bits") or r.get("method")) and r.get("kv_bytes_predicted") is not None \
+                and b["kv_bytes"]:
             r["kv_bytes_expected_ratio"] = r["kv_bytes_predicted"] / b["kv_bytes"]
         r["peak_ratio"] = r["peak_bytes"] / b["peak_bytes"]
         r["peak_above_baseline_ratio"] = (r["peak_bytes"] - r["baseline_bytes"]) / max(1, b["peak_bytes"] - b["baseline_bytes"])
@@ -402,7 +454,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int = 512, new_tokens: int = 128,
           cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None, repeats: int = 3,
           warmup: int = 1, isolate: bool | None = None, progress: bool = True, seed: int = 0, policy: str | None = None,
-          budget: int | None = None, kv_bits: int | None = None, rounds: int = 1) -> list[dict]:
+          budget: int | None = None, kv_bits: int | None = None, rounds: int = 1, strategy=None,
+          method=None) -> list[dict]:
     """Plain transformers and the shared model at each rate, side by side; rows with ratios.
 
     `rounds` > 1 measures every configuration that many times, in alternating order (see `measure_rounds`):
@@ -410,7 +463,10 @@ def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int 
 
     With `policy` (a kvshare.policies name) and `budget`, every shared row also evicts tokens (rate 0:
     the policy alone); with `kv_bits` (8 or 4) every shared row quantizes its KV cache (with a policy too:
-    the policy's kept tokens held as codes; kvshare.quantized_kv). The plain rows stay untouched transformers."""
+    the policy's kept tokens held as codes); `method` (a kvshare.methods method, or its to_dict()) adds any
+    registered method to every shared row. `strategy` (a Strategy or a strategy file) replaces the evenly spread
+    strategy of the shared rows (its own C; `rates` then only says which rows use it: every rate > 0). The plain
+    rows stay untouched transformers."""
     from .models import resolve_device
 
     if cache not in CACHES:
@@ -418,12 +474,19 @@ def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int 
     for rate in rates:
         num_shared_for(rate, 2)  # validates the range
     dev = resolve_device(device)
+    check_fits(model, random_weights, max(batches), prompt_len, new_tokens, device, dtype)
     if isolate is None:
         isolate = dev.type == "cpu"
     configs = [Config(model, "plain", 0.0, b, prompt_len, new_tokens, cache, random_weights, device, dtype, repeats, warmup,
                       seed) for b in batches]
+    if strategy is not None and not isinstance(strategy, Strategy):
+        strategy = Strategy.load(strategy)
+    if method is not None and not isinstance(method, dict):
+        method = method.to_dict()
     configs += [Config(model, "shared", float(rate), b, prompt_len, new_tokens, cache, random_weights, device, dtype,
-                       repeats, warmup, seed, policy, budget, kv_bits=kv_bits) for b in batches for rate in rates]
+                       repeats, warmup, seed, policy, budget,
+                       strategy=strategy.to_dict() if strategy is not None and rate > 0 else None, kv_bits=kv_bits,
+                       method=method) for b in batches for rate in rates]
     shared_model = None
 
     def run(config):

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .sharing import cache_kwarg_name, decoder_layers, num_layers, sharing
+from .adapter import cache_kwarg_name, decoder_layers, num_layers
+from .sharing import paused
 
 METRICS = ("euclidean", "cosine")
 
@@ -72,7 +73,7 @@ def reference_forward(model, input_ids: torch.Tensor) -> Reference:
     device = next(model.parameters()).device
     cache = DynamicCache()  # no config: sliding layers keep their full K/V for this one-shot forward
     try:
-        with sharing(model, None):
+        with paused(model):  # calibration reads the plain model
             kwargs = {cache_kwarg_name(model.base_model.forward): cache}
             out = model.base_model(input_ids=input_ids.to(device), use_cache=True, **kwargs)
     finally:

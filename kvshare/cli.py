@@ -31,20 +31,89 @@ def _add_strategy(p):
 
 
 def _add_policy(p):
-    p.add_argument("--policy", default=None, choices=["streamingllm", "h2o", "pyramidinfer"],
-                   help="token eviction in every kept layer, with or without --strategy (needs --budget)")
-    p.add_argument("--budget", type=int, default=None,
-                   help="tokens kept per layer (pyramidinfer: the average over layers)")
+    from .methods import REGISTRY
+
+    eviction = [name for name, cls in REGISTRY.items() if cls.role == "eviction"]
+    p.add_argument("--policy", default=None, choices=eviction,
+                   help="token eviction in every kept layer, with or without --strategy (needs --budget); "
+                        "the same as --method NAME --budget N")
+    _add_methods(p)
 
 
-def _read_policy(args):
-    if (args.policy is None) != (args.budget is None):
+def _setting_type(field):
+    """The argparse type of a settings dataclass field: from its default, else from its annotation."""
+    if isinstance(field.default, (int, float)) and not isinstance(field.default, bool):
+        return type(field.default)
+    annotation = str(field.type)
+    return int if "int" in annotation else float if "float" in annotation else str
+
+
+def _add_methods(p):
+    """--method NAME[,NAME] and every registered method's settings as flags (--start-layer 15, --bits 4, ...).
+
+    A setting whose flag the command already uses for something else (ppl's --window) is spelled with the
+    method's name in front (--pyramidinfer-window)."""
+    from dataclasses import fields
+
+    from .methods import REGISTRY
+
+    p.add_argument("--method", default=None,
+                   help=f"KV-cache method(s) of the registry, comma-separated: {', '.join(REGISTRY)} "
+                        "(their settings as flags below; with or without --strategy)")
+    flags: dict[str, tuple[str, list[str]]] = {}  # dest -> (setting name, methods that have it)
+    for name, cls in REGISTRY.items():
+        if cls.role == "sharing":  # applied with --strategy FILE
+            continue
+        for f in fields(cls.settings_class):
+            flag = "--" + f.name.replace("_", "-")
+            dest = f.name
+            if flag in p._option_string_actions and dest not in flags:  # taken by the command itself
+                flag, dest = f"--{name}-{f.name.replace('_', '-')}", f"{name}__{f.name}"
+            if dest in flags:
+                flags[dest][1].append(name)
+                continue
+            flags[dest] = (f.name, [name])
+            p.add_argument(flag, dest=dest, type=_setting_type(f), default=None)
+    for action in p._actions:  # help names the methods a setting belongs to
+        if action.dest in flags:
+            action.help = f"setting of {', '.join(flags[action.dest][1])}"
+    p.set_defaults(method_flags=flags)
+
+
+def _read_methods(args) -> list:
+    """The methods of --method / --policy with the settings given as flags; one-line errors for the rest."""
+    from . import methods
+
+    names = [n.strip() for n in (args.method or "").split(",") if n.strip()]
+    if args.policy:
+        names.append(args.policy)
+    given = {dest: getattr(args, dest) for dest in args.method_flags if getattr(args, dest, None) is not None}
+    if args.policy and "budget" not in given:
         raise CLIError("--policy and --budget go together")
-    if args.policy is None:
-        return None
-    from .policies import make_policy
-
-    return make_policy(args.policy, budget=args.budget)
+    built, used = [], set()
+    for name in names:
+        try:
+            cls = methods.get(name)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        if cls.role == "sharing":
+            raise CLIError(f"{cls.name} is applied with --strategy FILE (from `kvshare search`)")
+        mine = {}
+        for dest, value in given.items():
+            setting, owners = args.method_flags[dest]
+            if cls.name in owners:
+                mine[setting] = value
+                used.add(dest)
+        try:
+            built.append(methods.make(cls.name, **mine))
+        except (TypeError, ValueError) as e:
+            raise CLIError(str(e)) from None
+    stray = sorted(set(given) - used)
+    if stray:
+        flags = ", ".join("--" + d.replace("__", "-").replace("_", "-") for d in stray)
+        owners = sorted({o for d in stray for o in args.method_flags[d][1]})
+        raise CLIError(f"{flags} is a setting of {', '.join(owners)}: add --method {owners[0]}")
+    return built
 
 
 def _add_kv_bits(p):
@@ -54,13 +123,18 @@ def _add_kv_bits(p):
 
 
 def _cache_policy(args):
-    """The cache policy of --policy/--budget and --kv-bits: eviction, quantization, both, or None."""
-    policy = _read_policy(args)
-    if args.kv_bits is None:
-        return policy
-    from .quantized_kv import quantized
+    """The cache methods of --method/--policy/--budget and --kv-bits as one composition, or None."""
+    from .methods import Composition, make
 
-    return quantized(policy, bits=args.kv_bits)  # with --policy: the policy's kept tokens, held as codes
+    built = _read_methods(args)
+    if args.kv_bits is not None:
+        built.append(make("quantized", bits=args.kv_bits))  # with --policy: the policy's kept tokens, held as codes
+    if not built:
+        return None
+    try:
+        return built[0] if len(built) == 1 else Composition(*built)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(s)
     s.add_argument("--num-shared", type=int, required=True, help="number of layers to replace (C)")
     s.add_argument("--threshold", type=float, default=0.5, help="minimum mean cosine similarity of final hidden states")
-    s.add_argument("--order", default="dissimilar", choices=["dissimilar", "similar", "random"])
+    s.add_argument("--order", default="dissimilar", choices=["dissimilar", "similar", "random", "best"])
     s.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
     s.add_argument("--samples", type=int, default=30, help="calibration texts")
     s.add_argument("--calibration-set", type=int, default=0, help="which disjoint calibration set to use")
@@ -86,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
+    _add_policy(g)
+    _add_kv_bits(g)
 
     p = sub.add_parser("ppl", help="perplexity on the held-out evaluation text, as one JSON line")
     _add_model(p)
@@ -102,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="prefilled tokens per window when decoding (default: half)")
     b = sub.add_parser("bench", help="memory and speed: plain transformers next to the shared model")
     _add_model(b)
+    b.add_argument("--strategy", default=None,
+                   help="strategy JSON written by `kvshare search`, used by every shared row instead of the evenly "
+                        "spread one (its own number of layers; --rates then only needs one rate above 0)")
     b.add_argument("--random-weights", action="store_true",
                    help="build the model's shapes with random weights (presets: llama2-7b, llama2-13b, llama2-70b, "
                         "internlm2-7b, internlm2-20b)")
@@ -198,13 +277,14 @@ def cmd_search(args):
 
 
 def cmd_generate(args):
+    from .combine import compression
     from .generation import generate_text
-    from .sharing import sharing
 
     strategy = _read_strategy(args)
+    policy = _cache_policy(args)  # --method / --policy / --kv-bits, refused here before the model loads
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)
-    with sharing(model, strategy):
+    with compression(model, strategy, policy):
         print(generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                             chat=not args.no_chat_template))
 
@@ -212,11 +292,12 @@ def cmd_generate(args):
 def cmd_ppl(args):
     from .data import eval_text
     from .metrics import perplexity_with_error
-    from .sharing import compression
+    from .combine import compression
 
     strategy = _read_strategy(args)
     policy = _cache_policy(args)
-    decode = args.decode or args.policy is not None  # eviction only shows when decoding; a quantized cache shows in one pass
+    # eviction (a method lossy after the prefill) only shows when decoding; a quantized cache shows in one pass
+    decode = args.decode or (policy is not None and policy.scored_by_decoding)
     if args.context is not None and not decode:
         raise CLIError("--context applies to decoding: add --decode (or --policy)")
     text = eval_text(args.source)
@@ -231,11 +312,21 @@ def cmd_ppl(args):
         else:
             result = perplexity_with_error(model, tokenizer, text, window=args.window, stride=args.stride,
                                            max_tokens=args.limit_tokens, progress=True)
+    # bytes of the KV cache after the first scored window of the same text, under the same protocol, with the
+    # methods and without anything (kvshare.cache_bytes: what the cache really holds)
+    from .experiments.peers import window_cache_bytes
+
+    context = result.get("context") if decode else None
+    kv_bytes = window_cache_bytes(model, tokenizer, text, args.window, context, strategy, policy)
+    kv_bytes_full = window_cache_bytes(model, tokenizer, text, args.window, context)
     line = {"ppl": result["ppl"], "tokens": result["tokens"], "ppl_se": result["ppl_se"],
-            "num_shared": 0 if strategy is None else strategy.num_shared}
+            "num_shared": 0 if strategy is None else strategy.num_shared,
+            "kv_bytes": kv_bytes, "kv_bytes_full": kv_bytes_full, "kv_bytes_ratio": kv_bytes / kv_bytes_full}
     if decode:
         line.update(protocol=f"decode: prefill {result['context']} of every {result['window']} tokens, score the rest",
                     policy=args.policy, budget=args.budget)
+    if policy is not None:
+        line.update(method=policy.to_dict())
     if args.kv_bits is not None:
         line.update(kv_bits=args.kv_bits)
     print(json.dumps(line))
@@ -249,14 +340,21 @@ def cmd_bench(args):
     batches = _numbers(args.batch, int, "--batch")
     if args.model in PRESETS and not args.random_weights:
         raise CLIError(f"'{args.model}' is a shape preset: add --random-weights")
-    _cache_policy(args)  # validates --policy/--budget/--kv-bits before any model is built
+    built = _read_methods(args)  # validates --method/--policy/--budget/--kv-bits before any model is built
+    _cache_policy(args)
+    extra = built[:-1] if args.policy else built  # --policy travels as its own column; other methods as `method`
+    from .methods import Composition
+
+    method = None if not extra else (extra[0] if len(extra) == 1 else Composition(*extra))
+    strategy = _read_strategy(args)
     if args.policy and args.cache != "dynamic":
         raise CLIError("--policy evicts tokens from a dynamic cache: drop --cache static")
     if args.kv_bits and args.cache != "dynamic":
         raise CLIError("--kv-bits quantizes a dynamic cache: drop --cache static")
     rows = bench(args.model, rates=rates, batches=batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                  cache=args.cache, random_weights=args.random_weights, device=args.device, dtype=args.dtype,
-                 repeats=args.repeats, policy=args.policy, budget=args.budget, kv_bits=args.kv_bits, rounds=args.rounds)
+                 repeats=args.repeats, policy=args.policy, budget=args.budget, kv_bits=args.kv_bits, rounds=args.rounds,
+                 strategy=strategy, method=method)
     result = {"rows": rows}
     if args.memory_budget_gb:
         result["budget"] = budget_comparison(args.model, int(args.memory_budget_gb * 2**30), [r for r in rates if r > 0],
@@ -303,7 +401,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("default")
     try:
         COMMANDS[args.command](args)
-    except (CLIError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError, OSError) as e:
+    except (CLIError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError, OSError, MemoryError) as e:
         message = " ".join(str(e).split())
         print(f"kvshare {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ Rows have the columns ROW_COLUMNS: task, metric, value, stderr, n (examples; sco
 perplexity), category, chance (uniform-guess score, where defined), primary (the task's headline
 metric, averaged in the compression table), scores (per-example values, kept in the JSON only).
 
-With a cache policy (`policy=`: token eviction from kvshare.policies, or kvshare.quantized_kv),
+With a cache method (`policy=`: any kvshare.methods method beside the strategy: eviction, quantization),
 sharing and the policy are applied together through `kvshare.compression`. Token eviction only shows
 when tokens are scored by decoding, so with an evicting policy log-likelihoods and perplexity are
 scored by decoding (`decode=True`, see kvshare.tasks.lmeval); pass `decode=True` for the full model
@@ -33,7 +33,8 @@ from pathlib import Path
 from .io import write_csv, write_json
 from .models import model_name
 from .pypi_files import kvshare_home
-from .sharing import compression
+from .methods import Composition
+from .combine import compression
 from .strategy import Strategy
 from .tasks import default_tasks, suite_tasks
 
@@ -121,32 +122,42 @@ def strategy_key(strategy: Strategy | None) -> str:
 
 
 def policy_description(policy) -> dict | None:
-    """What defines a cache policy's effect: its name and settings (None: no policy)."""
+    """What defines a cache method's effect: its name and settings, flat (None: no method). A composition's
+    name joins its members' names (`h2o+quantized`) and its settings are theirs, merged."""
     if policy is None:
         return None
-    if hasattr(policy, "to_dict") and callable(policy.to_dict):
-        settings = policy.to_dict()
-    else:
-        settings = policy.settings.to_dict()
-    return {"policy": getattr(policy, "name", type(policy).__name__), **settings}
+    d = policy.to_dict()
+    if "members" in d:
+        settings = {k: v for m in d["members"] for k, v in m.items() if k != "method"}
+        return {"policy": d["method"], **settings}
+    return {"policy": d["method"], **{k: v for k, v in d.items() if k != "method"}}
 
 
 def policy_key(policy, decode: bool = False) -> str:
     """'none' (or 'decode': the full cache scored by decoding), else name + settings (+ '-decode')."""
     d = policy_description(policy)
     base = "none" if d is None else "-".join(
-        [_safe(str(d.get("policy")))] + [f"{k}{v}" for k, v in sorted(d.items()) if k != "policy"])
+        [safe_name(str(d.get("policy")))] + [f"{k}{v}" for k, v in sorted(d.items()) if k != "policy"])
     return ("decode" if d is None else base + "-decode") if decode else base
 
 
 def evicts(policy) -> bool:
-    """Does `policy` drop tokens (so that only scoring by decoding shows its effect)?"""
-    from .policies import EvictionPolicy
-
-    return isinstance(policy, EvictionPolicy)
+    """Is `policy` lossy after the prefill (tokens dropped or merged), so that only scoring by decoding shows it?"""
+    return policy is not None and policy.scored_by_decoding
 
 
-def _safe(name: str) -> str:
+def split_methods(model, strategy, policy):
+    """(strategy, cache method) of what an evaluation is given: `policy` may be any method or composition from
+    kvshare.methods, a sharing one (`kvsharer`) included; its strategy then joins (or is) `strategy`."""
+    if policy is None:
+        return strategy, None
+    combined = Composition(strategy, policy)
+    members = combined.cache_members
+    cache_method = None if not members else members[0] if len(members) == 1 else Composition(*members)
+    return combined.strategy_for(model), cache_method
+
+
+def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
@@ -199,11 +210,11 @@ class Evaluator:
     # -- cache -----------------------------------------------------------------------------
     def _cache_path(self, strategy, spec, limit, policy=None, decode: bool = False) -> Path:
         key = hashlib.sha256((task_key(spec) + f"|chat={self.chat()}|v{CACHE_VERSION}").encode()).hexdigest()[:10]
-        name = f"{_safe(spec.name)}-limit{limit if limit is not None else 'all'}-{key}.json"
+        name = f"{safe_name(spec.name)}-limit{limit if limit is not None else 'all'}-{key}.json"
         where = strategy_key(strategy)
         if policy is not None or decode:
             where += "/" + policy_key(policy, decode)
-        return self.cache_dir / f"{_safe(model_name(self.model))}-{self.fingerprint}" / where / name
+        return self.cache_dir / f"{safe_name(model_name(self.model))}-{self.fingerprint}" / where / name
 
     def _cached(self, path: Path):
         if self.cache and path.is_file():
@@ -226,6 +237,7 @@ class Evaluator:
         measure nothing.
         """
         specs = resolve_tasks(suite, tasks)
+        strategy, policy = split_methods(self.model, strategy, policy)
         if strategy is not None:
             strategy.check_model(self.model)
         if decode is None:

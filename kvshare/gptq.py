@@ -77,8 +77,9 @@ def is_ready(name: str) -> bool:
     return (out / "config.json").is_file() and any(out.glob("*.safetensors")) and (out / PROVENANCE_FILE).is_file()
 
 
-def ensure_quantized(name: str, device=None) -> Path:
-    """The GPTQ checkpoint of `name` (a key of GPTQ_MODELS), quantized now if it was never made."""
+def ensure_quantized(name: str, base_dir=None, device=None) -> Path:
+    """The GPTQ checkpoint of `name` (a key of GPTQ_MODELS), quantized now (from the unquantized checkpoint in
+    `base_dir`: kvshare.models passes it) if it was never made."""
     if name not in GPTQ_MODELS:
         raise ValueError(f"unknown GPTQ model {name!r}; known: {', '.join(GPTQ_MODELS)}")
     out = quantized_dir(name)
@@ -88,10 +89,11 @@ def ensure_quantized(name: str, device=None) -> Path:
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from .data import calibration_texts
-    from .models import _convert_embedded
 
     spec = GPTQ_MODELS[name]
-    base = _convert_embedded(spec["base"])
+    if base_dir is None:
+        raise ValueError(f"quantizing {name} needs the checkpoint of {spec['base']}: load it with kvshare.load_model")
+    base = Path(base_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     texts = calibration_texts(spec["calibration_samples"], source=spec["calibration_source"], set_index=0)
     print(f"kvshare: quantizing {spec['base']} with GPTQ ({spec['bits']}-bit, group size {spec['group_size']}, "

@@ -9,6 +9,7 @@ before anything is dropped, so one-pass perplexity is the same with or without a
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -112,7 +113,7 @@ def decode_nlls(model, tokenizer, text: str, window: int = 512, context: int = 2
     decoding step after `context` prefilled tokens, with whatever sharing/policy is enabled on `model`."""
     from transformers import DynamicCache
 
-    from .sharing import model_cache_kwarg
+    from .adapter import model_cache_kwarg
 
     if not 1 <= context <= window - 2:
         raise ValueError(f"need 1 <= context <= window - 2, got context={context}, window={window}")
@@ -160,3 +161,52 @@ def decode_perplexity(model, tokenizer, text: str, window: int = 512, context: i
     nlls = decode_nlls(model, tokenizer, text, window, context, max_windows, batch_size, progress=bar)
     bar.close()
     return {**summarize_windows(nlls), "window": window, "context": context, "windows": n}
+
+
+# ------------------------------------------------------------------------------------------------
+# the held-out protocol every notebook shares
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeldOutProtocol:
+    """How held-out perplexity is measured, one way for every notebook: the first `tokens` tokens of the
+    held-out text of `source` (never in any calibration pool: kvshare.data splits them), scored in
+    non-overlapping windows of `window` tokens, one forward each; windows are the paired units."""
+
+    source: str = "bbc"
+    tokens: int = 16384  # 32 windows of 512
+    window: int = 512
+
+    def describe(self) -> str:
+        return (f"{self.tokens:,} held-out {self.source} tokens (never in a calibration set), "
+                f"{self.tokens // self.window} windows of {self.window}, paired per window")
+
+
+HELDOUT = HeldOutProtocol()
+
+
+def heldout_perplexity(model, tokenizer, protocol: HeldOutProtocol = HELDOUT, batch_size: int = 4,
+                       progress: bool = False) -> dict:
+    """`perplexity_with_error` under `protocol` (with whatever methods are applied to `model`): ppl, its standard
+    error, and the mean NLL of every window (`window_nll`) for paired comparisons."""
+    from .data import eval_text
+
+    out = perplexity_with_error(model, tokenizer, eval_text(protocol.source), window=protocol.window,
+                                stride=protocol.window, max_tokens=protocol.tokens, batch_size=batch_size,
+                                progress=progress)
+    out["protocol"] = asdict(protocol)
+    return out
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """NLL(a) - NLL(b) on the same windows (results of `perplexity_with_error` / `heldout_perplexity`): the
+    difference of the token-weighted mean NLLs, its paired standard error from the per-window differences,
+    z, and the perplexity ratio ppl(a) / ppl(b) with its 95% interval."""
+    wa, wb = np.asarray(a["window_nll"], dtype=float), np.asarray(b["window_nll"], dtype=float)
+    if wa.shape != wb.shape:
+        raise ValueError("paired differences need the same evaluation windows")
+    d = wa - wb
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    diff = a["nll"] - b["nll"] if "nll" in a and "nll" in b else float(d.mean())
+    return {"nll_diff": diff, "nll_diff_se": se, "ppl_ratio": math.exp(diff),
+            "z": diff / se if se > 0 else float("nan"),
+            "ppl_ratio_ci95": [math.exp(diff - 1.96 * se), math.exp(diff + 1.96 * se)], "windows": len(d)}

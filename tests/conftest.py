@@ -11,6 +11,8 @@ import random
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -51,6 +53,12 @@ ARCHITECTURES = {
     "mistral_sliding": (MistralConfig, MistralForCausalLM, {"sliding_window": SLIDING_WINDOW, "head_dim": 16}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),  # qwen3's default head_dim is 128
+    # Gemma-3 text: q/k norms, query_pre_attn_scalar 24 != head_dim 16, sliding window 8 on every layer (one
+    # attention type, so every strategy of the shared matrices is valid); mixed sliding/full layers, whose
+    # strategies must stay within a type, are tested in tests/test_gemma.py
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"head_dim": 16, "sliding_window": SLIDING_WINDOW,
+                                                     "layer_types": ["sliding_attention"] * NUM_LAYERS,
+                                                     "query_pre_attn_scalar": 24}),
 }
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 MODEL_PARAMS = [(a, i) for a in ARCHITECTURES for i in ATTN_IMPLEMENTATIONS]

@@ -19,17 +19,22 @@ from kvshare.experiments import search as srch
 from kvshare.experiments.reports import observation as obs_report
 from kvshare.experiments.reports import search as search_report
 from kvshare.experiments.reports.common import generations_markdown, save_figure
+from kvshare.metrics import paired_difference
 from kvshare.progress import Progress
 from kvshare.strategy import Strategy
 
 from conftest import NUM_LAYERS
 
 
-def test_num_for_fraction_rounds_half_up():
-    assert common.num_for_fraction(30, 0.125) == 4
-    assert common.num_for_fraction(30, 0.25) == 8
-    assert common.num_for_fraction(32, 0.25) == 8
-    assert common.num_for_fraction(24, 0.125) == 3
+def test_num_shared_for_rounds_half_up():
+    from kvshare.accounting import num_shared_for
+
+    assert num_shared_for(0.125, 30) == 4
+    assert num_shared_for(0.25, 30) == 8
+    assert num_shared_for(0.15, 30) == 5  # one rule everywhere (bench used to round half to even: 4)
+    assert num_shared_for(0.25, 32) == 8
+    assert num_shared_for(0.125, 24) == 3
+    assert num_shared_for(0.125, 20) == 3
 
 
 def test_c_grid_reaches_the_fraction():
@@ -68,12 +73,12 @@ def test_summarize_and_paired_difference():
     b = _result([2.1, 3.1, 2.6, 3.6])
     assert a["ppl"] == pytest.approx(math.exp(2.75))
     assert a["tokens"] == 16 and len(a["window_nll"]) == 4
-    d = common.paired_difference(a, b)
+    d = paired_difference(a, b)
     assert d["nll_diff"] == pytest.approx(-0.1)
     assert d["nll_diff_se"] == pytest.approx(0.0, abs=1e-12)  # a constant shift: the pairing removes all noise
     assert d["ppl_ratio"] == pytest.approx(math.exp(-0.1))
     with pytest.raises(ValueError):
-        common.paired_difference(a, _result([1.0, 2.0]))
+        paired_difference(a, _result([1.0, 2.0]))
 
 
 def _rows(dis_better: bool, sets=(0, 1, 2), cs=(0, 2, 4), seeds=(0, 1, 2)):
@@ -183,7 +188,7 @@ def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
 
 def test_evaluator_matches_sharing_context(tiny_setup):
     from kvshare.metrics import perplexity
-    from kvshare.sharing import sharing
+    from kvshare.combine import sharing
 
     model, tok, cfg, evaluator = tiny_setup
     st = Strategy({3: 1, 5: 2}, NUM_LAYERS)

@@ -109,7 +109,7 @@ def test_quantized_cache_is_causal_and_close(arch, bits):
         assert (qa.packed != qb.packed).float().mean() < 0.01
     assert (stepwise - one_pass).abs().max() / one_pass.abs().max() < 5e-3
     assert all(isinstance(layer, QuantizedKVLayer) for layer in c1.layers)
-    assert kvshare.cache_bytes(c1) == kvshare.cache_bytes(c2) == policy.predicted_cache_bytes(model.config, None, 2, 20)
+    assert kvshare.cache_bytes(c1) == kvshare.cache_bytes(c2) == kvshare.predicted_cache_bytes(model.config, policy, 2, [20], 4)
     full, plain = run(model, ids)
     assert kvshare.cache_bytes(plain) == plain_cache_bytes(model.config, None, 2, 20, 4)
     if bits == 8:
@@ -158,7 +158,7 @@ def test_replaced_layer_reads_its_sources_quantized_slot(arch, bits, monkeypatch
         layer = cache.layers[source]
         # the slot's stored codes, dequantized, are exactly what the replaced layer attends over
         # (a sliding slot may already have dropped its oldest tokens: compare the tail)
-        dk, dv = layer.dequantized()
+        dk, dv = layer.storage.read(layer.keys.dtype)
         n = dk.shape[-2]
         seen.append((source, torch.equal(k[..., -n:, :], dk) and torch.equal(v[..., -n:, :], dv), k.shape[-2]))
         return k, v
@@ -171,8 +171,8 @@ def test_replaced_layer_reads_its_sources_quantized_slot(arch, bits, monkeypatch
     for r in strategy.mapping:
         assert sharing_mod.layer_bytes(cache.layers[r]) == 0
     L, C = NUM_LAYERS, strategy.num_shared
-    alone_bytes = policy.predicted_cache_bytes(model.config, None, 2, 16)
-    together = policy.predicted_cache_bytes(model.config, strategy, 2, 16)
+    alone_bytes = kvshare.predicted_cache_bytes(model.config, policy, 2, [16], 4)
+    together = kvshare.predicted_cache_bytes(model.config, policy, 2, [16], 4, strategy=strategy)
     assert kvshare.cache_bytes(cache) == together
     if arch != "mistral_sliding":
         assert together * L == alone_bytes * (L - C)
@@ -283,7 +283,7 @@ def test_bench_measures_quantized_sharing_bytes():
     # eviction and quantization together: the policy's kept tokens at the quantizer's bytes per token
     both = measure(Config(mode="shared", rate=2 / NUM_LAYERS, kv_bits=8, policy="h2o", budget=4, **common), model)
     assert both["kv_bytes"] == both["kv_bytes_predicted"]
-    per_token = QuantizedKV(8).bytes_per_token(2, 16, 4)  # tiny llama: 2 KV heads of 16 channels, float32
+    per_token = QuantizedKV(8).token_bytes(2, 16, 4)  # tiny llama: 2 KV heads of 16 channels, float32
     assert both["kv_bytes"] == 2 * (NUM_LAYERS - 2) * 4 * per_token  # batch 2, 4 tokens kept in each kept layer
     with pytest.raises(ValueError, match="dynamic cache"):
         measure(Config(mode="shared", rate=0.0, kv_bits=8, cache="static", **common), model)
@@ -445,19 +445,20 @@ def test_quantized_eviction_keeps_the_policys_tokens_as_codes(name):
     strategy = Strategy({3: 1, 5: 2}, NUM_LAYERS)
     plain_policy = make_policy(name, budget=8)
     combined = quantized(make_policy(name, budget=8), bits=8, group_size=16)
-    assert combined.name == f"{name}+kv8" and combined.to_dict()["bits"] == 8 and combined.budget == 8
+    assert combined.to_dict()["method"] == f"{name}+quantized"
+    assert combined.member("storage").bits == 8 and combined.member("eviction").budget == 8
     evicted, evicted_cache = run(model, ids, plain_policy, strategy, prompt=12, cache=DynamicCache(config=model.config))
     both, both_cache = run(model, ids, combined, strategy, prompt=12, cache=DynamicCache(config=model.config))
     lengths = [12] + [1] * 12
     elem = 4
     assert kvshare.cache_bytes(both_cache) == predicted_cache_bytes(model.config, strategy, combined, 2, lengths, elem)
     assert kvshare.cache_bytes(evicted_cache) == predicted_cache_bytes(model.config, strategy, plain_policy, 2, lengths, elem)
-    ratio = combined.bytes_per_token(1, 16, elem) / (2 * 16 * elem)
+    ratio = combined.member("storage").token_bytes(1, 16, elem) / (2 * 16 * elem)
     assert kvshare.cache_bytes(both_cache) == pytest.approx(kvshare.cache_bytes(evicted_cache) * ratio)
     for i, layer in enumerate(both_cache.layers):
         if i in strategy.mapping:
             continue
-        assert layer.keys.numel() == 0 and layer.qkeys.packed.dtype == torch.uint8  # codes, no full tensors
+        assert layer.keys.numel() == 0 and layer.storage.qkeys.packed.dtype == torch.uint8  # codes, no full tensors
         ref = evicted_cache.layers[i]
         assert layer.held() == ref.held()
         if name == "streamingllm":  # selection by position only: the very same tokens are kept
@@ -471,7 +472,7 @@ def test_quantized_eviction_keeps_the_policys_tokens_as_codes(name):
 def test_quantized_eviction_rejects_what_it_cannot_combine():
     from kvshare.quantized_kv import quantized_eviction
 
-    with pytest.raises(TypeError, match="eviction policy"):
+    with pytest.raises(TypeError, match="eviction method"):
         quantized_eviction(QuantizedKV(8), QuantizedKV(4))
     with pytest.raises(TypeError, match="QuantizedKV"):
         quantized_eviction(kvshare.policies.make_policy("h2o", budget=8), 4)

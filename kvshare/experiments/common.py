@@ -26,7 +26,7 @@ from ..data import eval_text
 from ..metrics import token_nlls
 from ..progress import Progress, format_seconds
 from ..search import search
-from ..sharing import sharing
+from ..combine import sharing
 from ..strategy import Strategy
 
 
@@ -64,11 +64,6 @@ def resolve_out_dir(out_dir, quick: bool) -> Path:
         path = base / ("runs/quick/figures" if quick else "figures")
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
-
-
-def num_for_fraction(num_layers_: int, fraction: float) -> int:
-    """Layers to replace for a fraction of the model, rounded half up (12.5% of 30 -> 4, 25% -> 8)."""
-    return int(math.floor(num_layers_ * fraction + 0.5))
 
 
 @dataclass
@@ -171,17 +166,6 @@ def summarize_nll(nll: torch.Tensor, window: int) -> dict:
     se = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
     return {"ppl": math.exp(mean), "nll": mean, "nll_se": se, "ppl_se": math.exp(mean) * se,
             "tokens": int(nll.numel()), "window_nll": means.tolist()}
-
-
-def paired_difference(a: dict, b: dict) -> dict:
-    """NLL(a) - NLL(b) on the same windows, with the paired standard error; ratio = ppl(a) / ppl(b)."""
-    wa, wb = np.asarray(a["window_nll"]), np.asarray(b["window_nll"])
-    if wa.shape != wb.shape:
-        raise ValueError("paired differences need the same evaluation windows")
-    d = wa - wb
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    diff = a["nll"] - b["nll"]
-    return {"nll_diff": diff, "nll_diff_se": se, "ppl_ratio": math.exp(diff), "z": diff / se if se > 0 else float("nan")}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ from pathlib import Path
 
 
 # one rate -> layers rule (notebook 03 had its own copy, rounding half up: the same C at 30 layers)
-from ..bench import num_shared_for
-from ..evaluation import Evaluator, _safe, model_fingerprint
+from ..accounting import num_shared_for
+from ..adapter import num_layers
+from ..evaluation import Evaluator, model_fingerprint, safe_name
 from ..models import model_name
 from ..pypi_files import kvshare_home
 from ..strategy import Strategy
@@ -31,11 +32,10 @@ def compression_strategies(model, tokenizer, rates=RATES, orders=ORDERS, thresho
     """
     from ..data import calibration_texts
     from ..search import search
-    from ..sharing import num_layers
 
     c_max = max(num_shared_for(r, num_layers(model)) for r in rates)
     root = (Path(cache_dir) if cache_dir else kvshare_home() / "eval_cache")
-    root = root / f"{_safe(model_name(model))}-{model_fingerprint(model, tokenizer)}" / "strategies"
+    root = root / f"{safe_name(model_name(model))}-{model_fingerprint(model, tokenizer)}" / "strategies"
     out = {}
     for order in orders:
         path = root / f"{order}-c{c_max}-t{threshold}-n{samples}-seed{seed}.json"
@@ -57,7 +57,6 @@ def compression_runs(evaluator: Evaluator, strategies: dict, rates=RATES, suite:
     """Evaluate every (order, rate); the unshared model (rate 0) once. Returns long rows (order, rate, ...)."""
     from tqdm.auto import tqdm
 
-    from ..sharing import num_layers
 
     L = num_layers(evaluator.model)
     cells = [(o, r) for o in strategies for r in rates]

@@ -27,8 +27,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..policies import POLICIES, make_policy, predicted_cache_bytes
-from ..sharing import compression, num_layers
+from ..accounting import num_shared_for, predicted_cache_bytes
+from ..adapter import model_cache_kwarg, num_layers
+from ..combine import compression
+from ..methods.eviction import timing
+from ..policies import POLICIES, make_policy
 from ..strategy import Strategy
 
 
@@ -118,9 +121,8 @@ def sharing_strategy(model, tokenizer, cfg: Settings) -> Strategy:
 
     from ..data import calibration_texts
     from ..search import search
-    from .common import num_for_fraction
 
-    c = num_for_fraction(num_layers(model), cfg.share_fraction)
+    c = num_shared_for(cfg.share_fraction, num_layers(model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         strategy, _ = search(model, tokenizer, calibration_texts(cfg.samples), c, seed=cfg.seed, progress=False)
@@ -321,8 +323,6 @@ def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "ea
     from transformers import DynamicCache
 
     from ..bench import last_logits_only
-    from ..policies.base import timing
-    from ..sharing import model_cache_kwarg
 
     budget = cfg.budgets[0] if budget is None else budget
     cache_kw = model_cache_kwarg(model)

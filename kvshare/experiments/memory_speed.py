@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from transformers import LlamaConfig
 
-from ..bench import PRESETS, analysis, bench, budget_comparison
+from ..accounting import kv_token_bytes, num_shared_for
+from ..bench import PRESETS, analysis, bench, budget_comparison, param_count
 
 
 PAPER = {"model": "llama2-13b", "prompt_len": 512, "new_tokens": 2048, "rate": 0.25,
@@ -42,14 +43,6 @@ def budget_sweep(model: str, budget_bytes: int, rates=(0.25, 0.5), prompt_len: i
     return budget_comparison(model, budget_bytes, rates, prompt_len, new_tokens, cache, **kwargs)
 
 
-def param_count(cfg) -> int:
-    """Parameters of a Llama-layout model with these shapes (untied embeddings and LM head)."""
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_layer = (cfg.hidden_size * head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-                 + 3 * cfg.hidden_size * cfg.intermediate_size + 2 * cfg.hidden_size)
-    return cfg.vocab_size * cfg.hidden_size * 2 + cfg.num_hidden_layers * per_layer + cfg.hidden_size
-
-
 def byte_accounting(config, rates=(0.0, 0.25), batch: int = 1, prompt_len: int = 512, new_tokens: int = 2048,
                     elem: int = 2) -> list[dict]:
     """Where the bytes and FLOPs go over a whole decode, dynamic and static cache, each rate (exact counts).
@@ -63,7 +56,7 @@ def byte_accounting(config, rates=(0.0, 0.25), batch: int = 1, prompt_len: int =
     rows, plain_traffic = [], {}
     for cache in ("dynamic", "static"):
         for rate in rates:
-            C = round(rate * L)
+            C = num_shared_for(rate, L)
             row = {"cache": cache, "rate": rate, "num_shared": C, "batch": batch}
             row.update(analysis(config, C, batch, prompt_len, new_tokens, cache, elem))
             row["kv_bytes_final"] = (L - C) * row["kv_token_bytes"] * (prompt_len + new_tokens)
@@ -86,11 +79,10 @@ def paper_memory_check(preset: str = PAPER["model"], rate: float = PAPER["rate"]
     account for, hence an upper bound on the saving.
     """
     cfg = LlamaConfig(**PRESETS[preset])
-    L, C = cfg.num_hidden_layers, round(rate * cfg.num_hidden_layers)
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    L, C = cfg.num_hidden_layers, num_shared_for(rate, cfg.num_hidden_layers)
     params = param_count(cfg)
     weights = params * elem
-    kv_per_seq = L * 2 * cfg.num_key_value_heads * head_dim * elem * (prompt_len + new_tokens)
+    kv_per_seq = L * kv_token_bytes(cfg, elem) * (prompt_len + new_tokens)
     base = paper_peak_mb[0] * 2**20  # MB as reported, read as MiB (the larger reading: generous to the paper)
     max_batch = int((base - weights) // kv_per_seq)
     kv = max_batch * kv_per_seq

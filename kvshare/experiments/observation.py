@@ -13,8 +13,9 @@ import numpy as np
 
 from ..data import calibration_texts
 from ..progress import Progress
-from ..sharing import num_layers
-from .common import ORDER_LABELS, HeldOutScorer, Settings, paired_difference, run_search
+from ..adapter import num_layers
+from ..metrics import paired_difference
+from .common import ORDER_LABELS, HeldOutScorer, Settings, run_search
 
 
 def c_grid(num_layers_: int, max_fraction: float = 0.4, step: int = 2) -> list[int]:

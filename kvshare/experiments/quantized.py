@@ -13,7 +13,7 @@ causal and attention reads exactly the stored codes, so one pass measures what d
 cells are compared by paired per-window NLL differences.
 Cost: K/V bytes of the cache after a prefill and greedy decode (checked against what sharing and the
 quantizer predict together from the shapes) and decode tokens/s, measured in this process
-(`kvshare.bench._run_once`: fresh cache, prefill, timed greedy decode; best of the repeats).
+(`kvshare.bench.run_once`: fresh cache, prefill, timed greedy decode; best of the repeats).
 
 Tables in Markdown, the figure and the conclusion: `kvshare.experiments.reports.quantized`.
 """
@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..quantized_kv import QuantizedKV, plain_cache_bytes
-from ..sharing import cache_bytes, compression, num_layers
+from ..accounting import cache_bytes
+from ..adapter import head_dim, num_layers
+from ..combine import compression
+from ..methods.quantized import QuantizedKV, plain_cache_bytes
 from ..strategy import Strategy
 
 
@@ -179,7 +181,7 @@ def perplexity_cell(model, tokenizer, text: str, strategy, policy, cfg: Settings
 @torch.no_grad()
 def cost_cell(model, strategy, policy, cfg: Settings) -> dict:
     """K/V bytes after prefill + decode, the bytes predicted from the shapes, decode tokens/s."""
-    from ..bench import _run_once
+    from ..bench import run_once
 
     vocab = model.config.get_text_config().vocab_size
     device = next(model.parameters()).device
@@ -187,9 +189,9 @@ def cost_cell(model, strategy, policy, cfg: Settings) -> dict:
     prompt = torch.randint(0, vocab, (cfg.bench_batch, cfg.bench_prompt), generator=gen).to(device)
     decode, prefill, kv = [], [], None
     with compression(model, strategy if strategy is not None and strategy.mapping else None, policy):
-        _run_once(model, prompt, min(cfg.bench_new_tokens, 2), "dynamic")  # warm-up
+        run_once(model, prompt, min(cfg.bench_new_tokens, 2), "dynamic")  # warm-up
         for _ in range(cfg.bench_repeats):
-            p, d, cache = _run_once(model, prompt, cfg.bench_new_tokens, "dynamic")
+            p, d, cache = run_once(model, prompt, cfg.bench_new_tokens, "dynamic")
             prefill.append(p)
             decode.append(d)
             kv = cache_bytes(cache)
@@ -217,7 +219,6 @@ def run_weight_set(label: str, name: str, cfg: Settings, text: str, progress: bo
     load_s = time.perf_counter() - t0
     info = weight_info(model)
     text_cfg = model.config.get_text_config()
-    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
     elem = next(p for p in model.parameters() if p.is_floating_point()).element_size()
     text = eval_prefix(tokenizer, text, cfg.eval_tokens)
     t1 = time.perf_counter()
@@ -238,7 +239,7 @@ def run_weight_set(label: str, name: str, cfg: Settings, text: str, progress: bo
             k = cost_cell(model, strategies[c], policy, cfg)
             row = {"weights": label, "model": name, "num_shared": c, "num_layers": num_layers(model),
                    "kv_bits": bits, "kv": KV_LABELS.get(bits, f"int{bits}"),
-                   "kv_quant_ratio": 1.0 if policy is None else policy.compression_ratio(head_dim, elem), **info, **q, **k}
+                   "kv_quant_ratio": 1.0 if policy is None else policy.compression_ratio(head_dim(text_cfg), elem), **info, **q, **k}
             rows.append(row)
             if progress:
                 print(f"[{label}] C={c:2d} KV {row['kv']:>11}: ppl {q['ppl']:8.3f} ± {q['ppl_se']:.3f}  "

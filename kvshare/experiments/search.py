@@ -10,7 +10,8 @@ import math
 from ..progress import Progress
 from ..search import candidate_pairs
 from ..strategy import Strategy
-from .common import HeldOutScorer, SearchRun, Settings, paired_difference, run_search
+from ..metrics import paired_difference
+from .common import HeldOutScorer, SearchRun, Settings, run_search
 
 
 def dissimilarity_ranks(distances) -> dict[tuple[int, int], int]:

@@ -97,9 +97,10 @@ def figure(r: dict):
     ax = axes[0]
     ax.bar(labels, [cap["plain_tokens"], cap["shared_tokens"]], color=colors)
     ax.axhline(cap["plain_tokens"] * expected, color="k", ls="--", lw=1, label="plain × L/(L−C)")
+    ax.set_ylim(0, 1.15 * max(cap["shared_tokens"], cap["plain_tokens"] * expected))
     ax.set_title(f"KV capacity, {cap['kvcache_space_gib']} GiB budget")
     ax.set_ylabel("tokens")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
 
     ax = axes[1]
     ax.bar(labels, [gen["plain"]["match_rate"], gen["shared"]["match_rate"]], color=colors)
@@ -110,9 +111,10 @@ def figure(r: dict):
     ax = axes[2]
     ax.bar(labels, [thr["plain"]["tokens_per_second"], thr["shared"]["tokens_per_second"]], color=colors)
     ax.axhline(thr["plain"]["tokens_per_second"] * expected, color="k", ls="--", lw=1, label="plain × L/(L−C)")
+    ax.set_ylim(0, 1.15 * max(thr["shared"]["tokens_per_second"], thr["plain"]["tokens_per_second"] * expected))
     ax.set_title(f"vllm bench throughput (ratio {thr['ratio']:.2f})")
     ax.set_ylabel("tokens/s")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"{r['model']} on {r['vllm']} (CPU): {r['num_shared']} of {r['num_layers']} layers share KV")
     fig.tight_layout()
     return fig

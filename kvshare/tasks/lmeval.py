@@ -77,7 +77,7 @@ def decode_loglikelihoods(model, requests, max_length: int, batch_size: int, pad
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
-    from ..sharing import model_cache_kwarg
+    from ..adapter import model_cache_kwarg
 
     device = next(model.parameters()).device
     cache_kw = model_cache_kwarg(model)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import EvictingLayer, EvictionPolicy, PolicySettings
+from .eviction import EvictingLayer, EvictionPolicy, PolicySettings
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import EvictingLayer, EvictionPolicy, PolicySettings
+from .eviction import EvictingLayer, EvictionPolicy, PolicySettings
 
 
 @dataclass
@@ -42,3 +42,7 @@ class StreamingLLM(EvictionPolicy):
     name = "streamingllm"
     settings_class = StreamingLLMSettings
     layer_class = StreamingLLMLayer
+
+    @classmethod
+    def examples(cls, config) -> list["StreamingLLM"]:
+        return [cls(budget=6, sink=2)]

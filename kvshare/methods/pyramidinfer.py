@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import EvictingLayer, EvictionPolicy, PolicySettings
+from .eviction import EvictingLayer, EvictionPolicy, PolicySettings
 
 
 @dataclass
@@ -56,8 +56,8 @@ class PyramidInferLayer(EvictingLayer):
     per_head = True
     score_names = ("recent_attention",)
 
-    def __init__(self, settings, layer_idx, config, budget=None):
-        super().__init__(settings, layer_idx, config, budget)
+    def __init__(self, settings, layer_idx, config, budget=None, storage=None):
+        super().__init__(settings, layer_idx, config, budget, storage)
         self.since = 0  # tokens added since the last selection
         self.point = False  # does this forward end at a selection?
 
@@ -108,3 +108,7 @@ class PyramidInfer(EvictionPolicy):
 
     def layer_budget(self, layer_idx: int, num_layers: int) -> int:
         return layer_budgets(self.settings.budget, num_layers, self.settings.ratio)[layer_idx]
+
+    @classmethod
+    def examples(cls, config) -> list["PyramidInfer"]:
+        return [cls(budget=4, window=2, interval=2)]

@@ -18,7 +18,7 @@ How eviction fits transformers (nothing in a modeling file is copied or changed)
   so between forwards a slot holds at most its budget (PyramidInfer: see its module).
 - Attention weights (H2O, PyramidInfer) come from the layer's own query and kept keys, computed in
   that post-hook only for the layers whose slot needs them: the query is taken from a hook on
-  `q_proj` (normalized and rotated as the model does), the probabilities are recomputed in chunks
+  `q_proj` (normalized and rotated as the model does, kvshare.adapter.query_states), the probabilities are recomputed in chunks
   of queries, and the attention output itself still comes from sdpa. With eager attention the
   weights the layer returns are used instead (nothing recomputed).
 - Sharing. A replaced layer reads its source's slot: its attention gets the K/V the source's
@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..sharing import decoder_layers, layer_window
+from ..adapter import base_model, cache_of, decoder_layers, layer_window, query_groups, query_states
+from .base import KVMethod, MethodSettings
 
 # (batch x query heads x queries) x keys entries per chunk when attention probabilities are recomputed:
 # bounds the extra memory to two 8 MiB float32 temporaries
@@ -57,7 +57,7 @@ def timing():
 
 
 @dataclass
-class PolicySettings:
+class PolicySettings(MethodSettings):
     """Common settings: `budget` is the number of tokens a layer keeps (H2O, StreamingLLM) or the
     average over layers (PyramidInfer)."""
 
@@ -66,9 +66,6 @@ class PolicySettings:
     def __post_init__(self):
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
             raise ValueError(f"budget must be a positive number of tokens, got {self.budget!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 layer_kind = layer_window  # the sliding window of a layer (None: full attention)
@@ -91,9 +88,12 @@ class EvictingLayer(DynamicLayer):
     needs_attention = False  # does the policy need attention probabilities?
     per_head = False  # does the policy keep different tokens in different KV heads?
 
-    def __init__(self, settings, layer_idx: int, config, budget: int | None = None):
+    def __init__(self, settings, layer_idx: int, config, budget: int | None = None, storage=None):
         super().__init__()
         self.settings = settings
+        # where the kept tokens live: None -> full-precision `keys` / `values` tensors; else a storage object
+        # (kvshare.methods.quantized.QuantizedStorage: codes), while `keys` / `values` stay empty dtype/device stubs
+        self.storage = storage
         self.layer_idx = layer_idx
         self.budget = int(settings.budget if budget is None else budget)
         self.sliding_window = layer_kind(config, layer_idx)
@@ -118,11 +118,22 @@ class EvictingLayer(DynamicLayer):
 
     def held(self) -> int:
         """Tokens held now (per sequence and head)."""
+        if self.storage is not None:
+            return self.storage.held()
         return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
 
-    # -- storage: full-precision tensors here; kvshare.quantized_kv.EvictingCodes holds codes instead --
+    def nbytes(self) -> int:
+        """K/V bytes held (what `kvshare.cache_bytes` counts; bookkeeping is in `overhead_bytes`)."""
+        if self.storage is not None:
+            return self.storage.nbytes()
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if isinstance(t, torch.Tensor))
+
+    # -- storage: full-precision tensors, or the storage object's representation ----------------
     def store(self, key_states, value_states, first: bool):
         """Append the new tokens' K/V (`first`: nothing held yet); return the K/V of everything held."""
+        if self.storage is not None:
+            self.storage.append(key_states, value_states, first)
+            return self.storage.read(self.keys.dtype)
         if first:
             self.keys, self.values = key_states, value_states
         else:
@@ -132,10 +143,13 @@ class EvictingLayer(DynamicLayer):
 
     def held_keys(self) -> torch.Tensor:
         """[batch, kv_heads, held, head_dim]: the keys attention reads (scoring recomputes from them)."""
-        return self.keys
+        return self.keys if self.storage is None else self.storage.read_keys(self.keys.dtype)
 
     def gather_kv(self, idx: torch.Tensor) -> None:
         """Keep the held K/V at `idx` ([batch, P, keep]) only."""
+        if self.storage is not None:
+            self.storage.gather(idx)
+            return
         batch, kv_heads, _, dim = self.keys.shape
         kidx = idx[..., None].expand(batch, kv_heads, idx.shape[-1], dim)
         self.keys = self.keys.gather(2, kidx)
@@ -143,6 +157,8 @@ class EvictingLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
+        if self.storage is not None:
+            self.storage.reset()
         self.seen = 0
         self.positions = self.valid = None
         self.evicted = False
@@ -155,7 +171,10 @@ class EvictingLayer(DynamicLayer):
         raise NotImplementedError(f"{type(self).__name__} drops tokens for good: it cannot be cropped (assisted decoding)")
 
     def _index_state(self, fn) -> None:
-        for name in ("keys", "values", "positions", "valid") + self.score_names:
+        if self.storage is not None:
+            self.storage.map(fn)
+        tensors = ("keys", "values") if self.storage is None else ()  # with storage, keys/values are empty stubs
+        for name in tensors + ("positions", "valid") + self.score_names:
             t = getattr(self, name, None)
             if isinstance(t, torch.Tensor) and t.dim() > 0:
                 setattr(self, name, fn(t))
@@ -407,30 +426,25 @@ class EvictingLayer(DynamicLayer):
 # --------------------------------------------------------------------------------------------
 # the policy object (kvshare's cache-policy extension point) and its hooks
 # --------------------------------------------------------------------------------------------
-class EvictionPolicy:
-    """A cache policy for `kvshare.compression(model, strategy, policy)` / `enable_sharing(..., policy)`.
-
-    `make_layer(i, config)` gives kept layer i its evicting slot; `attach(model)` adds the hooks
-    that feed masks, padding and attention to the slots; `detach(model)` removes them.
-    """
+class EvictionPolicy(KVMethod):
+    """Token eviction as a kvshare method (role `eviction`): `make_layer(i, config)` gives kept layer i its
+    evicting slot; `attach(model)` adds the hooks that feed masks, padding and attention to the slots;
+    `detach(model)` removes them. With a storage method in the same composition, the slot holds that
+    storage (e.g. codes) for its kept tokens."""
 
     name = "policy"
+    role = "eviction"
     settings_class = PolicySettings
     layer_class = EvictingLayer
+    scored_by_decoding = True  # tokens are dropped after each forward: one-pass perplexity would not see it
+    causal = False  # what a decode step sees depends on what earlier forwards dropped: decoding is the semantics
 
     def __init__(self, settings=None, **kwargs):
-        if settings is None:
-            settings = self.settings_class(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either a settings object or keyword settings, not both")
-        if not isinstance(settings, self.settings_class):
-            raise TypeError(f"{type(self).__name__} takes {self.settings_class.__name__}, got {type(settings).__name__}")
-        self.settings = settings
+        super().__init__(settings, **kwargs)
         self._handles: dict[int, list] = {}
 
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.settings.to_dict().items())
-        return f"{type(self).__name__}({args})"
+    def __getstate__(self):  # hook handles belong to a live model, not to the method's description
+        return {**self.__dict__, "_handles": {}}
 
     @property
     def budget(self) -> int:
@@ -439,12 +453,12 @@ class EvictionPolicy:
     def layer_budget(self, layer_idx: int, num_layers: int) -> int:
         return self.settings.budget
 
-    def make_layer(self, layer_idx: int, config):
+    def make_layer(self, layer_idx: int, config, storage=None):
         n = config.get_text_config().num_hidden_layers
-        layer = self.layer_class(self.settings, layer_idx, config, budget=self.layer_budget(layer_idx, n))
-        text = config.get_text_config()
-        layer.num_key_value_groups = text.num_attention_heads // text.num_key_value_heads
-        layer.num_kv_heads = text.num_key_value_heads
+        layer = self.layer_class(self.settings, layer_idx, config, budget=self.layer_budget(layer_idx, n),
+                                 storage=storage)
+        layer.num_key_value_groups = query_groups(config)
+        layer.num_kv_heads = config.get_text_config().num_key_value_heads
         return layer
 
     def predicted_tokens(self, layer_idx: int, config, lengths) -> int:
@@ -453,11 +467,20 @@ class EvictionPolicy:
         return self.layer_class.predicted_held(self.settings, self.layer_budget(layer_idx, n), list(lengths),
                                                layer_kind(config, layer_idx))
 
+    # -- the shared test matrix ----------------------------------------------------------------
+    @classmethod
+    def examples(cls, config) -> list["EvictionPolicy"]:
+        return [cls(budget=6)]
+
+    @classmethod
+    def identity(cls, config, max_length: int) -> "EvictionPolicy":
+        return cls(budget=max_length + 1)
+
     # -- hooks -------------------------------------------------------------------------------
     def attach(self, model) -> None:
         if id(model) in self._handles:
             self.detach(model)
-        base = model.base_model if hasattr(model, "base_model") else model
+        base = base_model(model)
         ctx: dict = {"mask2d": None, "queries": {}}
         handles = [base.register_forward_pre_hook(_record_padding(ctx), with_kwargs=True)]
         for i, decoder_layer in enumerate(decoder_layers(model)):
@@ -473,11 +496,6 @@ class EvictionPolicy:
     def detach(self, model) -> None:
         for h in self._handles.pop(id(model), []):
             h.remove()
-
-
-def _cache_of(kwargs):
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def _slot(cache, idx):
@@ -498,7 +516,7 @@ def _record_padding(ctx):
 
 def _before_attention(ctx):
     def hook(module, args, kwargs):
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         source = getattr(module, "_kvshare_source", None)
         slot = _slot(cache, module.layer_idx if source is None else source)
         if slot is None:
@@ -525,22 +543,9 @@ def _capture_query(ctx, layer_idx):
     return hook
 
 
-def _query_states(attn, projected, position_embeddings):
-    """The layer's query as its attention saw it: projected, normalized (qwen3), rotated."""
-    batch, q_len = projected.shape[:2]
-    query = projected.view(batch, q_len, -1, attn.head_dim)
-    if getattr(attn, "q_norm", None) is not None:
-        query = attn.q_norm(query)
-    query = query.transpose(1, 2)
-    cos, sin = position_embeddings
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    query, _ = rope(query, query[:, :0], cos, sin)
-    return query
-
-
 def _after_attention(ctx):
     def hook(module, args, kwargs, output):
-        slot = _slot(_cache_of(kwargs), module.layer_idx)
+        slot = _slot(cache_of(kwargs), module.layer_idx)
         if slot is None:
             return None
         query = weights = None
@@ -552,7 +557,7 @@ def _after_attention(ctx):
                 projected = ctx["queries"].pop(module.layer_idx, None)
                 if projected is None:
                     raise RuntimeError(f"layer {module.layer_idx}: the policy needs the query but q_proj was not seen")
-                query = _query_states(module, projected, kwargs["position_embeddings"])
+                query = query_states(module, projected, kwargs["position_embeddings"])
         ctx["queries"].pop(module.layer_idx, None)
         slot.end(query=query, weights=weights, scaling=module.scaling)
         return None

@@ -1,0 +1,459 @@
+"""Notebook 11 (11_best_search.ipynb): the damage map, and the best-first search proven on held-out text.
+
+1. The damage map of calibration set 0 (`kvshare.damage_map`): every single pair scored by the hidden cosine
+   (the paper's score) and by KL(full || shared); how well each calibration distance predicts that damage
+   (Spearman), and where the dissimilar order's first picks sit on it.
+2. Searches per calibration set: `best` once to the largest C, the fixed orders (dissimilar, similar, random
+   with seeds drawn per set) once each; every smaller C is a prefix of the same search.
+3. Held-out perplexity (`kvshare.metrics.HELDOUT`: 16,384 BBC tokens, 32 windows of 512, never in a calibration
+   set) of every distinct strategy, and `best` against every fixed order paired per window.
+
+Every expensive result is cached in `<out_dir>/<name>_results.json` under a key of the settings it depends on,
+written atomically after each unit, so an interrupted run resumes and a finished one only re-plots.
+Figures and the conclusion: `kvshare.experiments.reports.best_search`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapter import layer_types
+from ..calibration import METRICS
+from ..combine import sharing
+from ..damage import DamageMap, damage_map, same_type_pairs
+from ..data import calibration_texts
+from ..io import write_json
+from ..metrics import HELDOUT, heldout_perplexity, paired_difference
+from ..progress import Progress, format_seconds
+from ..search import search
+from ..strategy import Strategy
+from .common import make_settings
+
+FIXED = ("dissimilar", "similar", "random")
+ORDERS = ("best", *FIXED)
+
+
+@dataclass
+class BestSettings:
+    """Everything notebook 11's numbers depend on (saved beside its figures)."""
+
+    model: str
+    quick: bool
+    seed: int
+    samples: int = 30  # calibration texts per set
+    max_tokens: int = 64  # tokens per calibration text
+    calibration_sets: int = 3
+    threshold: float = 0.5
+    metric: str = "euclidean"  # the fixed orders' distance
+    c_values: list = field(default_factory=lambda: [2, 4, 6, 8, 10, 12])
+    random_seeds: int = 5  # random-order searches per calibration set, seeds drawn per set
+    random_c_values: list = field(default_factory=lambda: [8])  # C points where the random seeds are scored
+    heldout_tokens: int = HELDOUT.tokens  # quick mode scores a slice
+    criterion: str = "kl"
+    shortlist: int = 24
+    screen_texts: int = 4
+    kl_stride: int = 4
+    lazy: bool = True
+    criterion_evidence: bool = True  # score the set-0 strategies by calibration KL and cosine too
+    check_from: int = 25  # the shortcut checks re-score the pairs whose replaced layer is at least this
+    target_c: int = 8  # the C of the "within 1.5x of the full model" claim
+    target_ratio: float = 1.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+QUICK = dict(samples=4, max_tokens=16, calibration_sets=2, c_values=[1, 2], random_seeds=2, random_c_values=[2],
+             heldout_tokens=1024, shortlist=4, screen_texts=2, target_c=2, check_from=27)
+
+
+def settings(model: str, quick: bool, seed: int = 0, **overrides) -> BestSettings:
+    """Notebook 11's settings: the full run, or QUICK over it (a minute or two on 2 cores, every code path)."""
+    return make_settings(BestSettings, QUICK, model, quick, seed, **overrides)
+
+
+def use_all_cores() -> int:
+    """Give torch every core this process may run on (the search and the perplexities are matmul-bound)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def random_seeds(cfg: BestSettings, calibration_set: int) -> list[int]:
+    """The random-order seeds of one calibration set: drawn per set, so no two sets share a random strategy."""
+    return [cfg.seed + 1000 * (calibration_set + 1) + k for k in range(cfg.random_seeds)]
+
+
+def protocol(cfg: BestSettings):
+    return replace(HELDOUT, tokens=cfg.heldout_tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# the results cache
+# ------------------------------------------------------------------------------------------------
+class ResultCache:
+    """A JSON file of named results, each stored with a key of what it depends on; written after every put."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    @staticmethod
+    def key(*parts) -> str:
+        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def get(self, name: str, key: str):
+        item = self.data.get(name)
+        return item["value"] if item is not None and item.get("key") == key else None
+
+    def put(self, name: str, key: str, value):
+        self.data[name] = {"key": key, "value": value}
+        write_json(self.path, self.data)
+        return value
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. the damage map
+# ------------------------------------------------------------------------------------------------
+def damage(model, tokenizer, cfg: BestSettings, cache: ResultCache, calibration_set: int = 0,
+           texts: int | None = None, kl_stride: int | None = None, min_replaced: int = 0,
+           progress: bool = True) -> DamageMap:
+    """The damage map of a calibration set's first `texts` texts (default: the search's screen), cached.
+
+    `min_replaced` keeps only the pairs whose replaced layer is at least that (a cheaper map for checks)."""
+    n = cfg.screen_texts if texts is None else texts
+    stride = cfg.kl_stride if kl_stride is None else kl_stride
+    name = f"damage_set{calibration_set}_texts{n}_stride{stride}" + (f"_from{min_replaced}" if min_replaced else "")
+    key = cache.key(cfg.model, n, cfg.max_tokens, calibration_set, stride, min_replaced)
+    hit = cache.get(name, key)
+    if hit is not None:
+        return DamageMap.from_dict(hit)
+    texts_ = calibration_texts(cfg.samples, set_index=calibration_set)[:n]
+    pairs = None
+    if min_replaced:
+        pairs = [(r, s) for r, s in same_type_pairs(model) if r >= min_replaced]
+    dm = damage_map(model, tokenizer, texts_, cfg.max_tokens, progress=progress, kl_stride=stride, pairs=pairs)
+    cache.put(name, key, dm.to_dict())
+    return dm
+
+
+def map_forwards(model, texts: int) -> int:
+    """Layer-forwards of a damage map of every pair on `texts` texts: the reference, then layers r..L-1 per pair."""
+    L = len(layer_types(model))
+    return texts * (L + sum(L - r for r, _ in same_type_pairs(model)))
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(a):
+        a = np.asarray(a, dtype=float)
+        order = np.argsort(a, kind="mergesort")
+        r = np.empty(len(a))
+        r[order] = np.arange(len(a))
+        for v in np.unique(a):  # ties share their mean rank
+            idx = a == v
+            if idx.sum() > 1:
+                r[idx] = r[idx].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def distance_vs_damage(dm: DamageMap) -> list[dict]:
+    """Per metric: Spearman of the calibration distance with each damage score over all pairs.
+
+    The paper's premise is that dissimilar pairs are safe to share: a NEGATIVE correlation of distance with
+    damage. A positive one means the dissimilar order picks the most harmful pairs first.
+    """
+    kl = [r["kl"] for r in dm]
+    cos_damage = [1 - r["hidden_cosine"] for r in dm]
+    return [{"metric": m, "spearman_vs_kl": spearman([r[f"distance_{m}"] for r in dm], kl),
+             "spearman_vs_hidden_damage": spearman([r[f"distance_{m}"] for r in dm], cos_damage), "pairs": len(dm)}
+            for m in METRICS]
+
+
+def ranking_check(reference: DamageMap, cheap: DamageMap, top: int = 24) -> dict:
+    """How a cheap damage map ranks the pairs against the map it stands in for, on the pairs both hold:
+    Spearman of the KL, and how many of the reference's `top` least harmful pairs are among the cheap map's."""
+    ref = {(r["replaced"], r["source"]): r["kl"] for r in reference}
+    other = {(r["replaced"], r["source"]): r["kl"] for r in cheap}
+    pairs = sorted(set(ref) & set(other))
+    rank = lambda d: sorted(pairs, key=lambda p: (d[p], p))[:top]
+    describe = lambda dm: {**dm.metadata.get("calibration", {}), "kl_stride": dm.metadata.get("kl_stride"),
+                           "seconds": dm.metadata.get("seconds"), "layer_forwards": dm.metadata.get("layer_forwards")}
+    return {"pairs": len(pairs), "spearman_kl": spearman([ref[p] for p in pairs], [other[p] for p in pairs]),
+            "top": top, "top_overlap": len(set(rank(ref)) & set(rank(other))),
+            "reference": describe(reference), "cheap": describe(cheap)}
+
+
+def first_picks(dm: DamageMap, strategy: dict, k: int = 8) -> list[dict]:
+    """The first `k` pairs a search accepted, with their single-pair damage and rank on the damage map."""
+    rows = {(r["replaced"], r["source"]): r for r in dm}
+    by_kl = {p: i for i, p in enumerate(dm.ranked("kl"))}
+    out = []
+    for step, (r, s) in enumerate(strategy["metadata"]["accepted_pairs"][:k], start=1):
+        row = rows[(r, s)]
+        out.append({"step": step, "replaced": r, "source": s, "kl": row["kl"], "hidden_cosine": row["hidden_cosine"],
+                    "kl_rank": by_kl[(r, s)], "kl_percentile": 100 * by_kl[(r, s)] / max(1, len(dm) - 1)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. the searches
+# ------------------------------------------------------------------------------------------------
+def search_plan(cfg: BestSettings) -> list[tuple[int, str, int]]:
+    """(calibration set, order, seed) of every search."""
+    plan = []
+    for i in range(cfg.calibration_sets):
+        plan += [(i, "best", cfg.seed), (i, "dissimilar", cfg.seed), (i, "similar", cfg.seed)]
+        plan += [(i, "random", s) for s in random_seeds(cfg, i)]
+    return plan
+
+
+def run_searches(model, tokenizer, cfg: BestSettings, cache: ResultCache, damage_maps: dict | None = None,
+                 progress: bool = True) -> list[dict]:
+    """One search per (set, order, seed) to max(c_values): {set, order, seed, strategy (dict), trace}. Cached.
+
+    `damage_maps` ({set: DamageMap of its first `screen_texts` texts}) hands `best` its screening map."""
+    plan = search_plan(cfg)
+    runs = []
+    bar = Progress(len(plan), "searches", enabled=progress, every=0)
+    for i, order, seed in plan:
+        name = f"search_set{i}_{order}_seed{seed}"
+        top = max(cfg.random_c_values if order == "random" else cfg.c_values)  # random seeds: to their largest C
+        extra = dict(criterion=cfg.criterion, shortlist=cfg.shortlist, screen_texts=cfg.screen_texts,
+                     kl_stride=cfg.kl_stride, lazy=cfg.lazy) if order == "best" else {}
+        key = cache.key(cfg.model, cfg.samples, cfg.max_tokens, i, order, seed, top, cfg.threshold, cfg.metric, extra)
+        hit = cache.get(name, key)
+        if hit is None:
+            texts = calibration_texts(cfg.samples, set_index=i)
+            if order == "best" and damage_maps and i in damage_maps:
+                extra["damage"] = damage_maps[i]  # the set's screening map, already made: not computed twice
+            strategy, trace = search(model, tokenizer, texts, top, cfg.threshold, order, cfg.metric, seed,
+                                     cfg.max_tokens, progress=progress and order == "best", **extra)
+            strategy.metadata["calibration"].update(source="bbc", set_index=i)
+            hit = cache.put(name, key, {"set": i, "order": order, "seed": seed, "strategy": strategy.to_dict(),
+                                        "trace": trace})
+        runs.append(hit)
+        m = hit["strategy"]["metadata"]
+        bar.update(note=f"set {i} {order}{f' seed {seed}' if order == 'random' else ''}: "
+                        f"{m['search_seconds']:.1f} s, {m['layer_forwards']:,} layer-forwards")
+    return runs
+
+
+def prefix(run: dict, c: int) -> Strategy | None:
+    """The run's strategy after its first c acceptances (None when it accepted fewer)."""
+    st = Strategy.from_dict(run["strategy"])
+    return st.prefix(c) if c <= st.num_shared else None
+
+
+def c_values_of(run: dict, cfg: BestSettings) -> list[int]:
+    return cfg.random_c_values if run["order"] == "random" else cfg.c_values
+
+
+def mapping_key(strategy: Strategy | None) -> str:
+    if strategy is None or not strategy.mapping:
+        return "full"
+    return ",".join(f"{r}:{s}" for r, s in strategy.mapping.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. held-out perplexity
+# ------------------------------------------------------------------------------------------------
+def evaluate(model, tokenizer, runs: list[dict], cfg: BestSettings, cache: ResultCache,
+             progress: bool = True) -> dict[str, dict]:
+    """Held-out perplexity of the full model and of every distinct strategy the runs give at their C values.
+
+    Returns {mapping key: heldout_perplexity result}; identical strategies (across sets, orders) run once.
+    """
+    proto = protocol(cfg)
+    wanted = {"full": None}
+    for run in runs:
+        for c in c_values_of(run, cfg):
+            st = prefix(run, c)
+            if st is not None:
+                wanted.setdefault(mapping_key(st), st)
+    name = "heldout"
+    key = cache.key(cfg.model, asdict(proto))
+    results = dict(cache.get(name, key) or {})
+    todo = [k for k in wanted if k not in results]
+    bar = Progress(len(todo), f"held-out perplexity ({proto.describe()})", enabled=progress, every=0)
+    for k in todo:
+        t0 = time.perf_counter()
+        with sharing(model, wanted[k]):
+            res = heldout_perplexity(model, tokenizer, proto)
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        results[k] = res
+        cache.put(name, key, results)
+        bar.update(note=f"{k if len(k) < 60 else k[:57] + '...'}: ppl {res['ppl']:.2f} in {res['seconds']:.0f} s")
+    return {k: results[k] for k in wanted}
+
+
+def curve_rows(runs: list[dict], heldout: dict[str, dict], cfg: BestSettings) -> list[dict]:
+    """One row per (set, order, seed, C): perplexity, its error, and the paired comparison of `best` against it."""
+    best = {r["set"]: r for r in runs if r["order"] == "best"}
+    full = heldout["full"]
+    rows = []
+    for run in runs:
+        for c in c_values_of(run, cfg):
+            st = prefix(run, c)
+            if st is None:
+                continue
+            res = heldout[mapping_key(st)]
+            row = {"set": run["set"], "order": run["order"], "seed": run["seed"], "C": c, "ppl": res["ppl"],
+                   "ppl_se": res["ppl_se"], "ratio_to_full": res["ppl"] / full["ppl"],
+                   "mapping": mapping_key(st)}
+            vs_full = paired_difference(res, full)
+            row.update(z_vs_full=vs_full["z"])
+            if run["order"] != "best" and run["set"] in best:
+                b = prefix(best[run["set"]], c)
+                if b is not None:
+                    d = paired_difference(heldout[mapping_key(b)], res)
+                    row.update(best_ppl=heldout[mapping_key(b)]["ppl"], best_vs_this_ratio=d["ppl_ratio"],
+                               best_vs_this_ci95=d["ppl_ratio_ci95"], best_vs_this_z=d["z"])
+            rows.append(row)
+    return rows
+
+
+def verdict(rows: list[dict], heldout: dict, runs: list[dict], cfg: BestSettings) -> dict:
+    """The claims, checked on the rows.
+
+    Per (set, C): `best` wins clearly when it is lower than dissimilar, similar and every random seed scored at
+    that C with paired z < -2 (its NLL minus theirs, in paired standard errors). The claim holds on a set when it
+    wins clearly at every C; overall when it holds on at least 2 of the sets.
+    """
+    sets = sorted({r["set"] for r in rows})
+    per_point = []
+    for i in sets:
+        for c in cfg.c_values:
+            rivals = [r for r in rows
+                      if r["set"] == i and r["C"] == c and r["order"] != "best" and "best_vs_this_z" in r]
+            if not rivals:
+                continue
+            worst = max(rivals, key=lambda r: r["best_vs_this_z"])  # the rival best beats least clearly
+            per_point.append({
+                "set": i, "C": c, "rivals": len(rivals),
+                "clear_wins": sum(r["best_vs_this_z"] < -2 for r in rivals),
+                "lower_than_all": all(r["best_vs_this_ratio"] < 1 for r in rivals),
+                "clear": all(r["best_vs_this_z"] < -2 for r in rivals),
+                "closest_rival": f"{worst['order']}" + (f" seed {worst['seed']}" if worst["order"] == "random" else ""),
+                "closest_z": worst["best_vs_this_z"], "closest_ratio": worst["best_vs_this_ratio"],
+                "orders_with_random_c": sorted({r["order"] for r in rivals})})
+    sets_clear = [i for i in sets if all(p["clear"] for p in per_point if p["set"] == i)]
+    full = heldout["full"]
+    target = []
+    for run in (r for r in runs if r["order"] == "best"):
+        st = prefix(run, cfg.target_c)
+        if st is not None:
+            res = heldout[mapping_key(st)]
+            d = paired_difference(res, full)
+            target.append({"set": run["set"], "C": cfg.target_c, "ppl": res["ppl"],
+                           "ratio_to_full": res["ppl"] / full["ppl"],
+                           "ratio_ci95": d["ppl_ratio_ci95"], "within": res["ppl"] / full["ppl"] <= cfg.target_ratio})
+    return {"per_point": per_point, "sets_where_clear_at_every_C": sets_clear,
+            "claim_lower_everywhere_on_2_of_3_sets": len(sets_clear) >= min(2, len(sets)),
+            "target": target, "target_ratio": cfg.target_ratio,
+            "claim_within_target_on_every_set": bool(target) and all(t["within"] for t in target),
+            "full_ppl": full["ppl"], "full_ppl_se": full["ppl_se"]}
+
+
+def search_costs(runs: list[dict]) -> list[dict]:
+    """Time and layer-forwards of every `best` search, with the exhaustive greedy's count beside them."""
+    out = []
+    for run in runs:
+        if run["order"] != "best":
+            continue
+        m = run["strategy"]["metadata"]
+        out.append({"set": run["set"], "C": m["num_shared"], "search_seconds": m["search_seconds"],
+                    "layer_forwards": m["layer_forwards"], "screen_layer_forwards": m["screen_layer_forwards"],
+                    "rescore_layer_forwards": m["rescore_layer_forwards"],
+                    "exhaustive_layer_forwards": m["exhaustive_layer_forwards"],
+                    "fraction_of_exhaustive": m["layer_forwards"] / max(1, m["exhaustive_layer_forwards"]),
+                    "candidates_rescored": m["candidates_visited"]})
+    return out
+
+
+def prefix_cost(run: dict, c: int) -> dict:
+    """Layer-forwards and (proportional) seconds the best search spent up to its c-th acceptance."""
+    m = run["strategy"]["metadata"]
+    trace = run["trace"]
+    L = run["strategy"]["num_layers"]
+    n = m["calibration"]["texts"]
+    steps = [t for t in trace if t.get("step", 0) < c]
+    rescore = sum((L - t["replaced"]) * n for t in steps)
+    forwards = L * n + m["screen_layer_forwards"] + rescore
+    share = forwards / max(1, m["layer_forwards"])
+    return {"C": c, "layer_forwards": forwards, "seconds_estimate": m["search_seconds"] * share,
+            "rescored": len(steps)}
+
+
+# ------------------------------------------------------------------------------------------------
+# which calibration score tracks held-out damage (the criterion's evidence)
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def criterion_evidence(model, tokenizer, runs: list[dict], heldout: dict, cfg: BestSettings, cache: ResultCache,
+                       calibration_set: int = 0, progress: bool = True) -> dict:
+    """Every distinct strategy scored on calibration set `calibration_set` by KL and by hidden cosine, against
+    its held-out NLL increase: which calibration score ranks strategies as held-out text does (Spearman)."""
+    from ..adapter import decoder_layers
+    from ..calibration import encode_calibration
+    from ..damage import PairScorer
+    from ..sharing import restore_attention
+
+    strategies = {}
+    for run in runs:
+        if run["set"] != calibration_set:
+            continue
+        for c in c_values_of(run, cfg):
+            st = prefix(run, c)
+            if st is not None:
+                strategies.setdefault(mapping_key(st), st)
+    name = f"criterion_evidence_set{calibration_set}"
+    key = cache.key(cfg.model, cfg.samples, cfg.max_tokens, cfg.kl_stride, sorted(strategies))
+    hit = cache.get(name, key)
+    if hit is None:
+        t0 = time.perf_counter()
+        texts = calibration_texts(cfg.samples, set_index=calibration_set)
+        ids, _ = encode_calibration(tokenizer, texts, cfg.max_tokens)
+        scorer = PairScorer(model, ids, cfg.kl_stride)
+        rows = []
+        bar = Progress(len(strategies), "criterion evidence: calibration scores of the evaluated strategies",
+                       enabled=progress)
+        try:
+            for k, st in strategies.items():
+                scores, _, _ = scorer.score(min(st.mapping), st.mapping)
+                rows.append({"mapping": k, "C": st.num_shared, **scores})
+                bar.update()
+        finally:
+            for layer in decoder_layers(model):
+                restore_attention(layer.self_attn)
+        hit = cache.put(name, key, {"rows": rows, "seconds": round(time.perf_counter() - t0, 2)})
+    rows = hit["rows"]
+    full_nll = heldout["full"]["nll"]
+    for r in rows:
+        r["heldout_nll_increase"] = heldout[r["mapping"]]["nll"] - full_nll
+    y = [r["heldout_nll_increase"] for r in rows]
+    return {"rows": rows, "strategies": len(rows), "seconds": hit["seconds"],
+            "spearman_kl": spearman([r["kl"] for r in rows], y),
+            "spearman_hidden_damage": spearman([1 - r["hidden_cosine"] for r in rows], y),
+            "pearson_kl": float(np.corrcoef([r["kl"] for r in rows], y)[0, 1]) if len(rows) > 2 else float("nan")}
+
+
+def timing_summary(t_start: float) -> str:
+    return f"{format_seconds(time.perf_counter() - t_start)} wall with {torch.get_num_threads()} torch thread(s)"
+
+
+def geometric_mean(values) -> float:
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")

@@ -1,0 +1,455 @@
+"""Notebook 07: KVSharer beside the cross-layer peers (MiniCache, SimLayerKV) and token eviction, at equal KV bytes.
+
+Every method is swept over its own knob so that it lands at several KV-cache sizes between half and all of
+the full cache: KVSharer by the number of replaced layers C (dissimilar, similar and random orders; random
+over several seeds), MiniCache by its start layer, SimLayerKV by its laziness threshold, StreamingLLM, H2O
+and PyramidInfer by their token budget. Each point is scored on the same held-out windows and placed by the
+bytes its cache MEASURABLY holds (`kvshare.cache_bytes`) at the end of a window.
+
+Protocol (decoded perplexity). The first `windows` x `window` tokens of the held-out text
+(kvshare.metrics.HELDOUT: 16,384 tokens = 32 windows of 512 in the full run); in every window the first
+`context` tokens are prefilled and the rest is fed one token at a time, each step scoring the next token.
+Methods whose cache changes after the prefill (MiniCache, SimLayerKV, eviction) are decoded step by step; the
+full model and KVSharer are causal (decoding equals one forward: tests/test_methods.py checks it), so the
+same tokens are scored from one forward per window, with the same logits up to float noise. Windows are the
+paired units of every comparison (kvshare.metrics.paired_difference).
+
+Bytes. Per sequence, at the end of a window (`window - 1` tokens seen). A batch's cache is rectangular; for
+SimLayerKV, whose laziness is decided per sequence, a layer lazy for only some rows of a batch keeps every
+token stored, so its batched bytes overstate what each sequence needs: the x axis uses the bytes of the tokens
+each row really keeps (counted from the cache's own kept sets, `sequence_bytes`), and the batched bytes are
+in the table beside them.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import methods
+from ..accounting import cache_bytes, kv_token_bytes, layer_bytes
+from ..adapter import model_cache_kwarg, num_layers
+from ..combine import compression
+from ..data import calibration_texts, eval_text
+from ..methods.simlayerkv import SimLayerKVLayer
+from ..metrics import HELDOUT, decode_windows, paired_difference
+from ..strategy import Strategy
+
+FAMILIES = ("full", "kvsharer-dissimilar", "kvsharer-similar", "kvsharer-random", "minicache", "simlayerkv",
+            "streamingllm", "h2o", "pyramidinfer")
+LABELS = {
+    "full": "full model", "kvsharer-dissimilar": "KVSharer (dissimilar)", "kvsharer-similar": "KVSharer (similar)",
+    "kvsharer-random": "KVSharer (random)", "minicache": "MiniCache", "simlayerkv": "SimLayerKV",
+    "streamingllm": "StreamingLLM", "h2o": "H2O", "pyramidinfer": "PyramidInfer",
+}
+
+
+@dataclass
+class Settings:
+    """Everything notebook 07's numbers depend on (saved beside its figures)."""
+
+    model: str
+    quick: bool
+    seed: int
+    window: int = HELDOUT.window
+    windows: int = HELDOUT.tokens // HELDOUT.window  # 32 x 512 = 16,384 held-out tokens
+    context: int = 448  # prefilled tokens per window; the last window - 1 - context are decoded and scored
+    batch: int = 16  # windows decoded together
+    num_shared: list = field(default_factory=lambda: [4, 8, 15])  # KVSharer: 87%, 73%, 50% of the bytes
+    random_seeds: int = 5
+    samples: int = 30  # calibration texts of the KVSharer search
+    start_layers: list = field(default_factory=lambda: [20, 10, 0])  # MiniCache
+    retain: float = 0.05
+    merge_interval: int = 16
+    lazy_targets: list = field(default_factory=lambda: [0.9, 0.75, 0.5])  # SimLayerKV: byte ratios aimed at
+    sink: int = 4
+    recent: int = 64
+    query_window: int = 32
+    budget_ratios: list = field(default_factory=lambda: [0.9, 0.75, 0.5])  # eviction: budget / tokens seen
+    evictions: list = field(default_factory=lambda: ["streamingllm", "h2o", "pyramidinfer"])
+    targets: list = field(default_factory=lambda: [0.75, 0.5])  # byte ratios of the conclusion
+    tolerance: float = 0.05  # a method's point counts at a target when its ratio is within this of it
+    bench_batch: int = 4
+    bench_prompt: int = 448
+    bench_new_tokens: int = 64
+    bench_isolate: bool = True  # each cost in a fresh process (its own CPU peak memory)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+QUICK = dict(window=128, windows=2, context=96, batch=2, num_shared=[8], random_seeds=2, samples=6, start_layers=[10],
+             lazy_targets=[0.75], recent=16, query_window=8, budget_ratios=[0.75], evictions=["streamingllm", "h2o"],
+             bench_batch=1, bench_prompt=64, bench_new_tokens=8, bench_isolate=False)
+
+
+def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
+    """Notebook 07's settings (see `kvshare.experiments.common.make_settings`)."""
+    from .common import make_settings
+
+    return make_settings(Settings, QUICK, model, quick, seed, **overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# bytes of one window (also `kvshare ppl`'s kv_bytes)
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def window_cache_bytes(model, tokenizer, text: str, window: int, context: int | None = None, *applied) -> int:
+    """Bytes the KV cache holds after the first `window`-token window of `text` (`window - 1` tokens fed, as
+    when every token of the window is scored), with `applied` (Strategy / methods / None) on the model:
+    `context` tokens prefilled and the rest decoded one at a time, or (context None) one forward."""
+    from transformers import DynamicCache
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][:, : window - 1]
+    ids = ids.to(next(model.parameters()).device)
+    with compression(model, *applied):
+        cache = DynamicCache(config=model.config)
+        kw = {model_cache_kwarg(model): cache}
+        first = ids.shape[1] if context is None else min(context, ids.shape[1])
+        model(input_ids=ids[:, :first], use_cache=True, logits_to_keep=1, **kw)
+        for t in range(first, ids.shape[1]):
+            model(input_ids=ids[:, t : t + 1], use_cache=True, **kw)
+    return cache_bytes(cache)
+
+
+def sequence_bytes(cache, config, dtype_bytes: int) -> list[int]:
+    """Per sequence of a batch: the K/V bytes of the tokens it really keeps -- a slot's own bytes split evenly
+    over the rows, except SimLayerKV slots, where a row lazy in a layer lazy for only some rows holds its kept
+    tokens only (the rest are stored for the other rows and hidden from it)."""
+    batch = None
+    per_row = None
+    for layer in cache.layers:
+        if isinstance(layer, SimLayerKVLayer) and layer.is_initialized and layer.held():
+            held = layer.held()
+            hidden = layer.hidden[:, 0].sum(-1) if layer.hidden is not None else torch.zeros(layer.keys.shape[0])
+            row = [(held - int(h)) * kv_token_bytes(config, dtype_bytes) for h in hidden.tolist()]
+        else:
+            rows = _rows(layer)
+            if rows is None:
+                continue
+            row = [layer_bytes(layer) / rows] * rows
+        batch = len(row) if batch is None else batch
+        per_row = row if per_row is None else [a + b for a, b in zip(per_row, row)]
+    return [] if per_row is None else [int(round(x)) for x in per_row]
+
+
+def _rows(layer) -> int | None:
+    for name in ("keys", "values"):
+        t = getattr(layer, name, None)
+        if isinstance(t, torch.Tensor) and t.dim() == 4:
+            return t.shape[0]
+    pair = getattr(layer, "pair", None)
+    if pair is not None and pair.tensors():
+        return pair.tensors()[0].shape[0]
+    storage = getattr(layer, "storage", None)
+    if storage is not None and getattr(storage, "qkeys", None) is not None:
+        return storage.qkeys.packed.shape[0]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring one point
+# ------------------------------------------------------------------------------------------------
+def heldout_ids(tokenizer, cfg: Settings) -> torch.Tensor:
+    """[windows, window] token ids: the first windows x window tokens of the held-out text."""
+    ids = tokenizer(eval_text(HELDOUT.source), return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+    spans = decode_windows(len(ids), cfg.window, cfg.windows)
+    if len(spans) < cfg.windows:
+        raise ValueError(f"the held-out text has only {len(spans)} windows of {cfg.window}")
+    return torch.stack([ids[b:e] for b, e in spans])
+
+
+@torch.no_grad()
+def score(model, ids: torch.Tensor, applied: tuple, cfg: Settings, decode: bool) -> dict:
+    """Per-window mean NLL of tokens context+1 .. window-1 of every window (decoded step by step, or -- causal
+    methods -- from one forward), the bytes each sequence's cache holds at the end, and the time taken."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    kw_name = model_cache_kwarg(model)
+    dtype_bytes = next(model.parameters()).element_size()
+    window_nll, rows_bytes, batch_bytes = [], [], []
+    t0 = time.perf_counter()
+    with compression(model, *applied):
+        for s in range(0, ids.shape[0], cfg.batch):
+            batch = ids[s : s + cfg.batch].to(device)
+            cache = DynamicCache(config=model.config)
+            kw = {kw_name: cache}
+            if decode:
+                model(input_ids=batch[:, : cfg.context], use_cache=True, logits_to_keep=1, **kw)
+                nll = []
+                for t in range(cfg.context, cfg.window - 1):
+                    logits = model(input_ids=batch[:, t : t + 1], use_cache=True, **kw).logits[:, -1].float()
+                    nll.append(-F.log_softmax(logits, dim=-1).gather(-1, batch[:, t + 1 : t + 2])[:, 0])
+                nll = torch.stack(nll, dim=1)
+            else:
+                keep = cfg.window - 1 - cfg.context
+                logits = model(input_ids=batch[:, : cfg.window - 1], use_cache=True, logits_to_keep=keep,
+                               **kw).logits.float()
+                nll = -F.log_softmax(logits, dim=-1).gather(-1, batch[:, cfg.context + 1 :, None])[..., 0]
+            window_nll.extend(nll.double().mean(dim=1).tolist())
+            rows_bytes.extend(sequence_bytes(cache, model.config, dtype_bytes))
+            batch_bytes.append(cache_bytes(cache) / batch.shape[0])
+            del cache
+    mean = float(np.mean(window_nll))
+    se = float(np.std(window_nll, ddof=1) / math.sqrt(len(window_nll))) if len(window_nll) > 1 else float("nan")
+    return {"nll": mean, "nll_se": se, "ppl": math.exp(mean), "window_nll": window_nll,
+            "kv_bytes": float(np.mean(rows_bytes)), "kv_bytes_batched": float(np.mean(batch_bytes)),
+            "scored_tokens": len(window_nll) * (cfg.window - 1 - cfg.context), "decoded": decode,
+            "seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------------
+# the points of the sweep
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Point:
+    family: str
+    knob: str
+    value: float
+    applied: tuple  # what kvshare.compression gets
+    seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        seed = f" seed {self.seed}" if self.seed is not None else ""
+        return f"{LABELS[self.family]} {self.knob}={self.value:g}{seed}" if self.family != "full" else "full model"
+
+    def describe(self) -> dict:
+        out = {"family": self.family, "label": self.label, "knob": self.knob, "value": self.value, "seed": self.seed}
+        for a in self.applied:
+            if isinstance(a, Strategy):
+                out["strategy"] = a.to_dict()
+            elif a is not None:
+                out["method"] = a.to_dict()
+        return out
+
+
+def kvsharer_points(model, cfg: Settings, progress: bool = True) -> list[Point]:
+    """One search per (order, seed) to the largest C (kvshare.methods.make('kvsharer', ...), searched on first use);
+    every smaller C is a prefix of it (the greedy search visits the same candidates up to there)."""
+    top = max(cfg.num_shared)
+    plans = [("dissimilar", None), ("similar", None)] + [("random", s) for s in range(cfg.random_seeds)]
+    out = []
+    for order, seed in plans:
+        t0 = time.perf_counter()
+        method = methods.make("kvsharer", num_shared=top, order=order, seed=cfg.seed if seed is None else seed,
+                              samples=cfg.samples)
+        strategy = method.strategy_for(model)
+        if progress:
+            print(f"search {order}{'' if seed is None else f' seed {seed}'} to C={top}: "
+                  f"{time.perf_counter() - t0:.1f} s, {strategy.num_shared} layers replaced", flush=True)
+        for c in cfg.num_shared:
+            s = strategy.prefix(c) if c < strategy.num_shared else strategy
+            out.append(Point(f"kvsharer-{order}", "C", c, (s,), seed))
+    return out
+
+
+@torch.no_grad()
+def layer_shares(model, tokenizer, cfg: Settings, texts: int = 8) -> list[float]:
+    """Each layer's mean SimLayerKV laziness score (share of the last queries' attention on sink + recent) over
+    `texts` windows of `context` tokens of calibration text (never held-out text)."""
+    probe = methods.make("simlayerkv", threshold=0.5, sink=cfg.sink, recent=cfg.recent, query_window=cfg.query_window)
+    joined = "\n\n".join(calibration_texts(max(cfg.samples, texts)))
+    ids = tokenizer(joined, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+    n = min(texts, len(ids) // cfg.context)
+    batch = ids[: n * cfg.context].view(n, cfg.context).to(next(model.parameters()).device)
+    with compression(model, probe):
+        model(input_ids=batch, use_cache=True, logits_to_keep=1)
+    return [float(np.mean(probe.decisions[i]["share"])) for i in range(num_layers(model))]
+
+
+def simlayerkv_thresholds(shares: list[float], cfg: Settings) -> list[float]:
+    """Thresholds aimed at the byte ratios `cfg.lazy_targets`: a lazy layer keeps sink + recent of the window - 1
+    tokens, so a ratio r needs a share (1 - r) / (1 - kept) of the layers lazy; the threshold sits between the
+    k-th and (k+1)-th largest calibration share."""
+    kept = min(1.0, (cfg.sink + cfg.recent) / (cfg.window - 1))
+    ordered = sorted(shares, reverse=True)
+    out = []
+    for r in cfg.lazy_targets:
+        k = min(len(ordered), max(1, round((1 - r) / max(1e-9, 1 - kept) * len(ordered))))
+        upper = ordered[k - 1]
+        lower = ordered[k] if k < len(ordered) else 0.0
+        out.append(round((upper + lower) / 2, 6))
+    return out
+
+
+def other_points(model, tokenizer, cfg: Settings) -> tuple[list[Point], dict]:
+    """MiniCache, SimLayerKV and eviction points; and the SimLayerKV calibration (shares, thresholds)."""
+    pts = [Point("minicache", "start_layer", s, (methods.make("minicache", start_layer=s, retain=cfg.retain,
+                                                              merge_interval=cfg.merge_interval),))
+           for s in cfg.start_layers]
+    shares = layer_shares(model, tokenizer, cfg)
+    thresholds = simlayerkv_thresholds(shares, cfg)
+    pts += [Point("simlayerkv", "threshold", t, (methods.make("simlayerkv", threshold=t, sink=cfg.sink,
+                                                              recent=cfg.recent, query_window=cfg.query_window),))
+            for t in thresholds]
+    seen = cfg.window - 1
+    for name in cfg.evictions:
+        for r in cfg.budget_ratios:
+            budget = max(2, int(round(r * seen)))
+            pts.append(Point(name, "budget", budget, (methods.make(name, budget=budget),)))
+    return pts, {"layer_shares": shares, "thresholds": thresholds, "targets": list(cfg.lazy_targets)}
+
+
+def points(model, tokenizer, cfg: Settings, progress: bool = True) -> tuple[list[Point], dict]:
+    """Every point of the sweep (the full model first) and the SimLayerKV calibration."""
+    others, calibration = other_points(model, tokenizer, cfg)
+    return [Point("full", "", 0, ())] + kvsharer_points(model, cfg, progress) + others, calibration
+
+
+def evaluate(model, tokenizer, pts: list[Point], cfg: Settings, progress: bool = True) -> list[dict]:
+    """Score every point on the held-out windows (see `score`); rows carry the point's description."""
+    ids = heldout_ids(tokenizer, cfg)
+    rows = []
+    t_all = time.perf_counter()
+    for i, p in enumerate(pts):
+        decode = any(getattr(a, "scored_by_decoding", False) for a in p.applied)
+        r = score(model, ids, p.applied, cfg, decode)
+        row = {**p.describe(), **r}
+        if p.family == "simlayerkv":
+            row["lazy_layers_last_batch"] = p.applied[0].lazy_layers
+        rows.append(row)
+        if progress:
+            print(f"[{i + 1}/{len(pts)}] {p.label}: ppl {r['ppl']:.3f} ± {math.exp(r['nll']) * r['nll_se']:.3f}, "
+                  f"kv {r['kv_bytes'] / 2**20:.2f} MiB/seq, {r['seconds']:.0f} s "
+                  f"({time.perf_counter() - t_all:.0f} s so far)", flush=True)
+    full = rows[0]
+    for r in rows:
+        r["kv_ratio"] = r["kv_bytes"] / full["kv_bytes"]
+        r["kv_ratio_batched"] = r["kv_bytes_batched"] / full["kv_bytes"]
+        if r is not full:
+            d = paired_difference(r, full)
+            r.update(nll_diff_vs_full=d["nll_diff"], nll_diff_vs_full_se=d["nll_diff_se"],
+                     ppl_ratio_vs_full=d["ppl_ratio"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# families, random mean, costs, conclusion
+# ------------------------------------------------------------------------------------------------
+def family_curves(rows: list[dict]) -> list[dict]:
+    """One row per (family, knob value): random KVSharer averaged over seeds (mean NLL of the seeds' per-window
+    NLLs, spread = min..max of the seeds' perplexities); others as they are. `ratio_vs_full` is the perplexity
+    ratio to the full model from the paired per-window difference (`ratio_lo`..`ratio_hi`: one standard error;
+    `ratio_min`..`ratio_max`: over seeds)."""
+    out = []
+    full = np.asarray(next(r for r in rows if r["family"] == "full")["window_nll"])
+    for fam in FAMILIES:
+        mine = [r for r in rows if r["family"] == fam]
+        for value in dict.fromkeys(r["value"] for r in mine):
+            group = [r for r in mine if r["value"] == value]
+            wn = np.mean([r["window_nll"] for r in group], axis=0)
+            mean = float(wn.mean())
+            se = float(wn.std(ddof=1) / math.sqrt(len(wn))) if len(wn) > 1 else float("nan")
+            ppls = [r["ppl"] for r in group]
+            diff = wn - full  # paired per window against the full model
+            d_se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+            seed_ratios = [math.exp(float(np.mean(np.asarray(r["window_nll"]) - full))) for r in group]
+            out.append({"family": fam, "label": LABELS[fam], "knob": group[0]["knob"], "value": value,
+                        "seeds": len(group), "nll": mean, "nll_se": se, "ppl": math.exp(mean),
+                        "ppl_se": math.exp(mean) * se, "ppl_min": min(ppls), "ppl_max": max(ppls),
+                        "ratio_vs_full": math.exp(float(diff.mean())), "ratio_lo": math.exp(float(diff.mean()) - d_se),
+                        "ratio_hi": math.exp(float(diff.mean()) + d_se), "ratio_min": min(seed_ratios),
+                        "ratio_max": max(seed_ratios),
+                        "kv_ratio": float(np.mean([r["kv_ratio"] for r in group])),
+                        "kv_ratio_batched": float(np.mean([r["kv_ratio_batched"] for r in group])),
+                        "kv_bytes": float(np.mean([r["kv_bytes"] for r in group])),
+                        "window_nll": wn.tolist(), "decoded": group[0]["decoded"]})
+    return out
+
+
+def at_target(curves: list[dict], target: float, tolerance: float) -> list[dict]:
+    """Per family (full model excluded), its point whose byte ratio is closest to `target` within `tolerance`."""
+    out = []
+    for fam in FAMILIES[1:]:
+        mine = [c for c in curves if c["family"] == fam and abs(c["kv_ratio"] - target) <= tolerance]
+        if mine:
+            out.append(min(mine, key=lambda c: (abs(c["kv_ratio"] - target), c["kv_ratio"])))
+    return out
+
+
+def verdict(curves: list[dict], cfg: Settings) -> list[dict]:
+    """At every target byte ratio: the families' points there ranked by NLL, the best one, and its paired
+    difference to each other point and to the full model."""
+    full = next(c for c in curves if c["family"] == "full")
+    out = []
+    for target in cfg.targets:
+        pts = sorted(at_target(curves, target, cfg.tolerance), key=lambda c: c["nll"])
+        entry = {"target": target, "tolerance": cfg.tolerance, "ranking": [], "best": None}
+        if pts:
+            best = pts[0]
+            entry["best"] = {"family": best["family"], "label": best["label"], "knob": best["knob"],
+                             "value": best["value"], "kv_ratio": best["kv_ratio"], "ppl": best["ppl"]}
+            for c in pts:
+                row = {"family": c["family"], "label": c["label"], "knob": c["knob"], "value": c["value"],
+                       "kv_ratio": c["kv_ratio"], "ppl": c["ppl"], "ppl_se": c["ppl_se"]}
+                vs_full = paired_difference(c, full)
+                row.update(vs_full_nll_diff=vs_full["nll_diff"], vs_full_se=vs_full["nll_diff_se"],
+                           vs_full_ppl_ratio=vs_full["ppl_ratio"])
+                if c is not best:
+                    d = paired_difference(c, best)
+                    row.update(vs_best_nll_diff=d["nll_diff"], vs_best_se=d["nll_diff_se"], vs_best_z=d["z"])
+                entry["ranking"].append(row)
+        entry["missing"] = [LABELS[f] for f in FAMILIES[1:] if f not in {c["family"] for c in pts}]
+        out.append(entry)
+    return out
+
+
+def cost(cfg: Settings, pts: list[Point], model=None, progress: bool = True) -> list[dict]:
+    """Decode speed and peak memory (kvshare.bench.measure, a fresh process per point with `bench_isolate`) of
+    the full model and one point per (family, knob value); KVSharer in its dissimilar order only (the similar
+    and random orders replace as many layers: which layers are replaced does not change the work)."""
+    from ..bench import Config, measure, measure_isolated
+
+    chosen, seen = [], set()
+    for p in pts:
+        key = (p.family, p.value)
+        if p.family in ("kvsharer-similar", "kvsharer-random"):
+            continue  # the same work as the dissimilar order at the same C: only which layers are replaced differs
+        if key not in seen:
+            seen.add(key)
+            chosen.append(p)
+    rows = []
+    for p in chosen:
+        strategy = next((a for a in p.applied if isinstance(a, Strategy)), None)
+        method = next((a for a in p.applied if a is not None and not isinstance(a, Strategy)), None)
+        config = Config(cfg.model, "plain" if p.family == "full" else "shared", 0.0, cfg.bench_batch, cfg.bench_prompt,
+                        cfg.bench_new_tokens, repeats=1, seed=cfg.seed,
+                        strategy=None if strategy is None else strategy.to_dict(),
+                        method=None if method is None else method.to_dict())
+        if strategy is not None and not strategy.mapping:
+            config.strategy = None
+        row = measure_isolated(config) if (cfg.bench_isolate or model is None) else measure(config, model)
+        row.update(family=p.family, label=LABELS[p.family] if p.family == "full" else f"{LABELS[p.family]} "
+                   f"{p.knob}={p.value:g}", knob=p.knob, value=p.value)
+        rows.append({k: v for k, v in row.items() if k not in ("strategy", "method", "rounds")})
+        if progress:
+            print(f"cost {row['label']}: decode {row['decode_tps']:.1f} tok/s, "
+                  f"peak {row['peak_bytes'] / 2**20:.0f} MiB, "
+                  f"kv {row['kv_bytes'] / 2**20:.2f} MiB (load {row.get('load_avg_1min')})", flush=True)
+    full = next(r for r in rows if r["family"] == "full")
+    for r in rows:
+        r["decode_tps_ratio"] = r["decode_tps"] / full["decode_tps"]
+        r["peak_ratio"] = r["peak_bytes"] / full["peak_bytes"]
+    return rows
+
+
+def table(curves: list[dict], cost_rows: list[dict]) -> list[dict]:
+    """One row per (family, knob value): quality, measured bytes, speed and peak memory."""
+    by_key = {(r["family"], r["value"]): r for r in cost_rows}
+    out = []
+    for c in curves:
+        b = by_key.get((c["family"], c["value"]), {})
+        out.append({"family": c["family"], "label": c["label"], "knob": c["knob"], "value": c["value"],
+                    "seeds": c["seeds"], "ppl": c["ppl"], "ppl_se": c["ppl_se"], "ppl_min": c["ppl_min"],
+                    "ppl_max": c["ppl_max"], "kv_ratio": c["kv_ratio"], "kv_ratio_batched": c["kv_ratio_batched"],
+                    "kv_mib_per_seq": c["kv_bytes"] / 2**20, "decoded": c["decoded"],
+                    "decode_tps": b.get("decode_tps"), "decode_tps_ratio": b.get("decode_tps_ratio"),
+                    "peak_mib": None if b.get("peak_bytes") is None else b["peak_bytes"] / 2**20,
+                    "peak_ratio": b.get("peak_ratio")})
+    return out

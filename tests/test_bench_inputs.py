@@ -1,0 +1,64 @@
+"""What the benchmark takes: a searched strategy instead of the evenly spread one, any registered method, and a
+configuration that cannot fit refused before anything loads (timings are never asserted)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import LlamaConfig
+
+from kvshare import bench as B
+from kvshare import methods
+from kvshare.cli import main
+from kvshare.strategy import Strategy
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path):
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+def test_bench_uses_a_searched_strategy(tiny_dir, tmp_path):
+    strategy = Strategy({7: 1, 6: 1, 3: 2}, 8, {"model": "tiny"})
+    path = strategy.save(tmp_path / "s.json")
+    rows = B.bench(tiny_dir, rates=(0.0, 0.25), batches=(1,), prompt_len=6, new_tokens=3, random_weights=True,
+                   repeats=1, warmup=0, isolate=False, progress=False, strategy=path)
+    shared = [r for r in rows if r["mode"] == "shared"]
+    assert [r["num_shared"] for r in shared] == [0, 3]  # rate 0: nothing shared; above 0: the file's strategy
+    assert Strategy.from_dict(shared[1]["strategy"]).mapping == strategy.mapping
+    plain = next(r for r in rows if r["mode"] == "plain")
+    assert shared[1]["kv_bytes"] * 8 == plain["kv_bytes"] * 5
+
+
+def test_bench_runs_any_registered_method(tiny_dir):
+    method = methods.make("streamingllm", budget=4, sink=1)
+    rows = B.bench(tiny_dir, rates=(0.25,), batches=(1,), prompt_len=6, new_tokens=3, random_weights=True,
+                   repeats=1, warmup=0, isolate=False, progress=False, method=method)
+    shared = next(r for r in rows if r["mode"] == "shared")
+    assert shared["method"] == method.to_dict()
+    assert shared["kv_bytes"] == shared["kv_bytes_predicted"]
+
+
+def test_cli_bench_strategy_flag(tiny_dir, tmp_path, capsys):
+    path = Strategy({7: 6}, 8).save(tmp_path / "s.json")
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", tiny_dir, "--random-weights", "--rates", "0.5", "--batch", "1",
+                 "--prompt-len", "6", "--new-tokens", "2", "--repeats", "1", "--strategy", str(path),
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert next(r for r in rows if r["mode"] == "shared")["num_shared"] == 1
+
+
+def test_a_configuration_that_cannot_fit_fails_before_loading(capsys, monkeypatch):
+    monkeypatch.setattr(B, "available_bytes", lambda device: 20 * 2**30)
+    loaded = []
+    monkeypatch.setattr(B, "build_model", lambda *a, **k: loaded.append(1))
+    assert main(["bench", "--model", "llama2-7b", "--random-weights", "--out", "/tmp/never.json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs at least" in err[0] and "--dtype bfloat16 would fit" in err[0]
+    assert not loaded
+    assert main(["bench", "--model", "llama2-70b", "--random-weights", "--out", "/tmp/never.json"]) == 2
+    assert "no --dtype fits" in capsys.readouterr().err
