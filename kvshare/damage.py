@@ -23,11 +23,23 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
 
-from .adapter import check_supported, decoder_layers, layer_types, num_layers
+from .adapter import cache_kwarg_name, check_supported, decoder_layers, final_norm, layer_types, num_layers
 from .calibration import METRICS, distances_from_means, encode_calibration, kv_means, reference_forward
 from .progress import Progress
-from .sharing import active_policy, active_strategy, disable_sharing, enable_sharing, restore_attention
+from .sharing import (
+    active_policy,
+    active_strategy,
+    disable_sharing,
+    enable_sharing,
+    prepare_cache,
+    release_cache,
+    replace_attention,
+    restore_attention,
+)
+from .strategy import Strategy
 
 DEFAULT_KL_STRIDE = 4  # every 4th position: see `damage_map`
 
@@ -59,6 +71,40 @@ class DamageMap(list):
     @classmethod
     def from_dict(cls, data: dict) -> "DamageMap":
         return cls(data["rows"], data["num_layers"], data.get("metadata"))
+
+
+def run_from(model, layer_inputs, layer_kwargs, slots, start: int, mapping: dict[int, int]):
+    """Run layers start..L-1 under `mapping` from the accepted hidden state at `start` (the incremental forward of
+    the search and of the damage map: a strategy changes nothing below its first replaced layer).
+
+    Returns the final normed hidden states, the inputs each layer saw and the cache slots. The attention modules
+    of layers start..L-1 are left as `mapping` set them: callers restore them (`restore_attentions`).
+    """
+    layers = decoder_layers(model)
+    for i in range(start, len(layers)):
+        attn = layers[i].self_attn
+        restore_attention(attn)
+        if i in mapping:
+            replace_attention(attn, mapping[i])
+    cache = DynamicCache()  # full K/V in every slot: later candidates read sources from these slots
+    cache.layers[:start] = slots[:start]  # read-only: the layers below `start` do not run
+    prepare_cache(cache, Strategy(mapping, len(layers)))
+    cache_kwarg = cache_kwarg_name(layers[start].forward)
+    hidden = layer_inputs[start]
+    inputs = {}
+    try:
+        for i in range(start, len(layers)):
+            inputs[i] = hidden
+            out = layers[i](hidden, **layer_kwargs[i], **{cache_kwarg: cache})
+            hidden = out[0] if isinstance(out, tuple) else out
+    finally:
+        release_cache(cache)
+    return final_norm(model)(hidden), inputs, cache.layers
+
+
+def similarity(shared: torch.Tensor, original: torch.Tensor) -> float:
+    """Mean over texts of the cosine similarity of the final hidden states, all positions flattened."""
+    return F.cosine_similarity(shared.float().flatten(1), original.float().flatten(1), dim=1).mean().item()
 
 
 class PairScorer:
@@ -105,23 +151,19 @@ class PairScorer:
         total = 0.0
         for (h0, logp, lse_p, m), h in zip(self._reference, self._chunks(final_hidden)):
             dh = h - h0
-            dz = torch.nn.functional.linear(dh, self.head.weight).float()
+            dz = F.linear(dh, self.head.weight).float()
             total += (torch.logsumexp(logp + dz, dim=-1) - lse_p - (dh.float() * m).sum(-1)).sum().item()
         return max(0.0, total / (self.n_texts * len(self.positions)))  # rounding can dip a hair below 0
 
     def cosine(self, final_hidden: torch.Tensor) -> float:
-        from .search import similarity
-
         return similarity(final_hidden, self.reference.final_hidden)
 
     def score(self, start: int, mapping: dict[int, int], layer_inputs=None, slots=None):
         """Run layers start..L-1 under `mapping`; return ({hidden_cosine, kl}, layer inputs, cache slots)."""
-        from .search import _run_from
-
         layer_inputs = self.reference.layer_inputs if layer_inputs is None else layer_inputs
         slots = self.reference.cache_layers if slots is None else slots
         kwargs = self.reference.layer_kwargs
-        final, inputs, new_slots = _run_from(self.model, layer_inputs, kwargs, slots, start, mapping)
+        final, inputs, new_slots = run_from(self.model, layer_inputs, kwargs, slots, start, mapping)
         self.layer_forwards += (self.num_layers - start) * self.n_texts
         return {"hidden_cosine": self.cosine(final), "kl": self.kl(final)}, inputs, new_slots
 

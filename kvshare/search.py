@@ -1,12 +1,17 @@
-"""Greedy strategy search (KVSharer, step 2).
+"""Greedy strategy search (KVSharer, step 2), and a best-first search beyond the paper.
 
-Walk layer pairs (r, s), r > s, in the chosen order; tentatively let r read s's K/V; keep the pair
-when the final hidden states of the shared model stay close to the original ones (mean cosine
-similarity over calibration texts above the threshold); stop at `num_shared` replaced layers.
+Fixed orders (dissimilar: the paper's, similar, random): walk layer pairs (r, s), r > s, in that order;
+tentatively let r read s's K/V; keep the pair when the final hidden states of the shared model stay close
+to the original ones (mean cosine similarity over calibration texts above the threshold); stop at
+`num_shared` replaced layers.
+
+`order="best"` (`best_first`): rank the pairs by the damage map (`kvshare.damage`), then at each step
+re-score the most promising ones against the strategy accepted so far and take the least damaging one,
+under the same threshold.
 
 Cost: the unshared reference is one forward. A candidate changes nothing below its replaced layer,
 so it restarts from the accepted strategy's hidden state at layer r and runs only layers r..L-1,
-reading the accepted K/V of the layers below from their cache slots.
+reading the accepted K/V of the layers below from their cache slots (`kvshare.damage.run_from`).
 """
 from __future__ import annotations
 
@@ -15,21 +20,17 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
-from .adapter import cache_kwarg_name, check_supported, decoder_layers, final_norm, layer_types, num_layers
+from .adapter import check_supported, decoder_layers, layer_types, num_layers
 from .calibration import METRICS, distances_from_means, encode_calibration, kv_means, reference_forward
+from .damage import DEFAULT_KL_STRIDE, PairScorer, map_rows, run_from, same_type_pairs, similarity
 from .models import model_name
 from .sharing import (
     active_policy,
     active_strategy,
     disable_sharing,
     enable_sharing,
-    prepare_cache,
-    release_cache,
-    replace_attention,
     restore_attention,
 )
 from .strategy import Strategy, apply_pair
@@ -53,38 +54,6 @@ def candidate_pairs(distances, order: str = "dissimilar", seed: int = 0, layer_t
     else:  # stable sort: ties keep (r, s) order, so the walk is deterministic
         pairs.sort(key=lambda p: distances[p[0]][p[1]], reverse=(order == "dissimilar"))
     return pairs
-
-
-def _run_from(model, layer_inputs, layer_kwargs, slots, start: int, mapping: dict[int, int]):
-    """Run layers start..L-1 under `mapping` from the accepted hidden state at `start`.
-
-    Returns the final normed hidden states, the inputs each layer saw and the cache slots.
-    """
-    layers = decoder_layers(model)
-    for i in range(start, len(layers)):
-        attn = layers[i].self_attn
-        restore_attention(attn)
-        if i in mapping:
-            replace_attention(attn, mapping[i])
-    cache = DynamicCache()  # full K/V in every slot: later candidates read sources from these slots
-    cache.layers[:start] = slots[:start]  # read-only: the layers below `start` do not run
-    prepare_cache(cache, Strategy(mapping, len(layers)))
-    cache_kwarg = cache_kwarg_name(layers[start].forward)
-    hidden = layer_inputs[start]
-    inputs = {}
-    try:
-        for i in range(start, len(layers)):
-            inputs[i] = hidden
-            out = layers[i](hidden, **layer_kwargs[i], **{cache_kwarg: cache})
-            hidden = out[0] if isinstance(out, tuple) else out
-    finally:
-        release_cache(cache)
-    return final_norm(model)(hidden), inputs, cache.layers
-
-
-def similarity(shared: torch.Tensor, original: torch.Tensor) -> float:
-    """Mean over texts of the cosine similarity of the final hidden states, all positions flattened."""
-    return F.cosine_similarity(shared.float().flatten(1), original.float().flatten(1), dim=1).mean().item()
 
 
 @torch.no_grad()
@@ -156,8 +125,8 @@ def search(
             if r in mapping:
                 continue
             candidate = apply_pair(mapping, r, s)
-            final, inputs, slots = _run_from(model, accepted_inputs, reference.layer_kwargs, accepted_slots, r,
-                                             candidate)
+            final, inputs, slots = run_from(model, accepted_inputs, reference.layer_kwargs, accepted_slots, r,
+                                            candidate)
             layer_forwards += (L - r) * n_texts
             score = similarity(final, reference.final_hidden)
             accepted = score > threshold
@@ -263,7 +232,6 @@ def best_first(model, ids, description: dict, num_shared: int, threshold: float 
     Returns `(Strategy, trace)` like `search`; trace rows add `step`, `kl`, `single_pair_damage`,
     `marginal_damage` and `decision`.
     """
-    from .damage import DEFAULT_KL_STRIDE, PairScorer, map_rows, same_type_pairs
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
     if not isinstance(shortlist, int) or shortlist < 1:
