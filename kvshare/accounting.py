@@ -6,9 +6,10 @@ and how many bytes a KV cache holds.
 
 The prediction never runs the model: a replaced layer holds nothing; every kept layer holds what its
 method predicts (`method.predicted_layer_bytes`: by default the tokens it keeps times its bytes per
-token); without a method, every token seen (sliding-window layers at most `window - 1`) in full precision. The tests compare it with
-the bytes a real cache holds after the same forwards (`cache_bytes`).
+token); without a method, every token seen (sliding-window layers at most `window - 1`) in full precision.
+The tests compare it with the bytes a real cache holds after the same forwards (`cache_bytes`).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,7 @@ def full_tokens(config, layer_idx: int, lengths) -> int:
     return seen if window is None else min(seen, window - 1)
 
 
-def predicted_cache_bytes(config, method=None, batch: int = 1, lengths=(), dtype_bytes: int = 4,
-                          strategy=None) -> int:
+def predicted_cache_bytes(config, method=None, batch: int = 1, lengths=(), dtype_bytes: int = 4, strategy=None) -> int:
     """K/V bytes of a cache after forwards adding `lengths` tokens each (no padding).
 
     `method` is a `kvshare.methods.KVMethod` (or a composition of several); `strategy` a sharing

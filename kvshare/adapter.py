@@ -12,6 +12,7 @@ functions, so supporting a new architecture means teaching this module about it:
   Gemma-3) and the model's own RoPE; the attention function and the extra arguments the
   architecture passes to it.
 """
+
 from __future__ import annotations
 
 import inspect

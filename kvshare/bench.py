@@ -12,6 +12,7 @@ config with random weights (`random_weights=True`, presets below). Which layers 
 change cost either: the benchmark's strategy replaces C layers spread evenly over the depth, each
 reading the nearest kept layer below it (a searched strategy gives the same bytes and FLOPs).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -25,7 +26,7 @@ import torch
 
 from . import methods
 from .accounting import cache_bytes, kv_token_bytes, num_shared_for, predicted_cache_bytes
-from .adapter import head_dim, num_layers
+from .adapter import head_dim, num_layers, text_config
 from .combine import compression
 from .strategy import Strategy, spread_strategy
 
@@ -33,16 +34,46 @@ from .strategy import Strategy, spread_strategy
 # q/k/v into one matrix; with the same shapes a Llama layout does the same FLOPs and stores the
 # same KV bytes, so it is built as one.
 PRESETS = {
-    "llama2-7b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
-                      intermediate_size=11008, vocab_size=32000),
-    "llama2-13b": dict(num_hidden_layers=40, hidden_size=5120, num_attention_heads=40, num_key_value_heads=40,
-                       intermediate_size=13824, vocab_size=32000),
-    "llama2-70b": dict(num_hidden_layers=80, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
-                       intermediate_size=28672, vocab_size=32000),
-    "internlm2-7b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=14336, vocab_size=92544),
-    "internlm2-20b": dict(num_hidden_layers=48, hidden_size=6144, num_attention_heads=48, num_key_value_heads=8,
-                          intermediate_size=16384, vocab_size=92544),
+    "llama2-7b": dict(
+        num_hidden_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+    ),
+    "llama2-13b": dict(
+        num_hidden_layers=40,
+        hidden_size=5120,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        intermediate_size=13824,
+        vocab_size=32000,
+    ),
+    "llama2-70b": dict(
+        num_hidden_layers=80,
+        hidden_size=8192,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        intermediate_size=28672,
+        vocab_size=32000,
+    ),
+    "internlm2-7b": dict(
+        num_hidden_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=92544,
+    ),
+    "internlm2-20b": dict(
+        num_hidden_layers=48,
+        hidden_size=6144,
+        num_attention_heads=48,
+        num_key_value_heads=8,
+        intermediate_size=16384,
+        vocab_size=92544,
+    ),
 }
 CACHES = ("dynamic", "static")
 
@@ -98,16 +129,19 @@ def build_model(name: str, random_weights: bool, device=None, dtype=None):
 
 def param_count(cfg) -> int:
     """Parameters of a Llama-layout model with these shapes (untied embeddings and LM head)."""
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    per_layer = (cfg.hidden_size * head_dim(cfg) * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-                 + 3 * cfg.hidden_size * cfg.intermediate_size + 2 * cfg.hidden_size)
+    cfg = text_config(cfg)
+    per_layer = (
+        cfg.hidden_size * head_dim(cfg) * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+        + 3 * cfg.hidden_size * cfg.intermediate_size
+        + 2 * cfg.hidden_size
+    )
     return cfg.vocab_size * cfg.hidden_size * 2 + cfg.num_hidden_layers * per_layer + cfg.hidden_size
 
 
 def bytes_needed(cfg, batch: int, prompt_len: int, new_tokens: int, dtype_bytes: int) -> int:
     """What one configuration needs at least: weights, the full KV cache of the batch, and the prefill's
     largest activations (hidden states and MLP intermediates of every prompt token)."""
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cfg = text_config(cfg)
     weights = param_count(cfg) * dtype_bytes
     kv = cfg.num_hidden_layers * kv_token_bytes(cfg, dtype_bytes) * batch * (prompt_len + new_tokens)
     activations = batch * prompt_len * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * dtype_bytes
@@ -138,8 +172,9 @@ def _proc_bytes(path: str, field: str) -> int | None:
     return None
 
 
-def check_fits(name: str, random_weights: bool, batch: int, prompt_len: int, new_tokens: int, device=None,
-               dtype=None) -> None:
+def check_fits(
+    name: str, random_weights: bool, batch: int, prompt_len: int, new_tokens: int, device=None, dtype=None
+) -> None:
     """Refuse, before anything is loaded, a configuration that cannot fit in memory: one line with the bytes it
     needs, what the machine has, and which --dtype would fit."""
     from transformers import AutoConfig, LlamaConfig
@@ -158,12 +193,18 @@ def check_fits(name: str, random_weights: bool, batch: int, prompt_len: int, new
     have = available_bytes(device)
     if need <= have:
         return
-    smaller = [d for d, b in (("bfloat16", 2), ("float16", 2)) if b < torch.tensor([], dtype=chosen).element_size()
-               and bytes_needed(cfg, batch, prompt_len, new_tokens, b) <= have]
+    smaller = [
+        d
+        for d, b in (("bfloat16", 2), ("float16", 2))
+        if b < torch.tensor([], dtype=chosen).element_size()
+        and bytes_needed(cfg, batch, prompt_len, new_tokens, b) <= have
+    ]
     hint = f"; --dtype {smaller[0]} would fit" if smaller else "; no --dtype fits: lower --batch or --prompt-len"
-    raise MemoryError(f"{name} at batch {batch}, {prompt_len}+{new_tokens} tokens in {str(chosen).replace('torch.', '')} "
-                      f"needs at least {need / 2**30:.1f} GiB ({need:,} bytes), {device.type} has "
-                      f"{have / 2**30:.1f} GiB available{hint}")
+    raise MemoryError(
+        f"{name} at batch {batch}, {prompt_len}+{new_tokens} tokens in {str(chosen).replace('torch.', '')} "
+        f"needs at least {need / 2**30:.1f} GiB ({need:,} bytes), {device.type} has "
+        f"{have / 2**30:.1f} GiB available{hint}"
+    )
 
 
 def _sync(device):
@@ -246,8 +287,11 @@ def measure(config: Config, model=None) -> dict:
         model = build_model(config.model, config.random_weights, device=config.device, dtype=config.dtype)
     L = num_layers(model)
     C = num_shared_for(config.rate, L)
-    strategy = None if config.mode == "plain" else (
-        Strategy.from_dict(config.strategy) if config.strategy else spread_strategy(L, C))
+    strategy = (
+        None
+        if config.mode == "plain"
+        else (Strategy.from_dict(config.strategy) if config.strategy else spread_strategy(L, C))
+    )
     policy = cache_method(config)
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(config.seed)
@@ -264,8 +308,9 @@ def measure(config: Config, model=None) -> dict:
             run_once(model, prompt, min(config.new_tokens, 8), config.cache)
         prefill, decode, kv, phases = [], [], 0, {}
         for i in range(config.repeats):
-            p, d, cache = run_once(model, prompt, config.new_tokens, config.cache,
-                                    phases if i == config.repeats - 1 else None)
+            p, d, cache = run_once(
+                model, prompt, config.new_tokens, config.cache, phases if i == config.repeats - 1 else None
+            )
             prefill.append(p)
             decode.append(d)
             kv = cache_bytes(cache)
@@ -301,14 +346,25 @@ def measure(config: Config, model=None) -> dict:
         row["decode_peak_bytes"] = phases["decode"][0]
         row["peak_bytes"] = max(row["peak_bytes"], phases["before_decode"][0], phases["decode"][0])
         if "peak_reserved_bytes" in row:
-            row["peak_reserved_bytes"] = max(row["peak_reserved_bytes"], phases["before_decode"][1], phases["decode"][1])
-    row.update(analysis(model.config.get_text_config(), row["num_shared"], config.batch, config.prompt_len,
-                        config.new_tokens, config.cache, torch.tensor([], dtype=next(model.parameters()).dtype).element_size()))
+            row["peak_reserved_bytes"] = max(
+                row["peak_reserved_bytes"], phases["before_decode"][1], phases["decode"][1]
+            )
+    row.update(
+        analysis(
+            model.config.get_text_config(),
+            row["num_shared"],
+            config.batch,
+            config.prompt_len,
+            config.new_tokens,
+            config.cache,
+            torch.tensor([], dtype=next(model.parameters()).dtype).element_size(),
+        )
+    )
     if config.cache == "dynamic":  # what sharing and the methods predict together, from the shapes
         elem = next(model.parameters()).element_size()
-        row["kv_bytes_predicted"] = predicted_cache_bytes(model.config, policy, config.batch,
-                                                          [config.prompt_len] + [1] * config.new_tokens, elem,
-                                                          strategy=strategy)
+        row["kv_bytes_predicted"] = predicted_cache_bytes(
+            model.config, policy, config.batch, [config.prompt_len] + [1] * config.new_tokens, elem, strategy=strategy
+        )
     if policy is not None:  # the analysis counts full-length caches: not what an evicting cache copies or reads
         row.update(cache_copy_bytes=None, attn_read_bytes=None)
     return row
@@ -353,8 +409,12 @@ def analysis(cfg, num_shared: int, batch: int, prompt_len: int, new_tokens: int,
     read = L * kv_token * sum(lengths)
     tokens = batch * (prompt_len + new_tokens)
     flops_saved = num_shared * tokens * 2 * 2 * cfg.hidden_size * cfg.num_key_value_heads * head_dim(cfg)
-    return {"kv_token_bytes": kv_token, "cache_copy_bytes": copy, "attn_read_bytes": read,
-            "kv_proj_flops_saved": flops_saved}
+    return {
+        "kv_token_bytes": kv_token,
+        "cache_copy_bytes": copy,
+        "attn_read_bytes": read,
+        "kv_proj_flops_saved": flops_saved,
+    }
 
 
 def _rss_bytes() -> int:
@@ -428,7 +488,9 @@ def measure_isolated(config: Config) -> dict:
                 break
     proc.join()
     if status != "ok":
-        raise RuntimeError(f"benchmark configuration {config.mode} rate={config.rate} batch={config.batch} failed: {payload}")
+        raise RuntimeError(
+            f"benchmark configuration {config.mode} rate={config.rate} batch={config.batch} failed: {payload}"
+        )
     return payload
 
 
@@ -441,21 +503,43 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             continue
         r["kv_bytes_ratio"] = r["kv_bytes"] / b["kv_bytes"] if b["kv_bytes"] else float("nan")
         r["kv_bytes_expected_ratio"] = (r["num_layers"] - r["num_shared"]) / r["num_layers"]
-        if (r.get("policy") or r.get("kv_bits") or r.get("method")) and r.get("kv_bytes_predicted") is not None \
-                and b["kv_bytes"]:
+        if (
+            (r.get("policy") or r.get("kv_bits") or r.get("method"))
+            and r.get("kv_bytes_predicted") is not None
+            and b["kv_bytes"]
+        ):
             r["kv_bytes_expected_ratio"] = r["kv_bytes_predicted"] / b["kv_bytes"]
         r["peak_ratio"] = r["peak_bytes"] / b["peak_bytes"]
-        r["peak_above_baseline_ratio"] = (r["peak_bytes"] - r["baseline_bytes"]) / max(1, b["peak_bytes"] - b["baseline_bytes"])
+        r["peak_above_baseline_ratio"] = (r["peak_bytes"] - r["baseline_bytes"]) / max(
+            1, b["peak_bytes"] - b["baseline_bytes"]
+        )
         r["prefill_ratio"] = r["prefill_s"] / b["prefill_s"]
         r["decode_tps_ratio"] = r["decode_tps"] / b["decode_tps"]
     return rows
 
 
-def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int = 512, new_tokens: int = 128,
-          cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None, repeats: int = 3,
-          warmup: int = 1, isolate: bool | None = None, progress: bool = True, seed: int = 0, policy: str | None = None,
-          budget: int | None = None, kv_bits: int | None = None, rounds: int = 1, strategy=None,
-          method=None) -> list[dict]:
+def bench(
+    model: str,
+    rates=(0.0, 0.125, 0.25),
+    batches=(1, 4),
+    prompt_len: int = 512,
+    new_tokens: int = 128,
+    cache: str = "dynamic",
+    random_weights: bool = False,
+    device=None,
+    dtype=None,
+    repeats: int = 3,
+    warmup: int = 1,
+    isolate: bool | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    policy: str | None = None,
+    budget: int | None = None,
+    kv_bits: int | None = None,
+    rounds: int = 1,
+    strategy=None,
+    method=None,
+) -> list[dict]:
     """Plain transformers and the shared model at each rate, side by side; rows with ratios.
 
     `rounds` > 1 measures every configuration that many times, in alternating order (see `measure_rounds`):
@@ -477,16 +561,40 @@ def bench(model: str, rates=(0.0, 0.125, 0.25), batches=(1, 4), prompt_len: int 
     check_fits(model, random_weights, max(batches), prompt_len, new_tokens, device, dtype)
     if isolate is None:
         isolate = dev.type == "cpu"
-    configs = [Config(model, "plain", 0.0, b, prompt_len, new_tokens, cache, random_weights, device, dtype, repeats, warmup,
-                      seed) for b in batches]
+    configs = [
+        Config(
+            model, "plain", 0.0, b, prompt_len, new_tokens, cache, random_weights, device, dtype, repeats, warmup, seed
+        )
+        for b in batches
+    ]
     if strategy is not None and not isinstance(strategy, Strategy):
         strategy = Strategy.load(strategy)
     if method is not None and not isinstance(method, dict):
         method = method.to_dict()
-    configs += [Config(model, "shared", float(rate), b, prompt_len, new_tokens, cache, random_weights, device, dtype,
-                       repeats, warmup, seed, policy, budget,
-                       strategy=strategy.to_dict() if strategy is not None and rate > 0 else None, kv_bits=kv_bits,
-                       method=method) for b in batches for rate in rates]
+    configs += [
+        Config(
+            model,
+            "shared",
+            float(rate),
+            b,
+            prompt_len,
+            new_tokens,
+            cache,
+            random_weights,
+            device,
+            dtype,
+            repeats,
+            warmup,
+            seed,
+            policy,
+            budget,
+            strategy=strategy.to_dict() if strategy is not None and rate > 0 else None,
+            kv_bits=kv_bits,
+            method=method,
+        )
+        for b in batches
+        for rate in rates
+    ]
     shared_model = None
 
     def run(config):
@@ -512,7 +620,7 @@ def measure_rounds(configs: list, run, rounds: int = 1, progress: bool = True, d
     order = list(range(len(configs)))
     with tqdm(total=rounds * len(configs), desc=desc, disable=not progress) as bar:
         for k in range(rounds):
-            for i in (order if k % 2 == 0 else order[::-1]):
+            for i in order if k % 2 == 0 else order[::-1]:
                 row = run(configs[i])
                 row["round"] = k
                 runs[i].append(row)
@@ -525,15 +633,31 @@ def measure_rounds(configs: list, run, rounds: int = 1, progress: bool = True, d
             for key in ("peak_bytes", "decode_peak_bytes"):
                 if all(r.get(key) is not None for r in rs):
                     best[key] = min(r[key] for r in rs)
-            best["rounds"] = [{k: r.get(k) for k in ("round", "decode_tps", "prefill_s", "peak_bytes",
-                                                     "decode_peak_bytes", "load_avg_1min")} for r in rs]
+            best["rounds"] = [
+                {
+                    k: r.get(k)
+                    for k in ("round", "decode_tps", "prefill_s", "peak_bytes", "decode_peak_bytes", "load_avg_1min")
+                }
+                for r in rs
+            ]
         rows.append(best)
     return rows
 
 
-def max_batch_within(model_name: str, budget_bytes: int, rate: float, prompt_len: int, new_tokens: int,
-                     cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None,
-                     limit: int = 1024, model=None, probe_tokens: int = 16) -> dict:
+def max_batch_within(
+    model_name: str,
+    budget_bytes: int,
+    rate: float,
+    prompt_len: int,
+    new_tokens: int,
+    cache: str = "dynamic",
+    random_weights: bool = False,
+    device=None,
+    dtype=None,
+    limit: int = 1024,
+    model=None,
+    probe_tokens: int = 16,
+) -> dict:
     """Largest batch whose peak memory stays within `budget_bytes`, for the plain (rate 0) or shared model.
 
     Peak memory is affine in the batch. Two short probes (batches 1 and 2, `probe_tokens` decode
@@ -562,25 +686,43 @@ def max_batch_within(model_name: str, budget_bytes: int, rate: float, prompt_len
         batch -= max(1, batch // 16)
     if batch < 1:
         return {"mode": mode, "rate": rate, "batch": 0, "budget_bytes": budget_bytes, "fits": False}
-    row.update(budget_bytes=budget_bytes, fits=True, per_sequence_bytes=per_seq, fixed_bytes=fixed,
-               throughput_tps=row["decode_tps"])
+    row.update(
+        budget_bytes=budget_bytes,
+        fits=True,
+        per_sequence_bytes=per_seq,
+        fixed_bytes=fixed,
+        throughput_tps=row["decode_tps"],
+    )
     return row
 
 
-def budget_comparison(model_name: str, budget_bytes: int, rates, prompt_len: int, new_tokens: int,
-                      cache: str = "dynamic", random_weights: bool = False, device=None, dtype=None,
-                      limit: int = 1024) -> list[dict]:
+def budget_comparison(
+    model_name: str,
+    budget_bytes: int,
+    rates,
+    prompt_len: int,
+    new_tokens: int,
+    cache: str = "dynamic",
+    random_weights: bool = False,
+    device=None,
+    dtype=None,
+    limit: int = 1024,
+) -> list[dict]:
     """Throughput at the largest batch that fits the budget: plain, then shared at each rate.
 
     The ideal gain is L / (L - C) (the KV cache is the only thing that shrinks); the gap to it comes
     from the memory that does not scale with the cache (weights, activations, allocator slack).
     """
-    rows = [max_batch_within(model_name, budget_bytes, 0.0, prompt_len, new_tokens, cache, random_weights, device, dtype,
-                             limit)]
+    rows = [
+        max_batch_within(
+            model_name, budget_bytes, 0.0, prompt_len, new_tokens, cache, random_weights, device, dtype, limit
+        )
+    ]
     plain = rows[0]
     for rate in rates:
-        row = max_batch_within(model_name, budget_bytes, rate, prompt_len, new_tokens, cache, random_weights, device, dtype,
-                               limit)
+        row = max_batch_within(
+            model_name, budget_bytes, rate, prompt_len, new_tokens, cache, random_weights, device, dtype, limit
+        )
         if plain.get("fits") and row.get("fits"):
             L, C = row["num_layers"], row["num_shared"]
             row["batch_ratio"] = row["batch"] / plain["batch"]
@@ -594,12 +736,29 @@ def budget_comparison(model_name: str, budget_bytes: int, rates, prompt_len: int
 def format_table(rows: list[dict], budget: bool = False) -> str:
     """A fixed-width table of the rows, for the terminal."""
     if budget:
-        cols = [("mode", "{}"), ("rate", "{:.3f}"), ("batch", "{}"), ("peak_bytes", "{:,}"),
-                ("throughput_tps", "{:.1f}"), ("throughput_ratio", "{:.3f}"), ("ideal_ratio", "{:.3f}")]
+        cols = [
+            ("mode", "{}"),
+            ("rate", "{:.3f}"),
+            ("batch", "{}"),
+            ("peak_bytes", "{:,}"),
+            ("throughput_tps", "{:.1f}"),
+            ("throughput_ratio", "{:.3f}"),
+            ("ideal_ratio", "{:.3f}"),
+        ]
     else:
-        cols = [("mode", "{}"), ("rate", "{:.3f}"), ("num_shared", "{}"), ("batch", "{}"), ("kv_bytes", "{:,}"),
-                ("kv_bytes_ratio", "{:.4f}"), ("peak_bytes", "{:,}"), ("peak_ratio", "{:.3f}"),
-                ("prefill_s", "{:.3f}"), ("decode_tps", "{:.1f}"), ("decode_tps_ratio", "{:.3f}")]
+        cols = [
+            ("mode", "{}"),
+            ("rate", "{:.3f}"),
+            ("num_shared", "{}"),
+            ("batch", "{}"),
+            ("kv_bytes", "{:,}"),
+            ("kv_bytes_ratio", "{:.4f}"),
+            ("peak_bytes", "{:,}"),
+            ("peak_ratio", "{:.3f}"),
+            ("prefill_s", "{:.3f}"),
+            ("decode_tps", "{:.1f}"),
+            ("decode_tps_ratio", "{:.3f}"),
+        ]
     cells = [[name for name, _ in cols]]
     for r in rows:
         cells.append([fmt.format(r[name]) if r.get(name) is not None else "-" for name, fmt in cols])

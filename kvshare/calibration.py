@@ -4,6 +4,7 @@ Every sample is kept: texts are truncated to a common length, the smaller of `ma
 shortest text's token count (the original release silently dropped every sample whose length
 differed from the first). The description of what was done travels with the results.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -31,7 +32,8 @@ def encode_calibration(tokenizer, texts, max_tokens: int = 64):
     if common < max_tokens:
         warnings.warn(
             f"the shortest calibration text has {common} tokens: all {len(texts)} texts are truncated to {common} "
-            f"(max_tokens={max_tokens}); no sample is dropped"
+            f"(max_tokens={max_tokens}); no sample is dropped",
+            stacklevel=2,
         )
     ids = torch.tensor([e[:common] for e in encoded], dtype=torch.long)
     description = {

@@ -8,6 +8,7 @@ The arguments (Strategy objects, kvshare.methods methods, None) become one `Comp
 method per role); its sharing strategy goes to kvshare.sharing, which replaces layers and gives every
 kept layer the slot the cache methods make.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -9,6 +9,7 @@ calibration pool (10 disjoint sets of 30), the remaining 701 are held out for ev
 Online option ("wikitext2"): WikiText-2 through `datasets` (train split for calibration, test split
 for evaluation).
 """
+
 from __future__ import annotations
 
 import json
@@ -105,8 +106,10 @@ def eval_articles(source: str = "bbc") -> list[dict]:
     _check_source(source)
     if source != "bbc":
         raise ValueError("held-out articles with summaries exist only for the 'bbc' source")
-    return [{"article": e["input"], "summary": e["target"] if isinstance(e["target"], str) else e["target"][0]}
-            for e in _bbc_split()[1]]
+    return [
+        {"article": e["input"], "summary": e["target"] if isinstance(e["target"], str) else e["target"][0]}
+        for e in _bbc_split()[1]
+    ]
 
 
 def eval_text(source: str = "bbc") -> str:

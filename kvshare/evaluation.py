@@ -20,21 +20,19 @@ too to compare under the same protocol. A quantized cache shows in the usual one
 Results are cached per (model fingerprint, strategy, policy, protocol, task definition, limit) under
 `<kvshare cache>/eval_cache`, so re-running a notebook recomputes nothing that is done.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import sys
 import time
-import warnings
 from pathlib import Path
 
+from .combine import compression
 from .io import write_csv, write_json
+from .methods import Composition
 from .models import model_name
 from .pypi_files import kvshare_home
-from .methods import Composition
-from .combine import compression
 from .strategy import Strategy
 from .tasks import default_tasks, suite_tasks
 
@@ -136,8 +134,11 @@ def policy_description(policy) -> dict | None:
 def policy_key(policy, decode: bool = False) -> str:
     """'none' (or 'decode': the full cache scored by decoding), else name + settings (+ '-decode')."""
     d = policy_description(policy)
-    base = "none" if d is None else "-".join(
-        [safe_name(str(d.get("policy")))] + [f"{k}{v}" for k, v in sorted(d.items()) if k != "policy"])
+    base = (
+        "none"
+        if d is None
+        else "-".join([safe_name(str(d.get("policy")))] + [f"{k}{v}" for k, v in sorted(d.items()) if k != "policy"])
+    )
     return ("decode" if d is None else base + "-decode") if decode else base
 
 
@@ -167,8 +168,9 @@ def safe_name(name: str) -> str:
 class Evaluator:
     """One loaded model evaluated under any number of strategies (the lm-eval wrapper is built once)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 32, cache: bool = True, cache_dir=None,
-                 progress: bool = True):
+    def __init__(
+        self, model, tokenizer, batch_size: int = 32, cache: bool = True, cache_dir=None, progress: bool = True
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -225,8 +227,16 @@ class Evaluator:
         return None
 
     # -- evaluation ------------------------------------------------------------------------
-    def evaluate(self, strategy: Strategy | None = None, suite: str = "offline", tasks=None, limit: int | None = None,
-                 label: str | None = None, policy=None, decode: bool | None = None) -> dict:
+    def evaluate(
+        self,
+        strategy: Strategy | None = None,
+        suite: str = "offline",
+        tasks=None,
+        limit: int | None = None,
+        label: str | None = None,
+        policy=None,
+        decode: bool | None = None,
+    ) -> dict:
         """Evaluate the model under `strategy` (None: no sharing) and cache `policy` (None: none) on a suite;
         returns the results dict.
 
@@ -243,8 +253,10 @@ class Evaluator:
         if decode is None:
             decode = evicts(policy)
         elif not decode and evicts(policy):
-            raise ValueError(f"{policy!r} drops tokens only after a forward: one-pass scoring would not see it; "
-                             "score by decoding (decode=True, or leave decode unset)")
+            raise ValueError(
+                f"{policy!r} drops tokens only after a forward: one-pass scoring would not see it; "
+                "score by decoding (decode=True, or leave decode unset)"
+            )
         t0 = time.perf_counter()
         entries, todo = {}, []
         for spec in specs:
@@ -261,7 +273,7 @@ class Evaluator:
             self._decode = decode
             try:
                 with compression(self.model, strategy, policy):
-                    for spec, n, path, entry in self._run(todo):
+                    for spec, _n, path, entry in self._run(todo):
                         entries[spec.name] = entry
                         if self.cache:
                             write_json(path, entry)
@@ -299,8 +311,15 @@ class Evaluator:
             spec, n = item[0], item[1]
             if spec.kind == "perplexity":
                 t0 = time.perf_counter()
-                rows = run_perplexity(self.model, self.tokenizer, spec, n, progress=self.progress, decode=self._decode,
-                                      batch_size=min(self.batch_size, 8))
+                rows = run_perplexity(
+                    self.model,
+                    self.tokenizer,
+                    spec,
+                    n,
+                    progress=self.progress,
+                    decode=self._decode,
+                    batch_size=min(self.batch_size, 8),
+                )
                 yield (*item, {"rows": rows, "seconds": round(time.perf_counter() - t0, 2)})
                 continue
             online = spec.kind == "lm_eval"
@@ -322,18 +341,33 @@ class Evaluator:
 
                 # the offline folder's index takes milliseconds: rebuilt, as this run may have added configs
                 tm = TaskManager(include_path=str(root), include_defaults=False)
-                samples = {s.name: list(range(test_size(s) if m is None else min(m, test_size(s)))) for s, m, _ in items}
+                samples = {
+                    s.name: list(range(test_size(s) if m is None else min(m, test_size(s)))) for s, m, _ in items
+                }
                 results = run_lm_eval(self.lm, tm, specs, samples=samples, chat=chat)
             seconds = round(time.perf_counter() - t0, 2)
             for item in items:
-                yield (*item, {"rows": results[item[0].name], "seconds": seconds, "batched_with": [s.name for s in specs]})
+                yield (
+                    *item,
+                    {"rows": results[item[0].name], "seconds": seconds, "batched_with": [s.name for s in specs]},
+                )
 
 
-def evaluate(model, tokenizer, strategy: Strategy | None = None, suite: str = "offline", tasks=None,
-             limit: int | None = None, policy=None, decode: bool | None = None, **kwargs) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    strategy: Strategy | None = None,
+    suite: str = "offline",
+    tasks=None,
+    limit: int | None = None,
+    policy=None,
+    decode: bool | None = None,
+    **kwargs,
+) -> dict:
     """One-off evaluation (see `Evaluator` to reuse the model across strategies and policies)."""
-    return Evaluator(model, tokenizer, **kwargs).evaluate(strategy, suite=suite, tasks=tasks, limit=limit,
-                                                          policy=policy, decode=decode)
+    return Evaluator(model, tokenizer, **kwargs).evaluate(
+        strategy, suite=suite, tasks=tasks, limit=limit, policy=policy, decode=decode
+    )
 
 
 def write_results(result: dict, path) -> tuple[Path, Path]:

@@ -1,4 +1,5 @@
 """Text generation helpers (greedy by default), for the CLI and the case studies."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,9 @@ import torch
 def format_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
     """Apply the chat template when the model has one (instruct models), else the raw prompt."""
     if chat and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return prompt
 
 
@@ -27,6 +29,6 @@ def generate_text(model, tokenizer, prompts, max_new_tokens: int = 64, chat: boo
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     kwargs.update(generate_kwargs)
     out = model.generate(**enc, **kwargs)
-    completions = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    completions = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     completions = [c.strip() for c in completions]
     return completions[0] if single else completions

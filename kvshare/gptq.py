@@ -20,6 +20,7 @@ Note the embedded model's own weights are already 4-bit (GGUF Q4_1, group size 3
 kvshare to float32): the "full-precision" rows are Q4_1 weights held in float32, and the GPTQ rows
 re-quantize those to 4 bits with group size 128.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -53,8 +54,10 @@ def gptq_status() -> tuple[bool, str]:
     """(usable, reason): whether GPTQ checkpoints can be made and loaded in this environment."""
     missing = [m for m in ("gptqmodel", "optimum") if importlib.util.find_spec(m) is None]
     if missing:
-        return False, (f"{' and '.join(missing)} not installed (pip install -e '.[gptq]', or see scripts/setup.sh "
-                       "for the pins that keep torch and numpy)")
+        return False, (
+            f"{' and '.join(missing)} not installed (pip install -e '.[gptq]', or see scripts/setup.sh "
+            "for the pins that keep torch and numpy)"
+        )
     return True, "gptqmodel and optimum are installed"
 
 
@@ -96,8 +99,12 @@ def ensure_quantized(name: str, base_dir=None, device=None) -> Path:
     base = Path(base_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     texts = calibration_texts(spec["calibration_samples"], source=spec["calibration_source"], set_index=0)
-    print(f"kvshare: quantizing {spec['base']} with GPTQ ({spec['bits']}-bit, group size {spec['group_size']}, "
-          f"{len(texts)} calibration texts) on {device}, once; this takes minutes on a CPU ...", file=sys.stderr, flush=True)
+    print(
+        f"kvshare: quantizing {spec['base']} with GPTQ ({spec['bits']}-bit, group size {spec['group_size']}, "
+        f"{len(texts)} calibration texts) on {device}, once; this takes minutes on a CPU ...",
+        file=sys.stderr,
+        flush=True,
+    )
     t0 = time.perf_counter()
     tmp = out.with_name(out.name + ".part")
     work = out.with_name(out.name + ".work")
@@ -120,10 +127,16 @@ def ensure_quantized(name: str, base_dir=None, device=None) -> Path:
     from importlib.metadata import version
 
     provenance = {
-        "name": name, "base": spec["base"], "bits": spec["bits"], "group_size": spec["group_size"],
+        "name": name,
+        "base": spec["base"],
+        "bits": spec["bits"],
+        "group_size": spec["group_size"],
         "calibration": {"source": spec["calibration_source"], "set_index": 0, "samples": len(texts)},
-        "device": str(device), "quantize_seconds": round(seconds, 1),
-        "gptqmodel": version("gptqmodel"), "torch": torch.__version__, "transformers": version("transformers"),
+        "device": str(device),
+        "quantize_seconds": round(seconds, 1),
+        "gptqmodel": version("gptqmodel"),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
         "note": "the base weights are GGUF Q4_1 (dequantized to float32) before GPTQ re-quantizes them",
     }
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
@@ -189,5 +202,14 @@ def weight_bytes(model) -> int:
     return total
 
 
-__all__ = ["GPTQ_MODELS", "ensure_quantized", "finish_loading", "gptq_config_of", "gptq_status", "is_gptq_model",
-           "load_kwargs", "quantized_dir", "weight_bytes"]
+__all__ = [
+    "GPTQ_MODELS",
+    "ensure_quantized",
+    "finish_loading",
+    "gptq_config_of",
+    "gptq_status",
+    "is_gptq_model",
+    "load_kwargs",
+    "quantized_dir",
+    "weight_bytes",
+]

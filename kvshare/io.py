@@ -1,4 +1,5 @@
 """Atomic result files: a crash never leaves half a JSON or CSV behind."""
+
 from __future__ import annotations
 
 import csv

@@ -6,6 +6,7 @@ first `context` tokens are prefilled, the rest fed one at a time (generation wit
 and scored. Token eviction only shows this way: a single forward attends over the whole window
 before anything is dropped, so one-pass perplexity is the same with or without an eviction policy.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,16 @@ def _windows(n_tokens: int, window: int, stride: int):
 
 
 @torch.no_grad()
-def window_nlls(model, tokenizer, text: str, window: int = 512, stride: int = 512, max_tokens: int | None = None,
-                batch_size: int = 4, progress: bool = False) -> list:
+def window_nlls(
+    model,
+    tokenizer,
+    text: str,
+    window: int = 512,
+    stride: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> list:
     """Per-window NLLs of the scored tokens of `text`, windows in order (float64, CPU)."""
     if stride < 1 or window < 2 or stride > window:
         raise ValueError("need window >= 2 and 1 <= stride <= window")
@@ -46,8 +55,10 @@ def window_nlls(model, tokenizer, text: str, window: int = 512, stride: int = 51
     by_length: dict[int, list[int]] = {}
     for k, (b, e, _) in enumerate(spans):
         by_length.setdefault(e - b, []).append(k)
-    batches = [(length, idx[i : i + batch_size]) for length, idx in by_length.items() for i in range(0, len(idx), batch_size)]
-    for length, idx in tqdm(batches, desc="perplexity", disable=not progress):
+    batches = [
+        (length, idx[i : i + batch_size]) for length, idx in by_length.items() for i in range(0, len(idx), batch_size)
+    ]
+    for _length, idx in tqdm(batches, desc="perplexity", disable=not progress):
         batch = torch.stack([ids[spans[k][0] : spans[k][1]] for k in idx]).to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         logprobs = F.log_softmax(logits[:, :-1], dim=-1)
@@ -64,8 +75,16 @@ def token_nlls(*args, **kwargs) -> torch.Tensor:
     return torch.cat(nlls) if nlls else torch.zeros(0, dtype=torch.float64)
 
 
-def perplexity(model, tokenizer, text: str, window: int = 512, stride: int = 512, max_tokens: int | None = None,
-               batch_size: int = 4, progress: bool = False) -> float:
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    window: int = 512,
+    stride: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> float:
     """exp(mean NLL) of `text` under `model`, scored in windows of `window` tokens every `stride`."""
     nll = token_nlls(model, tokenizer, text, window, stride, max_tokens, batch_size, progress)
     if nll.numel() == 0:
@@ -73,8 +92,16 @@ def perplexity(model, tokenizer, text: str, window: int = 512, stride: int = 512
     return math.exp(nll.mean().item())
 
 
-def perplexity_with_error(model, tokenizer, text: str, window: int = 512, stride: int = 512,
-                          max_tokens: int | None = None, batch_size: int = 4, progress: bool = False) -> dict:
+def perplexity_with_error(
+    model,
+    tokenizer,
+    text: str,
+    window: int = 512,
+    stride: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict:
     """Perplexity with a standard error from the spread of per-window mean NLLs (delta method)."""
     chunks = window_nlls(model, tokenizer, text, window, stride, max_tokens, batch_size, progress)
     if not chunks:
@@ -93,8 +120,15 @@ def perplexity_with_error(model, tokenizer, text: str, window: int = 512, stride
     else:
         se_nll = float("nan")
     ppl = math.exp(mean)
-    return {"ppl": ppl, "nll": mean, "nll_se": se_nll, "ppl_se": ppl * se_nll, "tokens": int(nll.numel()),
-            "windows": len(means), "window_nll": means.tolist()}
+    return {
+        "ppl": ppl,
+        "nll": mean,
+        "nll_se": se_nll,
+        "ppl_se": ppl * se_nll,
+        "tokens": int(nll.numel()),
+        "windows": len(means),
+        "window_nll": means.tolist(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,8 +141,16 @@ def decode_windows(n_tokens: int, window: int, max_windows: int | None = None) -
 
 
 @torch.no_grad()
-def decode_nlls(model, tokenizer, text: str, window: int = 512, context: int = 256, max_windows: int | None = None,
-                batch_size: int = 8, progress=None) -> list[torch.Tensor]:
+def decode_nlls(
+    model,
+    tokenizer,
+    text: str,
+    window: int = 512,
+    context: int = 256,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    progress=None,
+) -> list[torch.Tensor]:
     """Per-window NLLs (float64, CPU) of tokens context+1 .. window-1 of each window, each predicted by a
     decoding step after `context` prefilled tokens, with whatever sharing/policy is enabled on `model`."""
     from transformers import DynamicCache
@@ -144,12 +186,26 @@ def summarize_windows(nlls: list[torch.Tensor]) -> dict:
     means = np.array([w.mean().item() for w in nlls])
     mean = float(torch.cat(nlls).mean())
     se = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
-    return {"ppl": math.exp(mean), "nll": mean, "nll_se": se, "ppl_se": math.exp(mean) * se,
-            "tokens": int(sum(w.numel() for w in nlls)), "window_nll": means.tolist()}
+    return {
+        "ppl": math.exp(mean),
+        "nll": mean,
+        "nll_se": se,
+        "ppl_se": math.exp(mean) * se,
+        "tokens": int(sum(w.numel() for w in nlls)),
+        "window_nll": means.tolist(),
+    }
 
 
-def decode_perplexity(model, tokenizer, text: str, window: int = 512, context: int | None = None,
-                      max_tokens: int | None = None, batch_size: int = 8, progress: bool = False) -> dict:
+def decode_perplexity(
+    model,
+    tokenizer,
+    text: str,
+    window: int = 512,
+    context: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
     """Perplexity of the decoded part of each window (see the module docstring), with its error."""
     from .progress import Progress
 
@@ -177,22 +233,32 @@ class HeldOutProtocol:
     window: int = 512
 
     def describe(self) -> str:
-        return (f"{self.tokens:,} held-out {self.source} tokens (never in a calibration set), "
-                f"{self.tokens // self.window} windows of {self.window}, paired per window")
+        return (
+            f"{self.tokens:,} held-out {self.source} tokens (never in a calibration set), "
+            f"{self.tokens // self.window} windows of {self.window}, paired per window"
+        )
 
 
 HELDOUT = HeldOutProtocol()
 
 
-def heldout_perplexity(model, tokenizer, protocol: HeldOutProtocol = HELDOUT, batch_size: int = 4,
-                       progress: bool = False) -> dict:
+def heldout_perplexity(
+    model, tokenizer, protocol: HeldOutProtocol = HELDOUT, batch_size: int = 4, progress: bool = False
+) -> dict:
     """`perplexity_with_error` under `protocol` (with whatever methods are applied to `model`): ppl, its standard
     error, and the mean NLL of every window (`window_nll`) for paired comparisons."""
     from .data import eval_text
 
-    out = perplexity_with_error(model, tokenizer, eval_text(protocol.source), window=protocol.window,
-                                stride=protocol.window, max_tokens=protocol.tokens, batch_size=batch_size,
-                                progress=progress)
+    out = perplexity_with_error(
+        model,
+        tokenizer,
+        eval_text(protocol.source),
+        window=protocol.window,
+        stride=protocol.window,
+        max_tokens=protocol.tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
     out["protocol"] = asdict(protocol)
     return out
 
@@ -207,6 +273,11 @@ def paired_difference(a: dict, b: dict) -> dict:
     d = wa - wb
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
     diff = a["nll"] - b["nll"] if "nll" in a and "nll" in b else float(d.mean())
-    return {"nll_diff": diff, "nll_diff_se": se, "ppl_ratio": math.exp(diff),
-            "z": diff / se if se > 0 else float("nan"),
-            "ppl_ratio_ci95": [math.exp(diff - 1.96 * se), math.exp(diff + 1.96 * se)], "windows": len(d)}
+    return {
+        "nll_diff": diff,
+        "nll_diff_se": se,
+        "ppl_ratio": math.exp(diff),
+        "z": diff / se if se > 0 else float("nan"),
+        "ppl_ratio_ci95": [math.exp(diff - 1.96 * se), math.exp(diff + 1.96 * se)],
+        "windows": len(d),
+    }

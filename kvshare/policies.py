@@ -5,6 +5,7 @@ this module keeps `kvshare.policies.make_policy("h2o", budget=128)` and the clas
     with kvshare.compression(model, strategy, policy):
         model.generate(...)
 """
+
 from __future__ import annotations
 
 from . import accounting
@@ -33,7 +34,18 @@ def predicted_cache_bytes(config, strategy, policy, batch: int, lengths, dtype_b
 
 
 __all__ = [
-    "EvictingLayer", "EvictionPolicy", "H2O", "H2OSettings", "POLICIES", "PolicySettings", "PyramidInfer",
-    "PyramidInferSettings", "StreamingLLM", "StreamingLLMSettings", "layer_budgets", "layer_kind", "make_policy",
+    "EvictingLayer",
+    "EvictionPolicy",
+    "H2O",
+    "H2OSettings",
+    "POLICIES",
+    "PolicySettings",
+    "PyramidInfer",
+    "PyramidInferSettings",
+    "StreamingLLM",
+    "StreamingLLMSettings",
+    "layer_budgets",
+    "layer_kind",
+    "make_policy",
     "predicted_cache_bytes",
 ]

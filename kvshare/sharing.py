@@ -15,6 +15,7 @@ How it plugs into transformers (no modeling file is copied):
 This module is the mechanism; `kvshare.compression(model, *methods)` (kvshare.combine) is the one way
 users apply sharing together with the other methods of kvshare.methods.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -104,7 +105,13 @@ def replace_attention(attn, source: int) -> None:
 
 def restore_attention(attn) -> None:
     """Undo `replace_attention` (no-op on an untouched module)."""
-    for name in ("forward", "_kvshare_source", "_kvshare_rope", "_kvshare_attention_interface", "_kvshare_attention_kwargs"):
+    for name in (
+        "forward",
+        "_kvshare_source",
+        "_kvshare_rope",
+        "_kvshare_attention_interface",
+        "_kvshare_attention_kwargs",
+    ):
         attn.__dict__.pop(name, None)
 
 
@@ -127,8 +134,9 @@ def prepare_cache(cache, strategy: Strategy, policy=None, config=None) -> None:
                 continue
             while len(cache.layers) < i:  # caches built without a config create their slots lazily
                 j = len(cache.layers)
-                cache.layers.append(DummyLayer() if DummyLayer is not None and j in strategy.mapping
-                                    else _default_slot(config, j))
+                cache.layers.append(
+                    DummyLayer() if DummyLayer is not None and j in strategy.mapping else _default_slot(config, j)
+                )
             if i < len(cache.layers):
                 cache.layers[i] = slot
             else:

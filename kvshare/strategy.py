@@ -3,6 +3,7 @@
 The mapping is {replaced layer r: source layer s} with s < r. Chains are resolved on
 construction (r -> s -> t becomes r -> t), so every source holds its own cache.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,13 +51,15 @@ class Strategy:
             for name, idx in (("replaced", r_i), ("source", s_i)):
                 if not 0 <= idx < self.num_layers:
                     raise ValueError(
-                        f"{name} layer {idx} is out of range for a model with {self.num_layers} layers (valid: 0..{self.num_layers - 1})"
+                        f"{name} layer {idx} is out of range for a model with "
+                        f"{self.num_layers} layers (valid: 0..{self.num_layers - 1})"
                     )
             if r_i == s_i:
                 raise ValueError(f"layer {r_i} cannot share with itself: drop the entry {r_i}: {s_i}")
             if s_i > r_i:
                 raise ValueError(
-                    f"source layer {s_i} must come before replaced layer {r_i}: a layer can only reuse an earlier layer's K/V"
+                    f"source layer {s_i} must come before replaced layer "
+                    f"{r_i}: a layer can only reuse an earlier layer's K/V"
                 )
             clean[r_i] = s_i
         self.mapping = dict(sorted(resolve_chains(clean).items()))

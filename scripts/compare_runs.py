@@ -8,6 +8,7 @@ load, dates, versions) differ from run to run by nature and are skipped by name;
 scores, byte counts, strategies) must agree. Prints one line per difference and a summary; exits 1 when
 anything differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,20 @@ VOLATILE = re.compile(
     r"threads|host|platform|python|elapsed|wall|minutes|duration|started|finished|baseline|reserved|"
     r"decode_s|prefill_s|overhead|score_s|evict_s|ratio_spread|spread|device_name)($|_)"
 )
-TIMING_KEYS = {"decode_tps_ratio", "prefill_ratio", "peak_ratio", "peak_above_baseline_ratio", "decode_peak_bytes",
-               "peak_bytes", "baseline_bytes", "search_seconds", "environment", "timing", "run_time", "load_avg_1min"}
+TIMING_KEYS = {
+    "decode_tps_ratio",
+    "prefill_ratio",
+    "peak_ratio",
+    "peak_above_baseline_ratio",
+    "decode_peak_bytes",
+    "peak_bytes",
+    "baseline_bytes",
+    "search_seconds",
+    "environment",
+    "timing",
+    "run_time",
+    "load_avg_1min",
+}
 
 
 def volatile(key: str) -> bool:

@@ -8,6 +8,7 @@ Run it in a fork so that its badges open the fork. It rewrites the badge block b
 `<!-- badges -->` markers of README.md (one Binder badge, one Colab badge per notebook in
 notebooks/) and leaves every other line alone. Notebooks are edited as JSON, outputs untouched.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     text = readme.read_text()
     block = badge_block(owner, repo, args.branch, notebooks)
     if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
     else:  # first time: right under the title
         title, _, rest = text.partition("\n")
         text = f"{title}\n\n{block}\n{rest}"
@@ -73,7 +74,10 @@ def main(argv=None) -> int:
     else:
         toml = toml.replace("\n[project.optional-dependencies]", f"\n{urls}\n[project.optional-dependencies]", 1)
     pyproject.write_text(toml)
-    print(f"set_repository: README badges, {len(notebooks)} notebooks and pyproject.toml now point at {url} ({args.branch})")
+    print(
+        f"set_repository: README badges, {len(notebooks)} notebooks "
+        f"and pyproject.toml now point at {url} ({args.branch})"
+    )
     return 0
 
 

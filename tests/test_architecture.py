@@ -4,6 +4,7 @@ cycles, and no module imports another module's `_private` names. CONTRIBUTING.md
 Every import is read from the source with `ast`, imports inside functions included (a lazy import is still a
 dependency).
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,8 +16,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kvshare"
 LAYERS = [
     ("base", ["io", "pypi_files", "progress", "generation"]),
     ("model adapter and data", ["adapter", "data", "models", "gptq"]),
-    ("strategy, calibration, search, cache methods", ["strategy", "accounting", "calibration", "methods", "sharing",
-                                                      "search", "damage", "combine", "policies", "quantized_kv"]),
+    (
+        "strategy, calibration, search, cache methods",
+        [
+            "strategy",
+            "accounting",
+            "calibration",
+            "methods",
+            "sharing",
+            "search",
+            "damage",
+            "combine",
+            "policies",
+            "quantized_kv",
+        ],
+    ),
     ("evaluation and bench", ["metrics", "evaluation", "tasks", "bench", "serving"]),
     ("experiments (one module per notebook)", ["experiments"]),
     ("interface", ["cli", "__main__", "__init__"]),
@@ -50,7 +64,7 @@ def imports(module: str, path: Path) -> list[tuple[str, list[str]]]:
                 base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
                 target = ".".join(base + ([node.module] if node.module else []))
             elif node.module and node.module.startswith("kvshare"):
-                target = node.module[len("kvshare."):] if node.module != "kvshare" else "__init__"
+                target = node.module[len("kvshare.") :] if node.module != "kvshare" else "__init__"
             else:
                 continue
             names = [a.name for a in node.names]
@@ -61,7 +75,7 @@ def imports(module: str, path: Path) -> list[tuple[str, list[str]]]:
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.startswith("kvshare."):
-                    out.append((a.name[len("kvshare."):], []))
+                    out.append((a.name[len("kvshare.") :], []))
     return out
 
 
@@ -96,7 +110,9 @@ def test_no_import_cycles():
     graph = {m: set() for m in mods}
     for module, path in mods.items():
         for target, _ in imports(module, path):
-            target = target if target in mods else target.rsplit(".", 1)[0] if target.rsplit(".", 1)[0] in mods else None
+            target = (
+                target if target in mods else target.rsplit(".", 1)[0] if target.rsplit(".", 1)[0] in mods else None
+            )
             if target and target != module and not target.endswith("__init__") and target != "__init__":
                 # a package's __init__ re-exports its modules: importing the package is not a cycle through them
                 if not (module in mods and mods[module].name == "__init__.py" and target.startswith(module + ".")):
@@ -111,7 +127,7 @@ def test_no_import_cycles():
             if mods[t].name == "__init__.py" and m.startswith(t + "."):
                 continue  # a module of a package importing its package's face
             if state.get(t) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(t):] + [t]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(t) :] + [t]))
             if t not in state:
                 visit(t)
         stack.pop()

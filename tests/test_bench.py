@@ -1,29 +1,61 @@
 """The benchmark runs end to end on a tiny config and writes the documented columns (timings are never asserted)."""
+
 import json
 
 import pytest
-import torch
 from transformers import LlamaConfig
 
 from kvshare import bench as B
 from kvshare.cli import main
 
-DOCUMENTED = {"rate", "batch", "prompt_len", "new_tokens", "kv_bytes", "peak_bytes", "prefill_s", "decode_tps",
-              "kv_bytes_ratio", "peak_ratio", "decode_tps_ratio", "weights", "num_shared", "num_layers"}
+DOCUMENTED = {
+    "rate",
+    "batch",
+    "prompt_len",
+    "new_tokens",
+    "kv_bytes",
+    "peak_bytes",
+    "prefill_s",
+    "decode_tps",
+    "kv_bytes_ratio",
+    "peak_ratio",
+    "decode_tps_ratio",
+    "weights",
+    "num_shared",
+    "num_layers",
+}
 
 
 @pytest.fixture()
 def tiny_dir(tmp_path):
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     cfg.save_pretrained(tmp_path / "tiny")
     return str(tmp_path / "tiny")
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_bench_rows_and_exact_kv_ratio(tiny_dir, cache):
-    rows = B.bench(tiny_dir, rates=(0.0, 0.25, 0.5), batches=(1, 2), prompt_len=6, new_tokens=3, cache=cache,
-                   random_weights=True, repeats=1, warmup=1, isolate=False, progress=False)
+    rows = B.bench(
+        tiny_dir,
+        rates=(0.0, 0.25, 0.5),
+        batches=(1, 2),
+        prompt_len=6,
+        new_tokens=3,
+        cache=cache,
+        random_weights=True,
+        repeats=1,
+        warmup=1,
+        isolate=False,
+        progress=False,
+    )
     assert len(rows) == 2 * (1 + 3)
     for r in rows:
         assert DOCUMENTED <= set(r), DOCUMENTED - set(r)
@@ -37,8 +69,17 @@ def test_bench_rows_and_exact_kv_ratio(tiny_dir, cache):
 
 def test_bench_cache_bytes_match_shapes(tiny_dir):
     """The plain cache holds exactly L x (prompt + new) tokens of K and V (static: the preallocated length)."""
-    row = B.bench(tiny_dir, rates=(), batches=(2,), prompt_len=5, new_tokens=4, random_weights=True, repeats=1,
-                  isolate=False, progress=False)[0]
+    row = B.bench(
+        tiny_dir,
+        rates=(),
+        batches=(2,),
+        prompt_len=5,
+        new_tokens=4,
+        random_weights=True,
+        repeats=1,
+        isolate=False,
+        progress=False,
+    )[0]
     # the last decoded token is not written back: prefill 5 + 4 decode steps = 9 cached tokens
     assert row["kv_bytes"] == 8 * 2 * 2 * 2 * 8 * 4 * 9  # layers * K,V * batch * kv_heads * head_dim * fp32 * tokens
 
@@ -70,8 +111,28 @@ def test_isolated_process_reports_peak(tiny_dir):
 
 def test_cli_bench_writes_json_and_csv(tiny_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--model", tiny_dir, "--random-weights", "--rates", "0,0.25", "--batch", "1",
-               "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "--model",
+            tiny_dir,
+            "--random-weights",
+            "--rates",
+            "0,0.25",
+            "--batch",
+            "1",
+            "--prompt-len",
+            "4",
+            "--new-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 3 and out.with_suffix(".csv").read_text().startswith("model,")
@@ -81,8 +142,12 @@ def test_cli_bench_writes_json_and_csv(tiny_dir, tmp_path, capsys):
 def test_cli_bench_bad_input(tmp_path, capsys):
     assert main(["bench", "--model", "llama2-7b", "--out", str(tmp_path / "x.json")]) == 2
     assert "--random-weights" in capsys.readouterr().err
-    assert main(["bench", "--model", "llama2-7b", "--random-weights", "--rates", "0,1.5",
-                 "--out", str(tmp_path / "x.json")]) == 2
+    assert (
+        main(
+            ["bench", "--model", "llama2-7b", "--random-weights", "--rates", "0,1.5", "--out", str(tmp_path / "x.json")]
+        )
+        == 2
+    )
 
 
 def test_analysis_counts():
@@ -110,8 +175,18 @@ def test_rounds_and_notebook_04_conclusion_on_a_tiny_run(tiny_dir):
     from kvshare.experiments import memory_speed as ms
     from kvshare.experiments.reports import memory_speed as report
 
-    rows = ms.rate_sweep(tiny_dir, rates=(0.0, 0.25), batches=(1,), prompt_len=8, new_tokens=3, repeats=1,
-                         random_weights=True, isolate=False, rounds=2, progress=False)
+    rows = ms.rate_sweep(
+        tiny_dir,
+        rates=(0.0, 0.25),
+        batches=(1,),
+        prompt_len=8,
+        new_tokens=3,
+        repeats=1,
+        random_weights=True,
+        isolate=False,
+        rounds=2,
+        progress=False,
+    )
     assert [(r["mode"], r["num_shared"]) for r in rows] == [("plain", 0), ("shared", 0), ("shared", 2)]
     for r in rows:
         assert [x["round"] for x in r["rounds"]] == [0, 1]
@@ -119,8 +194,14 @@ def test_rounds_and_notebook_04_conclusion_on_a_tiny_run(tiny_dir):
         assert r["prefill_s"] == min(x["prefill_s"] for x in r["rounds"])
     assert rows[2]["kv_bytes_ratio"] == pytest.approx(6 / 8)
     check = ms.paper_memory_check()
-    acc = ms.byte_accounting(LlamaConfig(**B.PRESETS["llama2-13b"]), rates=(0.0, 0.25),
-                             batch=check["max_batch_in_paper_peak"], prompt_len=512, new_tokens=64, elem=2)
+    acc = ms.byte_accounting(
+        LlamaConfig(**B.PRESETS["llama2-13b"]),
+        rates=(0.0, 0.25),
+        batch=check["max_batch_in_paper_peak"],
+        prompt_len=512,
+        new_tokens=64,
+        elem=2,
+    )
     text = report.conclusion(rows, [], check, acc, None)
     assert "exactly (L−C)/L = 0.7500" in text
     assert "C=0 overhead" in text and "measurement noise" in text and "the very same code runs" in text

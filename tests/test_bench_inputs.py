@@ -1,5 +1,6 @@
 """What the benchmark takes: a searched strategy instead of the evenly spread one, any registered method, and a
 configuration that cannot fit refused before anything loads (timings are never asserted)."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,15 @@ from kvshare.strategy import Strategy
 
 @pytest.fixture()
 def tiny_dir(tmp_path):
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     cfg.save_pretrained(tmp_path / "tiny")
     return str(tmp_path / "tiny")
 
@@ -24,8 +32,19 @@ def tiny_dir(tmp_path):
 def test_bench_uses_a_searched_strategy(tiny_dir, tmp_path):
     strategy = Strategy({7: 1, 6: 1, 3: 2}, 8, {"model": "tiny"})
     path = strategy.save(tmp_path / "s.json")
-    rows = B.bench(tiny_dir, rates=(0.0, 0.25), batches=(1,), prompt_len=6, new_tokens=3, random_weights=True,
-                   repeats=1, warmup=0, isolate=False, progress=False, strategy=path)
+    rows = B.bench(
+        tiny_dir,
+        rates=(0.0, 0.25),
+        batches=(1,),
+        prompt_len=6,
+        new_tokens=3,
+        random_weights=True,
+        repeats=1,
+        warmup=0,
+        isolate=False,
+        progress=False,
+        strategy=path,
+    )
     shared = [r for r in rows if r["mode"] == "shared"]
     assert [r["num_shared"] for r in shared] == [0, 3]  # rate 0: nothing shared; above 0: the file's strategy
     assert Strategy.from_dict(shared[1]["strategy"]).mapping == strategy.mapping
@@ -35,8 +54,19 @@ def test_bench_uses_a_searched_strategy(tiny_dir, tmp_path):
 
 def test_bench_runs_any_registered_method(tiny_dir):
     method = methods.make("streamingllm", budget=4, sink=1)
-    rows = B.bench(tiny_dir, rates=(0.25,), batches=(1,), prompt_len=6, new_tokens=3, random_weights=True,
-                   repeats=1, warmup=0, isolate=False, progress=False, method=method)
+    rows = B.bench(
+        tiny_dir,
+        rates=(0.25,),
+        batches=(1,),
+        prompt_len=6,
+        new_tokens=3,
+        random_weights=True,
+        repeats=1,
+        warmup=0,
+        isolate=False,
+        progress=False,
+        method=method,
+    )
     shared = next(r for r in rows if r["mode"] == "shared")
     assert shared["method"] == method.to_dict()
     assert shared["kv_bytes"] == shared["kv_bytes_predicted"]
@@ -45,9 +75,31 @@ def test_bench_runs_any_registered_method(tiny_dir):
 def test_cli_bench_strategy_flag(tiny_dir, tmp_path, capsys):
     path = Strategy({7: 6}, 8).save(tmp_path / "s.json")
     out = tmp_path / "b.json"
-    assert main(["bench", "--model", tiny_dir, "--random-weights", "--rates", "0.5", "--batch", "1",
-                 "--prompt-len", "6", "--new-tokens", "2", "--repeats", "1", "--strategy", str(path),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                tiny_dir,
+                "--random-weights",
+                "--rates",
+                "0.5",
+                "--batch",
+                "1",
+                "--prompt-len",
+                "6",
+                "--new-tokens",
+                "2",
+                "--repeats",
+                "1",
+                "--strategy",
+                str(path),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     assert next(r for r in rows if r["mode"] == "shared")["num_shared"] == 1
 

@@ -1,12 +1,13 @@
 """Binder/conda environment: environment.yml parses and lists the same dependencies as pyproject.toml."""
+
 from __future__ import annotations
 
 import os
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -92,8 +93,9 @@ def test_torch_is_the_cpu_build_pinned_like_setup():
     assert str(torch.specifier) == f"=={pin}", f"environment.yml torch '{torch}' differs from setup.sh's torch=={pin}"
     floor = next(Requirement(r) for r in _pyproject()["project"]["dependencies"] if r.startswith("torch"))
     assert Version(pin) in floor.specifier
-    assert any("download.pytorch.org/whl/cpu" in line for line in pip if line.startswith("-")), \
+    assert any("download.pytorch.org/whl/cpu" in line for line in pip if line.startswith("-")), (
         "environment.yml should take torch from the CPU wheel index"
+    )
 
 
 def test_binder_reads_the_top_level_files():
@@ -134,8 +136,11 @@ def test_set_repository_points_every_link_at_a_fork(tmp_path):
     script = tmp_path / "scripts" / "set_repository.py"
     bad = subprocess.run([sys.executable, str(script), "not-a-url"], capture_output=True, text=True)
     assert bad.returncode == 2 and "OWNER/REPO" in bad.stderr
-    ok = subprocess.run([sys.executable, str(script), "https://github.com/someone/fork.git", "--branch", "dev"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, str(script), "https://github.com/someone/fork.git", "--branch", "dev"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     readme = (tmp_path / "README.md").read_text()
     notebooks = sorted((tmp_path / "notebooks").glob("[0-9]*.ipynb"))
@@ -148,5 +153,7 @@ def test_set_repository_points_every_link_at_a_fork(tmp_path):
     assert 'Repository = "https://github.com/someone/fork"' in (tmp_path / "pyproject.toml").read_text()
     # everything else is untouched
     assert readme.split("<!-- /badges -->")[1] == (ROOT / "README.md").read_text().split("<!-- /badges -->")[1]
-    assert tomllib.loads((tmp_path / "pyproject.toml").read_text())["project"]["dependencies"] == \
-        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert (
+        tomllib.loads((tmp_path / "pyproject.toml").read_text())["project"]["dependencies"]
+        == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    )

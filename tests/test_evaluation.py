@@ -5,6 +5,7 @@ random weights, a 12-example multiple-choice task in BIG-bench's JSON format wri
 folder, and stand-in articles for the summarization and perplexity paths. KVSHARE_HOME points at a
 temporary folder, so the generated task configs and the results cache never touch the real cache.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,9 +41,18 @@ def byte_tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_model(byte_tokenizer):
-    config = LlamaConfig(vocab_size=len(byte_tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=NUM_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(byte_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
@@ -60,12 +70,18 @@ def home(tmp_path, monkeypatch):
 
 
 ARTICLES = [
-    {"article": "The council approved a new bridge over the river. Work starts in May and ends next year.",
-     "summary": "A new bridge over the river has been approved."},
-    {"article": "A local school won a national science prize for a robot that sorts waste.",
-     "summary": "A school's waste-sorting robot won a science prize."},
-    {"article": "Heavy rain closed several roads in the north on Sunday, police said.",
-     "summary": "Roads in the north were closed by heavy rain."},
+    {
+        "article": "The council approved a new bridge over the river. Work starts in May and ends next year.",
+        "summary": "A new bridge over the river has been approved.",
+    },
+    {
+        "article": "A local school won a national science prize for a robot that sorts waste.",
+        "summary": "A school's waste-sorting robot won a science prize.",
+    },
+    {
+        "article": "Heavy rain closed several roads in the north on Sunday, police said.",
+        "summary": "Roads in the north were closed by heavy rain.",
+    },
 ]
 
 
@@ -186,9 +202,20 @@ def test_online_tasks_exist_in_lm_eval():
 
 def test_summary_and_conclusion_arithmetic():
     def row(order, rate, c, task, value, chance, scores):
-        return {"order": order, "rate": rate, "num_shared": c, "task": task, "metric": "acc", "value": value,
-                "stderr": 0.01, "n": len(scores), "chance": chance, "primary": True, "higher_is_better": True,
-                "scores": scores}
+        return {
+            "order": order,
+            "rate": rate,
+            "num_shared": c,
+            "task": task,
+            "metric": "acc",
+            "value": value,
+            "stderr": 0.01,
+            "n": len(scores),
+            "chance": chance,
+            "primary": True,
+            "higher_is_better": True,
+            "scores": scores,
+        }
 
     rows = [
         row("dissimilar", 0.0, 0, "a", 0.6, 0.25, [1, 1, 1, 0, 0]),
@@ -214,8 +241,11 @@ def test_summary_and_conclusion_arithmetic():
 def _requests(tokenizer):
     """lm-eval's ((context, continuation), context ids, continuation ids): shared contexts, uneven continuations."""
     out = []
-    for ctx, conts in [("The council approved a new bridge over the", [" river", " sea and the hills", " x"]),
-                       ("Q", [" a", " bb"]), ("Heavy rain closed several roads in the north on Sunday,", [" police"])]:
+    for ctx, conts in [
+        ("The council approved a new bridge over the", [" river", " sea and the hills", " x"]),
+        ("Q", [" a", " bb"]),
+        ("Heavy rain closed several roads in the north on Sunday,", [" police"]),
+    ]:
         ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
         for c in conts:
             out.append(((ctx, c), ctx_ids, tokenizer(c, add_special_tokens=False)["input_ids"]))
@@ -229,8 +259,8 @@ def _one_pass(model, requests):
             ids = torch.tensor([ctx + cont])
             lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
             target = ids[0, 1:]
-            tok = lp.gather(-1, target[:, None])[:, 0][-len(cont):]
-            greedy = bool((lp.argmax(-1)[-len(cont):] == target[-len(cont):]).all())
+            tok = lp.gather(-1, target[:, None])[:, 0][-len(cont) :]
+            greedy = bool((lp.argmax(-1)[-len(cont) :] == target[-len(cont) :]).all())
             out.append((float(tok.sum()), greedy))
     return out
 
@@ -269,9 +299,12 @@ def test_evaluate_with_policy_scores_by_decoding(tiny_model, byte_tokenizer, loc
     same = ev.evaluate(None, tasks=tasks, policy=wide)
     assert same["policy"] == {"policy": "h2o", "budget": 10_000, "recent_ratio": 0.5} and same["protocol"] == "decode"
     assert same["cached_tasks"] == []  # another policy is another cache entry
-    assert by(same)[("kvshare_ppl", "ppl")]["value"] == pytest.approx(by(decoded)[("kvshare_ppl", "ppl")]["value"], rel=1e-6)
-    tight = ev.evaluate(kvshare.Strategy({3: 1}, NUM_LAYERS), tasks=tasks,
-                        policy=kvshare.policies.make_policy("streamingllm", budget=8))
+    assert by(same)[("kvshare_ppl", "ppl")]["value"] == pytest.approx(
+        by(decoded)[("kvshare_ppl", "ppl")]["value"], rel=1e-6
+    )
+    tight = ev.evaluate(
+        kvshare.Strategy({3: 1}, NUM_LAYERS), tasks=tasks, policy=kvshare.policies.make_policy("streamingllm", budget=8)
+    )
     assert tight["num_shared"] == 1
     assert by(tight)[("kvshare_ppl", "ppl")]["value"] != by(decoded)[("kvshare_ppl", "ppl")]["value"]
     assert getattr(tiny_model, "_kvshare", None) is None  # everything switched off afterwards
@@ -301,6 +334,9 @@ def test_cli_eval_accepts_policy_and_kv_bits(tmp_path, capsys):
     for extra in (["--policy", "h2o"], ["--budget", "8"], ["--policy", "h2o", "--budget", "0"]):
         assert main(["eval", "--tasks", "ppl", "--out", str(p), *extra]) == 2
         assert "error" in capsys.readouterr().err
-    args = __import__("kvshare.cli", fromlist=["build_parser"]).build_parser().parse_args(
-        ["eval", "--tasks", "ppl", "--out", str(p), "--kv-bits", "8", "--decode"])
+    args = (
+        __import__("kvshare.cli", fromlist=["build_parser"])
+        .build_parser()
+        .parse_args(["eval", "--tasks", "ppl", "--out", str(p), "--kv-bits", "8", "--decode"])
+    )
     assert args.kv_bits == 8 and args.decode

@@ -1,6 +1,7 @@
 """The logic behind notebooks 01 and 02 (kvshare.experiments.common, .observation, .search) and their reports
 (kvshare.experiments.reports.*), on tiny random models and synthetic numbers: fast, no download; and the layering
 of the package (the core never imports notebook logic, computation never imports matplotlib)."""
+
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 import torch
+from conftest import NUM_LAYERS
 
 from kvshare.experiments import common
 from kvshare.experiments import observation as obs
@@ -22,8 +24,6 @@ from kvshare.experiments.reports.common import generations_markdown, save_figure
 from kvshare.metrics import paired_difference
 from kvshare.progress import Progress
 from kvshare.strategy import Strategy
-
-from conftest import NUM_LAYERS
 
 
 def test_num_shared_for_rounds_half_up():
@@ -89,12 +89,16 @@ def _rows(dis_better: bool, sets=(0, 1, 2), cs=(0, 2, 4), seeds=(0, 1, 2)):
     for k in sets:
         for c in cs:
             gap = 0.05 * c
-            for order, seed, shift in [("dissimilar", 0, -gap if dis_better else gap), ("similar", 0, gap if dis_better else -gap)] + \
-                    [("random", s, 0.01 * s) for s in seeds]:
+            for order, seed, shift in [
+                ("dissimilar", 0, -gap if dis_better else gap),
+                ("similar", 0, gap if dis_better else -gap),
+            ] + [("random", s, 0.01 * s) for s in seeds]:
                 shift = 0.0 if c == 0 else shift
                 r = _result(base + shift + rng.normal(0, 0.001, size=8))
                 mapping = {str(29 - i): (0 if order == "similar" else 9 + k) for i in range(c)}
-                rows.append({"calibration_set": k, "order": order, "seed": seed, "num_shared": c, "mapping": mapping, **r})
+                rows.append(
+                    {"calibration_set": k, "order": order, "seed": seed, "num_shared": c, "mapping": mapping, **r}
+                )
     return rows
 
 
@@ -149,8 +153,19 @@ def test_progress_prints_lines(capsys):
 # -- on a tiny model: the real code paths --------------------------------------------------------------------
 @pytest.fixture
 def tiny_setup(tiny_llama, char_tokenizer):
-    cfg = common.settings("tiny", True, 0, samples=3, max_tokens=16, calibration_sets=2, max_fraction=0.5,
-                          random_seeds=2, eval_tokens=96, window=32, thresholds=[0.3, 0.99])
+    cfg = common.settings(
+        "tiny",
+        True,
+        0,
+        samples=3,
+        max_tokens=16,
+        calibration_sets=2,
+        max_fraction=0.5,
+        random_seeds=2,
+        eval_tokens=96,
+        window=32,
+        thresholds=[0.3, 0.99],
+    )
     text = "The quick brown fox jumps over the lazy dog. " * 10
     evaluator = common.HeldOutScorer(tiny_llama, char_tokenizer, text=text, tokens=cfg.eval_tokens, window=cfg.window)
     return tiny_llama, char_tokenizer, cfg, evaluator
@@ -168,8 +183,14 @@ def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
     assert evaluator.evaluations <= len(rows) - len(zero) + 1
     for run in runs:
         for c in grid:
-            row = [r for r in rows if r["calibration_set"] == run.calibration_set and r["order"] == run.order
-                   and r["seed"] == run.seed and r["num_shared"] == c]
+            row = [
+                r
+                for r in rows
+                if r["calibration_set"] == run.calibration_set
+                and r["order"] == run.order
+                and r["seed"] == run.seed
+                and r["num_shared"] == c
+            ]
             if c > run.strategy.num_shared:  # the search ran out of candidates above T: the curve stops
                 assert row == []
                 continue
@@ -181,14 +202,17 @@ def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
     assert f"candidates the {len(runs)} searches visited" in text and f"of the {visited} candidates" in text
     summary = obs.curve_summary(rows)
     comps = obs.paired_comparisons(rows)
-    for fig in (obs_report.ppl_curve(summary, NUM_LAYERS), obs_report.ppl_curves_by_set(summary, NUM_LAYERS),
-                obs_report.paired_differences(comps, NUM_LAYERS)):
+    for fig in (
+        obs_report.ppl_curve(summary, NUM_LAYERS),
+        obs_report.ppl_curves_by_set(summary, NUM_LAYERS),
+        obs_report.paired_differences(comps, NUM_LAYERS),
+    ):
         assert fig.axes
 
 
 def test_evaluator_matches_sharing_context(tiny_setup):
-    from kvshare.metrics import perplexity
     from kvshare.combine import sharing
+    from kvshare.metrics import perplexity
 
     model, tok, cfg, evaluator = tiny_setup
     st = Strategy({3: 1, 5: 2}, NUM_LAYERS)
@@ -224,9 +248,13 @@ def test_threshold_sweep_and_trace(tiny_setup, char_tokenizer):
     text = search_report.search_conclusion(rows, by, summary, 0.3, control=srch.run_counts(main))
     assert "T = 0.99" in text and "decile" in text
     panels = {"T = 0.99": (trace, 0.99), "T = 0.3": (srch.trace_rows(main.trace, ranks), 0.3)}
-    for fig in (search_report.trace_scatter(panels, num_pairs=len(ranks)), search_report.acceptance_deciles(by),
-                search_report.strategy_arcs(main.strategy), search_report.threshold_sweep_plot(rows),
-                obs_report.distance_heatmaps(d)):
+    for fig in (
+        search_report.trace_scatter(panels, num_pairs=len(ranks)),
+        search_report.acceptance_deciles(by),
+        search_report.strategy_arcs(main.strategy),
+        search_report.threshold_sweep_plot(rows),
+        obs_report.distance_heatmaps(d),
+    ):
         assert fig.axes
 
 
@@ -239,7 +267,10 @@ def test_save_figure_writes_png_and_pdf(tmp_path):
 
 
 def test_generations_markdown_escapes():
-    rows = [{"setting": "full", "prompt": "p|1", "completion": "a\nb"}, {"setting": "C = 4", "prompt": "p|1", "completion": "c"}]
+    rows = [
+        {"setting": "full", "prompt": "p|1", "completion": "a\nb"},
+        {"setting": "C = 4", "prompt": "p|1", "completion": "c"},
+    ]
     md = generations_markdown(rows)
     assert md.splitlines()[0] == "| prompt | full | C = 4 |"
     assert "p\\|1" in md and "a b" in md
@@ -254,8 +285,17 @@ def test_long_search_heartbeat(tiny_setup, capsys):
     original = search_module.similarity
     watch = common._SearchWatch("search (test)", 0.5, every=0.01)
     with watch:
-        common.run_search(model, tok, ["alpha beta gamma delta", "one two three four"], 2, "dissimilar", 0, cfg,
-                          threshold=0.5, progress=False)
+        common.run_search(
+            model,
+            tok,
+            ["alpha beta gamma delta", "one two three four"],
+            2,
+            "dissimilar",
+            0,
+            cfg,
+            threshold=0.5,
+            progress=False,
+        )
         import time
 
         time.sleep(0.05)
@@ -273,8 +313,10 @@ def _sources() -> dict:
     import kvshare
 
     root = Path(kvshare.__file__).parent
-    return {p: ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
-            for p in sorted(root.rglob("*.py"))}
+    return {
+        p: ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        for p in sorted(root.rglob("*.py"))
+    }
 
 
 def _imports(path, module: str) -> list[str]:
@@ -296,9 +338,13 @@ def _imports(path, module: str) -> list[str]:
 
 def test_the_core_never_imports_notebook_logic():
     """Only kvshare.experiments (and the CLI) may import kvshare.experiments: notebook logic sits on top of the core."""
-    offenders = [f"{module} imports {name}" for path, module in _sources().items()
-                 if not module.startswith("kvshare.experiments") and module != "kvshare.cli"
-                 for name in _imports(path, module) if name.startswith("kvshare.experiments")]
+    offenders = [
+        f"{module} imports {name}"
+        for path, module in _sources().items()
+        if not module.startswith("kvshare.experiments") and module != "kvshare.cli"
+        for name in _imports(path, module)
+        if name.startswith("kvshare.experiments")
+    ]
     assert offenders == []
 
 
@@ -337,6 +383,10 @@ def test_one_class_named_evaluator():
     """kvshare.evaluation.Evaluator is the benchmark runner; notebooks 01/02's scorer is `HeldOutScorer`."""
     import ast
 
-    found = [m for p, m in _sources().items() for node in ast.walk(ast.parse(p.read_text()))
-             if isinstance(node, ast.ClassDef) and node.name == "Evaluator"]
+    found = [
+        m
+        for p, m in _sources().items()
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.ClassDef) and node.name == "Evaluator"
+    ]
     assert found == ["kvshare.evaluation"]

@@ -1,6 +1,7 @@
 """Notebook 05's logic (kvshare.experiments.intra_layer) on a tiny random model: quality through the evaluation
 entry point (decoded perplexity, summaries, multiple choice, every cell scored by decoding), then the table,
 the additivity check, and its report (the conclusion and the figure) on made-up costs."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -19,8 +20,18 @@ BIG = 10_000  # tokens per layer: more than any sequence here, so the policy dro
 
 @pytest.fixture
 def quality_rows(tiny_model, byte_tokenizer, local_tasks):
-    cfg = il.settings("tiny", quick=False, budgets=[6, BIG], policies=["streamingllm", "h2o"], window=40, context=20,
-                      eval_windows=2, eval_batch=2, summaries=2, mc_tasks=[local_tasks[0]])
+    cfg = il.settings(
+        "tiny",
+        quick=False,
+        budgets=[6, BIG],
+        policies=["streamingllm", "h2o"],
+        window=40,
+        context=20,
+        eval_windows=2,
+        eval_batch=2,
+        summaries=2,
+        mc_tasks=[local_tasks[0]],
+    )
     strategy = kvshare.Strategy({3: 1}, NUM_LAYERS)
     return cfg, strategy, il.quality(tiny_model, byte_tokenizer, cfg, strategy, progress=False)
 
@@ -51,8 +62,18 @@ def _costs(rows, strategy):
     out = []
     for i, r in enumerate(rows):
         kv = 1000.0 * (0.75 if r["shared"] else 1.0) * (min(r["budget"], 40) / 40 if r["budget"] else 1.0)
-        out.append({"label": r["label"], "kv_bytes": kv, "kv_bytes_predicted": kv, "peak_bytes": 5e6 + kv,
-                    "baseline_bytes": 4e6, "decode_peak_bytes": 4.5e6 + kv, "decode_tps": 20.0 + i, "prefill_s": 0.1})
+        out.append(
+            {
+                "label": r["label"],
+                "kv_bytes": kv,
+                "kv_bytes_predicted": kv,
+                "peak_bytes": 5e6 + kv,
+                "baseline_bytes": 4e6,
+                "decode_peak_bytes": 4.5e6 + kv,
+                "decode_tps": 20.0 + i,
+                "prefill_s": 0.1,
+            }
+        )
     return out
 
 

@@ -11,6 +11,7 @@ A method added to the registry runs here without a line of new test code (it onl
 - it pickles, its classes live in source files, and `to_dict` / `from_dict` round-trip;
 - the registry refuses unknown names and settings with one line naming what exists.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -32,7 +33,7 @@ def cases():
     config = make_tiny_model("llama").config
     out = []
     for name, cls in methods.REGISTRY.items():
-        for i, example in enumerate(cls.examples(config)):
+        for i in range(len(cls.examples(config))):
             out.append(pytest.param(name, i, id=f"{name}-{i}"))
     return out
 
@@ -193,18 +194,22 @@ def test_cli_method_flags(monkeypatch, capsys, char_tokenizer):
 
     model = make_tiny_model("llama", "sdpa")
     monkeypatch.setattr(cli, "_load", lambda args: (model, char_tokenizer))
-    monkeypatch.setattr(kvshare.data, "eval_text", lambda source="bbc": "the quick brown fox jumps over the lazy dog " * 4)
-    base = ["ppl", "--window", "32", "--limit-tokens", "128"]
+    monkeypatch.setattr(
+        kvshare.data, "eval_text", lambda source="bbc": "the quick brown fox jumps over the lazy dog " * 4
+    )
+    base = ["ppl", "--window", "32", "--stride", "32", "--limit-tokens", "128"]
     assert cli.main([*base, "--method", "quantized", "--bits", "8"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["method"] == {"method": "quantized", "bits": 8, "group_size": 32}
     assert cli.main([*base, "--method", "h2o", "--budget", "100", "--context", "16"]) == 0  # decoded automatically
     assert "decode" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["protocol"]
-    for bad, says in ((["--method", "snapkv"], "available: kvsharer"),
-                      (["--bits", "4"], "--bits is a setting of quantized"),
-                      (["--method", "h2o"], "budget"),
-                      (["--method", "h2o,streamingllm", "--budget", "8"], "two eviction methods"),
-                      (["--method", "kvsharer"], "--strategy FILE")):
+    for bad, says in (
+        (["--method", "snapkv"], "available: kvsharer"),
+        (["--bits", "4"], "--bits is a setting of quantized"),
+        (["--method", "h2o"], "budget"),
+        (["--method", "h2o,streamingllm", "--budget", "8"], "two eviction methods"),
+        (["--method", "kvsharer"], "--strategy FILE"),
+    ):
         assert cli.main([*base, *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], (bad, err)

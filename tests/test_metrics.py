@@ -1,4 +1,5 @@
 """Perplexity: windowing covers every token once, and the numbers match a by-hand computation."""
+
 from __future__ import annotations
 
 import math
@@ -6,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import NUM_LAYERS
 
 import kvshare
 from kvshare.metrics import _windows, perplexity_with_error, token_nlls
-from conftest import NUM_LAYERS
 
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs."
 
@@ -113,7 +114,9 @@ def test_perplexity_with_error_keys(tiny_llama, char_tokenizer):
     assert set(result) == {"ppl", "nll", "nll_se", "ppl_se", "tokens", "windows", "window_nll"}
     assert len(result["window_nll"]) == result["windows"]
     assert result["ppl"] == pytest.approx(math.exp(result["nll"]))
-    assert result["ppl"] == pytest.approx(kvshare.perplexity(tiny_llama, char_tokenizer, TEXT * 3, window=32, stride=16))
+    assert result["ppl"] == pytest.approx(
+        kvshare.perplexity(tiny_llama, char_tokenizer, TEXT * 3, window=32, stride=16)
+    )
     assert result["tokens"] == len(tokenize(char_tokenizer, TEXT * 3)[0]) - 1
     assert result["windows"] > 1 and result["nll_se"] > 0
     assert result["ppl_se"] == pytest.approx(result["ppl"] * result["nll_se"])

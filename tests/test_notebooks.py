@@ -1,10 +1,11 @@
 """Notebook conventions: well-formed first (Colab) cell and papermill parameters cell, no committed outputs,
 figures named after the notebook; run_all.sh options and its failure report."""
+
 from __future__ import annotations
 
 import ast
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,8 +126,9 @@ def test_parameters_cell(path):
     assert nb.cells.index(cell) <= 3, "the parameters cell belongs at the top"
     values = {}
     for node in ast.parse(cell.source).body:
-        assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name), \
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name), (
             f"the parameters cell holds only `name = literal` lines, got: {ast.unparse(node)}"
+        )
         values[node.targets[0].id] = ast.literal_eval(node.value)  # papermill overrides literals only
     for name in REQUIRED_PARAMETERS:
         assert name in values, f"parameter {name!r} missing"
@@ -152,7 +154,9 @@ def test_figures_are_named_after_the_notebook(path):
     assert "save_figure(" in code
     for line in code.splitlines():
         if "save_figure(" in line and "def " not in line:
-            assert 'f"{NAME}' in line or re.search(r"\bNAME\b", line), f"figure not named after the notebook: {line.strip()}"
+            assert 'f"{NAME}' in line or re.search(r"\bNAME\b", line), (
+                f"figure not named after the notebook: {line.strip()}"
+            )
     # the numbers behind the figures are saved beside them
     assert "write_csv(" in code or "write_json(" in code
 
@@ -186,9 +190,12 @@ def _printed(path) -> str:
 def _notebook_with(tmp_path, name, source):
     nb = nbformat.v4.new_notebook()
     nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}}
-    nb.cells = [nbformat.v4.new_code_cell("model = 'x'\nquick = False\nseed = 0\nout_dir = None",
-                                          metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell(source)]
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "model = 'x'\nquick = False\nseed = 0\nout_dir = None", metadata={"tags": ["parameters"]}
+        ),
+        nbformat.v4.new_code_cell(source),
+    ]
     path = tmp_path / name
     nbformat.write(nb, path)
     return path
@@ -221,14 +228,20 @@ def test_run_all_only_selects_notebooks(tmp_path):
     _notebook_with(nbdir, "01_a.ipynb", "print('a', model)")
     _notebook_with(nbdir, "02_b.ipynb", "print('b', model)")
     env = dict(os.environ, RUN_ALL_NOTEBOOKS=str(nbdir), RUN_ALL_SKIP_SETUP="1", RUN_ALL_RUNS=str(tmp_path / "runs"))
-    proc = subprocess.run([str(ROOT / "run_all.sh"), "--quick", "--only", "02", "--model", "tiny"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [str(ROOT / "run_all.sh"), "--quick", "--only", "02", "--model", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "02_b.ipynb" in proc.stdout and "01_a.ipynb" not in proc.stdout
     assert "b tiny" in _printed(tmp_path / "runs" / "quick" / "02_b.ipynb")
     assert "total" in proc.stdout
-    bad = subprocess.run([str(ROOT / "run_all.sh"), "--quick", "--only", "07"], capture_output=True, text=True,
-                         timeout=600, env=env)
+    bad = subprocess.run(
+        [str(ROOT / "run_all.sh"), "--quick", "--only", "07"], capture_output=True, text=True, timeout=600, env=env
+    )
     assert bad.returncode != 0 and "07" in bad.stderr
 
 
@@ -237,8 +250,14 @@ def test_colab_cell_and_readme_badges_point_at_the_same_repository():
     import re
 
     readme = ROOT / "README.md"
-    badges = re.findall(r"colab\.research\.google\.com/github/([^/\s)]+)/([^/\s)]+)/blob/[^/\s)]+/notebooks/(\d\d_\w+)\.ipynb",
-                        readme.read_text()) if readme.is_file() else []
+    badges = (
+        re.findall(
+            r"colab\.research\.google\.com/github/([^/\s)]+)/([^/\s)]+)/blob/[^/\s)]+/notebooks/(\d\d_\w+)\.ipynb",
+            readme.read_text(),
+        )
+        if readme.is_file()
+        else []
+    )
     if not badges:
         pytest.skip("README has no Open-in-Colab badges yet")
     assert {b[2] for b in badges} >= {p.stem for p in NOTEBOOKS}, "every notebook needs its Colab badge"

@@ -8,6 +8,7 @@
   mask the rule implies; H2O / PyramidInfer: a reference that tracks scores by token position);
 - left-padded batches: each row keeps and computes what it would alone.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,17 @@ from conftest import NUM_LAYERS, make_tiny_model
 from transformers import DynamicCache
 
 import kvshare
-from kvshare.policies import (POLICIES, H2O, H2OSettings, PyramidInfer, PyramidInferSettings, StreamingLLM,
-                              layer_budgets, make_policy, predicted_cache_bytes)
+from kvshare.policies import (
+    H2O,
+    POLICIES,
+    H2OSettings,
+    PyramidInfer,
+    PyramidInferSettings,
+    StreamingLLM,
+    layer_budgets,
+    make_policy,
+    predicted_cache_bytes,
+)
 from kvshare.sharing import active_policy, active_strategy, source_kv
 from kvshare.strategy import Strategy
 
@@ -88,8 +98,14 @@ def test_streamingllm_keeps_sinks_and_recent_window():
     mask = torch.ones(2, 13, dtype=torch.long)
     mask[0, :3] = 0  # row 0: three pad tokens on the left
     steps = []
-    run(model, ids, StreamingLLM(budget=6, sink=2), prompt=12, mask=mask,
-        on_step=lambda c, s, e: steps.append([kept(c, i) for i in range(NUM_LAYERS)]))
+    run(
+        model,
+        ids,
+        StreamingLLM(budget=6, sink=2),
+        prompt=12,
+        mask=mask,
+        on_step=lambda c, s, e: steps.append([kept(c, i) for i in range(NUM_LAYERS)]),
+    )
     # after the prefill of 12: sinks are each row's first 2 real tokens, then the last 4
     assert all(layer == [[[3, 4, 8, 9, 10, 11]], [[0, 1, 8, 9, 10, 11]]] for layer in steps[0])
     # after one decoded token (position 12) the window slides, the sinks stay
@@ -262,7 +278,11 @@ def test_streamingllm_decoding_equals_the_rule_as_a_mask(arch, impl):
     for t in range(prompt, T):  # token t sees what was kept after step t-1, and itself
         visible = set(range(sink)) | set(range(t - (budget - sink), t)) | {t}
         allowed[t] = torch.tensor([j in visible for j in range(T)])
-    mask = allowed[None, None] if impl == "sdpa" else torch.zeros(1, 1, T, T).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    mask = (
+        allowed[None, None]
+        if impl == "sdpa"
+        else torch.zeros(1, 1, T, T).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    )
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0]
     assert torch.allclose(decoded[0], ref[[prompt - 1] + list(range(prompt, T))], atol=1e-5)
@@ -294,14 +314,14 @@ class Reference:
         else:
             select, rows = True, range(q)
         for h, positions in enumerate(pos):
-            sums = w[h * groups:(h + 1) * groups][:, list(rows)].sum(dim=(0, 1))
+            sums = w[h * groups : (h + 1) * groups][:, list(rows)].sum(dim=(0, 1))
             for j, p in enumerate(positions):
                 self.score[i, h, p] = self.score.get((i, h, p), 0.0) + float(sums[j])
             if not select or len(positions) <= budget:
                 out.append(positions)
                 continue
             recent = min(s.recent if isinstance(self.policy, H2O) else s.window, budget)
-            keep = set(positions[len(positions) - recent:]) if recent else set()
+            keep = set(positions[len(positions) - recent :]) if recent else set()
             rest = sorted((p for p in positions if p not in keep), key=lambda p: (-self.score[i, h, p], p))
             keep |= set(rest[: budget - len(keep)])
             out.append(sorted(keep))
@@ -344,8 +364,14 @@ def test_sdpa_scores_match_eager_weights(name):
     runs = {}
     for impl in ("sdpa", "eager"):
         steps = []
-        logits, _ = run(make_tiny_model("qwen3", impl), ids, make_policy(name, budget=6), prompt=9, mask=mask,
-                        on_step=lambda c, s, e: steps.append([kept(c, i) for i in range(NUM_LAYERS)]))
+        logits, _ = run(
+            make_tiny_model("qwen3", impl),
+            ids,
+            make_policy(name, budget=6),
+            prompt=9,
+            mask=mask,
+            on_step=lambda c, s, e: steps.append([kept(c, i) for i in range(NUM_LAYERS)]),
+        )
         runs[impl] = (logits, steps)
     assert runs["sdpa"][1] == runs["eager"][1]
     assert torch.allclose(runs["sdpa"][0], runs["eager"][0], atol=1e-4)
@@ -362,7 +388,9 @@ def test_left_padded_rows_match_rows_alone(name, arch, impl):
     ids = torch.randint(3, 100, (2, T), generator=torch.Generator().manual_seed(9))
     mask = torch.ones(2, T, dtype=torch.long)
     mask[0, :pad] = 0
-    policy = make_policy(name, budget=6) if name != "pyramidinfer" else make_policy(name, budget=6, window=3, interval=3)
+    policy = (
+        make_policy(name, budget=6) if name != "pyramidinfer" else make_policy(name, budget=6, window=3, interval=3)
+    )
     for strategy in (None, Strategy({2: 1, 4: 0}, NUM_LAYERS)):
         batch, bc = run(model, ids, policy, strategy, prompt=prompt, mask=mask)
         alone, ac = run(model, ids[:1, pad:], policy, strategy, prompt=prompt - pad, positions=True)
@@ -374,11 +402,14 @@ def test_left_padded_rows_match_rows_alone(name, arch, impl):
             seen = ac.layers[i].seen
 
             def visible(positions, valid):  # real tokens a query can still see (a window hides older ones)
-                return [sorted(p for p, v in zip(h.tolist(), vh.tolist()) if v and p > seen - window)
-                        for h, vh in zip(positions, valid)]
+                return [
+                    sorted(p for p, v in zip(h.tolist(), vh.tolist()) if v and p > seen - window)
+                    for h, vh in zip(positions, valid)
+                ]
 
             assert visible(bc.layers[i].positions[0] - pad, bc.layers[i].valid[0]) == visible(
-                ac.layers[i].positions[0], ac.layers[i].valid[0])
+                ac.layers[i].positions[0], ac.layers[i].valid[0]
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,22 +426,73 @@ def test_cli_bench_with_policy(tmp_path, monkeypatch):
     in_process = kvshare.bench.bench  # spawning a process per row costs seconds each: measure here
     monkeypatch.setattr(kvshare.bench, "bench", lambda *a, **kw: in_process(*a, **{**kw, "isolate": False}))
 
-    LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256).save_pretrained(tmp_path / "tiny")
+    LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ).save_pretrained(tmp_path / "tiny")
     out = tmp_path / "b.json"
-    rc = main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--rates", "0,0.25", "--batch", "2",
-               "--prompt-len", "12", "--new-tokens", "3", "--repeats", "1", "--policy", "pyramidinfer", "--budget", "5",
-               "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "--model",
+            str(tmp_path / "tiny"),
+            "--random-weights",
+            "--rates",
+            "0,0.25",
+            "--batch",
+            "2",
+            "--prompt-len",
+            "12",
+            "--new-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--policy",
+            "pyramidinfer",
+            "--budget",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["mode"], r["policy"], r["num_shared"]) for r in rows] == [("plain", None, 0), ("shared", "pyramidinfer", 0),
-                                                                        ("shared", "pyramidinfer", 2)]
+    assert [(r["mode"], r["policy"], r["num_shared"]) for r in rows] == [
+        ("plain", None, 0),
+        ("shared", "pyramidinfer", 0),
+        ("shared", "pyramidinfer", 2),
+    ]
     for r in rows:
         assert r["kv_bytes"] == r["kv_bytes_predicted"]
     assert rows[2]["kv_bytes"] < rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
-    assert main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--policy", "h2o", "--out", str(out)]) == 2
-    assert main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--policy", "h2o", "--budget", "4",
-                 "--cache", "static", "--out", str(out)]) == 2
+    assert (
+        main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--policy", "h2o", "--out", str(out)])
+        == 2
+    )
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tmp_path / "tiny"),
+                "--random-weights",
+                "--policy",
+                "h2o",
+                "--budget",
+                "4",
+                "--cache",
+                "static",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
 def test_cli_ppl_with_policy(monkeypatch, capsys, char_tokenizer):
@@ -421,7 +503,9 @@ def test_cli_ppl_with_policy(monkeypatch, capsys, char_tokenizer):
 
     model = make_tiny_model("llama", "sdpa")
     monkeypatch.setattr(cli, "_load", lambda args: (model, char_tokenizer))
-    monkeypatch.setattr(kvshare.data, "eval_text", lambda source="bbc": "the quick brown fox jumps over the lazy dog " * 4)
+    monkeypatch.setattr(
+        kvshare.data, "eval_text", lambda source="bbc": "the quick brown fox jumps over the lazy dog " * 4
+    )
 
     def ppl(*extra):
         assert cli.main(["ppl", "--window", "32", "--limit-tokens", "128", *extra]) == 0
@@ -450,7 +534,7 @@ def test_decode_protocol_without_policy_is_the_single_forward(char_tokenizer):
     assert len(nlls) == len(ids) // 40 and all(n.numel() == 19 for n in nlls)
     with torch.no_grad():
         for k, n in enumerate(nlls):
-            w = ids[k * 40:(k + 1) * 40][None]
+            w = ids[k * 40 : (k + 1) * 40][None]
             lp = F.log_softmax(model(input_ids=w).logits.float(), -1)[0, :-1].gather(-1, w[0, 1:, None])[:, 0]
             assert torch.allclose(n.float(), -lp[20:], atol=1e-5)
 

@@ -9,17 +9,25 @@
 - GPTQ: the embedded default quantized with GPTQModel loads through transformers and scores close to
   the unquantized model (runs only where gptqmodel is installed; skipped with the reason otherwise).
 """
+
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
 from conftest import ARCHITECTURES, NUM_LAYERS, make_tiny_model
 
-import importlib
-
 import kvshare
-from kvshare.quantized_kv import (QuantizedKV, QuantizedKVLayer, dequantize, error_bound, make_policy,
-                                  plain_cache_bytes, quantize)
+from kvshare.quantized_kv import (
+    QuantizedKV,
+    QuantizedKVLayer,
+    dequantize,
+    error_bound,
+    make_policy,
+    plain_cache_bytes,
+    quantize,
+)
 from kvshare.strategy import Strategy
 
 sharing_mod = importlib.import_module("kvshare.sharing")  # the module (kvshare.sharing is also a function)
@@ -51,7 +59,7 @@ def run(model, ids, policy=None, strategy=None, prompt=None, cache=None):
 def test_round_trip_error_within_bound(bits, group_size, dtype):
     gen = torch.Generator().manual_seed(bits * 100 + group_size)
     # heavy-tailed, shifted data with an outlier channel: the bound must hold per group, not on average
-    x = (torch.randn(3, 4, 17, 64, generator=gen, dtype=dtype) ** 3 + 0.5)
+    x = torch.randn(3, 4, 17, 64, generator=gen, dtype=dtype) ** 3 + 0.5
     x[..., 5] *= 40
     q = quantize(x, bits, group_size)
     err = (dequantize(q) - x).abs()
@@ -109,7 +117,11 @@ def test_quantized_cache_is_causal_and_close(arch, bits):
         assert (qa.packed != qb.packed).float().mean() < 0.01
     assert (stepwise - one_pass).abs().max() / one_pass.abs().max() < 5e-3
     assert all(isinstance(layer, QuantizedKVLayer) for layer in c1.layers)
-    assert kvshare.cache_bytes(c1) == kvshare.cache_bytes(c2) == kvshare.predicted_cache_bytes(model.config, policy, 2, [20], 4)
+    assert (
+        kvshare.cache_bytes(c1)
+        == kvshare.cache_bytes(c2)
+        == kvshare.predicted_cache_bytes(model.config, policy, 2, [20], 4)
+    )
     full, plain = run(model, ids)
     assert kvshare.cache_bytes(plain) == plain_cache_bytes(model.config, None, 2, 20, 4)
     if bits == 8:
@@ -130,7 +142,7 @@ def test_c0_sharing_with_quantized_cache_is_the_quantized_cache_alone(impl, bits
         cache = policy.make_cache(model.config)
         alone = [model(input_ids=ids[:, :10], cache=cache, use_cache=True).logits]
         for t in range(10, 18):
-            alone.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+            alone.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     alone = torch.cat(alone, 1)
     c0, c0_cache = run(model, ids, policy, Strategy({}, NUM_LAYERS), prompt=10, cache=None)
     assert torch.equal(c0, alone)
@@ -138,7 +150,9 @@ def test_c0_sharing_with_quantized_cache_is_the_quantized_cache_alone(impl, bits
     # and through a fresh DynamicCache, whose slots prepare_cache turns into policy slots
     from transformers import DynamicCache
 
-    fresh, fresh_cache = run(model, ids, policy, Strategy({}, NUM_LAYERS), prompt=10, cache=DynamicCache(config=model.config))
+    fresh, fresh_cache = run(
+        model, ids, policy, Strategy({}, NUM_LAYERS), prompt=10, cache=DynamicCache(config=model.config)
+    )
     assert torch.equal(fresh, alone)
     assert all(isinstance(layer, QuantizedKVLayer) for layer in fresh_cache.layers)
 
@@ -220,8 +234,10 @@ def _gptq_skip_reason():
     if not ok:
         return f"GPTQ backend unavailable: {reason}"
     if not is_ready("smollm2-135m-gptq"):
-        return ("the GPTQ checkpoint is not made yet (quantizing takes ~5-10 min on 2 CPU cores): run "
-                "`python -c \"import kvshare; kvshare.load_model('smollm2-135m-gptq')\"` once")
+        return (
+            "the GPTQ checkpoint is not made yet (quantizing takes ~5-10 min on 2 CPU cores): run "
+            "`python -c \"import kvshare; kvshare.load_model('smollm2-135m-gptq')\"` once"
+        )
     return None
 
 
@@ -297,7 +313,9 @@ def test_cli_ppl_with_kv_bits(monkeypatch, capsys, char_tokenizer):
 
     model = make_tiny_model("llama", "sdpa")
     monkeypatch.setattr(cli, "_load", lambda args: (model, char_tokenizer))
-    monkeypatch.setattr(kvshare.data, "eval_text", lambda source="bbc": "the quick brown fox jumps over the lazy dog " * 4)
+    monkeypatch.setattr(
+        kvshare.data, "eval_text", lambda source="bbc": "the quick brown fox jumps over the lazy dog " * 4
+    )
 
     def ppl(*extra):
         assert cli.main(["ppl", "--window", "32", "--limit-tokens", "128", *extra]) == 0
@@ -327,26 +345,97 @@ def test_cli_bench_with_kv_bits(tmp_path, monkeypatch):
 
     in_process = kvshare.bench.bench  # spawning a process per row costs seconds each: measure here
     monkeypatch.setattr(kvshare.bench, "bench", lambda *a, **kw: in_process(*a, **{**kw, "isolate": False}))
-    LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256).save_pretrained(tmp_path / "tiny")
+    LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ).save_pretrained(tmp_path / "tiny")
     out = tmp_path / "b.json"
-    rc = main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--rates", "0,0.25", "--batch", "2",
-               "--prompt-len", "12", "--new-tokens", "3", "--repeats", "1", "--kv-bits", "4", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "--model",
+            str(tmp_path / "tiny"),
+            "--random-weights",
+            "--rates",
+            "0,0.25",
+            "--batch",
+            "2",
+            "--prompt-len",
+            "12",
+            "--new-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--kv-bits",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["mode"], r["kv_bits"], r["num_shared"]) for r in rows] == [("plain", None, 0), ("shared", 4, 0),
-                                                                        ("shared", 4, 2)]
+    assert [(r["mode"], r["kv_bits"], r["num_shared"]) for r in rows] == [
+        ("plain", None, 0),
+        ("shared", 4, 0),
+        ("shared", 4, 2),
+    ]
     for r in rows:
         assert r["kv_bytes"] == r["kv_bytes_predicted"]
         assert r["kv_bytes_ratio"] == pytest.approx(r["kv_bytes_expected_ratio"])
     # int4 with groups of 8 float32 channels: (0.5 + 8 / 8) / 4 of the bytes, times (L - C) / L
     assert rows[1]["kv_bytes_ratio"] == pytest.approx(0.375)
     assert rows[2]["kv_bytes_ratio"] == pytest.approx(0.375 * 6 / 8)
-    assert main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--kv-bits", "8", "--cache", "static",
-                 "--out", str(out)]) == 2
-    assert main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--kv-bits", "8", "--policy", "h2o",
-                 "--budget", "4", "--rates", "0.25", "--batch", "1", "--prompt-len", "12", "--new-tokens", "3",
-                 "--repeats", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tmp_path / "tiny"),
+                "--random-weights",
+                "--kv-bits",
+                "8",
+                "--cache",
+                "static",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tmp_path / "tiny"),
+                "--random-weights",
+                "--kv-bits",
+                "8",
+                "--policy",
+                "h2o",
+                "--budget",
+                "4",
+                "--rates",
+                "0.25",
+                "--batch",
+                "1",
+                "--prompt-len",
+                "12",
+                "--new-tokens",
+                "3",
+                "--repeats",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     both = json.loads(out.read_text())["rows"][-1]
     assert both["policy"] == "h2o" and both["kv_bits"] == 8 and both["kv_bytes"] == both["kv_bytes_predicted"]
 
@@ -362,11 +451,26 @@ def _rows():
                 nll = base + 0.3 * c / 4 + extra
                 q = 1.0 if bits is None else QuantizedKV(bits).compression_ratio(64, 4)
                 kv = int(1000 * (30 - c) / 30 * q)
-                rows.append({"weights": w, "model": "m", "num_shared": c, "num_layers": 30, "kv_bits": bits,
-                             "kv": {None: "unquantized", 8: "int8", 4: "int4"}[bits], "kv_quant_ratio": q,
-                             "weight_bytes": 100, "ppl": float(torch.tensor(nll).exp()), "ppl_se": 0.1,
-                             "window_nll": [nll - 0.01, nll + 0.01, nll], "kv_bytes": kv, "kv_bytes_predicted": kv,
-                             "decode_tps": 10.0, "prefill_s": 1.0, "tokens": 100})
+                rows.append(
+                    {
+                        "weights": w,
+                        "model": "m",
+                        "num_shared": c,
+                        "num_layers": 30,
+                        "kv_bits": bits,
+                        "kv": {None: "unquantized", 8: "int8", 4: "int4"}[bits],
+                        "kv_quant_ratio": q,
+                        "weight_bytes": 100,
+                        "ppl": float(torch.tensor(nll).exp()),
+                        "ppl_se": 0.1,
+                        "window_nll": [nll - 0.01, nll + 0.01, nll],
+                        "kv_bytes": kv,
+                        "kv_bytes_predicted": kv,
+                        "decode_tps": 10.0,
+                        "prefill_s": 1.0,
+                        "tokens": 100,
+                    }
+                )
     return rows
 
 
@@ -427,8 +531,14 @@ def test_quantized_eviction_with_a_budget_above_the_length_is_the_quantized_cach
     for strategy in (None, Strategy({3: 1, 5: 2}, NUM_LAYERS)):
         alone, alone_cache = run(model, ids, QuantizedKV(bits=4, group_size=16), strategy, prompt=10)
         combined = quantized(make_policy(name, budget=1000), bits=4, group_size=16)
-        both, both_cache = run(model, ids, combined, strategy, prompt=10,
-                               cache=__import__("transformers").DynamicCache(config=model.config))
+        both, both_cache = run(
+            model,
+            ids,
+            combined,
+            strategy,
+            prompt=10,
+            cache=__import__("transformers").DynamicCache(config=model.config),
+        )
         assert torch.equal(both, alone)  # per-token codes: the same codes, the same attention
         assert kvshare.cache_bytes(both_cache) == kvshare.cache_bytes(alone_cache)
 
@@ -452,7 +562,9 @@ def test_quantized_eviction_keeps_the_policys_tokens_as_codes(name):
     lengths = [12] + [1] * 12
     elem = 4
     assert kvshare.cache_bytes(both_cache) == predicted_cache_bytes(model.config, strategy, combined, 2, lengths, elem)
-    assert kvshare.cache_bytes(evicted_cache) == predicted_cache_bytes(model.config, strategy, plain_policy, 2, lengths, elem)
+    assert kvshare.cache_bytes(evicted_cache) == predicted_cache_bytes(
+        model.config, strategy, plain_policy, 2, lengths, elem
+    )
     ratio = combined.member("storage").token_bytes(1, 16, elem) / (2 * 16 * elem)
     assert kvshare.cache_bytes(both_cache) == pytest.approx(kvshare.cache_bytes(evicted_cache) * ratio)
     for i, layer in enumerate(both_cache.layers):

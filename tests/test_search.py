@@ -1,4 +1,5 @@
 """Greedy strategy search and layer distances, on a tiny random llama with a character tokenizer."""
+
 from __future__ import annotations
 
 import random
@@ -8,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import NUM_LAYERS, SLIDING_WINDOW, make_tiny_model
 
 import kvshare
 from kvshare.calibration import encode_calibration
-from conftest import NUM_LAYERS, SLIDING_WINDOW, make_tiny_model
 
 MAX_TOKENS = 24
 TRACE_KEYS = {"rank", "replaced", "source", "distance", "score", "accepted"}
@@ -128,8 +129,9 @@ def test_trace_rows(tiny_llama, char_tokenizer, texts):
 def test_orders_follow_distances(tiny_llama, char_tokenizer, texts, metric):
     distances = kvshare.layer_distances(tiny_llama, char_tokenizer, texts, metric=metric, max_tokens=MAX_TOKENS)
     for order, sign in (("dissimilar", -1), ("similar", 1)):
-        _, trace = run_search(tiny_llama, char_tokenizer, texts, NUM_LAYERS - 1, threshold=0.6, order=order,
-                              metric=metric)
+        _, trace = run_search(
+            tiny_llama, char_tokenizer, texts, NUM_LAYERS - 1, threshold=0.6, order=order, metric=metric
+        )
         d = [r["distance"] for r in trace]
         assert len(d) > 2
         assert all(sign * (b - a) >= 0 for a, b in zip(d, d[1:])), f"{order}: {d}"
@@ -204,8 +206,9 @@ def test_search_on_sliding_window_model_longer_than_window(char_tokenizer, texts
 
 def test_search_on_mixed_layer_types_longer_than_window(char_tokenizer, texts):
     # qwen2 with 3 full-attention then 3 sliding layers (window 8), 24-token calibration texts
-    model = make_tiny_model("qwen2", "sdpa", use_sliding_window=True, sliding_window=SLIDING_WINDOW,
-                            max_window_layers=3)
+    model = make_tiny_model(
+        "qwen2", "sdpa", use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=3
+    )
     distances = kvshare.layer_distances(model, char_tokenizer, texts, max_tokens=MAX_TOKENS)
     assert distances.shape == (NUM_LAYERS, NUM_LAYERS)
     strategy, trace = run_search(model, char_tokenizer, texts, 3, threshold=-1.0)
@@ -259,8 +262,9 @@ def test_unequal_calibration_lengths_keep_every_text(char_tokenizer):
 def test_search_keeps_unequal_texts(tiny_llama, char_tokenizer, texts):
     uneven = [t[: 12 + 5 * i] for i, t in enumerate(texts)]  # 13, 18, ... tokens
     with pytest.warns(UserWarning, match="no sample is dropped"):
-        strategy, _ = kvshare.search(tiny_llama, char_tokenizer, uneven, 2, threshold=-1.0, max_tokens=64,
-                                     progress=False)
+        strategy, _ = kvshare.search(
+            tiny_llama, char_tokenizer, uneven, 2, threshold=-1.0, max_tokens=64, progress=False
+        )
     cal = strategy.metadata["calibration"]
     assert cal["texts"] == len(uneven) and cal["tokens_per_text"] == 13
 

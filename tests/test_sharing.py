@@ -4,16 +4,17 @@ The central property: a model with sharing enabled is *one* consistent model, wh
 run (full forward, token-by-token decoding with a cache, prefill + decode, generate), and it never
 computes or stores K/V for the replaced layers.
 """
+
 from __future__ import annotations
 
 import contextlib
 
 import pytest
 import torch
+from conftest import NUM_LAYERS, PAD_ID, SLIDING_WINDOW, VOCAB, make_tiny_model, random_strategies
 from transformers import DynamicCache
 
 import kvshare
-from conftest import NUM_LAYERS, PAD_ID, SLIDING_WINDOW, VOCAB, make_tiny_model, random_strategies
 
 TOL = 1e-4
 SEQ = 16  # longer than the sliding window (8) of the mistral_sliding variant
@@ -89,8 +90,10 @@ def count_kv_projections(model):
     handles = []
     for i, layer in enumerate(model.model.layers):
         for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+
             def hook(module, args, output, i=i):
                 counts[i] += 1
+
             handles.append(proj.register_forward_hook(hook))
     try:
         yield counts
@@ -415,10 +418,12 @@ def kv_substituted(model, mapping):
         attn = layer.self_attn
         key_module = attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj
         for name, module in (("k", key_module), ("v", attn.v_proj)):
+
             def hook(mod, args, output, i=i, name=name):
                 if i in mapping:
                     return recorded[(mapping[i], name)]
                 recorded[(i, name)] = output
+
             handles.append(module.register_forward_hook(hook))
     try:
         yield

@@ -1,15 +1,16 @@
 """Strategy: validation, chain resolution, apply_pair, JSON io, model checks, prefixes."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from conftest import NUM_LAYERS, make_tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import kvshare
 from kvshare.strategy import Strategy, apply_pair, resolve_chains
-from conftest import NUM_LAYERS, make_tiny_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +159,11 @@ def test_enable_sharing_on_unsupported_architecture():
 def test_mixed_layer_types_only_share_within_a_type():
     # qwen2 with sliding layers: a sliding layer cannot read a full-attention layer's cache
     model = make_tiny_model(
-        "qwen2", "sdpa", use_sliding_window=True, sliding_window=8, max_window_layers=3,
+        "qwen2",
+        "sdpa",
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=3,
     )
     types = model.config.layer_types
     assert types[:3] == ["full_attention"] * 3 and types[3:] == ["sliding_attention"] * 3

@@ -5,6 +5,7 @@ every other module runs exactly as often as in the plain model. A change that ad
 path (an extra projection, a second cache write, a copy per step) makes these counts move and fails here,
 whatever the machine's speed.
 """
+
 from __future__ import annotations
 
 from collections import Counter

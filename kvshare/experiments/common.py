@@ -10,6 +10,7 @@ Cost model (what makes a full run of notebooks 01 and 02 fit on 2 CPU cores):
   paired difference of their per-window mean NLLs, far more precise than the two absolute
   perplexities' error bars suggest.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,13 +23,12 @@ import numpy as np
 import torch
 
 from ..calibration import distances_from_means, encode_calibration, kv_means, reference_forward
+from ..combine import sharing
 from ..data import eval_text
 from ..metrics import token_nlls
 from ..progress import Progress, format_seconds
 from ..search import search
-from ..combine import sharing
 from ..strategy import Strategy
-
 
 ORDER_LABELS = {
     "dissimilar": "dissimilar (KVSharer)",
@@ -91,8 +91,17 @@ class Settings:
         return asdict(self)
 
 
-QUICK = dict(samples=6, calibration_sets=2, max_fraction=4 / 30, random_seeds=2, eval_tokens=1024, window=128,
-             thresholds=[0.3, 0.6, 0.9], sweep_fraction=0.1, max_new_tokens=16)
+QUICK = dict(
+    samples=6,
+    calibration_sets=2,
+    max_fraction=4 / 30,
+    random_seeds=2,
+    eval_tokens=1024,
+    window=128,
+    thresholds=[0.3, 0.6, 0.9],
+    sweep_fraction=0.1,
+    max_new_tokens=16,
+)
 
 
 def make_settings(cls, quick_values: dict, model: str, quick: bool, seed: int = 0, **overrides):
@@ -151,8 +160,14 @@ class HeldOutScorer:
             t0 = time.perf_counter()
             use = strategy if strategy is not None and strategy.mapping else None
             with sharing(self.model, use):
-                nll = token_nlls(self.model, self.tokenizer, self.text, window=self.window, stride=self.window,
-                                 max_tokens=self.tokens)
+                nll = token_nlls(
+                    self.model,
+                    self.tokenizer,
+                    self.text,
+                    window=self.window,
+                    stride=self.window,
+                    max_tokens=self.tokens,
+                )
             self.cache[k] = summarize_nll(nll, self.window)
             self.evaluations += 1
             self.seconds += time.perf_counter() - t0
@@ -164,8 +179,14 @@ def summarize_nll(nll: torch.Tensor, window: int) -> dict:
     means = np.array([c.mean().item() for c in nll.split(window)])
     mean = float(nll.mean().item())
     se = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
-    return {"ppl": math.exp(mean), "nll": mean, "nll_se": se, "ppl_se": math.exp(mean) * se,
-            "tokens": int(nll.numel()), "window_nll": means.tolist()}
+    return {
+        "ppl": math.exp(mean),
+        "nll": mean,
+        "nll_se": se,
+        "ppl_se": math.exp(mean) * se,
+        "tokens": int(nll.numel()),
+        "window_nll": means.tolist(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,6 +226,7 @@ class _SearchWatch:
         self._module = search_module
         self._original = getattr(search_module, "similarity", None)
         if self.enabled and self._original is not None:
+
             def counting(*args, **kwargs):
                 score = self._original(*args, **kwargs)
                 self.scored += 1
@@ -221,8 +243,11 @@ class _SearchWatch:
 
     def _beat(self):
         while not self._stop.wait(self.every):
-            print(f"{self.label}: still searching, {format_seconds(time.perf_counter() - self._t0)}, "
-                  f"{self.scored} candidates scored, {self.passed} above T = {self.threshold}", flush=True)
+            print(
+                f"{self.label}: still searching, {format_seconds(time.perf_counter() - self._t0)}, "
+                f"{self.scored} candidates scored, {self.passed} above T = {self.threshold}",
+                flush=True,
+            )
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -231,14 +256,36 @@ class _SearchWatch:
         return False
 
 
-def run_search(model, tokenizer, texts, num_shared: int, order: str, seed: int, cfg: Settings,
-               calibration_set: int = 0, threshold: float | None = None, progress: bool = True) -> SearchRun:
+def run_search(
+    model,
+    tokenizer,
+    texts,
+    num_shared: int,
+    order: str,
+    seed: int,
+    cfg: Settings,
+    calibration_set: int = 0,
+    threshold: float | None = None,
+    progress: bool = True,
+) -> SearchRun:
     """One greedy search (a heartbeat line every 30 s while it runs long)."""
     T = cfg.threshold if threshold is None else threshold
-    label = f"search ({order}{f' seed {seed}' if order == 'random' else ''}, set {calibration_set}, T={T}, C={num_shared})"
+    label = (
+        f"search ({order}{f' seed {seed}' if order == 'random' else ''}, set {calibration_set}, T={T}, C={num_shared})"
+    )
     with _SearchWatch(label, T, enabled=progress):
-        strategy, trace = search(model, tokenizer, texts, num_shared, threshold=T, order=order, metric=cfg.metric,
-                                 seed=seed, max_tokens=cfg.max_tokens, progress=False)
+        strategy, trace = search(
+            model,
+            tokenizer,
+            texts,
+            num_shared,
+            threshold=T,
+            order=order,
+            metric=cfg.metric,
+            seed=seed,
+            max_tokens=cfg.max_tokens,
+            progress=False,
+        )
     strategy.metadata["calibration"].update(source="bbc", set_index=calibration_set)
     return SearchRun(calibration_set, order, seed, strategy, trace)
 
@@ -253,8 +300,14 @@ DEFAULT_PROMPTS = (
 )
 
 
-def generations(model, tokenizer, strategies: dict[str, Strategy | None], prompts=DEFAULT_PROMPTS,
-                max_new_tokens: int = 48, progress: bool = True) -> list[dict]:
+def generations(
+    model,
+    tokenizer,
+    strategies: dict[str, Strategy | None],
+    prompts=DEFAULT_PROMPTS,
+    max_new_tokens: int = 48,
+    progress: bool = True,
+) -> list[dict]:
     """Greedy completions of each prompt under each strategy (None = the full model)."""
     from ..generation import generate_text
 
@@ -264,7 +317,9 @@ def generations(model, tokenizer, strategies: dict[str, Strategy | None], prompt
         with sharing(model, st if st is not None and st.mapping else None):
             outs = generate_text(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
         for p, o in zip(prompts, outs):
-            rows.append({"setting": label, "num_shared": 0 if st is None else st.num_shared, "prompt": p, "completion": o})
+            rows.append(
+                {"setting": label, "num_shared": 0 if st is None else st.num_shared, "prompt": p, "completion": o}
+            )
         bar.update(note=label)
     return rows
 
@@ -283,8 +338,14 @@ def environment_info() -> dict:
 
     import kvshare
 
-    return {"kvshare": kvshare.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), "machine": platform.machine()}
+    return {
+        "kvshare": kvshare.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
 
 
 def timing_line(t_start: float, cpu_start: float) -> str:
@@ -292,5 +353,7 @@ def timing_line(t_start: float, cpu_start: float) -> str:
     wall = time.perf_counter() - t_start
     cpu = time.process_time() - cpu_start
     threads = torch.get_num_threads()
-    return (f"notebook time: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU with {threads} torch thread(s) "
-            f"(~{cpu / threads / 60:.1f} min wall on {threads} idle core(s))")
+    return (
+        f"notebook time: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU with {threads} torch thread(s) "
+        f"(~{cpu / threads / 60:.1f} min wall on {threads} idle core(s))"
+    )

@@ -3,13 +3,13 @@ search order, run through the core evaluation runner (`kvshare.evaluation.Evalua
 
 Figure and conclusion: `kvshare.experiments.reports.evaluation`.
 """
+
 from __future__ import annotations
 
 import math
 import sys
 import warnings
 from pathlib import Path
-
 
 # one rate -> layers rule (notebook 03 had its own copy, rounding half up: the same C at 30 layers)
 from ..accounting import num_shared_for
@@ -19,13 +19,22 @@ from ..models import model_name
 from ..pypi_files import kvshare_home
 from ..strategy import Strategy
 
-
 RATES = (0.0, 0.125, 0.25, 0.375)
 ORDERS = ("dissimilar", "similar", "random")
 
 
-def compression_strategies(model, tokenizer, rates=RATES, orders=ORDERS, threshold: float = 0.5, samples: int = 30,
-                           seed: int = 0, cache: bool = True, cache_dir=None, progress: bool = True) -> dict:
+def compression_strategies(
+    model,
+    tokenizer,
+    rates=RATES,
+    orders=ORDERS,
+    threshold: float = 0.5,
+    samples: int = 30,
+    seed: int = 0,
+    cache: bool = True,
+    cache_dir=None,
+    progress: bool = True,
+) -> dict:
     """{order: Strategy} searched once per order to the largest rate; smaller rates are its prefixes.
 
     Searches are cached beside the evaluation results (same model fingerprint).
@@ -34,7 +43,7 @@ def compression_strategies(model, tokenizer, rates=RATES, orders=ORDERS, thresho
     from ..search import search
 
     c_max = max(num_shared_for(r, num_layers(model)) for r in rates)
-    root = (Path(cache_dir) if cache_dir else kvshare_home() / "eval_cache")
+    root = Path(cache_dir) if cache_dir else kvshare_home() / "eval_cache"
     root = root / f"{safe_name(model_name(model))}-{model_fingerprint(model, tokenizer)}" / "strategies"
     out = {}
     for order in orders:
@@ -44,19 +53,33 @@ def compression_strategies(model, tokenizer, rates=RATES, orders=ORDERS, thresho
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "only k of C layers could be replaced": recorded in the metadata
-            strategy, _ = search(model, tokenizer, calibration_texts(samples), c_max, threshold=threshold, order=order,
-                                 seed=seed, progress=progress)
+            strategy, _ = search(
+                model,
+                tokenizer,
+                calibration_texts(samples),
+                c_max,
+                threshold=threshold,
+                order=order,
+                seed=seed,
+                progress=progress,
+            )
         if cache:
             strategy.save(path)
         out[order] = strategy
     return out
 
 
-def compression_runs(evaluator: Evaluator, strategies: dict, rates=RATES, suite: str = "offline", tasks=None,
-                     limit: int | None = None, progress: bool = True) -> list[dict]:
+def compression_runs(
+    evaluator: Evaluator,
+    strategies: dict,
+    rates=RATES,
+    suite: str = "offline",
+    tasks=None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """Evaluate every (order, rate); the unshared model (rate 0) once. Returns long rows (order, rate, ...)."""
     from tqdm.auto import tqdm
-
 
     L = num_layers(evaluator.model)
     cells = [(o, r) for o in strategies for r in rates]
@@ -68,15 +91,17 @@ def compression_runs(evaluator: Evaluator, strategies: dict, rates=RATES, suite:
         if c == 0:
             result = full
         elif c > found:
-            print(f"kvshare: the {order} search found only {found} layers to share; no row at rate {rate}",
-                  file=sys.stderr)
+            print(
+                f"kvshare: the {order} search found only {found} layers to share; no row at rate {rate}",
+                file=sys.stderr,
+            )
             continue
         else:
-            result = evaluator.evaluate(strategies[order].prefix(c), suite=suite, tasks=tasks, limit=limit,
-                                        label=f"{order} {rate:.1%}")
+            result = evaluator.evaluate(
+                strategies[order].prefix(c), suite=suite, tasks=tasks, limit=limit, label=f"{order} {rate:.1%}"
+            )
         for r in result["rows"]:
-            rows.append({"order": order, "rate": rate, "num_shared": c, **r,
-                         "seconds": result["compute_seconds"]})
+            rows.append({"order": order, "rate": rate, "num_shared": c, **r, "seconds": result["compute_seconds"]})
     return rows
 
 
@@ -90,7 +115,9 @@ def summarize(rows) -> list[dict]:
     """Per (order, rate): average of the primary higher-is-better scores, % of the full model's average kept,
     % of its margin above chance kept, perplexity, and the paired drop vs the full model with its stderr."""
     primary = [r for r in rows if r.get("primary") and r.get("higher_is_better", True)]
-    cells = sorted({(r["order"], r["rate"]) for r in rows}, key=lambda c: (ORDERS.index(c[0]) if c[0] in ORDERS else 9, c[1]))
+    cells = sorted(
+        {(r["order"], r["rate"]) for r in rows}, key=lambda c: (ORDERS.index(c[0]) if c[0] in ORDERS else 9, c[1])
+    )
     full = {r["task"]: r for r in primary if r["num_shared"] == 0}
     full_avg = mean_or_nan(r["value"] for r in full.values())
     chance_avg = mean_or_nan(r["chance"] for r in full.values() if r.get("chance") is not None)
@@ -112,25 +139,29 @@ def summarize(rows) -> list[dict]:
             else:
                 var += (r["stderr"] or 0.0) ** 2 + (f["stderr"] or 0.0) ** 2
         ppl = [x for x in rows if (x["order"], x["rate"]) == (order, rate) and x["metric"] == "ppl"]
-        out.append({
-            "order": order,
-            "rate": rate,
-            "num_shared": here[0]["num_shared"],
-            "average": avg,
-            "average_stderr": math.sqrt(sum((r["stderr"] or 0.0) ** 2 for r in here)) / len(here),
-            "kept_pct": 100 * avg / full_avg,
-            "above_chance_kept_pct": 100 * (avg - chance_avg) / (full_avg - chance_avg) if has_chance else None,
-            "drop": full_avg - avg,
-            "drop_stderr": math.sqrt(var) / len(here),
-            "ppl": ppl[0]["value"] if ppl else None,
-        })
+        out.append(
+            {
+                "order": order,
+                "rate": rate,
+                "num_shared": here[0]["num_shared"],
+                "average": avg,
+                "average_stderr": math.sqrt(sum((r["stderr"] or 0.0) ** 2 for r in here)) / len(here),
+                "kept_pct": 100 * avg / full_avg,
+                "above_chance_kept_pct": 100 * (avg - chance_avg) / (full_avg - chance_avg) if has_chance else None,
+                "drop": full_avg - avg,
+                "drop_stderr": math.sqrt(var) / len(here),
+                "ppl": ppl[0]["value"] if ppl else None,
+            }
+        )
     return out
 
 
 def wide_table(rows) -> list[dict]:
     """One row per task (primary metric, "value ± stderr"), then Average and % kept; one column per cell."""
     primary = [r for r in rows if r.get("primary")]
-    cells = sorted({(r["order"], r["rate"]) for r in primary}, key=lambda c: (ORDERS.index(c[0]) if c[0] in ORDERS else 9, c[1]))
+    cells = sorted(
+        {(r["order"], r["rate"]) for r in primary}, key=lambda c: (ORDERS.index(c[0]) if c[0] in ORDERS else 9, c[1])
+    )
     col = {c: f"{c[0]} {c[1] * 100:g}%" for c in cells}
     tasks = list(dict.fromkeys(r["task"] for r in primary))
     out = []
@@ -144,8 +175,11 @@ def wide_table(rows) -> list[dict]:
                 line[col[(r["order"], r["rate"])]] = f"{r['value']:.3f}{se}"
         out.append(line)
     summary = summarize(rows)
-    for key, label in (("average", "Average"), ("kept_pct", "% of full kept"),
-                       ("above_chance_kept_pct", "% of above-chance margin kept")):
+    for key, label in (
+        ("average", "Average"),
+        ("kept_pct", "% of full kept"),
+        ("above_chance_kept_pct", "% of above-chance margin kept"),
+    ):
         line = {"task": label, "metric": "", "chance": None}
         for s in summary:
             if s[key] is not None:

@@ -18,6 +18,7 @@ random tokens, greedy decoding): K/V bytes of the cache at the end, peak memory,
 
 Table, figure and conclusion text: `kvshare.experiments.reports.intra_layer`.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,6 @@ from ..combine import compression
 from ..methods.eviction import timing
 from ..policies import POLICIES, make_policy
 from ..strategy import Strategy
-
 
 POLICY_LABELS = {"h2o": "H2O", "pyramidinfer": "PyramidInfer", "streamingllm": "StreamingLLM"}
 
@@ -57,7 +57,9 @@ class Settings:
     eval_windows: int = 8
     eval_batch: int = 8
     summaries: int = 20  # XSum articles summarized per cell (ROUGE-L)
-    mc_tasks: list = field(default_factory=lambda: ["metaphor_understanding/lit2met"])  # offline suite names (or MCTask specs)
+    mc_tasks: list = field(
+        default_factory=lambda: ["metaphor_understanding/lit2met"]
+    )  # offline suite names (or MCTask specs)
     mc_limit: int | None = None  # examples per multiple-choice task (None: the task's default)
     bench_batch: int = 4
     bench_prompt: int = 512
@@ -70,9 +72,22 @@ class Settings:
         return asdict(self)
 
 
-QUICK = dict(budgets=[16, 48], samples=6, window=160, context=96, eval_windows=2, eval_batch=2, summaries=2, mc_limit=4,
-             bench_batch=1,
-             bench_prompt=96, bench_new_tokens=8, bench_repeats=1, bench_rounds=1, bench_isolate=False)
+QUICK = dict(
+    budgets=[16, 48],
+    samples=6,
+    window=160,
+    context=96,
+    eval_windows=2,
+    eval_batch=2,
+    summaries=2,
+    mc_limit=4,
+    bench_batch=1,
+    bench_prompt=96,
+    bench_new_tokens=8,
+    bench_repeats=1,
+    bench_rounds=1,
+    bench_isolate=False,
+)
 
 
 def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
@@ -162,29 +177,53 @@ def quality(model, tokenizer, cfg: Settings, strategy: Strategy, progress: bool 
     rows = []
     for cell in cells(cfg):
         t0 = time.perf_counter()
-        result = ev.evaluate(strategy if cell.shared else None, tasks=tasks, policy=cell.make_policy(), decode=True,
-                             label=cell.label)
+        result = ev.evaluate(
+            strategy if cell.shared else None, tasks=tasks, policy=cell.make_policy(), decode=True, label=cell.label
+        )
         by = {(r["task"], r["metric"]): r for r in result["rows"]}
         ppl, nll = by[(tasks[0].name, "ppl")], by[(tasks[0].name, "nll")]
-        row = {"label": cell.label, "policy": cell.policy, "budget": cell.budget, "shared": cell.shared,
-               "num_shared": strategy.num_shared if cell.shared else 0,
-               "ppl": ppl["value"], "ppl_se": ppl["stderr"], "nll": nll["value"], "nll_se": nll["stderr"],
-               "tokens": ppl["n"], "window_nll": nll["scores"], "window": cfg.window, "context": cfg.context,
-               "windows": len(nll["scores"])}
+        row = {
+            "label": cell.label,
+            "policy": cell.policy,
+            "budget": cell.budget,
+            "shared": cell.shared,
+            "num_shared": strategy.num_shared if cell.shared else 0,
+            "ppl": ppl["value"],
+            "ppl_se": ppl["stderr"],
+            "nll": nll["value"],
+            "nll_se": nll["stderr"],
+            "tokens": ppl["n"],
+            "window_nll": nll["scores"],
+            "window": cfg.window,
+            "context": cfg.context,
+            "windows": len(nll["scores"]),
+        }
         summary = [by[(t.name, t.metric)] for t in tasks if t.kind == "summarization"]
         if summary:
             row.update(rougeL=summary[0]["value"], rougeL_se=summary[0]["stderr"], rougeL_scores=summary[0]["scores"])
         mc = [by[(t.name, t.metric)] for t in tasks if t.kind == "multiple_choice"]
         if mc:
-            row.update(mc_acc=float(np.mean([r["value"] for r in mc])),
-                       mc_scores=[s for r in mc for s in (r["scores"] or [])], mc_chance=float(np.mean([r["chance"] for r in mc])))
-        row.update(seconds=time.perf_counter() - t0, cached=bool(result["cached_tasks"]),
-                   eval_rows=[{k: v for k, v in r.items() if k != "scores"} for r in result["rows"]])
+            row.update(
+                mc_acc=float(np.mean([r["value"] for r in mc])),
+                mc_scores=[s for r in mc for s in (r["scores"] or [])],
+                mc_chance=float(np.mean([r["chance"] for r in mc])),
+            )
+        row.update(
+            seconds=time.perf_counter() - t0,
+            cached=bool(result["cached_tasks"]),
+            eval_rows=[{k: v for k, v in r.items() if k != "scores"} for r in result["rows"]],
+        )
         rows.append(row)
         if progress:
-            extra = "".join([f", ROUGE-L {row['rougeL']:.3f}" if "rougeL" in row else "",
-                             f", MC acc {row['mc_acc']:.3f}" if "mc_acc" in row else ""])
-            print(f"{cell.label}: ppl {row['ppl']:.3f} ± {row['ppl_se']:.3f}{extra} ({row['seconds']:.0f} s)", flush=True)
+            extra = "".join(
+                [
+                    f", ROUGE-L {row['rougeL']:.3f}" if "rougeL" in row else "",
+                    f", MC acc {row['mc_acc']:.3f}" if "mc_acc" in row else "",
+                ]
+            )
+            print(
+                f"{cell.label}: ppl {row['ppl']:.3f} ± {row['ppl_se']:.3f}{extra} ({row['seconds']:.0f} s)", flush=True
+            )
     return rows
 
 
@@ -203,11 +242,25 @@ def cost(cfg: Settings, strategy: Strategy, model=None, progress: bool = True) -
 
     isolate = cfg.bench_isolate or model is None
     order = cells(cfg)
-    configs = [(cell, Config(cfg.model, "shared" if (cell.shared or cell.policy) else "plain",
-                             strategy.num_shared / strategy.num_layers if cell.shared else 0.0, cfg.bench_batch,
-                             cfg.bench_prompt, cfg.bench_new_tokens, repeats=cfg.bench_repeats, seed=cfg.seed,
-                             policy=cell.policy, budget=cell.budget, strategy=strategy.to_dict() if cell.shared else None))
-               for cell in order]
+    configs = [
+        (
+            cell,
+            Config(
+                cfg.model,
+                "shared" if (cell.shared or cell.policy) else "plain",
+                strategy.num_shared / strategy.num_layers if cell.shared else 0.0,
+                cfg.bench_batch,
+                cfg.bench_prompt,
+                cfg.bench_new_tokens,
+                repeats=cfg.bench_repeats,
+                seed=cfg.seed,
+                policy=cell.policy,
+                budget=cell.budget,
+                strategy=strategy.to_dict() if cell.shared else None,
+            ),
+        )
+        for cell in order
+    ]
     done = [0]
 
     def run(item):
@@ -216,9 +269,12 @@ def cost(cfg: Settings, strategy: Strategy, model=None, progress: bool = True) -
         row.update(label=cell.label, shared=cell.shared)
         done[0] += 1
         if progress:
-            print(f"round {(done[0] - 1) // len(configs) + 1}/{cfg.bench_rounds} {cell.label}: kv "
-                  f"{row['kv_bytes'] / 2**20:.2f} MiB, peak {row['peak_bytes'] / 2**20:.0f} MiB, decode "
-                  f"{row['decode_tps']:.1f} tok/s (load {row.get('load_avg_1min')})", flush=True)
+            print(
+                f"round {(done[0] - 1) // len(configs) + 1}/{cfg.bench_rounds} {cell.label}: kv "
+                f"{row['kv_bytes'] / 2**20:.2f} MiB, peak {row['peak_bytes'] / 2**20:.0f} MiB, decode "
+                f"{row['decode_tps']:.1f} tok/s (load {row.get('load_avg_1min')})",
+                flush=True,
+            )
         return row
 
     return measure_rounds(configs, run, cfg.bench_rounds, progress=False)
@@ -246,24 +302,48 @@ def table(quality_rows: list[dict], cost_rows: list[dict]) -> list[dict]:
         d, se = paired(q, full_q)
         rouge_d, rouge_se = paired(q, full_q, "rougeL_scores")
         mc_d, mc_se = paired(q, full_q, "mc_scores")
-        out.append({
-            "label": q["label"], "policy": q["policy"] or "", "budget": q["budget"], "shared": q["shared"],
-            "num_shared": q["num_shared"], "ppl": q["ppl"], "ppl_se": q["ppl_se"], "ppl_ratio": q["ppl"] / full_q["ppl"],
-            "nll_diff": d, "nll_diff_se": se,
-            "rougeL": q.get("rougeL"), "rougeL_diff": rouge_d, "rougeL_diff_se": rouge_se,
-            "mc_acc": q.get("mc_acc"), "mc_acc_diff": mc_d, "mc_acc_diff_se": mc_se,
-            "kv_bytes": c["kv_bytes"], "kv_bytes_predicted": c.get("kv_bytes_predicted"),
-            "kv_ratio": c["kv_bytes"] / full_c["kv_bytes"],
-            "peak_bytes": c["peak_bytes"], "peak_ratio": c["peak_bytes"] / full_c["peak_bytes"],
-            "peak_above_baseline_ratio": (c["peak_bytes"] - c["baseline_bytes"]) / max(1, full_c["peak_bytes"] - full_c["baseline_bytes"]),
-            "decode_peak_bytes": c.get("decode_peak_bytes"),
-            "decode_peak_ratio": (c["decode_peak_bytes"] / full_c["decode_peak_bytes"]
-                                  if c.get("decode_peak_bytes") and full_c.get("decode_peak_bytes") else None),
-            "decode_peak_minus_full_mib": ((c["decode_peak_bytes"] - full_c["decode_peak_bytes"]) / 2**20
-                                           if c.get("decode_peak_bytes") and full_c.get("decode_peak_bytes") else None),
-            "decode_tps": c["decode_tps"], "decode_tps_ratio": c["decode_tps"] / full_c["decode_tps"],
-            "prefill_s": c["prefill_s"], "prefill_ratio": c["prefill_s"] / full_c["prefill_s"],
-        })
+        out.append(
+            {
+                "label": q["label"],
+                "policy": q["policy"] or "",
+                "budget": q["budget"],
+                "shared": q["shared"],
+                "num_shared": q["num_shared"],
+                "ppl": q["ppl"],
+                "ppl_se": q["ppl_se"],
+                "ppl_ratio": q["ppl"] / full_q["ppl"],
+                "nll_diff": d,
+                "nll_diff_se": se,
+                "rougeL": q.get("rougeL"),
+                "rougeL_diff": rouge_d,
+                "rougeL_diff_se": rouge_se,
+                "mc_acc": q.get("mc_acc"),
+                "mc_acc_diff": mc_d,
+                "mc_acc_diff_se": mc_se,
+                "kv_bytes": c["kv_bytes"],
+                "kv_bytes_predicted": c.get("kv_bytes_predicted"),
+                "kv_ratio": c["kv_bytes"] / full_c["kv_bytes"],
+                "peak_bytes": c["peak_bytes"],
+                "peak_ratio": c["peak_bytes"] / full_c["peak_bytes"],
+                "peak_above_baseline_ratio": (c["peak_bytes"] - c["baseline_bytes"])
+                / max(1, full_c["peak_bytes"] - full_c["baseline_bytes"]),
+                "decode_peak_bytes": c.get("decode_peak_bytes"),
+                "decode_peak_ratio": (
+                    c["decode_peak_bytes"] / full_c["decode_peak_bytes"]
+                    if c.get("decode_peak_bytes") and full_c.get("decode_peak_bytes")
+                    else None
+                ),
+                "decode_peak_minus_full_mib": (
+                    (c["decode_peak_bytes"] - full_c["decode_peak_bytes"]) / 2**20
+                    if c.get("decode_peak_bytes") and full_c.get("decode_peak_bytes")
+                    else None
+                ),
+                "decode_tps": c["decode_tps"],
+                "decode_tps_ratio": c["decode_tps"] / full_c["decode_tps"],
+                "prefill_s": c["prefill_s"],
+                "prefill_ratio": c["prefill_s"] / full_c["prefill_s"],
+            }
+        )
     return out
 
 
@@ -291,19 +371,32 @@ def additivity(rows: list[dict], quality_rows: list[dict]) -> list[dict]:
         if r["shared"] or not r["policy"]:
             continue
         comb = t[f"{r['label']} + sharing"]
-        w = (np.asarray(q[comb["label"]]["window_nll"]) - np.asarray(q[r["label"]]["window_nll"])
-             - np.asarray(q["sharing"]["window_nll"]) + np.asarray(q["full"]["window_nll"]))
+        w = (
+            np.asarray(q[comb["label"]]["window_nll"])
+            - np.asarray(q[r["label"]]["window_nll"])
+            - np.asarray(q["sharing"]["window_nll"])
+            + np.asarray(q["full"]["window_nll"])
+        )
         se = float(w.std(ddof=1) / math.sqrt(len(w))) if len(w) > 1 else float("nan")
-        out.append({
-            "policy": r["policy"], "budget": r["budget"],
-            "kv_ratio_policy": r["kv_ratio"], "kv_ratio_sharing": share["kv_ratio"], "kv_ratio_combined": comb["kv_ratio"],
-            "kv_ratio_product": r["kv_ratio"] * share["kv_ratio"],
-            "nll_diff_policy": r["nll_diff"], "nll_diff_sharing": share["nll_diff"], "nll_diff_combined": comb["nll_diff"],
-            "nll_diff_sum": r["nll_diff"] + share["nll_diff"],
-            "interaction": float(w.mean()), "interaction_se": se,
-            "ppl_policy": r["ppl"], "ppl_combined": comb["ppl"],
-            "combined_on_front": None,
-        })
+        out.append(
+            {
+                "policy": r["policy"],
+                "budget": r["budget"],
+                "kv_ratio_policy": r["kv_ratio"],
+                "kv_ratio_sharing": share["kv_ratio"],
+                "kv_ratio_combined": comb["kv_ratio"],
+                "kv_ratio_product": r["kv_ratio"] * share["kv_ratio"],
+                "nll_diff_policy": r["nll_diff"],
+                "nll_diff_sharing": share["nll_diff"],
+                "nll_diff_combined": comb["nll_diff"],
+                "nll_diff_sum": r["nll_diff"] + share["nll_diff"],
+                "interaction": float(w.mean()),
+                "interaction_se": se,
+                "ppl_policy": r["ppl"],
+                "ppl_combined": comb["ppl"],
+                "combined_on_front": None,
+            }
+        )
     return out
 
 
@@ -328,7 +421,9 @@ def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "ea
     cache_kw = model_cache_kwarg(model)
     last = last_logits_only(model)  # like generate: the prefill computes the last position's logits only
     vocab = model.config.get_text_config().vocab_size
-    prompt = torch.randint(0, vocab, (cfg.bench_batch, cfg.bench_prompt), generator=torch.Generator().manual_seed(cfg.seed))
+    prompt = torch.randint(
+        0, vocab, (cfg.bench_batch, cfg.bench_prompt), generator=torch.Generator().manual_seed(cfg.seed)
+    )
     original = model.config._attn_implementation
     best: dict = {}
     try:
@@ -340,18 +435,34 @@ def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "ea
                     with compression(model, None, policy), timing() as t:
                         cache = DynamicCache(config=model.config)
                         t0 = time.perf_counter()
-                        token = model(input_ids=prompt, use_cache=True, **{cache_kw: cache}, **last).logits[:, -1:].argmax(-1)
+                        token = (
+                            model(input_ids=prompt, use_cache=True, **{cache_kw: cache}, **last)
+                            .logits[:, -1:]
+                            .argmax(-1)
+                        )
                         t1 = time.perf_counter()
                         prefill_score, prefill_evict = t["score_s"], t["evict_s"]
                         for _ in range(cfg.bench_new_tokens):
-                            token = model(input_ids=token, use_cache=True, **{cache_kw: cache}).logits[:, -1:].argmax(-1)
+                            token = (
+                                model(input_ids=token, use_cache=True, **{cache_kw: cache}).logits[:, -1:].argmax(-1)
+                            )
                         t2 = time.perf_counter()
-                        row = {"attention": impl, "policy": name or "full", "budget": budget if name else None,
-                               "prefill_s": t1 - t0, "decode_s": t2 - t1,
-                               "prefill_score_s": prefill_score, "prefill_evict_s": prefill_evict,
-                               "decode_score_s": t["score_s"] - prefill_score, "decode_evict_s": t["evict_s"] - prefill_evict}
+                        row = {
+                            "attention": impl,
+                            "policy": name or "full",
+                            "budget": budget if name else None,
+                            "prefill_s": t1 - t0,
+                            "decode_s": t2 - t1,
+                            "prefill_score_s": prefill_score,
+                            "prefill_evict_s": prefill_evict,
+                            "decode_score_s": t["score_s"] - prefill_score,
+                            "decode_evict_s": t["evict_s"] - prefill_evict,
+                        }
                     key = (impl, row["policy"])
-                    if key not in best or row["prefill_s"] + row["decode_s"] < best[key]["prefill_s"] + best[key]["decode_s"]:
+                    if (
+                        key not in best
+                        or row["prefill_s"] + row["decode_s"] < best[key]["prefill_s"] + best[key]["decode_s"]
+                    ):
                         best[key] = row
     finally:
         model.set_attn_implementation(original)

@@ -8,6 +8,7 @@ measurements: nothing below is a fitted or assumed number except where a name sa
 
 Figures and the conclusion: `kvshare.experiments.reports.memory_speed`.
 """
+
 from __future__ import annotations
 
 from transformers import LlamaConfig
@@ -15,36 +16,81 @@ from transformers import LlamaConfig
 from ..accounting import kv_token_bytes, num_shared_for
 from ..bench import PRESETS, analysis, bench, budget_comparison, param_count
 
+PAPER = {
+    "model": "llama2-13b",
+    "prompt_len": 512,
+    "new_tokens": 2048,
+    "rate": 0.25,
+    "peak_mb": (51639, 37049),
+    "tokens_per_s": (18.2, 30.0),
+}
 
-PAPER = {"model": "llama2-13b", "prompt_len": 512, "new_tokens": 2048, "rate": 0.25,
-         "peak_mb": (51639, 37049), "tokens_per_s": (18.2, 30.0)}
 
-
-def rate_sweep(model: str, rates=(0.0, 0.125, 0.25, 0.375, 0.5), batches=(1, 4), prompt_len: int = 512,
-               new_tokens: int = 128, cache: str = "dynamic", repeats: int = 3, **kwargs) -> list[dict]:
+def rate_sweep(
+    model: str,
+    rates=(0.0, 0.125, 0.25, 0.375, 0.5),
+    batches=(1, 4),
+    prompt_len: int = 512,
+    new_tokens: int = 128,
+    cache: str = "dynamic",
+    repeats: int = 3,
+    **kwargs,
+) -> list[dict]:
     """Memory and tokens/s versus compression rate (plain transformers measured in the same run)."""
-    return bench(model, rates=rates, batches=batches, prompt_len=prompt_len, new_tokens=new_tokens, cache=cache,
-                 repeats=repeats, **kwargs)
+    return bench(
+        model,
+        rates=rates,
+        batches=batches,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        cache=cache,
+        repeats=repeats,
+        **kwargs,
+    )
 
 
-def length_sweep(model: str, lengths=(32, 128, 512), rate: float = 0.25, batch: int = 4, prompt_len: int = 512,
-                 cache: str = "dynamic", repeats: int = 3, **kwargs) -> list[dict]:
+def length_sweep(
+    model: str,
+    lengths=(32, 128, 512),
+    rate: float = 0.25,
+    batch: int = 4,
+    prompt_len: int = 512,
+    cache: str = "dynamic",
+    repeats: int = 3,
+    **kwargs,
+) -> list[dict]:
     """Memory and tokens/s versus the number of generated tokens, plain next to shared."""
     rows = []
     for n in lengths:
-        rows += bench(model, rates=(rate,), batches=(batch,), prompt_len=prompt_len, new_tokens=n, cache=cache,
-                      repeats=repeats, **kwargs)
+        rows += bench(
+            model,
+            rates=(rate,),
+            batches=(batch,),
+            prompt_len=prompt_len,
+            new_tokens=n,
+            cache=cache,
+            repeats=repeats,
+            **kwargs,
+        )
     return rows
 
 
-def budget_sweep(model: str, budget_bytes: int, rates=(0.25, 0.5), prompt_len: int = 512, new_tokens: int = 128,
-                 cache: str = "dynamic", **kwargs) -> list[dict]:
+def budget_sweep(
+    model: str,
+    budget_bytes: int,
+    rates=(0.25, 0.5),
+    prompt_len: int = 512,
+    new_tokens: int = 128,
+    cache: str = "dynamic",
+    **kwargs,
+) -> list[dict]:
     """Throughput at the largest batch within a peak-memory budget, plain and shared."""
     return budget_comparison(model, budget_bytes, rates, prompt_len, new_tokens, cache, **kwargs)
 
 
-def byte_accounting(config, rates=(0.0, 0.25), batch: int = 1, prompt_len: int = 512, new_tokens: int = 2048,
-                    elem: int = 2) -> list[dict]:
+def byte_accounting(
+    config, rates=(0.0, 0.25), batch: int = 1, prompt_len: int = 512, new_tokens: int = 2048, elem: int = 2
+) -> list[dict]:
     """Where the bytes and FLOPs go over a whole decode, dynamic and static cache, each rate (exact counts).
 
     Decoding is memory-bound: each step reads every weight once, rewrites the cache (dynamic: all of
@@ -69,8 +115,14 @@ def byte_accounting(config, rates=(0.0, 0.25), batch: int = 1, prompt_len: int =
     return rows
 
 
-def paper_memory_check(preset: str = PAPER["model"], rate: float = PAPER["rate"], prompt_len: int = PAPER["prompt_len"],
-                       new_tokens: int = PAPER["new_tokens"], paper_peak_mb=PAPER["peak_mb"], elem: int = 2) -> dict:
+def paper_memory_check(
+    preset: str = PAPER["model"],
+    rate: float = PAPER["rate"],
+    prompt_len: int = PAPER["prompt_len"],
+    new_tokens: int = PAPER["new_tokens"],
+    paper_peak_mb=PAPER["peak_mb"],
+    elem: int = 2,
+) -> dict:
     """What fraction of peak memory KV sharing can remove, from the model's shapes.
 
     Weights and the KV cache are exact byte counts for fp16. Whatever else the paper's baseline
@@ -89,9 +141,16 @@ def paper_memory_check(preset: str = PAPER["model"], rate: float = PAPER["rate"]
     other = base - weights - kv
     best_shared = weights + other + kv * (L - C) / L
     return {
-        "preset": preset, "num_layers": L, "num_shared": C, "parameters": params, "weights_bytes": weights,
-        "kv_bytes_per_sequence": kv_per_seq, "paper_peak_bytes": base, "max_batch_in_paper_peak": max_batch,
-        "kv_bytes_at_max_batch": kv, "other_bytes": other,
+        "preset": preset,
+        "num_layers": L,
+        "num_shared": C,
+        "parameters": params,
+        "weights_bytes": weights,
+        "kv_bytes_per_sequence": kv_per_seq,
+        "paper_peak_bytes": base,
+        "max_batch_in_paper_peak": max_batch,
+        "kv_bytes_at_max_batch": kv,
+        "other_bytes": other,
         "predicted_peak_ratio_lower_bound": best_shared / base,
         "paper_peak_ratio": paper_peak_mb[1] / paper_peak_mb[0],
         "kv_only_ratio": (L - C) / L,

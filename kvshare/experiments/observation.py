@@ -5,16 +5,17 @@ One greedy search per (calibration set, order, seed) to the largest C gives ever
 strategy is scored on the same held-out tokens (`common.HeldOutScorer`) and orders are compared by paired
 per-window differences. Figures and the conclusion: `kvshare.experiments.reports.observation`.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-from ..data import calibration_texts
-from ..progress import Progress
 from ..adapter import num_layers
+from ..data import calibration_texts
 from ..metrics import paired_difference
+from ..progress import Progress
 from .common import ORDER_LABELS, HeldOutScorer, Settings, run_search
 
 
@@ -29,8 +30,12 @@ def c_grid(num_layers_: int, max_fraction: float = 0.4, step: int = 2) -> list[i
 
 def matrix_rows(matrices: dict[str, np.ndarray]) -> list[dict]:
     """Long-format rows (metric, layer_a, layer_b, distance) for CSV."""
-    return [{"metric": m, "layer_a": a, "layer_b": b, "distance": float(d[a, b])}
-            for m, d in matrices.items() for a in range(d.shape[0]) for b in range(d.shape[1])]
+    return [
+        {"metric": m, "layer_a": a, "layer_b": b, "distance": float(d[a, b])}
+        for m, d in matrices.items()
+        for a in range(d.shape[0])
+        for b in range(d.shape[1])
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -38,7 +43,9 @@ def matrix_rows(matrices: dict[str, np.ndarray]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 def order_runs(cfg: Settings) -> list[tuple[str, int]]:
     """(order, seed) of every search per calibration set: dissimilar, similar, random x seeds."""
-    return [("dissimilar", cfg.seed), ("similar", cfg.seed)] + [("random", cfg.seed + i) for i in range(cfg.random_seeds)]
+    return [("dissimilar", cfg.seed), ("similar", cfg.seed)] + [
+        ("random", cfg.seed + i) for i in range(cfg.random_seeds)
+    ]
 
 
 def ppl_curves(model, tokenizer, cfg: Settings, evaluator: HeldOutScorer, progress: bool = True):
@@ -50,8 +57,11 @@ def ppl_curves(model, tokenizer, cfg: Settings, evaluator: HeldOutScorer, progre
     grid = c_grid(L, cfg.max_fraction, cfg.c_step)
     top = grid[-1]
     plan = [(k, o, s) for k in range(cfg.calibration_sets) for o, s in order_runs(cfg)]
-    bar = Progress(len(plan) * len(grid), f"ppl curves ({len(plan)} searches to C={top}, {len(grid)} points each)",
-                   enabled=progress)
+    bar = Progress(
+        len(plan) * len(grid),
+        f"ppl curves ({len(plan)} searches to C={top}, {len(grid)} points each)",
+        enabled=progress,
+    )
     rows, runs = [], []
     try:
         for k, order, seed in plan:
@@ -65,11 +75,20 @@ def ppl_curves(model, tokenizer, cfg: Settings, evaluator: HeldOutScorer, progre
                     continue
                 strategy = run.strategy.prefix(c)
                 result = evaluator(strategy)
-                rows.append({"calibration_set": k, "order": order, "seed": seed, "num_shared": c,
-                             "kv_fraction": (L - c) / L, "mapping": {str(r): s for r, s in strategy.mapping.items()},
-                             **result})
-                bar.update(note=f"set {k} {order}{'' if order != 'random' else f' seed {seed}'} C={c} "
-                                f"ppl={result['ppl']:.2f}")
+                rows.append(
+                    {
+                        "calibration_set": k,
+                        "order": order,
+                        "seed": seed,
+                        "num_shared": c,
+                        "kv_fraction": (L - c) / L,
+                        "mapping": {str(r): s for r, s in strategy.mapping.items()},
+                        **result,
+                    }
+                )
+                bar.update(
+                    note=f"set {k} {order}{'' if order != 'random' else f' seed {seed}'} C={c} ppl={result['ppl']:.2f}"
+                )
     finally:
         bar.close()
     return rows, runs
@@ -81,12 +100,24 @@ def curve_summary(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["calibration_set"], r["order"], r["num_shared"]), []).append(r)
     out = []
-    for (k, order, c), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], list(ORDER_LABELS).index(kv[0][1]), kv[0][2])):
+    for (k, order, c), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], list(ORDER_LABELS).index(kv[0][1]), kv[0][2])
+    ):
         ppls = np.array([r["ppl"] for r in rs])
-        out.append({"calibration_set": k, "order": order, "num_shared": c, "seeds": len(rs),
-                    "ppl": float(ppls.mean()), "ppl_std": float(ppls.std(ddof=1)) if len(rs) > 1 else 0.0,
-                    "ppl_min": float(ppls.min()), "ppl_max": float(ppls.max()),
-                    "ppl_se": float(np.mean([r["ppl_se"] for r in rs])), "nll": float(np.mean([r["nll"] for r in rs]))})
+        out.append(
+            {
+                "calibration_set": k,
+                "order": order,
+                "num_shared": c,
+                "seeds": len(rs),
+                "ppl": float(ppls.mean()),
+                "ppl_std": float(ppls.std(ddof=1)) if len(rs) > 1 else 0.0,
+                "ppl_min": float(ppls.min()),
+                "ppl_max": float(ppls.max()),
+                "ppl_se": float(np.mean([r["ppl_se"] for r in rs])),
+                "nll": float(np.mean([r["nll"] for r in rs])),
+            }
+        )
     return out
 
 
@@ -107,6 +138,15 @@ def paired_comparisons(rows: list[dict]) -> list[dict]:
             for other in ("similar", "random"):
                 for o in find_rows(rows, calibration_set=k, order=other, num_shared=c):
                     d = paired_difference(dis[0], o)
-                    out.append({"calibration_set": k, "num_shared": c, "versus": other, "seed": o["seed"],
-                                "ppl_dissimilar": dis[0]["ppl"], "ppl_other": o["ppl"], **d})
+                    out.append(
+                        {
+                            "calibration_set": k,
+                            "num_shared": c,
+                            "versus": other,
+                            "seed": o["seed"],
+                            "ppl_dissimilar": dis[0]["ppl"],
+                            "ppl_other": o["ppl"],
+                            **d,
+                        }
+                    )
     return out

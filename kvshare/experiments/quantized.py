@@ -17,6 +17,7 @@ quantizer predict together from the shapes) and decode tokens/s, measured in thi
 
 Tables in Markdown, the figure and the conclusion: `kvshare.experiments.reports.quantized`.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,6 @@ from ..adapter import head_dim, num_layers
 from ..combine import compression
 from ..methods.quantized import QuantizedKV, plain_cache_bytes
 from ..strategy import Strategy
-
 
 # the rebuttal's numbers (Llama-2-7B-Chat-GPTQ, 32 layers; perplexity by shared layers)
 REBUTTAL = {"model": "Llama-2-7B-Chat-GPTQ", "num_layers": 32, "ppl": {0: 8.61, 4: 10.40, 8: 16.68, 12: 25.89}}
@@ -67,8 +67,9 @@ class Settings:
         return asdict(self)
 
 
-QUICK = dict(num_shared=[0, 4], samples=6, eval_tokens=256, window=128, bench_prompt=64, bench_new_tokens=4,
-             bench_repeats=1)
+QUICK = dict(
+    num_shared=[0, 4], samples=6, eval_tokens=256, window=128, bench_prompt=64, bench_new_tokens=4, bench_repeats=1
+)
 
 
 def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
@@ -105,7 +106,9 @@ def weight_sets(cfg: Settings) -> tuple[list[tuple[str, str]], list[str]]:
         if not ok:
             notes.append(f"GPTQ weights left out: {reason}.")
         elif local and cfg.quick and cfg.gptq == "auto" and not is_ready(gptq_name):
-            notes.append(f"GPTQ weights left out of the quick run: {gptq_name} is not made yet (a full run makes it once).")
+            notes.append(
+                f"GPTQ weights left out of the quick run: {gptq_name} is not made yet (a full run makes it once)."
+            )
         else:
             sets.append(("GPTQ 4-bit weights", gptq_name))
     if cfg.gptq == "require" and len(sets) < 2:
@@ -138,8 +141,16 @@ def search_strategies(model, tokenizer, cfg: Settings) -> tuple[dict[int, Strate
     top = max(cfg.num_shared)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full, _ = search(model, tokenizer, calibration_texts(cfg.samples), top, threshold=cfg.threshold,
-                         seed=cfg.seed, max_tokens=cfg.max_tokens, progress=False)
+        full, _ = search(
+            model,
+            tokenizer,
+            calibration_texts(cfg.samples),
+            top,
+            threshold=cfg.threshold,
+            seed=cfg.seed,
+            max_tokens=cfg.max_tokens,
+            progress=False,
+        )
     reached = len(full.metadata.get("accepted_pairs", []))
     L = num_layers(model)
     return {c: (full.prefix(c) if c else Strategy({}, L)) for c in cfg.num_shared if c <= reached}, full
@@ -167,15 +178,29 @@ def perplexity_cell(model, tokenizer, text: str, strategy, policy, cfg: Settings
 
     t0 = time.perf_counter()
     with compression(model, strategy if strategy is not None and strategy.mapping else None, policy):
-        chunks = window_nlls(model, tokenizer, text, window=cfg.window, stride=cfg.window, max_tokens=cfg.eval_tokens,
-                             batch_size=cfg.eval_batch)
+        chunks = window_nlls(
+            model,
+            tokenizer,
+            text,
+            window=cfg.window,
+            stride=cfg.window,
+            max_tokens=cfg.eval_tokens,
+            batch_size=cfg.eval_batch,
+        )
     nll = torch.cat(chunks)
     means = np.array([c.mean().item() for c in chunks])
     mean = float(nll.mean())
     se = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
-    return {"ppl": math.exp(mean), "nll": mean, "nll_se": se, "ppl_se": math.exp(mean) * se,
-            "tokens": int(nll.numel()), "windows": len(means), "window_nll": means.tolist(),
-            "ppl_seconds": time.perf_counter() - t0}
+    return {
+        "ppl": math.exp(mean),
+        "nll": mean,
+        "nll_se": se,
+        "ppl_se": math.exp(mean) * se,
+        "tokens": int(nll.numel()),
+        "windows": len(means),
+        "window_nll": means.tolist(),
+        "ppl_seconds": time.perf_counter() - t0,
+    }
 
 
 @torch.no_grad()
@@ -199,12 +224,20 @@ def cost_cell(model, strategy, policy, cfg: Settings) -> dict:
     tokens = cfg.bench_prompt + cfg.bench_new_tokens
     elem = next(p for p in model.parameters() if p.is_floating_point()).element_size()
     strat = strategy if strategy is not None and strategy.mapping else None
-    predicted = (policy.predicted_cache_bytes(model.config, strat, cfg.bench_batch, tokens, elem) if policy is not None
-                 else plain_cache_bytes(model.config, strat, cfg.bench_batch, tokens, elem))
+    predicted = (
+        policy.predicted_cache_bytes(model.config, strat, cfg.bench_batch, tokens, elem)
+        if policy is not None
+        else plain_cache_bytes(model.config, strat, cfg.bench_batch, tokens, elem)
+    )
     best = min(decode)
-    return {"kv_bytes": kv, "kv_bytes_predicted": predicted, "kv_tokens": tokens,
-            "decode_tps": cfg.bench_batch * cfg.bench_new_tokens / best, "prefill_s": min(prefill),
-            "decode_s_all": decode}
+    return {
+        "kv_bytes": kv,
+        "kv_bytes_predicted": predicted,
+        "kv_tokens": tokens,
+        "decode_tps": cfg.bench_batch * cfg.bench_new_tokens / best,
+        "prefill_s": min(prefill),
+        "decode_s_all": decode,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,29 +258,53 @@ def run_weight_set(label: str, name: str, cfg: Settings, text: str, progress: bo
     strategies, full = search_strategies(model, tokenizer, cfg)
     search_s = time.perf_counter() - t1
     if progress:
-        print(f"[{label}] {model_name(model)}: loaded in {load_s:.0f} s; search to C={max(cfg.num_shared)} in "
-              f"{search_s:.0f} s reached C={len(full.metadata.get('accepted_pairs', []))}", flush=True)
+        print(
+            f"[{label}] {model_name(model)}: loaded in {load_s:.0f} s; search to C={max(cfg.num_shared)} in "
+            f"{search_s:.0f} s reached C={len(full.metadata.get('accepted_pairs', []))}",
+            flush=True,
+        )
     rows = []
     for c in cfg.num_shared:
         if c not in strategies:
             if progress:
-                print(f"[{label}] C={c}: the search stopped before C={c} (threshold {cfg.threshold}); no row", flush=True)
+                print(
+                    f"[{label}] C={c}: the search stopped before C={c} (threshold {cfg.threshold}); no row", flush=True
+                )
             continue
         for bits in cfg.kv_bits:
             policy = kv_policy(bits, cfg.group_size)
             q = perplexity_cell(model, tokenizer, text, strategies[c], policy, cfg)
             k = cost_cell(model, strategies[c], policy, cfg)
-            row = {"weights": label, "model": name, "num_shared": c, "num_layers": num_layers(model),
-                   "kv_bits": bits, "kv": KV_LABELS.get(bits, f"int{bits}"),
-                   "kv_quant_ratio": 1.0 if policy is None else policy.compression_ratio(head_dim(text_cfg), elem), **info, **q, **k}
+            row = {
+                "weights": label,
+                "model": name,
+                "num_shared": c,
+                "num_layers": num_layers(model),
+                "kv_bits": bits,
+                "kv": KV_LABELS.get(bits, f"int{bits}"),
+                "kv_quant_ratio": 1.0 if policy is None else policy.compression_ratio(head_dim(text_cfg), elem),
+                **info,
+                **q,
+                **k,
+            }
             rows.append(row)
             if progress:
-                print(f"[{label}] C={c:2d} KV {row['kv']:>11}: ppl {q['ppl']:8.3f} ± {q['ppl_se']:.3f}  "
-                      f"KV {k['kv_bytes'] / 2**20:6.2f} MiB  decode {k['decode_tps']:6.1f} tok/s  "
-                      f"({q['ppl_seconds']:.0f} s)", flush=True)
+                print(
+                    f"[{label}] C={c:2d} KV {row['kv']:>11}: ppl {q['ppl']:8.3f} ± {q['ppl_se']:.3f}  "
+                    f"KV {k['kv_bytes'] / 2**20:6.2f} MiB  decode {k['decode_tps']:6.1f} tok/s  "
+                    f"({q['ppl_seconds']:.0f} s)",
+                    flush=True,
+                )
     del model
-    return {"label": label, "model": name, "rows": rows, "search": full.to_dict(), "search_seconds": search_s,
-            "strategies": {c: s.to_dict() for c, s in strategies.items()}, **info}
+    return {
+        "label": label,
+        "model": name,
+        "rows": rows,
+        "search": full.to_dict(),
+        "search_seconds": search_s,
+        "strategies": {c: s.to_dict() for c, s in strategies.items()},
+        **info,
+    }
 
 
 def run_all(cfg: Settings, text: str | None = None, progress: bool = True) -> dict:
@@ -285,9 +342,25 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # tables
 # ------------------------------------------------------------------------------------------------
-TABLE_COLUMNS = ["weights", "kv", "num_shared", "ppl", "ppl_se", "ppl_ratio", "nll_diff", "nll_diff_se", "kv_bytes",
-                 "kv_bytes_predicted", "kv_ratio", "kv_ratio_predicted", "decode_tps", "decode_tps_ratio", "prefill_s", "weight_bytes",
-                 "tokens"]
+TABLE_COLUMNS = [
+    "weights",
+    "kv",
+    "num_shared",
+    "ppl",
+    "ppl_se",
+    "ppl_ratio",
+    "nll_diff",
+    "nll_diff_se",
+    "kv_bytes",
+    "kv_bytes_predicted",
+    "kv_ratio",
+    "kv_ratio_predicted",
+    "decode_tps",
+    "decode_tps_ratio",
+    "prefill_s",
+    "weight_bytes",
+    "tokens",
+]
 
 
 def table(rows: list[dict]) -> list[dict]:

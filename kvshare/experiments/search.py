@@ -3,14 +3,15 @@ threshold each decide (traces, acceptance by rank decile, a threshold sweep, the
 
 Figures and the conclusion: `kvshare.experiments.reports.search`.
 """
+
 from __future__ import annotations
 
 import math
 
+from ..metrics import paired_difference
 from ..progress import Progress
 from ..search import candidate_pairs
 from ..strategy import Strategy
-from ..metrics import paired_difference
 from .common import HeldOutScorer, SearchRun, Settings, run_search
 
 
@@ -30,23 +31,41 @@ def trace_rows(trace: list[dict], ranks: dict[tuple[int, int], int] | None = Non
     return out
 
 
-def acceptance_by_decile(rows: list[dict], num_pairs: int, bins: int = 10, rank_key: str = "dissimilarity_rank") -> list[dict]:
+def acceptance_by_decile(
+    rows: list[dict], num_pairs: int, bins: int = 10, rank_key: str = "dissimilarity_rank"
+) -> list[dict]:
     """Acceptance rate of the visited candidates per decile of dissimilarity rank (decile 1 = most dissimilar)."""
     out = []
     for b in range(bins):
         lo, hi = b * num_pairs / bins, (b + 1) * num_pairs / bins
         sel = [r for r in rows if lo <= r[rank_key] < hi]
         acc = sum(bool(r["accepted"]) for r in sel)
-        out.append({"decile": b + 1, "rank_from": int(math.ceil(lo)), "rank_to": int(math.ceil(hi)) - 1,
-                    "visited": len(sel), "accepted": acc, "rate": acc / len(sel) if sel else float("nan")})
+        out.append(
+            {
+                "decile": b + 1,
+                "rank_from": int(math.ceil(lo)),
+                "rank_to": int(math.ceil(hi)) - 1,
+                "visited": len(sel),
+                "accepted": acc,
+                "rate": acc / len(sel) if sel else float("nan"),
+            }
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------------
 # threshold sweep
 # ------------------------------------------------------------------------------------------------
-def sweep_searches(model, tokenizer, texts, cfg: Settings, num_shared: int, order: str = "dissimilar",
-                   reuse: dict | None = None, progress: bool = True) -> list[SearchRun]:
+def sweep_searches(
+    model,
+    tokenizer,
+    texts,
+    cfg: Settings,
+    num_shared: int,
+    order: str = "dissimilar",
+    reuse: dict | None = None,
+    progress: bool = True,
+) -> list[SearchRun]:
     """One greedy search to `num_shared` per threshold in `cfg.thresholds`.
 
     `reuse` maps a threshold to a SearchRun already made with the same settings (not searched again).
@@ -68,8 +87,9 @@ def sweep_searches(model, tokenizer, texts, cfg: Settings, num_shared: int, orde
     return runs
 
 
-def sweep_rows(runs: list[SearchRun], evaluator: HeldOutScorer, reference: Strategy | None = None,
-               progress: bool = True) -> list[dict]:
+def sweep_rows(
+    runs: list[SearchRun], evaluator: HeldOutScorer, reference: Strategy | None = None, progress: bool = True
+) -> list[dict]:
     """Per threshold: how many visited candidates passed, and the perplexity of the resulting strategy.
 
     With a `reference` strategy (the default search's), each row also holds the paired perplexity ratio
@@ -84,12 +104,22 @@ def sweep_rows(runs: list[SearchRun], evaluator: HeldOutScorer, reference: Strat
         accepted = sum(t["accepted"] for t in run.trace)
         target = st.metadata["target_num_shared"]
         result = evaluator(st)
-        rows.append({"threshold": st.metadata["threshold"], "target": target, "accepted": accepted, "visited": visited,
-                     "rejected": visited - accepted, "pass_rate": accepted / visited if visited else float("nan"),
-                     "reached_target": st.num_shared >= target, "num_shared": st.num_shared,
-                     "search_seconds": st.metadata["search_seconds"], "layer_forwards": st.metadata["layer_forwards"],
-                     "mapping": {str(r): s for r, s in st.mapping.items()},
-                     **{k: v for k, v in result.items() if k != "window_nll"}})
+        rows.append(
+            {
+                "threshold": st.metadata["threshold"],
+                "target": target,
+                "accepted": accepted,
+                "visited": visited,
+                "rejected": visited - accepted,
+                "pass_rate": accepted / visited if visited else float("nan"),
+                "reached_target": st.num_shared >= target,
+                "num_shared": st.num_shared,
+                "search_seconds": st.metadata["search_seconds"],
+                "layer_forwards": st.metadata["layer_forwards"],
+                "mapping": {str(r): s for r, s in st.mapping.items()},
+                **{k: v for k, v in result.items() if k != "window_nll"},
+            }
+        )
         if ref is not None:
             d = paired_difference(result, ref)
             rows[-1].update(ppl_ratio_vs_default=d["ppl_ratio"], z_vs_default=d["z"])
@@ -97,8 +127,17 @@ def sweep_rows(runs: list[SearchRun], evaluator: HeldOutScorer, reference: Strat
     return rows
 
 
-def threshold_sweep(model, tokenizer, texts, cfg: Settings, evaluator: HeldOutScorer, num_shared: int,
-                    order: str = "dissimilar", reuse: dict | None = None, progress: bool = True):
+def threshold_sweep(
+    model,
+    tokenizer,
+    texts,
+    cfg: Settings,
+    evaluator: HeldOutScorer,
+    num_shared: int,
+    order: str = "dissimilar",
+    reuse: dict | None = None,
+    progress: bool = True,
+):
     """`sweep_searches` then `sweep_rows`: returns (rows, runs)."""
     runs = sweep_searches(model, tokenizer, texts, cfg, num_shared, order, reuse, progress)
     return sweep_rows(runs, evaluator, progress=progress), runs
@@ -115,7 +154,11 @@ def run_counts(run: SearchRun) -> dict:
 
 def search_summary(run: SearchRun) -> dict:
     m = run.strategy.metadata
-    return {"num_shared": run.strategy.num_shared, "candidates_visited": m["candidates_visited"],
-            "search_seconds": m["search_seconds"], "layer_forwards": m["layer_forwards"],
-            "naive_layer_forwards": m["naive_layer_forwards"],
-            "speedup_vs_naive": m["naive_layer_forwards"] / max(1, m["layer_forwards"])}
+    return {
+        "num_shared": run.strategy.num_shared,
+        "candidates_visited": m["candidates_visited"],
+        "search_seconds": m["search_seconds"],
+        "layer_forwards": m["layer_forwards"],
+        "naive_layer_forwards": m["naive_layer_forwards"],
+        "speedup_vs_naive": m["naive_layer_forwards"] / max(1, m["layer_forwards"]),
+    }

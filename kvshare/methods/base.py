@@ -26,6 +26,7 @@ Everything a method may do has a default here, so callers never probe with `hasa
 | `scored_by_decoding` | False | methods whose cache is lossy after the prefill |
 | `examples(config)` / `identity(config, length)` | — | every registered method (the test matrix) |
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -66,7 +67,9 @@ class KVMethod:
         elif kwargs:
             raise TypeError("pass either a settings object or keyword settings, not both")
         if not isinstance(settings, self.settings_class):
-            raise TypeError(f"{type(self).__name__} takes {self.settings_class.__name__}, got {type(settings).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} takes {self.settings_class.__name__}, got {type(settings).__name__}"
+            )
         self.settings = settings
 
     # -- description ---------------------------------------------------------------------------

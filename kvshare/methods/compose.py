@@ -6,6 +6,7 @@ method's storage object (or the storage method's own layer, or transformers' def
 strategy comes from the sharing method; bytes are predicted from the members. kvshare.compression
 builds one of these from whatever it is given.
 """
+
 from __future__ import annotations
 
 from ..strategy import Strategy
@@ -28,8 +29,10 @@ class Composition(KVMethod):
                 self._add(m)
         if "cache" in self.members and ({"eviction", "storage"} & set(self.members)):
             other = next(self.members[r] for r in ("eviction", "storage") if r in self.members)
-            raise ValueError(f"{self.members['cache'].name} owns the whole cache slot and cannot be combined with "
-                             f"{other.name}; it combines with layer sharing only")
+            raise ValueError(
+                f"{self.members['cache'].name} owns the whole cache slot and cannot be combined with "
+                f"{other.name}; it combines with layer sharing only"
+            )
         self.settings = None
 
     def _add(self, method) -> None:
@@ -38,13 +41,16 @@ class Composition(KVMethod):
 
             method = KVSharer(strategy=method)
         if not isinstance(method, KVMethod):
-            raise TypeError(f"expected a kvshare method (kvshare.methods.make(...)) or a Strategy, "
-                            f"got {type(method).__name__}")
+            raise TypeError(
+                f"expected a kvshare method (kvshare.methods.make(...)) or a Strategy, got {type(method).__name__}"
+            )
         if method.role not in ROLES:
             raise ValueError(f"method {method.name!r} has no valid role ({method.role!r})")
         if method.role in self.members:
-            raise ValueError(f"two {method.role} methods ({self.members[method.role].name} and {method.name}): "
-                             f"combine at most one method per role ({', '.join(ROLES)})")
+            raise ValueError(
+                f"two {method.role} methods ({self.members[method.role].name} and {method.name}): "
+                f"combine at most one method per role ({', '.join(ROLES)})"
+            )
         self.members[method.role] = method
 
     def member(self, role: str) -> KVMethod | None:
@@ -57,8 +63,10 @@ class Composition(KVMethod):
 
     # -- description ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"method": "+".join(m.name for m in self.members.values()),
-                "members": [m.to_dict() for m in self.members.values()]}
+        return {
+            "method": "+".join(m.name for m in self.members.values()),
+            "members": [m.to_dict() for m in self.members.values()],
+        }
 
     def __repr__(self):
         return f"Composition({', '.join(repr(m) for m in self.members.values())})"
@@ -113,13 +121,19 @@ class Composition(KVMethod):
     # -- bytes ---------------------------------------------------------------------------------
     def predicted_tokens(self, layer_idx: int, config, lengths) -> int:
         keeper = self.members.get("cache") or self.members.get("eviction")
-        return KVMethod.predicted_tokens(self, layer_idx, config, lengths) if keeper is None else \
-            keeper.predicted_tokens(layer_idx, config, lengths)
+        return (
+            KVMethod.predicted_tokens(self, layer_idx, config, lengths)
+            if keeper is None
+            else keeper.predicted_tokens(layer_idx, config, lengths)
+        )
 
     def bytes_per_token(self, config, dtype_bytes: int) -> int:
         storer = self.members.get("cache") or self.members.get("storage")
-        return KVMethod.bytes_per_token(self, config, dtype_bytes) if storer is None else \
-            storer.bytes_per_token(config, dtype_bytes)
+        return (
+            KVMethod.bytes_per_token(self, config, dtype_bytes)
+            if storer is None
+            else storer.bytes_per_token(config, dtype_bytes)
+        )
 
     def predicted_layer_bytes(self, layer_idx: int, config, lengths, dtype_bytes: int) -> int:
         if "cache" in self.members:

@@ -18,13 +18,14 @@ How eviction fits transformers (nothing in a modeling file is copied or changed)
   so between forwards a slot holds at most its budget (PyramidInfer: see its module).
 - Attention weights (H2O, PyramidInfer) come from the layer's own query and kept keys, computed in
   that post-hook only for the layers whose slot needs them: the query is taken from a hook on
-  `q_proj` (normalized and rotated as the model does, kvshare.adapter.query_states), the probabilities are recomputed in chunks
-  of queries, and the attention output itself still comes from sdpa. With eager attention the
-  weights the layer returns are used instead (nothing recomputed).
+  `q_proj` (normalized and rotated as the model does, kvshare.adapter.query_states), the
+  probabilities are recomputed in chunks of queries, and the attention output itself still comes
+  from sdpa. With eager attention the weights the layer returns are used instead (nothing recomputed).
 - Sharing. A replaced layer reads its source's slot: its attention gets the K/V the source's
   `update` returned in the same forward (kvshare.sharing's tap) and the mask computed for them,
   i.e. the source's kept tokens as the source's policy left them. Replaced layers do not score.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -168,7 +169,9 @@ class EvictingLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:
             return
-        raise NotImplementedError(f"{type(self).__name__} drops tokens for good: it cannot be cropped (assisted decoding)")
+        raise NotImplementedError(
+            f"{type(self).__name__} drops tokens for good: it cannot be cropped (assisted decoding)"
+        )
 
     def _index_state(self, fn) -> None:
         if self.storage is not None:
@@ -228,8 +231,13 @@ class EvictingLayer(DynamicLayer):
             allowed = idx[:, :, None, :] <= new_pos.view(1, 1, -1, 1)
             if self.sliding_window is not None:
                 allowed &= new_pos.view(1, 1, -1, 1) - idx[:, :, None, :] < self.sliding_window
-            out = allowed if impl != "eager" else torch.zeros(allowed.shape, dtype=self.keys.dtype,
-                                                               device=allowed.device).masked_fill(~allowed, torch.finfo(self.keys.dtype).min)
+            out = (
+                allowed
+                if impl != "eager"
+                else torch.zeros(allowed.shape, dtype=self.keys.dtype, device=allowed.device).masked_fill(
+                    ~allowed, torch.finfo(self.keys.dtype).min
+                )
+            )
         else:
             if mask.dim() != 4 or mask.shape[-1] != self.seen + q_len:
                 raise RuntimeError(
@@ -249,8 +257,10 @@ class EvictingLayer(DynamicLayer):
             self.num_kv_heads = key_states.shape[1]
         batch, _, q_len, _ = key_states.shape
         if self._pending is None:  # called outside a hooked forward: every new token is valid
-            self._pending = (torch.arange(self.seen, self.seen + q_len, device=key_states.device),
-                             torch.ones(batch, q_len, dtype=torch.bool, device=key_states.device))
+            self._pending = (
+                torch.arange(self.seen, self.seen + q_len, device=key_states.device),
+                torch.ones(batch, q_len, dtype=torch.bool, device=key_states.device),
+            )
         new_pos, new_valid = self._pending
         heads = self.num_kv_heads if self.per_head else 1
         pos = new_pos.view(1, 1, -1).expand(batch, heads, q_len)
@@ -375,7 +385,11 @@ class EvictingLayer(DynamicLayer):
         for name in self.score_names:
             t = getattr(self, name)
             if isinstance(t, torch.Tensor):
-                setattr(self, name, t.gather(-1, idx if t.shape[1] == idx.shape[1] else idx.expand(t.shape[0], t.shape[1], -1)))
+                setattr(
+                    self,
+                    name,
+                    t.gather(-1, idx if t.shape[1] == idx.shape[1] else idx.expand(t.shape[0], t.shape[1], -1)),
+                )
         self.evicted = True
 
     def recent_mask(self, count: int) -> torch.Tensor:
@@ -383,7 +397,7 @@ class EvictingLayer(DynamicLayer):
         held = self.held()
         mask = torch.zeros(1, 1, held, dtype=torch.bool, device=self.keys.device)
         if count > 0:
-            mask[..., max(0, held - count):] = True
+            mask[..., max(0, held - count) :] = True
         return mask
 
     # -- what a policy defines ---------------------------------------------------------------
@@ -455,8 +469,9 @@ class EvictionPolicy(KVMethod):
 
     def make_layer(self, layer_idx: int, config, storage=None):
         n = config.get_text_config().num_hidden_layers
-        layer = self.layer_class(self.settings, layer_idx, config, budget=self.layer_budget(layer_idx, n),
-                                 storage=storage)
+        layer = self.layer_class(
+            self.settings, layer_idx, config, budget=self.layer_budget(layer_idx, n), storage=storage
+        )
         layer.num_key_value_groups = query_groups(config)
         layer.num_kv_heads = config.get_text_config().num_key_value_heads
         return layer
@@ -464,8 +479,9 @@ class EvictionPolicy(KVMethod):
     def predicted_tokens(self, layer_idx: int, config, lengths) -> int:
         """Tokens layer `layer_idx` holds per sequence after forwards adding `lengths` tokens (no padding)."""
         n = config.get_text_config().num_hidden_layers
-        return self.layer_class.predicted_held(self.settings, self.layer_budget(layer_idx, n), list(lengths),
-                                               layer_kind(config, layer_idx))
+        return self.layer_class.predicted_held(
+            self.settings, self.layer_budget(layer_idx, n), list(lengths), layer_kind(config, layer_idx)
+        )
 
     # -- the shared test matrix ----------------------------------------------------------------
     @classmethod
@@ -483,7 +499,7 @@ class EvictionPolicy(KVMethod):
         base = base_model(model)
         ctx: dict = {"mask2d": None, "queries": {}}
         handles = [base.register_forward_pre_hook(_record_padding(ctx), with_kwargs=True)]
-        for i, decoder_layer in enumerate(decoder_layers(model)):
+        for decoder_layer in decoder_layers(model):
             attn = decoder_layer.self_attn
             replaced = getattr(attn, "_kvshare_source", None) is not None
             handles.append(attn.register_forward_pre_hook(_before_attention(ctx), with_kwargs=True))
@@ -526,8 +542,9 @@ def _before_attention(ctx):
             impl = module.config._attn_implementation or "eager"
             if impl not in ("sdpa", "eager"):
                 raise NotImplementedError(f"token eviction supports sdpa and eager attention, not {impl!r}")
-            mask = slot.begin(hidden.shape[0], hidden.shape[1], kwargs.get("attention_mask"), ctx["mask2d"],
-                              hidden.device, impl)
+            mask = slot.begin(
+                hidden.shape[0], hidden.shape[1], kwargs.get("attention_mask"), ctx["mask2d"], hidden.device, impl
+            )
         else:  # a replaced layer attends over what its source's update returned: the source's mask
             mask = slot.current_mask
         kwargs["attention_mask"] = mask

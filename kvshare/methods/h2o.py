@@ -6,6 +6,7 @@ step) a layer keeps its `recent` most recent tokens and, of the others, the `bud
 the highest accumulated attention; the rest are dropped. Selection is per KV head, as in the
 paper (per head; grouped-query models pool the heads that share a KV head).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -10,6 +10,7 @@ nothing, so the cache is exactly (L - C) / L of the plain one. Without a strateg
 model it is applied to (calibration set `calibration_set`, `samples` texts of `max_tokens` tokens) and its
 result is kept per model, so orders and seeds are methods like any other.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,11 +91,23 @@ class KVSharer(KVMethod):
 
             tokenizer = getattr(model, "kvshare_tokenizer", None)  # set by kvshare.load_model
             if tokenizer is None:
-                raise ValueError("kvsharer: searching a strategy needs the model's tokenizer; load the model with "
-                                 "kvshare.load_model, or pass strategy= (a file from `python -m kvshare search`)")
+                raise ValueError(
+                    "kvsharer: searching a strategy needs the model's tokenizer; load the model with "
+                    "kvshare.load_model, or pass strategy= (a file from `python -m kvshare search`)"
+                )
             texts = calibration_texts(s.samples, set_index=s.calibration_set)
-            self._searched[key], _ = search(model, tokenizer, texts, s.num_shared, s.threshold, s.order, s.metric,
-                                            s.seed, s.max_tokens, progress=False)
+            self._searched[key], _ = search(
+                model,
+                tokenizer,
+                texts,
+                s.num_shared,
+                s.threshold,
+                s.order,
+                s.metric,
+                s.seed,
+                s.max_tokens,
+                progress=False,
+            )
         return self._searched[key]
 
     def to_dict(self) -> dict:

@@ -14,6 +14,7 @@ measured bytes show that (`interval=1` keeps exactly `b_l`, scoring with the new
 When selections happen depends only on the forwards, never on padding, so each row of a
 left-padded batch keeps what it would keep alone.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ def layer_budgets(budget: int, num_layers: int, ratio: float) -> list[int]:
     """Linearly decaying budgets (first / last = 1 / ratio) whose sum is exactly `budget * num_layers`."""
     if num_layers == 1:
         return [budget]
-    weights = [1.0 - (1.0 - ratio) * l / (num_layers - 1) for l in range(num_layers)]
+    weights = [1.0 - (1.0 - ratio) * depth / (num_layers - 1) for depth in range(num_layers)]
     total = budget * num_layers
     raw = [total * w / sum(weights) for w in weights]
     out = [int(r) for r in raw]
@@ -69,8 +70,9 @@ class PyramidInferLayer(EvictingLayer):
     def observe(self, query, weights, scaling, new_pos, new_valid) -> None:
         q_len = new_pos.shape[0]
         rows = slice(max(0, q_len - self.settings.window), q_len)  # the most recent queries
-        self.recent_attention = self.recent_attention + self.attention_sums(query, weights, scaling, rows, new_pos,
-                                                                            new_valid)
+        self.recent_attention = self.recent_attention + self.attention_sums(
+            query, weights, scaling, rows, new_pos, new_valid
+        )
         self.since += q_len
         self.point = q_len > 1 or self.since >= self.settings.interval
 

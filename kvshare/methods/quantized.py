@@ -38,6 +38,7 @@ policy's kept tokens times the quantizer's bytes per token. H2O/PyramidInfer sco
 attention reads them (dequantized). Since codes are per token, dropping tokens never re-quantizes
 anything: the evicting cache holds exactly the codes the quantized cache alone would hold for them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -153,8 +154,13 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def _cat(a: QTensor | None, b: QTensor, dim: int = -2) -> QTensor:
     if a is None:
         return b
-    return QTensor(torch.cat([a.packed, b.packed], dim), torch.cat([a.scale, b.scale], dim),
-                   torch.cat([a.zero, b.zero], dim), b.bits, b.group_size)
+    return QTensor(
+        torch.cat([a.packed, b.packed], dim),
+        torch.cat([a.scale, b.scale], dim),
+        torch.cat([a.zero, b.zero], dim),
+        b.bits,
+        b.group_size,
+    )
 
 
 def _map(qt: QTensor | None, fn) -> QTensor | None:
@@ -207,6 +213,7 @@ class QuantizedStorage:
 
     def gather(self, idx: torch.Tensor) -> None:
         """Keep the tokens at `idx` ([batch, P, keep]) only."""
+
         def pick(t):
             return t.gather(2, idx[..., None].expand(t.shape[0], t.shape[1], idx.shape[-1], t.shape[-1]))
 
@@ -277,7 +284,9 @@ class QuantizedKVLayer(DynamicLayer):
             return self.cumulative_length + query_length, 0
         window = self.sliding_window
         offset = max(self.cumulative_length - window + 1, 0)
-        length = (window - 1 + query_length) if self.cumulative_length >= window else self.cumulative_length + query_length
+        length = (
+            (window - 1 + query_length) if self.cumulative_length >= window else self.cumulative_length + query_length
+        )
         return length, offset
 
     def get_max_length(self) -> int:
@@ -414,8 +423,9 @@ def quantized_eviction(eviction, quantization: QuantizedKV):
     from .eviction import EvictionPolicy
 
     if not isinstance(eviction, EvictionPolicy):
-        raise TypeError(f"quantized_eviction combines a kvshare eviction method with QuantizedKV, "
-                        f"got {type(eviction).__name__}")
+        raise TypeError(
+            f"quantized_eviction combines a kvshare eviction method with QuantizedKV, got {type(eviction).__name__}"
+        )
     if not isinstance(quantization, QuantizedKV):
         raise TypeError(f"the second argument must be a QuantizedKV, got {type(quantization).__name__}")
     return Composition(eviction, quantization)
@@ -440,5 +450,18 @@ def make_policy(kv_bits: int | None, group_size: int = 32) -> QuantizedKV | None
     return QuantizedKV(bits=int(kv_bits), group_size=group_size)
 
 
-__all__ = ["QTensor", "QuantizedKV", "QuantizedKVLayer", "QuantizedSettings", "QuantizedStorage", "SUPPORTED_BITS",
-           "dequantize", "error_bound", "make_policy", "plain_cache_bytes", "quantize", "quantized", "quantized_eviction"]
+__all__ = [
+    "QTensor",
+    "QuantizedKV",
+    "QuantizedKVLayer",
+    "QuantizedSettings",
+    "QuantizedStorage",
+    "SUPPORTED_BITS",
+    "dequantize",
+    "error_bound",
+    "make_policy",
+    "plain_cache_bytes",
+    "quantize",
+    "quantized",
+    "quantized_eviction",
+]

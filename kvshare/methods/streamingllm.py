@@ -6,6 +6,7 @@ tokens are kept in every head, no attention weights are needed, and positions st
 true positions (the original re-indexes positions inside the cache; with RoPE applied before
 caching, kvshare keeps the true ones, like transformers' own sink caches did).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@
 offline: BIG-bench multiple-choice tasks, XSum and perplexity on local files (no network);
 online:  lm-eval's own tasks (PIQA, HellaSwag, WSC, CommonSenseQA, BoolQ, MMLU, RACE, ...).
 """
+
 from __future__ import annotations
 
 from .offline import MCTask, PerplexityTask, SummarizationTask
@@ -37,6 +38,14 @@ def default_tasks(suite: str) -> list[str]:
 
 
 __all__ = [
-    "LMEvalTask", "MCTask", "OFFLINE_DEFAULT", "OFFLINE_TASKS", "ONLINE_DEFAULT", "ONLINE_TASKS", "PerplexityTask",
-    "SummarizationTask", "default_tasks", "suite_tasks",
+    "LMEvalTask",
+    "MCTask",
+    "OFFLINE_DEFAULT",
+    "OFFLINE_TASKS",
+    "ONLINE_DEFAULT",
+    "ONLINE_TASKS",
+    "PerplexityTask",
+    "SummarizationTask",
+    "default_tasks",
+    "suite_tasks",
 ]

@@ -13,6 +13,7 @@ Two scoring protocols for log-likelihoods (multiple choice, perplexity):
   The choices of one question share a prefill (a batch of identical rows, so no padding).
 Generation tasks always decode (`generate`), so eviction shows in them under either protocol.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,16 +57,23 @@ def _lm_class():
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             if not self.decode:
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-            return decode_loglikelihoods(self.model, requests, self.max_length, int(self.batch_size),
-                                         self.tokenizer.pad_token_id or 0, progress=not disable_tqdm,
-                                         cache_hook=self.cache_hook)
+            return decode_loglikelihoods(
+                self.model,
+                requests,
+                self.max_length,
+                int(self.batch_size),
+                self.tokenizer.pad_token_id or 0,
+                progress=not disable_tqdm,
+                cache_hook=self.cache_hook,
+            )
 
     _LM_CLASS = KVShareLM
     return KVShareLM
 
 
-def decode_loglikelihoods(model, requests, max_length: int, batch_size: int, pad_id: int = 0, progress: bool = False,
-                          cache_hook=None) -> list[tuple[float, bool]]:
+def decode_loglikelihoods(
+    model, requests, max_length: int, batch_size: int, pad_id: int = 0, progress: bool = False, cache_hook=None
+) -> list[tuple[float, bool]]:
     """(sum of log-probabilities, greedy?) of each request's continuation, scored by decoding.
 
     `requests` are lm-eval's `((context, continuation), context_ids, continuation_ids)`. Requests with
@@ -92,7 +100,7 @@ def decode_loglikelihoods(model, requests, max_length: int, batch_size: int, pad
         for ctx, idx in tqdm(chunks, desc="log-likelihoods by decoding", disable=not progress):
             conts = [list(requests[i][2]) for i in idx]
             longest = max(len(c) for c in conts)
-            ctx = list(ctx)[-max(1, max_length + 1 - longest):]  # the window the model can see, as lm-eval cuts it
+            ctx = list(ctx)[-max(1, max_length + 1 - longest) :]  # the window the model can see, as lm-eval cuts it
             rows = len(idx)
             # fed one at a time: the context's last token, then every continuation token but the last
             steps = torch.tensor([[ctx[-1]] + c[:-1] + [pad_id] * (longest - len(c)) for c in conts], device=device)
@@ -172,25 +180,28 @@ def rows_from_results(res: dict, spec) -> list[dict]:
         chance = {spec.metric: spec.chance}
     rows = []
     for metric in _metrics(result):
-        rows.append({
-            "task": spec.name,
-            "metric": metric,
-            "value": _num(result[f"{metric},none"]),
-            "stderr": _num(result.get(f"{metric}_stderr,none")),
-            "n": n,
-            "category": spec.category,
-            "chance": chance.get(metric),
-            "primary": metric == spec.metric,
-            "higher_is_better": True,
-            "scores": _scores(res, spec.name, metric),
-        })
+        rows.append(
+            {
+                "task": spec.name,
+                "metric": metric,
+                "value": _num(result[f"{metric},none"]),
+                "stderr": _num(result.get(f"{metric}_stderr,none")),
+                "n": n,
+                "category": spec.category,
+                "chance": chance.get(metric),
+                "primary": metric == spec.metric,
+                "higher_is_better": True,
+                "scores": _scores(res, spec.name, metric),
+            }
+        )
     if not any(r["primary"] for r in rows):
         raise RuntimeError(f"lm-eval returned no '{spec.metric}' for {spec.name} (got {', '.join(_metrics(result))})")
     return rows
 
 
-def run_lm_eval(lm, task_manager, specs, limit: int | None = None, samples: dict | None = None,
-                chat: bool = False) -> dict:
+def run_lm_eval(
+    lm, task_manager, specs, limit: int | None = None, samples: dict | None = None, chat: bool = False
+) -> dict:
     """One `simple_evaluate` over `specs` (their requests are batched together): {task: rows}.
 
     `limit` caps every task at its first examples; `samples` ({task: example indices}) sets them per task."""
@@ -215,8 +226,9 @@ def run_lm_eval(lm, task_manager, specs, limit: int | None = None, samples: dict
     return {s.name: rows_from_results(res, s) for s in specs}
 
 
-def run_perplexity(model, tokenizer, spec, limit: int | None, progress: bool = True, decode: bool = False,
-                   batch_size: int = 8) -> list[dict]:
+def run_perplexity(
+    model, tokenizer, spec, limit: int | None, progress: bool = True, decode: bool = False, batch_size: int = 8
+) -> list[dict]:
     """Perplexity on the held-out BBC text with `kvshare.metrics.perplexity_with_error` (one pass), or with
     `kvshare.metrics.decode_perplexity` (`decode`: `spec.context` tokens of each window prefilled, the rest
     decoded and scored). The nll row's `scores` are the per-window mean NLLs (for paired comparisons)."""
@@ -225,18 +237,46 @@ def run_perplexity(model, tokenizer, spec, limit: int | None, progress: bool = T
 
     if decode:
         max_tokens = None if limit is None else limit * spec.window
-        r = decode_perplexity(model, tokenizer, eval_text(), window=spec.window, context=spec.context,
-                              max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+        r = decode_perplexity(
+            model,
+            tokenizer,
+            eval_text(),
+            window=spec.window,
+            context=spec.context,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            progress=progress,
+        )
     else:
         # consecutive windows overlap by one token (each scores window - 1 tokens): this many tokens make exactly
         # `limit` full windows, with no short remnant window weighing as much as a full one in the stderr
         max_tokens = None if limit is None else 1 + limit * (spec.window - 1)
-        r = perplexity_with_error(model, tokenizer, eval_text(), window=spec.window, stride=spec.window,
-                                  max_tokens=max_tokens, batch_size=batch_size, progress=progress)
-    common = {"task": spec.name, "n": r["tokens"], "category": spec.category, "chance": None,
-              "higher_is_better": False, "scores": None}
+        r = perplexity_with_error(
+            model,
+            tokenizer,
+            eval_text(),
+            window=spec.window,
+            stride=spec.window,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    common = {
+        "task": spec.name,
+        "n": r["tokens"],
+        "category": spec.category,
+        "chance": None,
+        "higher_is_better": False,
+        "scores": None,
+    }
     return [
         {**common, "metric": "ppl", "value": r["ppl"], "stderr": _num(r["ppl_se"]), "primary": True},
-        {**common, "metric": "nll", "value": r["nll"], "stderr": _num(r["nll_se"]), "primary": False,
-         "scores": r["window_nll"]},
+        {
+            **common,
+            "metric": "nll",
+            "value": r["nll"],
+            "stderr": _num(r["nll_se"]),
+            "primary": False,
+            "scores": r["window_nll"],
+        },
     ]

@@ -10,6 +10,7 @@ once with a fixed seed; the first `FEWSHOT_POOL` form the few-shot pool (`train`
 evaluated (`test`), so evaluated examples are never shown as shots. Chance is the expected accuracy
 of a uniform guess over each example's choices.
 """
+
 from __future__ import annotations
 
 import json
@@ -155,11 +156,13 @@ def summarization_rows(spec: SummarizationTask) -> list[dict]:
     rows = []
     for a in eval_articles():
         article = _first_words(a["article"], spec.max_words)
-        rows.append({
-            "query": f"Summarize this article in one sentence.\n\n{article}",  # a chat request (instruct models)
-            "query_plain": f"Article: {article}\n\nOne-sentence summary of the article:",  # base models
-            "summary": a["summary"].strip(),
-        })
+        rows.append(
+            {
+                "query": f"Summarize this article in one sentence.\n\n{article}",  # a chat request (instruct models)
+                "query_plain": f"Article: {article}\n\nOne-sentence summary of the article:",  # base models
+                "summary": a["summary"].strip(),
+            }
+        )
     return rows
 
 

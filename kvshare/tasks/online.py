@@ -5,6 +5,7 @@ examination and understanding, with Chinese benchmarks for Chinese models. lm-ev
 CMNLI, CHID, C3 or XSum task, so those are mapped to the nearest task that exists; the mapping is
 in the README. These tasks download their data from the Hugging Face hub on first use.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@
 lm-eval calls each metric once per document as `fn(references=[gold], predictions=[generated])` and
 averages the returned floats. Scores are F1 in [0, 1], with Porter stemming, as usual for XSum.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

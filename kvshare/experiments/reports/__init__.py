@@ -4,6 +4,7 @@ numbers its `kvshare.experiments` module produced: `reports/<name>.py` belongs t
 This is the only part of kvshare that imports matplotlib. Importing any report selects the Agg backend first when
 there is no display and no Jupyter kernel (papermill, CI), before a report module imports pyplot.
 """
+
 import os
 import sys
 

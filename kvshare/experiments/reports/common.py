@@ -1,9 +1,9 @@
 """What several notebooks' reports share: colours per search order, `save_figure`, and the Markdown table of
 generations (notebooks 02 and 03)."""
+
 from __future__ import annotations
 
 from pathlib import Path
-
 
 COLORS = {"dissimilar": "#d62728", "similar": "#1f77b4", "random": "#7f7f7f"}
 MARKERS = {"dissimilar": "o", "similar": "s", "random": "^"}

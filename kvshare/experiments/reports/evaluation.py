@@ -1,5 +1,6 @@
 """Notebook 03's figure (score and perplexity versus compression rate) and its verdict on the paper's claim,
 computed from the numbers of `kvshare.experiments.evaluation`."""
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -22,12 +23,17 @@ def conclusion(summary, rate: float = 0.25, threshold_pct: float = 90.0) -> dict
             }
     lines = []
     for order, v in per_order.items():
-        margin = ("" if v["above_chance_kept_pct"] is None
-                  else f"; of the margin above chance it keeps {v['above_chance_kept_pct']:.1f}%")
+        margin = (
+            ""
+            if v["above_chance_kept_pct"] is None
+            else f"; of the margin above chance it keeps {v['above_chance_kept_pct']:.1f}%"
+        )
         verdict = "the claim holds" if v["holds"] else "the claim does not hold"
-        lines.append(f"{order}: {v['kept_pct']:.1f}% of the full model's average score kept at {rate:.1%} "
-                     f"compression ({verdict}: > {threshold_pct:g}% needed){margin}; the average drops by "
-                     f"{v['drop']:.3f} ± {v['drop_stderr']:.3f} (paired stderr)")
+        lines.append(
+            f"{order}: {v['kept_pct']:.1f}% of the full model's average score kept at {rate:.1%} "
+            f"compression ({verdict}: > {threshold_pct:g}% needed){margin}; the average drops by "
+            f"{v['drop']:.3f} ± {v['drop_stderr']:.3f} (paired stderr)"
+        )
     return {"rate": rate, "threshold_pct": threshold_pct, "orders": per_order, "text": "\n".join(lines)}
 
 
@@ -48,14 +54,27 @@ def plot_compression(summary, rows=None, title: str = ""):
         ax.axhline(full["average"], color="gray", lw=0.8)
         ax.axhline(0.9 * full["average"], color="gray", lw=0.8, ls="--", label="90% of full")
     if rows:
-        chance = [r["chance"] for r in rows if r.get("primary") and r["num_shared"] == 0 and r.get("chance") is not None
-                  and r.get("higher_is_better", True)]
+        chance = [
+            r["chance"]
+            for r in rows
+            if r.get("primary")
+            and r["num_shared"] == 0
+            and r.get("chance") is not None
+            and r.get("higher_is_better", True)
+        ]
         if chance:
             ax.axhline(mean_or_nan(chance), color="red", lw=0.8, ls=":", label="chance")
-    ax.set(xlabel="compression rate (% of layers sharing KV)", ylabel="average score (primary metrics)",
-           title="Benchmark average (error bars: paired stderr of the drop)")
-    bx.set(xlabel="compression rate (% of layers sharing KV)", ylabel="perplexity (log scale)",
-           title="Perplexity on held-out BBC text", yscale="log")
+    ax.set(
+        xlabel="compression rate (% of layers sharing KV)",
+        ylabel="average score (primary metrics)",
+        title="Benchmark average (error bars: paired stderr of the drop)",
+    )
+    bx.set(
+        xlabel="compression rate (% of layers sharing KV)",
+        ylabel="perplexity (log scale)",
+        title="Perplexity on held-out BBC text",
+        yscale="log",
+    )
     ax.legend(fontsize=8)
     if bx.lines:
         bx.legend(fontsize=8)

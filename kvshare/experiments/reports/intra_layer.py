@@ -1,5 +1,6 @@
 """Notebook 05's report: the comparison and overhead tables in Markdown, the Pareto figure and the conclusion
 (whether the gains of sharing and eviction add up), from the rows of `kvshare.experiments.intra_layer`."""
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -10,22 +11,37 @@ from ...strategy import Strategy
 from ..intra_layer import POLICY_LABELS, pareto_front
 
 
-def conclusion(rows: list[dict], adds: list[dict], front: list[str], model: str, strategy: Strategy | None = None,
-               z_crit: float = 2.0) -> str:
+def conclusion(
+    rows: list[dict],
+    adds: list[dict],
+    front: list[str],
+    model: str,
+    strategy: Strategy | None = None,
+    z_crit: float = 2.0,
+) -> str:
     """Markdown: whether the gains add up, computed from the table."""
     full = next(r for r in rows if r["label"] == "full")
     share = next(r for r in rows if r["label"] == "sharing")
     exact = all(r["kv_bytes"] == r["kv_bytes_predicted"] for r in rows if r.get("kv_bytes_predicted") is not None)
-    lines = [f"**{model}**: sharing {share['num_shared']} layers keeps {share['kv_ratio']:.1%} of the K/V bytes at "
-             f"perplexity {share['ppl']:.2f} (full model {full['ppl']:.2f}, decoded tokens).", ""]
+    lines = [
+        f"**{model}**: sharing {share['num_shared']} layers keeps {share['kv_ratio']:.1%} of the K/V bytes at "
+        f"perplexity {share['ppl']:.2f} (full model {full['ppl']:.2f}, decoded tokens).",
+        "",
+    ]
     multiply = [a for a in adds if abs(a["kv_ratio_combined"] - a["kv_ratio_product"]) <= 0.005]
     other = [a for a in adds if a not in multiply]
-    text = ("- **Memory**: every cache held exactly the bytes sharing and the policy predict together"
-            if exact else "- **Memory**: some caches did NOT hold the predicted bytes")
+    text = (
+        "- **Memory**: every cache held exactly the bytes sharing and the policy predict together"
+        if exact
+        else "- **Memory**: some caches did NOT hold the predicted bytes"
+    )
     if multiply:
-        text += ("; the savings multiply for " + ", ".join(f"{POLICY_LABELS[a['policy']]} {a['budget']} "
-                                                           f"({a['kv_ratio_combined']:.3f} = {a['kv_ratio_policy']:.3f} × "
-                                                           f"{a['kv_ratio_sharing']:.3f})" for a in multiply))
+        text += "; the savings multiply for " + ", ".join(
+            f"{POLICY_LABELS[a['policy']]} {a['budget']} "
+            f"({a['kv_ratio_combined']:.3f} = {a['kv_ratio_policy']:.3f} × "
+            f"{a['kv_ratio_sharing']:.3f})"
+            for a in multiply
+        )
     lines.append(text + ".")
     for a in other:
         why = ""
@@ -34,73 +50,108 @@ def conclusion(rows: list[dict], adds: list[dict], front: list[str], model: str,
             n = strategy.num_layers
             replaced = [policy.layer_budget(i, n) for i in strategy.mapping]
             if replaced:
-                why = (f": the replaced layers ({', '.join(map(str, strategy.mapping))}) keep "
-                       f"{sum(replaced) / len(replaced):.1f} tokens on average under it, against {a['budget']} over all "
-                       "layers, so sharing removes a different share of its bytes")
-        lines.append(f"  - {POLICY_LABELS[a['policy']]} {a['budget']}: combined {a['kv_ratio_combined']:.3f} vs product "
-                     f"{a['kv_ratio_product']:.3f} (sharing removes {1 - a['kv_ratio_combined'] / a['kv_ratio_policy']:.1%} "
-                     f"of the policy's bytes instead of {1 - a['kv_ratio_sharing']:.1%}){why}.")
+                why = (
+                    f": the replaced layers ({', '.join(map(str, strategy.mapping))}) keep "
+                    f"{sum(replaced) / len(replaced):.1f} tokens on average under it, against {a['budget']} over all "
+                    "layers, so sharing removes a different share of its bytes"
+                )
+        lines.append(
+            f"  - {POLICY_LABELS[a['policy']]} {a['budget']}: combined {a['kv_ratio_combined']:.3f} vs product "
+            f"{a['kv_ratio_product']:.3f} (sharing removes {1 - a['kv_ratio_combined'] / a['kv_ratio_policy']:.1%} "
+            f"of the policy's bytes instead of {1 - a['kv_ratio_sharing']:.1%}){why}."
+        )
     add, worse, better = [], [], []
     for a in adds:
         z = a["interaction"] / a["interaction_se"] if a["interaction_se"] and a["interaction_se"] > 0 else float("nan")
         name = f"{POLICY_LABELS[a['policy']]} {a['budget']}"
-        text = (f"{name}: ΔNLL {a['nll_diff_combined']:+.3f} combined vs {a['nll_diff_sum']:+.3f} summed "
-                f"(interaction {a['interaction']:+.3f} ± {a['interaction_se']:.3f})")
+        text = (
+            f"{name}: ΔNLL {a['nll_diff_combined']:+.3f} combined vs {a['nll_diff_sum']:+.3f} summed "
+            f"(interaction {a['interaction']:+.3f} ± {a['interaction_se']:.3f})"
+        )
         (worse if z > z_crit else better if z < -z_crit else add).append(text)
     if add:
-        lines.append(f"- **Quality costs add up** (interaction within {z_crit:g} standard errors of 0): " + "; ".join(add) + ".")
+        lines.append(
+            f"- **Quality costs add up** (interaction within {z_crit:g} standard errors of 0): " + "; ".join(add) + "."
+        )
     if worse:
         lines.append("- **Worse together than the sum of the parts**: " + "; ".join(worse) + ".")
     if better:
-        lines.append("- **Less than the sum of the parts** (the combined loss is smaller than the two losses added): "
-                     + "; ".join(better) + ".")
+        lines.append(
+            "- **Less than the sum of the parts** (the combined loss is smaller than the two losses added): "
+            + "; ".join(better)
+            + "."
+        )
     for key, name in (("rougeL", "ROUGE-L of the summaries"), ("mc_acc", "multiple-choice accuracy")):
         scored = [r for r in rows if r.get(key) is not None and r.get(f"{key}_diff") == r.get(f"{key}_diff")]
         if not scored:
             continue
         hurt = [r for r in scored if r[f"{key}_diff_se"] and r[f"{key}_diff"] < -z_crit * r[f"{key}_diff_se"]]
         worst = min(scored, key=lambda r: r[f"{key}_diff"])
-        lines.append(f"- **{name[0].upper() + name[1:]}** (full model {full[key]:.3f}): "
-                     + (f"{len(hurt)} of {len(scored) - 1} configurations lose significantly (paired, > {z_crit:g} s.e.): "
-                        + ", ".join(f"{r['label']} ({r[f'{key}_diff']:+.3f})" for r in hurt)
-                        if hurt else f"no configuration loses significantly (paired, {z_crit:g} s.e.)")
-                     + f"; the largest drop is {worst[f'{key}_diff']:+.3f} ({worst['label']}).")
+        lines.append(
+            f"- **{name[0].upper() + name[1:]}** (full model {full[key]:.3f}): "
+            + (
+                f"{len(hurt)} of {len(scored) - 1} configurations lose significantly (paired, > {z_crit:g} s.e.): "
+                + ", ".join(f"{r['label']} ({r[f'{key}_diff']:+.3f})" for r in hurt)
+                if hurt
+                else f"no configuration loses significantly (paired, {z_crit:g} s.e.)"
+            )
+            + f"; the largest drop is {worst[f'{key}_diff']:+.3f} ({worst['label']})."
+        )
     combos = [lbl for lbl in front if "+ sharing" in lbl]
-    lines.append(f"- Pareto front (K/V bytes vs perplexity): {', '.join(front)}. "
-                 + (f"{len(combos)} combined configuration(s) on it." if combos else "No combined configuration is on it."))
+    lines.append(
+        f"- Pareto front (K/V bytes vs perplexity): {', '.join(front)}. "
+        + (f"{len(combos)} combined configuration(s) on it." if combos else "No combined configuration is on it.")
+    )
     peaks = sorted(rows, key=lambda r: r["peak_ratio"])
     by_prefill = full.get("decode_peak_bytes") is not None and full["peak_bytes"] > full["decode_peak_bytes"]
-    lines.append(f"- Peak memory of the whole run ranges from {peaks[0]['peak_ratio']:.2f}× ({peaks[0]['label']}) to "
-                 f"{peaks[-1]['peak_ratio']:.2f}× ({peaks[-1]['label']}) of the full model's {full['peak_bytes'] / 2**20:.0f} MiB"
-                 + (f"; it is reached in the prefill ({full['peak_bytes'] / 2**20:.0f} MiB against "
-                    f"{full['decode_peak_bytes'] / 2**20:.0f} MiB while decoding), which every configuration runs over the "
-                    "whole prompt before it evicts anything." if by_prefill else "."))
+    lines.append(
+        f"- Peak memory of the whole run ranges from {peaks[0]['peak_ratio']:.2f}× ({peaks[0]['label']}) to "
+        f"{peaks[-1]['peak_ratio']:.2f}× ({peaks[-1]['label']}) of "
+        f"the full model's {full['peak_bytes'] / 2**20:.0f} MiB"
+        + (
+            f"; it is reached in the prefill ({full['peak_bytes'] / 2**20:.0f} MiB against "
+            f"{full['decode_peak_bytes'] / 2**20:.0f} MiB while decoding), which every configuration runs over the "
+            "whole prompt before it evicts anything."
+            if by_prefill
+            else "."
+        )
+    )
     dec = [r for r in rows if r.get("decode_peak_minus_full_mib") is not None]
     if dec:
         low = min(dec, key=lambda r: r["decode_peak_minus_full_mib"])
         if low["decode_peak_minus_full_mib"] < 0:
             saved = (full["kv_bytes"] - low["kv_bytes"]) / 2**20
-            lines.append(f"- While decoding, the peak falls by up to {-low['decode_peak_minus_full_mib']:.0f} MiB "
-                         f"({low['label']}, whose cache holds {saved:.0f} MiB less K/V than the full model's).")
+            lines.append(
+                f"- While decoding, the peak falls by up to {-low['decode_peak_minus_full_mib']:.0f} MiB "
+                f"({low['label']}, whose cache holds {saved:.0f} MiB less K/V than the full model's)."
+            )
         else:
             lines.append("- While decoding, no configuration's peak is below the full model's.")
     speed = sorted(rows, key=lambda r: -r["decode_tps_ratio"])
-    lines.append(f"- Decode speed against the full model ranges from {speed[-1]['decode_tps_ratio']:.2f}× "
-                 f"({speed[-1]['label']}) to {speed[0]['decode_tps_ratio']:.2f}× ({speed[0]['label']}).")
+    lines.append(
+        f"- Decode speed against the full model ranges from {speed[-1]['decode_tps_ratio']:.2f}× "
+        f"({speed[-1]['label']}) to {speed[0]['decode_tps_ratio']:.2f}× ({speed[0]['label']})."
+    )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
 # figure and tables
 # ------------------------------------------------------------------------------------------------
-POLICY_STYLE = {"": ("#222222", "*"), "h2o": ("#1f77b4", "o"), "pyramidinfer": ("#2ca02c", "s"),
-                "streamingllm": ("#ff7f0e", "^")}
+POLICY_STYLE = {
+    "": ("#222222", "*"),
+    "h2o": ("#1f77b4", "o"),
+    "pyramidinfer": ("#2ca02c", "s"),
+    "streamingllm": ("#ff7f0e", "^"),
+}
 
 
 def pareto_figure(rows: list[dict], title: str = ""):
     """Left: K/V bytes vs perplexity (filled: alone, hollow: with sharing; arrows: adding sharing; grey
     steps: the Pareto front). Right: decode tokens/s and peak memory above the loaded model, vs full."""
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.6), constrained_layout=True, gridspec_kw={"width_ratios": [1.25, 1]})
+    fig, (ax, bx) = plt.subplots(
+        1, 2, figsize=(13, 5.6), constrained_layout=True, gridspec_kw={"width_ratios": [1.25, 1]}
+    )
     t = {r["label"]: r for r in rows}
     front = [t[label] for label in pareto_front(rows)]
     front.sort(key=lambda r: r["kv_ratio"])
@@ -116,20 +167,42 @@ def pareto_figure(rows: list[dict], title: str = ""):
         color, marker = POLICY_STYLE.get(r["policy"], ("#7f7f7f", "o"))
         if r["policy"] == "" and r["shared"]:
             color, marker = "#d62728", "D"
-        ax.errorbar(r["kv_ratio"], r["ppl"], yerr=r["ppl_se"], fmt=marker, ms=9, color=color,
-                    mfc="white" if (r["shared"] and r["policy"]) else color, mew=2, capsize=2, zorder=3)
-        ax.annotate(r["label"].replace(" + sharing", "+S"), (r["kv_ratio"], r["ppl"]), textcoords="offset points",
-                    xytext=(6, 4), fontsize=7)
+        ax.errorbar(
+            r["kv_ratio"],
+            r["ppl"],
+            yerr=r["ppl_se"],
+            fmt=marker,
+            ms=9,
+            color=color,
+            mfc="white" if (r["shared"] and r["policy"]) else color,
+            mew=2,
+            capsize=2,
+            zorder=3,
+        )
+        ax.annotate(
+            r["label"].replace(" + sharing", "+S"),
+            (r["kv_ratio"], r["ppl"]),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=7,
+        )
         if r["shared"] and r["policy"]:
             alone = t[r["label"].replace(" + sharing", "")]
-            ax.annotate("", (r["kv_ratio"], r["ppl"]), (alone["kv_ratio"], alone["ppl"]),
-                        arrowprops=dict(arrowstyle="->", color=color, alpha=0.5))
+            ax.annotate(
+                "",
+                (r["kv_ratio"], r["ppl"]),
+                (alone["kv_ratio"], alone["ppl"]),
+                arrowprops=dict(arrowstyle="->", color=color, alpha=0.5),
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("K/V bytes at the end of decoding / full model (log)")
     ax.set_ylabel("perplexity of decoded tokens (± s.e., log)")
-    handles = [plt.Line2D([], [], color=c, marker=m, ls="", ms=8, label=POLICY_LABELS.get(p, "full"))
-               for p, (c, m) in POLICY_STYLE.items() if any(r["policy"] == p for r in rows)]
+    handles = [
+        plt.Line2D([], [], color=c, marker=m, ls="", ms=8, label=POLICY_LABELS.get(p, "full"))
+        for p, (c, m) in POLICY_STYLE.items()
+        if any(r["policy"] == p for r in rows)
+    ]
     handles.append(plt.Line2D([], [], color="#d62728", marker="D", ls="", ms=8, label="sharing 25%"))
     handles.append(plt.Line2D([], [], color="#555555", marker="o", mfc="white", ls="", ms=8, label="policy + sharing"))
     handles.append(plt.Line2D([], [], color="#bbbbbb", lw=6, alpha=0.6, label="Pareto front"))
@@ -140,8 +213,13 @@ def pareto_figure(rows: list[dict], title: str = ""):
     h = 0.27
     bx.barh(y - h, [r["decode_tps_ratio"] for r in rows], height=h, color="#4c72b0", label="decode tokens/s")
     bx.barh(y, [r["peak_ratio"] for r in rows], height=h, color="#dd8452", label="peak memory (whole run)")
-    bx.barh(y + h, [r["decode_peak_ratio"] or 0.0 for r in rows], height=h, color="#8172b3",
-            label="peak memory while decoding")
+    bx.barh(
+        y + h,
+        [r["decode_peak_ratio"] or 0.0 for r in rows],
+        height=h,
+        color="#8172b3",
+        label="peak memory while decoding",
+    )
     bx.axvline(1.0, color="k", lw=0.8)
     bx.set_yticks(y, labels, fontsize=8)
     bx.invert_yaxis()
@@ -155,9 +233,12 @@ def pareto_figure(rows: list[dict], title: str = ""):
 
 def markdown_table(rows: list[dict]) -> str:
     """The comparison as a Markdown table (ratios against the full model)."""
-    head = ("| configuration | ppl (± s.e.) | ppl / full | ROUGE-L (Δ vs full) | MC acc (Δ vs full) | K/V MiB | K/V / full | "
-            "peak MiB | peak / full | decode-phase peak − full, MiB | decode tok/s | tok/s / full |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| configuration | ppl (± s.e.) | ppl / full | ROUGE-L (Δ "
+        "vs full) | MC acc (Δ vs full) | K/V MiB | K/V / full | "
+        "peak MiB | peak / full | decode-phase peak − full, MiB | decode tok/s | tok/s / full |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
 
     def score(r, key):
@@ -168,20 +249,27 @@ def markdown_table(rows: list[dict]) -> str:
 
     for r in rows:
         dp = r.get("decode_peak_minus_full_mib")
-        lines.append(f"| {r['label']} | {r['ppl']:.2f} ± {r['ppl_se']:.2f} | {r['ppl_ratio']:.3f} | "
-                     f"{score(r, 'rougeL')} | {score(r, 'mc_acc')} | "
-                     f"{r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} | {r['peak_bytes'] / 2**20:.0f} | "
-                     f"{r['peak_ratio']:.3f} | {'' if dp is None else f'{dp:+.0f}'} | "
-                     f"{r['decode_tps']:.1f} | {r['decode_tps_ratio']:.3f} |")
+        lines.append(
+            f"| {r['label']} | {r['ppl']:.2f} ± {r['ppl_se']:.2f} | {r['ppl_ratio']:.3f} | "
+            f"{score(r, 'rougeL')} | {score(r, 'mc_acc')} | "
+            f"{r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} | {r['peak_bytes'] / 2**20:.0f} | "
+            f"{r['peak_ratio']:.3f} | {'' if dp is None else f'{dp:+.0f}'} | "
+            f"{r['decode_tps']:.1f} | {r['decode_tps_ratio']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def overhead_markdown(rows: list[dict]) -> str:
-    lines = ["| attention | policy | prefill s | of which scoring | decode ms/token | of which scoring | of which evicting |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| attention | policy | prefill s | of which scoring | "
+        "decode ms/token | of which scoring | of which evicting |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         steps = r["decode_s"] / max(1e-9, r["decode_step_ms"] / 1000)
-        lines.append(f"| {r['attention']} | {POLICY_LABELS.get(r['policy'], r['policy'])} | {r['prefill_s']:.2f} | "
-                     f"{r['prefill_score_s']:.2f} | {r['decode_step_ms']:.1f} | {1000 * r['decode_score_s'] / steps:.1f} | "
-                     f"{1000 * r['decode_evict_s'] / steps:.1f} |")
+        lines.append(
+            f"| {r['attention']} | {POLICY_LABELS.get(r['policy'], r['policy'])} | {r['prefill_s']:.2f} | "
+            f"{r['prefill_score_s']:.2f} | {r['decode_step_ms']:.1f} | {1000 * r['decode_score_s'] / steps:.1f} | "
+            f"{1000 * r['decode_evict_s'] / steps:.1f} |"
+        )
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Notebook 04's conclusion (computed from the measurements, no hand-written numbers) and its figures, from the
 rows of `kvshare.experiments.memory_speed`. Each figure function returns a Figure."""
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -8,8 +9,9 @@ import numpy as np
 from ..memory_speed import PAPER
 
 
-def conclusion(cpu_rows: list[dict], budget_rows: list[dict], check: dict, accounting: list[dict],
-               cuda: dict | None = None) -> str:
+def conclusion(
+    cpu_rows: list[dict], budget_rows: list[dict], check: dict, accounting: list[dict], cuda: dict | None = None
+) -> str:
     """A markdown conclusion computed from the measurements (no hand-written numbers)."""
     lines = []
     plain = [r for r in cpu_rows if r["mode"] == "plain"]
@@ -33,28 +35,39 @@ def conclusion(cpu_rows: list[dict], budget_rows: list[dict], check: dict, accou
         worst = min(z["decode_tps_ratio"] for z in zero)
         verdict = "meets" if worst >= 0.98 else "misses"
         ratios = ", ".join(f"{z['decode_tps_ratio']:.3f} at batch {z['batch']}" for z in zero)
-        text = (f"- **C=0 overhead**: decode tokens/s against plain transformers {ratios} ({verdict} the ≥ 0.98 "
-                "target). At C=0 the model is left untouched (no hook, no patched module: the very same code runs)")
+        text = (
+            f"- **C=0 overhead**: decode tokens/s against plain transformers {ratios} ({verdict} the ≥ 0.98 "
+            "target). At C=0 the model is left untouched (no hook, no patched module: the very same code runs)"
+        )
         # the machine's own run-to-run spread: plain transformers against itself across measurement rounds
-        spreads = [min(x["decode_tps"] for x in r["rounds"]) / max(x["decode_tps"] for x in r["rounds"])
-                   for r in plain if r.get("rounds")]
+        spreads = [
+            min(x["decode_tps"] for x in r["rounds"]) / max(x["decode_tps"] for x in r["rounds"])
+            for r in plain
+            if r.get("rounds")
+        ]
         if spreads:
-            text += (f", so any gap is measurement noise: plain transformers' own runs of one configuration differ by "
-                     f"up to {1 - min(spreads):.0%} in this run")
+            text += (
+                f", so any gap is measurement noise: plain transformers' own runs of one configuration differ by "
+                f"up to {1 - min(spreads):.0%} in this run"
+            )
         lines.append(text + ".")
     fits = [b for b in budget_rows if b.get("fits") and b["mode"] == "shared" and "throughput_ratio" in b]
     if fits:
         for b in fits:
             lines.append(
-                f"- **Fixed memory budget** ({b['budget_bytes'] / 2**20:,.0f} MiB), rate {b['rate']:.3f}: largest batch "
-                f"{b['batch']} vs {round(b['batch'] / b['batch_ratio'])} plain; throughput {b['throughput_ratio']:.2f}x, "
+                f"- **Fixed memory budget** ({b['budget_bytes'] / 2**20:,.0f} "
+                f"MiB), rate {b['rate']:.3f}: largest batch "
+                f"{b['batch']} vs {round(b['batch'] / b['batch_ratio'])} "
+                f"plain; throughput {b['throughput_ratio']:.2f}x, "
                 f"against the KV-only limit L/(L−C) = {b['ideal_ratio']:.2f}x (gap {b['gap_to_ideal']:+.2f})."
             )
     lines.append(
         f"- **The paper's 72% peak memory** ({check['preset']}, 512+2048 tokens): fp16 weights alone are "
-        f"{check['weights_bytes'] / 2**30:.1f} GiB of the {check['paper_peak_bytes'] / 2**30:.1f} GiB baseline. Even if "
+        f"{check['weights_bytes'] / 2**30:.1f} GiB of the "
+        f"{check['paper_peak_bytes'] / 2**30:.1f} GiB baseline. Even if "
         f"everything else were KV cache (batch {check['max_batch_in_paper_peak']}), removing {check['num_shared']}/"
-        f"{check['num_layers']} layers' K/V leaves at least {check['predicted_peak_ratio_lower_bound']:.1%} of the peak. "
+        f"{check['num_layers']} layers' K/V leaves at least "
+        f"{check['predicted_peak_ratio_lower_bound']:.1%} of the peak. "
         f"The reported {check['paper_peak_ratio']:.1%} is below what sharing the KV cache can explain; it cannot be "
         "reproduced by KV sharing alone (allocator reuse and a different batch or measurement may explain it)."
     )
@@ -65,26 +78,36 @@ def conclusion(cpu_rows: list[dict], budget_rows: list[dict], check: dict, accou
         "proportional to the kept layers). With a static cache that copy is gone, and so is most of that gain."
     )
     for cache in ("dynamic", "static"):
-        best = max((a for a in accounting if a["cache"] == cache and a["num_shared"] > 0),
-                   key=lambda a: a["speedup_bound"], default=None)
+        best = max(
+            (a for a in accounting if a["cache"] == cache and a["num_shared"] > 0),
+            key=lambda a: a["speedup_bound"],
+            default=None,
+        )
         if best:
             lines.append(
                 f"  - {cache} cache, batch {best['batch']}, rate {best['rate']:.3f}: bytes moved per decode fall to "
                 f"1/{best['speedup_bound']:.3f}, so a memory-bound decode can speed up by at most "
-                f"{best['speedup_bound']:.2f}x (the paper reports {PAPER['tokens_per_s'][1] / PAPER['tokens_per_s'][0]:.2f}x)."
+                f"{best['speedup_bound']:.2f}x (the paper reports "
+                f"{PAPER['tokens_per_s'][1] / PAPER['tokens_per_s'][0]:.2f}x)."
             )
     if cuda:
-        lines.append(f"- **CUDA** ({cuda.get('gpu', 'GPU')}): see the CUDA panels; measured rows are in the results file.")
+        lines.append(
+            f"- **CUDA** ({cuda.get('gpu', 'GPU')}): see the CUDA panels; measured rows are in the results file."
+        )
     else:
         lines.append("- **CUDA**: no GPU results file yet (`scripts/cuda_bench.sh` writes it when a GPU is lent).")
     if plain:
-        lines.append(f"\nMeasured on: {plain[0].get('device_name', plain[0]['device'])}, torch {plain[0]['torch']}, "
-                     f"transformers {plain[0]['transformers']}, {plain[0].get('threads', '?')} threads.")
+        lines.append(
+            f"\nMeasured on: {plain[0].get('device_name', plain[0]['device'])}, torch {plain[0]['torch']}, "
+            f"transformers {plain[0]['transformers']}, {plain[0].get('threads', '?')} threads."
+        )
         loads = [r["load_avg_1min"] for r in cpu_rows if r.get("load_avg_1min") is not None]
         if loads and max(loads) > (plain[0].get("threads") or 1) + 0.5:
-            lines.append(f"**Caution:** other work was running during these measurements (1-minute load average up to "
-                         f"{max(loads):.1f} on {plain[0].get('threads', '?')} threads): the timings and their ratios "
-                         "are noisy; the byte counts are exact regardless.")
+            lines.append(
+                f"**Caution:** other work was running during these measurements (1-minute load average up to "
+                f"{max(loads):.1f} on {plain[0].get('threads', '?')} threads): the timings and their ratios "
+                "are noisy; the byte counts are exact regardless."
+            )
     return "\n".join(lines)
 
 
@@ -97,8 +120,12 @@ def plot_rate_sweep(rows: list[dict], title: str = ""):
         sub = sorted((r for r in rows if r["batch"] == batch and r["mode"] == "shared"), key=lambda r: r["rate"])
         plain = next(r for r in rows if r["batch"] == batch and r["mode"] == "plain")
         x = [100 * r["rate"] for r in sub]
-        for ax, key, scale in ((axes[0], "kv_bytes", 2**20), (axes[1], "peak_bytes", 2**20), (axes[2], "decode_tps", 1)):
-            line, = ax.plot(x, [r[key] / scale for r in sub], "o-", label=f"shared, batch {batch}")
+        for ax, key, scale in (
+            (axes[0], "kv_bytes", 2**20),
+            (axes[1], "peak_bytes", 2**20),
+            (axes[2], "decode_tps", 1),
+        ):
+            (line,) = ax.plot(x, [r[key] / scale for r in sub], "o-", label=f"shared, batch {batch}")
             ax.axhline(plain[key] / scale, ls=":", color=line.get_color())
     for ax, label in zip(axes, ["KV cache (MiB)", "peak memory (MiB)", "decode tokens/s"]):
         ax.set_xlabel("replaced layers (% of L)")
@@ -112,8 +139,9 @@ def plot_rate_sweep(rows: list[dict], title: str = ""):
 def plot_length_sweep(rows: list[dict], title: str = ""):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
     for mode, style in (("plain", "s--"), ("shared", "o-")):
-        sub = sorted((r for r in rows if r["mode"] == mode and (mode == "plain" or r["rate"] > 0)),
-                     key=lambda r: r["new_tokens"])
+        sub = sorted(
+            (r for r in rows if r["mode"] == mode and (mode == "plain" or r["rate"] > 0)), key=lambda r: r["new_tokens"]
+        )
         label = "plain transformers" if mode == "plain" else f"shared ({100 * sub[0]['rate']:.1f}%)" if sub else mode
         axes[0].plot([r["new_tokens"] for r in sub], [r["kv_bytes"] / 2**20 for r in sub], style, label=label)
         axes[1].plot([r["new_tokens"] for r in sub], [r["decode_tps"] for r in sub], style, label=label)
@@ -151,9 +179,11 @@ def plot_budget(rows: list[dict], title: str = ""):
 def plot_accounting(rows: list[dict], title: str = ""):
     fig, ax = plt.subplots(figsize=(9, 4.2), constrained_layout=True)
     labels = [f"{r['cache']}\n{100 * r['rate']:.0f}%" for r in rows]
-    parts = [("weights read", [r["weights_read_bytes"] for r in rows]),
-             ("cache rewrite (cat: read+write)", [2 * r["cache_copy_bytes"] for r in rows]),
-             ("attention K/V read", [r["attn_read_bytes"] for r in rows])]
+    parts = [
+        ("weights read", [r["weights_read_bytes"] for r in rows]),
+        ("cache rewrite (cat: read+write)", [2 * r["cache_copy_bytes"] for r in rows]),
+        ("attention K/V read", [r["attn_read_bytes"] for r in rows]),
+    ]
     bottom = np.zeros(len(rows))
     for name, values in parts:
         v = np.array(values, dtype=float) / 2**40

@@ -1,5 +1,6 @@
 """Notebook 01's figures (distance heatmaps, perplexity curves, paired ratios) and its conclusion, written from
 the numbers of `kvshare.experiments.observation`. Each figure function returns a Figure."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def distance_heatmaps(matrices: dict, title: str = ""):
 
 def _order_curves(ax, summary, k, num_layers, show_se=True):
     for order in ORDER_LABELS:
-        rows = sorted((r for r in summary if r["calibration_set"] == k and r["order"] == order),
-                      key=lambda r: r["num_shared"])
+        rows = sorted(
+            (r for r in summary if r["calibration_set"] == k and r["order"] == order), key=lambda r: r["num_shared"]
+        )
         if not rows:
             continue
         c = np.array([r["num_shared"] for r in rows])
@@ -42,10 +44,17 @@ def _order_curves(ax, summary, k, num_layers, show_se=True):
         if order == "random":
             lo = np.array([r["ppl_min"] for r in rows])
             hi = np.array([r["ppl_max"] for r in rows])
-            ax.fill_between(c, lo, hi, color=COLORS[order], alpha=0.25, lw=0,
-                            label=f"random: min–max over {rows[0]['seeds']} seeds")
-            ax.plot(c, y, color=COLORS[order], marker=MARKERS[order], ms=4,
-                    label=f"random: mean of {rows[0]['seeds']} seeds")
+            ax.fill_between(
+                c, lo, hi, color=COLORS[order], alpha=0.25, lw=0, label=f"random: min–max over {rows[0]['seeds']} seeds"
+            )
+            ax.plot(
+                c,
+                y,
+                color=COLORS[order],
+                marker=MARKERS[order],
+                ms=4,
+                label=f"random: mean of {rows[0]['seeds']} seeds",
+            )
         else:
             yerr = [r["ppl_se"] for r in rows] if show_se else None
             ax.errorbar(c, y, yerr=yerr, color=COLORS[order], marker=MARKERS[order], ms=4, capsize=2, label=label)
@@ -100,8 +109,15 @@ def paired_differences(comparisons, num_layers: int, title: str = ""):
                 x = x + (np.array([r["seed"] for r in rs]) - np.mean([r["seed"] for r in rs])) * 0.06
             d = np.array([r["nll_diff"] for r in rs])
             se = np.array([r["nll_diff_se"] for r in rs])
-            ax.errorbar(x, np.exp(d), yerr=[np.exp(d) - np.exp(d - 2 * se), np.exp(d + 2 * se) - np.exp(d)], fmt="o",
-                        ms=3.5, capsize=2, label=f"calibration set {k}" + (f" ({nseeds} seeds)" if nseeds > 1 else ""))
+            ax.errorbar(
+                x,
+                np.exp(d),
+                yerr=[np.exp(d) - np.exp(d - 2 * se), np.exp(d + 2 * se) - np.exp(d)],
+                fmt="o",
+                ms=3.5,
+                capsize=2,
+                label=f"calibration set {k}" + (f" ({nseeds} seeds)" if nseeds > 1 else ""),
+            )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
         ax.set_xlabel("replaced layers C")
@@ -117,16 +133,20 @@ def paired_differences(comparisons, num_layers: int, title: str = ""):
 # ------------------------------------------------------------------------------------------------
 # the conclusion
 # ------------------------------------------------------------------------------------------------
-def observation_conclusion(rows: list[dict], num_layers_: int, model: str, z_crit: float = 2.0,
-                           runs: list | None = None) -> str:
+def observation_conclusion(
+    rows: list[dict], num_layers_: int, model: str, z_crit: float = 2.0, runs: list | None = None
+) -> str:
     """The markdown conclusion of notebook 01, written from the numbers (and the searches' traces, if given)."""
     comps = paired_comparisons(rows)
     sets = sorted({r["calibration_set"] for r in rows})
     cs = sorted({c["num_shared"] for c in comps})
     main = sets[0]
-    lines = [f"**Computed from this run** ({model}, {num_layers_} layers, {len(sets)} disjoint calibration sets, "
-             f"perplexity on the same {rows[0]['tokens']} held-out tokens for every strategy; differences are paired "
-             f"per evaluation window, \"clear\" means |difference| > {z_crit:g} paired standard errors).", ""]
+    lines = [
+        f"**Computed from this run** ({model}, {num_layers_} layers, {len(sets)} disjoint calibration sets, "
+        f"perplexity on the same {rows[0]['tokens']} held-out tokens for every strategy; differences are paired "
+        f'per evaluation window, "clear" means |difference| > {z_crit:g} paired standard errors).',
+        "",
+    ]
 
     def verdict(c_list, k):
         wins = []
@@ -137,7 +157,9 @@ def observation_conclusion(rows: list[dict], num_layers_: int, model: str, z_cri
         return wins
 
     # headline table on the first calibration set
-    lines.append(f"| C (layers replaced) | KV kept | dissimilar | similar | random (mean ± std) | dissimilar vs similar |")
+    lines.append(
+        "| C (layers replaced) | KV kept | dissimilar | similar | random (mean ± std) | dissimilar vs similar |"
+    )
     lines.append("|---|---|---|---|---|---|")
     summary = curve_summary(rows)
     for c in cs:
@@ -147,12 +169,16 @@ def observation_conclusion(rows: list[dict], num_layers_: int, model: str, z_cri
         vs = find_rows(comps, calibration_set=main, num_shared=c, versus="similar")
         cell = lambda x: f"{x[0]['ppl']:.2f}" if x else "n/a"
         rcell = f"{rnd[0]['ppl']:.2f} ± {rnd[0]['ppl_std']:.2f}" if rnd else "n/a"
-        vcell = (f"{(vs[0]['ppl_ratio'] - 1) * 100:+.1f}% ({vs[0]['z']:+.1f} SE)" if vs else "n/a")
-        lines.append(f"| {c} ({c / num_layers_:.0%}) | {(num_layers_ - c) / num_layers_:.0%} | {cell(d)} | {cell(s)} | "
-                     f"{rcell} | {vcell} |")
+        vcell = f"{(vs[0]['ppl_ratio'] - 1) * 100:+.1f}% ({vs[0]['z']:+.1f} SE)" if vs else "n/a"
+        lines.append(
+            f"| {c} ({c / num_layers_:.0%}) | {(num_layers_ - c) / num_layers_:.0%} | {cell(d)} | {cell(s)} | "
+            f"{rcell} | {vcell} |"
+        )
     lines.append("")
-    lines.append(f"Table: calibration set {main}. Last column: perplexity of dissimilar relative to similar "
-                 "(negative = dissimilar better) and the paired z-score.")
+    lines.append(
+        f"Table: calibration set {main}. Last column: perplexity of dissimilar relative to similar "
+        "(negative = dissimilar better) and the paired z-score."
+    )
     lines.append("")
 
     # winner per C, over all sets
@@ -179,27 +205,39 @@ def observation_conclusion(rows: list[dict], num_layers_: int, model: str, z_cri
             who = "too close to call on every set"
         else:
             who = f"mixed: dissimilar wins on {b}, similar on {w} of {len(vs)} sets"
-        per_c.append(f"- C = {c} ({c / num_layers_:.0%} of layers): {who}; dissimilar/similar perplexity ratio "
-                     f"{gm:.3f} (geometric mean over sets; per set {', '.join(f'{r:.3f}' for r in ratios)}).")
+        per_c.append(
+            f"- C = {c} ({c / num_layers_:.0%} of layers): {who}; dissimilar/similar perplexity ratio "
+            f"{gm:.3f} (geometric mean over sets; per set {', '.join(f'{r:.3f}' for r in ratios)})."
+        )
     total = dis_better + dis_worse + ties
     if total == 0:
         claim = "There is no shared C > 0 to compare: nothing can be concluded."
     elif dis_better == total:
-        claim = (f"**The paper's claim holds on {model}:** sharing the most *dissimilar* layers' KV cache gives lower "
-                 f"perplexity than sharing the most *similar* ones at every compression level and on every calibration "
-                 f"set ({total} of {total} comparisons clear).")
+        claim = (
+            f"**The paper's claim holds on {model}:** sharing the most *dissimilar* layers' KV cache gives lower "
+            f"perplexity than sharing the most *similar* ones at every compression level and on every calibration "
+            f"set ({total} of {total} comparisons clear)."
+        )
     elif dis_worse == total:
-        claim = (f"**The paper's claim does not hold on {model}:** sharing the most *similar* layers gives lower "
-                 f"perplexity than the dissimilar (KVSharer) order in all {total} comparisons.")
+        claim = (
+            f"**The paper's claim does not hold on {model}:** sharing the most *similar* layers gives lower "
+            f"perplexity than the dissimilar (KVSharer) order in all {total} comparisons."
+        )
     elif dis_better > dis_worse:
-        claim = (f"**The paper's claim mostly holds on {model}:** dissimilar beats similar clearly in {dis_better} of "
-                 f"{total} (set, C) comparisons, similar wins clearly in {dis_worse}, and {ties} are too close to call.")
+        claim = (
+            f"**The paper's claim mostly holds on {model}:** dissimilar beats similar clearly in {dis_better} of "
+            f"{total} (set, C) comparisons, similar wins clearly in {dis_worse}, and {ties} are too close to call."
+        )
     elif dis_worse > dis_better:
-        claim = (f"**The paper's claim does not hold on {model}:** similar beats dissimilar clearly in {dis_worse} of "
-                 f"{total} (set, C) comparisons, dissimilar wins clearly in {dis_better}, and {ties} are too close to call.")
+        claim = (
+            f"**The paper's claim does not hold on {model}:** similar beats dissimilar clearly in {dis_worse} of "
+            f"{total} (set, C) comparisons, dissimilar wins clearly in {dis_better}, and {ties} are too close to call."
+        )
     else:
-        claim = (f"**No clear winner on {model}:** dissimilar wins clearly in {dis_better} of {total} (set, C) "
-                 f"comparisons, similar in {dis_worse}, {ties} too close to call.")
+        claim = (
+            f"**No clear winner on {model}:** dissimilar wins clearly in {dis_better} of {total} (set, C) "
+            f"comparisons, similar in {dis_worse}, {ties} too close to call."
+        )
     lines.insert(2, claim)
     lines.insert(3, "")
     lines.extend(["Which order wins at which compression (all calibration sets):", ""] + per_c + [""])
@@ -209,9 +247,11 @@ def observation_conclusion(rows: list[dict], num_layers_: int, model: str, z_cri
     if rnd:
         better = sum(v["z"] < -z_crit for v in rnd)
         worse = sum(v["z"] > z_crit for v in rnd)
-        lines.append(f"Against the random order (each seed a separate greedy search): dissimilar is clearly better in "
-                     f"{better}, clearly worse in {worse} and too close to call in {len(rnd) - better - worse} of "
-                     f"{len(rnd)} (set, C, seed) comparisons.")
+        lines.append(
+            f"Against the random order (each seed a separate greedy search): dissimilar is clearly better in "
+            f"{better}, clearly worse in {worse} and too close to call in {len(rnd) - better - worse} of "
+            f"{len(rnd)} (set, C, seed) comparisons."
+        )
         lines.append("")
     # stability of the ordering across calibration sets
     stable = []
@@ -227,16 +267,32 @@ def observation_conclusion(rows: list[dict], num_layers_: int, model: str, z_cri
         same = []
         for order in ORDER_LABELS:
             keys = sorted({(r["seed"], r["num_shared"]) for r in rows if r["order"] == order and r["num_shared"] > 0})
-            n_same = sum(len({json.dumps(r["mapping"], sort_keys=True)
-                              for r in find_rows(rows, order=order, seed=sd, num_shared=c)}) == 1 for sd, c in keys)
+            n_same = sum(
+                len(
+                    {
+                        json.dumps(r["mapping"], sort_keys=True)
+                        for r in find_rows(rows, order=order, seed=sd, num_shared=c)
+                    }
+                )
+                == 1
+                for sd, c in keys
+            )
             if keys:
                 same.append(f"{order} {n_same} of {len(keys)}")
-        lines.append(f"The searches on the {len(sets)} calibration sets chose the *identical* strategy at "
-                     f"{', '.join(same)} (seed, C) points, so their curves coincide there.")
+        lines.append(
+            f"The searches on the {len(sets)} calibration sets chose the *identical* strategy at "
+            f"{', '.join(same)} (seed, C) points, so their curves coincide there."
+        )
     if runs:
         visited = sum(len(r.trace) for r in runs)
         rejected = sum(not t["accepted"] for r in runs for t in r.trace)
-        lines.append(f"The threshold rejected {rejected} of the {visited} candidates the {len(runs)} searches visited"
-                     + (": the candidate order alone decided every strategy (so a random order with a given seed "
-                        "picks the same layers whatever the calibration set)." if rejected == 0 else "."))
+        lines.append(
+            f"The threshold rejected {rejected} of the {visited} candidates the {len(runs)} searches visited"
+            + (
+                ": the candidate order alone decided every strategy (so a random order with a given seed "
+                "picks the same layers whatever the calibration set)."
+                if rejected == 0
+                else "."
+            )
+        )
     return "\n".join(lines)

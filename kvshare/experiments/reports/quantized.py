@@ -1,5 +1,6 @@
 """Notebook 06's report: the tables in Markdown (beside the rebuttal's numbers), the figure and the conclusion,
 computed from the rows of `kvshare.experiments.quantized`."""
+
 from __future__ import annotations
 
 import math
@@ -13,26 +14,34 @@ from ..quantized import REBUTTAL, wide_table
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| weights | KV cache | C | perplexity | × C=0 fp-KV | ΔNLL (paired) | KV bytes | predicted | KV ratio "
-            "| decode tok/s |")
+    head = (
+        "| weights | KV cache | C | perplexity | × C=0 fp-KV | ΔNLL (paired) | KV bytes | predicted | KV ratio "
+        "| decode tok/s |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['weights']} | {r['kv']} | {r['num_shared']} | {r['ppl']:.3f} ± {r['ppl_se']:.3f} | "
-            f"{r.get('ppl_ratio', float('nan')):.3f} | {r.get('nll_diff', float('nan')):+.3f} ± {r.get('nll_diff_se', float('nan')):.3f} | "
+            f"{r.get('ppl_ratio', float('nan')):.3f} | {r.get('nll_diff', float('nan')):+.3f} "
+            f"± {r.get('nll_diff_se', float('nan')):.3f} | "
             f"{r['kv_bytes']:,} | {r['kv_bytes_predicted']:,} | {r.get('kv_ratio', float('nan')):.4f} | "
-            f"{r['decode_tps']:.1f} |")
+            f"{r['decode_tps']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def wide_markdown(rows: list[dict], grid) -> str:
     cols = [f"C={c}" for c in grid]
     lines = ["| weights | KV cache | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    lines.append(f"| {REBUTTAL['model']} (rebuttal) | fp16 | "
-                 + " | ".join(f"{REBUTTAL['ppl'][c]:.2f}" if c in REBUTTAL["ppl"] else "" for c in grid) + " |")
+    lines.append(
+        f"| {REBUTTAL['model']} (rebuttal) | fp16 | "
+        + " | ".join(f"{REBUTTAL['ppl'][c]:.2f}" if c in REBUTTAL["ppl"] else "" for c in grid)
+        + " |"
+    )
     for w in wide_table(rows):
-        lines.append(f"| {w['weights']} | {w['kv cache']} | "
-                     + " | ".join(f"{w[c]:.2f}" if c in w else "—" for c in cols) + " |")
+        lines.append(
+            f"| {w['weights']} | {w['kv cache']} | " + " | ".join(f"{w[c]:.2f}" if c in w else "—" for c in cols) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -58,14 +67,27 @@ def figure(rows: list[dict], title: str = ""):
         y = [r["ppl"] for r in rs]
         ax.plot(x, y, ls=ls, color=color, marker=marker, label=f"{w}, {kv} KV", alpha=0.9)
         for r, xi, yi in zip(rs, x, y):
-            ax.annotate(f"C={r['num_shared']}", (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7,
-                        color=color)
+            ax.annotate(
+                f"C={r['num_shared']}", (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color
+            )
         base = rs[0]["ppl"] if rs[0]["num_shared"] == 0 else float("nan")
-        ax2.plot([r["num_shared"] for r in rs], [r["ppl"] / base for r in rs], ls=ls, color=color, marker=marker,
-                 label=f"{w}, {kv} KV")
+        ax2.plot(
+            [r["num_shared"] for r in rs],
+            [r["ppl"] / base for r in rs],
+            ls=ls,
+            color=color,
+            marker=marker,
+            label=f"{w}, {kv} KV",
+        )
     reb = REBUTTAL["ppl"]
-    ax2.plot(list(reb), [v / reb[0] for v in reb.values()], color="black", lw=2, marker="D",
-             label=f"{REBUTTAL['model']} (rebuttal)")
+    ax2.plot(
+        list(reb),
+        [v / reb[0] for v in reb.values()],
+        color="black",
+        lw=2,
+        marker="D",
+        label=f"{REBUTTAL['model']} (rebuttal)",
+    )
     handles, labels = ax2.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.13), frameon=False)
     plain = FuncFormatter(lambda v, _: f"{v:g}")
@@ -102,8 +124,10 @@ def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2
     lines = []
     top = max(grid)
     reb_ratio = {c: reb[c] / reb[0] for c in reb}
-    lines.append(f"**Rebuttal ({REBUTTAL['model']}):** perplexity × {reb_ratio[4]:.2f} / × {reb_ratio[8]:.2f} / "
-                 f"× {reb_ratio[12]:.2f} at C = 4 / 8 / 12 of {REBUTTAL['num_layers']} layers (vs C = 0).")
+    lines.append(
+        f"**Rebuttal ({REBUTTAL['model']}):** perplexity × {reb_ratio[4]:.2f} / × {reb_ratio[8]:.2f} / "
+        f"× {reb_ratio[12]:.2f} at C = 4 / 8 / 12 of {REBUTTAL['num_layers']} layers (vs C = 0)."
+    )
     lines.append("")
     monotone_all = True
     for (w, kv), s in series.items():
@@ -112,23 +136,32 @@ def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2
         ratios = {c: s[c]["ppl"] / s[0]["ppl"] for c in sorted(s)}
         mono = all(ratios[a] <= ratios[b] for a, b in zip(sorted(ratios), sorted(ratios)[1:]))
         monotone_all &= mono
-        lines.append(f"- {w}, {kv} KV cache: perplexity {s[0]['ppl']:.2f} at C = 0 → "
-                     + ", ".join(f"× {ratios[c]:.2f} at C = {c}" for c in sorted(ratios) if c) +
-                     (" (rises with C)" if mono else " (not monotone in C)"))
+        lines.append(
+            f"- {w}, {kv} KV cache: perplexity {s[0]['ppl']:.2f} at C = 0 → "
+            + ", ".join(f"× {ratios[c]:.2f} at C = {c}" for c in sorted(ratios) if c)
+            + (" (rises with C)" if mono else " (not monotone in C)")
+        )
     lines.append("")
-    same = "the same direction as the rebuttal's: perplexity rises with every added shared layer" if monotone_all else \
-        "not everywhere the rebuttal's monotone rise"
+    same = (
+        "the same direction as the rebuttal's: perplexity rises with every added shared layer"
+        if monotone_all
+        else "not everywhere the rebuttal's monotone rise"
+    )
     lines.append(f"**Trend:** {same}.")
     if top in reb_ratio:
         ours = [s[top]["ppl"] / s[0]["ppl"] for s in series.values() if 0 in s and top in s]
         if ours:
-            lines.append(f" At C = {top} the rise here is × {min(ours):.2f}–{max(ours):.2f} against the rebuttal's "
-                         f"× {reb_ratio[top]:.2f} (a {rows[0]['num_layers']}-layer 135M model against a 32-layer 7B one: "
-                         f"{top / rows[0]['num_layers']:.0%} vs {top / REBUTTAL['num_layers']:.0%} of the layers).")
+            lines.append(
+                f" At C = {top} the rise here is × {min(ours):.2f}–{max(ours):.2f} against the rebuttal's "
+                f"× {reb_ratio[top]:.2f} (a {rows[0]['num_layers']}-layer 135M model against a 32-layer 7B one: "
+                f"{top / rows[0]['num_layers']:.0%} vs {top / REBUTTAL['num_layers']:.0%} of the layers)."
+            )
     # what KV quantization adds, per weights and C, paired
     lines.append("")
-    lines.append("**KV-cache quantization on top of sharing** (paired ΔNLL against the unquantized cache at the same "
-                 "weights and C; mean over C):")
+    lines.append(
+        "**KV-cache quantization on top of sharing** (paired ΔNLL against the unquantized cache at the same "
+        "weights and C; mean over C):"
+    )
     for w in dict.fromkeys(r["weights"] for r in rows):
         for kv in ("int8", "int4"):
             diffs = []
@@ -136,16 +169,28 @@ def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2
                 a, b = series.get((w, kv), {}).get(c), series.get((w, "unquantized"), {}).get(c)
                 if a and b:
                     d = np.asarray(a["window_nll"]) - np.asarray(b["window_nll"])
-                    diffs.append((c, float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"),
-                                  a["ppl"] / b["ppl"]))
+                    diffs.append(
+                        (
+                            c,
+                            float(d.mean()),
+                            float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"),
+                            a["ppl"] / b["ppl"],
+                        )
+                    )
             if not diffs:
                 continue
             mean_ratio = statistics.mean(x[3] for x in diffs)
             sig = [c for c, d, se, _ in diffs if se and se > 0 and abs(d) > z_crit * se]
-            lines.append(f"- {w}, {kv}: perplexity × {mean_ratio:.3f} on average over C = "
-                         f"{', '.join(str(x[0]) for x in diffs)}"
-                         + (f"; beyond {z_crit:g} standard errors at C = {', '.join(map(str, sig))}" if sig else
-                            f"; within {z_crit:g} standard errors of the unquantized cache at every C") + ".")
+            lines.append(
+                f"- {w}, {kv}: perplexity × {mean_ratio:.3f} on average over C = "
+                f"{', '.join(str(x[0]) for x in diffs)}"
+                + (
+                    f"; beyond {z_crit:g} standard errors at C = {', '.join(map(str, sig))}"
+                    if sig
+                    else f"; within {z_crit:g} standard errors of the unquantized cache at every C"
+                )
+                + "."
+            )
     # does GPTQ change sharing's relative cost?
     fp_s, g_s = series.get(("fp32 weights", "unquantized"), {}), None
     gptq_label = next((r["weights"] for r in rows if r["weights"] != "fp32 weights"), None)
@@ -155,43 +200,84 @@ def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2
         both = [c for c in grid if c and c in fp_s and c in g_s]
         if both:
             lines.append("")
-            lines.append("**Sharing on GPTQ weights vs full-precision weights** (perplexity rise from C = 0, unquantized "
-                         "cache): " + "; ".join(f"C = {c}: × {g_s[c]['ppl'] / g_s[0]['ppl']:.2f} vs × "
-                                                f"{fp_s[c]['ppl'] / fp_s[0]['ppl']:.2f}" for c in both)
-                         + ". Ratio of the two rises at C = "
-                         + f"{both[-1]}: {(g_s[both[-1]]['ppl'] / g_s[0]['ppl']) / (fp_s[both[-1]]['ppl'] / fp_s[0]['ppl']):.2f}.")
+            lines.append(
+                "**Sharing on GPTQ weights vs full-precision weights** (perplexity rise from C = 0, unquantized "
+                "cache): "
+                + "; ".join(
+                    f"C = {c}: × {g_s[c]['ppl'] / g_s[0]['ppl']:.2f} vs × {fp_s[c]['ppl'] / fp_s[0]['ppl']:.2f}"
+                    for c in both
+                )
+                + ". Ratio of the two rises at C = "
+                + f"{both[-1]}: "
+                f"{(g_s[both[-1]]['ppl'] / g_s[0]['ppl']) / (fp_s[both[-1]]['ppl'] / fp_s[0]['ppl']):.2f}."
+            )
     # which configuration is best at a given K/V budget
     lines.append("")
-    lines.append("**At a given K/V budget** (Pareto front of K/V bytes and perplexity, per weight set, fewest bytes first):")
+    lines.append(
+        "**At a given K/V budget** (Pareto front of K/V bytes and perplexity, per weight set, fewest bytes first):"
+    )
     for w in dict.fromkeys(r["weights"] for r in rows):
         mine = [r for r in rows if r["weights"] == w]
-        front = [r for r in mine if not any(o["kv_bytes"] <= r["kv_bytes"] and o["ppl"] <= r["ppl"]
-                                            and (o["kv_bytes"] < r["kv_bytes"] or o["ppl"] < r["ppl"]) for o in mine)]
+        front = [
+            r
+            for r in mine
+            if not any(
+                o["kv_bytes"] <= r["kv_bytes"]
+                and o["ppl"] <= r["ppl"]
+                and (o["kv_bytes"] < r["kv_bytes"] or o["ppl"] < r["ppl"])
+                for o in mine
+            )
+        ]
         front.sort(key=lambda r: r["kv_bytes"])
-        lines.append(f"- {w}: " + " → ".join(f"{r['kv']} C = {r['num_shared']} ({r['kv_bytes'] / 2**20:.2f} MiB, "
-                                             f"ppl {r['ppl']:.1f})" for r in front) + ".")
-        ties = [(a, b) for a in mine for b in mine if a is not b and a["num_shared"] > b["num_shared"]
-                and a["kv_bits"] != b["kv_bits"] and abs(a["kv_bytes"] - b["kv_bytes"]) <= 0.01 * b["kv_bytes"]]
+        lines.append(
+            f"- {w}: "
+            + " → ".join(
+                f"{r['kv']} C = {r['num_shared']} ({r['kv_bytes'] / 2**20:.2f} MiB, ppl {r['ppl']:.1f})" for r in front
+            )
+            + "."
+        )
+        ties = [
+            (a, b)
+            for a in mine
+            for b in mine
+            if a is not b
+            and a["num_shared"] > b["num_shared"]
+            and a["kv_bits"] != b["kv_bits"]
+            and abs(a["kv_bytes"] - b["kv_bytes"]) <= 0.01 * b["kv_bytes"]
+        ]
         for a, b in ties:
-            lines.append(f"  - equal bytes ({a['kv_bytes'] / 2**20:.2f} MiB): {a['kv']} cache with C = {a['num_shared']}, "
-                         f"perplexity {a['ppl']:.1f}, vs {b['kv']} cache with C = {b['num_shared']}, {b['ppl']:.1f}.")
+            lines.append(
+                f"  - equal bytes ({a['kv_bytes'] / 2**20:.2f} MiB): {a['kv']} cache with C = {a['num_shared']}, "
+                f"perplexity {a['ppl']:.1f}, vs {b['kv']} cache with C = {b['num_shared']}, {b['ppl']:.1f}."
+            )
     gptq = [r for r in rows if r["weights"] != "fp32 weights"]
     if gptq:
         lines.append("")
         fp0 = series.get(("fp32 weights", "unquantized"), {}).get(0)
         g0 = series.get((gptq[0]["weights"], "unquantized"), {}).get(0)
         if fp0 and g0:
-            lines.append(f"**GPTQ weights:** perplexity {g0['ppl']:.2f} vs {fp0['ppl']:.2f} at C = 0 "
-                         f"(× {g0['ppl'] / fp0['ppl']:.2f}), weights {g0['weight_bytes'] / 2**20:.0f} MiB vs "
-                         f"{fp0['weight_bytes'] / 2**20:.0f} MiB as stored; decode {g0['decode_tps']:.1f} vs "
-                         f"{fp0['decode_tps']:.1f} tok/s on this machine (GPTQModel's torch kernel dequantizes per forward).")
+            lines.append(
+                f"**GPTQ weights:** perplexity {g0['ppl']:.2f} vs {fp0['ppl']:.2f} at C = 0 "
+                f"(× {g0['ppl'] / fp0['ppl']:.2f}), weights {g0['weight_bytes'] / 2**20:.0f} MiB vs "
+                f"{fp0['weight_bytes'] / 2**20:.0f} MiB as stored; decode {g0['decode_tps']:.1f} vs "
+                f"{fp0['decode_tps']:.1f} tok/s on this machine (GPTQModel's torch kernel dequantizes per forward)."
+            )
     lines.append("")
     ok = all(r["kv_bytes"] == r["kv_bytes_predicted"] for r in rows)
-    lines.append("**Bytes:** " + ("in every cell the K/V bytes equal what sharing and the quantizer predict together "
-                                  "((L − C) kept layers × per-token bytes of codes, scales and zeros)." if ok else
-                                  "some cells differ from the prediction: "
-                                  + ", ".join(f"{r['weights']}/{r['kv']}/C={r['num_shared']}" for r in rows
-                                              if r["kv_bytes"] != r["kv_bytes_predicted"])))
+    lines.append(
+        "**Bytes:** "
+        + (
+            "in every cell the K/V bytes equal what sharing and the quantizer predict together "
+            "((L − C) kept layers × per-token bytes of codes, scales and zeros)."
+            if ok
+            else "some cells differ from the prediction: "
+            + ", ".join(
+                f"{r['weights']}/{r['kv']}/C={r['num_shared']}"
+                for r in rows
+                if r["kv_bytes"] != r["kv_bytes_predicted"]
+            )
+        )
+    )
     if notes:
         lines.append("")
         lines.append("Notes: " + " ".join(notes))

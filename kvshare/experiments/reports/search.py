@@ -1,5 +1,6 @@
 """Notebook 02's figures (search traces, acceptance by decile, the strategy as arcs, the threshold sweep) and its
 conclusion, written from the numbers of `kvshare.experiments.search`. Each figure function returns a Figure."""
+
 from __future__ import annotations
 
 import math
@@ -20,10 +21,23 @@ def trace_scatter(panels: dict, title: str = "", rank_key: str = "dissimilarity_
     for ax, (label, (rows, threshold)) in zip(axes, panels.items()):
         acc = [r for r in rows if r["accepted"]]
         rej = [r for r in rows if not r["accepted"]]
-        ax.scatter([r[rank_key] for r in rej], [r["score"] for r in rej], s=14, facecolors="none",
-                   edgecolors="#1f77b4", lw=0.8, label=f"rejected ({len(rej)})")
-        ax.scatter([r[rank_key] for r in acc], [r["score"] for r in acc], s=26, color="#d62728", zorder=3,
-                   label=f"accepted ({len(acc)})")
+        ax.scatter(
+            [r[rank_key] for r in rej],
+            [r["score"] for r in rej],
+            s=14,
+            facecolors="none",
+            edgecolors="#1f77b4",
+            lw=0.8,
+            label=f"rejected ({len(rej)})",
+        )
+        ax.scatter(
+            [r[rank_key] for r in acc],
+            [r["score"] for r in acc],
+            s=26,
+            color="#d62728",
+            zorder=3,
+            label=f"accepted ({len(acc)})",
+        )
         ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold T = {threshold}")
         if num_pairs:
             ax.set_xlim(-num_pairs * 0.02, num_pairs * 1.02)
@@ -47,7 +61,9 @@ def acceptance_deciles(by_source: dict, title: str = ""):
     im = ax.imshow(np.ma.masked_invalid(rate), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     for i, rows in enumerate(by_source.values()):
         for j, r in enumerate(rows):
-            ax.text(j, i, f"{r['accepted']}/{r['visited']}" if r["visited"] else "–", ha="center", va="center", fontsize=7)
+            ax.text(
+                j, i, f"{r['accepted']}/{r['visited']}" if r["visited"] else "–", ha="center", va="center", fontsize=7
+            )
     ax.set_xticks(range(rate.shape[1]), [str(r["decile"]) for r in next(iter(by_source.values()))])
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set_xlabel("dissimilarity-rank decile of the candidate (1 = the most dissimilar tenth of all pairs)")
@@ -84,8 +100,9 @@ def strategy_arcs(strategy, title: str = ""):
 
 def threshold_sweep_plot(rows, title: str = ""):
     """Top: candidates that passed / were rejected per threshold. Bottom: perplexity of the resulting strategy."""
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, constrained_layout=True,
-                                  gridspec_kw={"height_ratios": [1, 1.2]})
+    fig, (ax, ax2) = plt.subplots(
+        2, 1, figsize=(7, 6), sharex=True, constrained_layout=True, gridspec_kw={"height_ratios": [1, 1.2]}
+    )
     T = np.array([r["threshold"] for r in rows], dtype=float)
     step = float(np.min(np.diff(np.sort(T)))) if len(T) > 1 else 0.1
     width = min(0.035, 0.35 * step)
@@ -103,8 +120,15 @@ def threshold_sweep_plot(rows, title: str = ""):
     ax.set_ylabel("candidates visited")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3, axis="y")
-    ax2.errorbar(T, [r["ppl"] for r in rows], yerr=[r["ppl_se"] for r in rows], color="k", marker="o", capsize=2,
-                 label="perplexity of the strategy (±1 SE)")
+    ax2.errorbar(
+        T,
+        [r["ppl"] for r in rows],
+        yerr=[r["ppl_se"] for r in rows],
+        color="k",
+        marker="o",
+        capsize=2,
+        label="perplexity of the strategy (±1 SE)",
+    )
     for t, r in zip(T, rows):
         ax2.annotate(f"C={r['num_shared']}", (t, r["ppl"]), textcoords="offset points", xytext=(8, 4), fontsize=7)
     ax2.set_xlabel("threshold T")
@@ -119,40 +143,65 @@ def threshold_sweep_plot(rows, title: str = ""):
 # ------------------------------------------------------------------------------------------------
 # the conclusion
 # ------------------------------------------------------------------------------------------------
-def search_conclusion(sweep: list[dict], deciles_by_source: dict[str, list[dict]], main: dict, default_T: float,
-                      control: dict | None = None, default: dict | None = None) -> str:
+def search_conclusion(
+    sweep: list[dict],
+    deciles_by_source: dict[str, list[dict]],
+    main: dict,
+    default_T: float,
+    control: dict | None = None,
+    default: dict | None = None,
+) -> str:
     """Markdown for notebook 02: what the threshold and the ranking do, computed from the numbers."""
-    lines = [f"**Computed from this run.** The default search (T = {default_T}) replaced {main['num_shared']} layers "
-             f"after visiting {main['candidates_visited']} candidates in {main['search_seconds']:.1f} s "
-             f"({main['layer_forwards']} layer-forwards; re-running the whole model for every candidate and for the "
-             f"reference would cost {main['naive_layer_forwards']}, {main['speedup_vs_naive']:.1f}x more).", ""]
+    lines = [
+        f"**Computed from this run.** The default search (T = {default_T}) replaced {main['num_shared']} layers "
+        f"after visiting {main['candidates_visited']} candidates in {main['search_seconds']:.1f} s "
+        f"({main['layer_forwards']} layer-forwards; re-running the whole model for every candidate and for the "
+        f"reference would cost {main['naive_layer_forwards']}, {main['speedup_vs_naive']:.1f}x more).",
+        "",
+    ]
     if default is None:  # counts of the default search: from the sweep when it holds the default T
         default = next((r for r in sweep if r["threshold"] == default_T), None)
     if default is not None:
         if default["rejected"] == 0:
-            lines.append(f"At the default T = {default_T} the threshold rejected nothing: the first "
-                         f"{default['accepted']} candidates in dissimilarity order all passed, so the *ranking* alone "
-                         "chose the strategy.")
+            lines.append(
+                f"At the default T = {default_T} the threshold rejected nothing: the first "
+                f"{default['accepted']} candidates in dissimilarity order all passed, so the *ranking* alone "
+                "chose the strategy."
+            )
         else:
-            lines.append(f"At the default T = {default_T} the threshold rejected {default['rejected']} of "
-                         f"{default['visited']} visited candidates, so both the ranking and the threshold shaped the strategy.")
+            lines.append(
+                f"At the default T = {default_T} the threshold rejected {default['rejected']} of "
+                f"{default['visited']} visited candidates, so both the ranking and the threshold shaped the strategy."
+            )
     if control is not None:
-        lines.append(f"The random-order control at the same T passed {control['accepted']} of {control['visited']} "
-                     "candidates it visited" + (" (nothing rejected either)." if control["rejected"] == 0 else "."))
+        lines.append(
+            f"The random-order control at the same T passed {control['accepted']} of {control['visited']} "
+            "candidates it visited" + (" (nothing rejected either)." if control["rejected"] == 0 else ".")
+        )
     lines += ["", "Threshold sweep (same target, dissimilar order):", ""]
     for r in sweep:
-        short = "" if r["reached_target"] else f" (the candidates ran out: only {r['num_shared']} of {r['target']} layers)"
+        short = (
+            "" if r["reached_target"] else f" (the candidates ran out: only {r['num_shared']} of {r['target']} layers)"
+        )
         vs = ""
         if "ppl_ratio_vs_default" in r and r["threshold"] != default_T and not math.isnan(r["z_vs_default"]):
-            vs = f", {(r['ppl_ratio_vs_default'] - 1) * 100:+.1f}% against the default T ({r['z_vs_default']:+.1f} paired SE)"
-        lines.append(f"- T = {r['threshold']}: {r['accepted']} of {r['visited']} visited candidates passed "
-                     f"({r['pass_rate']:.0%}){short}; perplexity {r['ppl']:.2f} ± {r['ppl_se']:.2f}{vs}.")
+            vs = (
+                f", {(r['ppl_ratio_vs_default'] - 1) * 100:+.1f}% against the default T "
+                f"({r['z_vs_default']:+.1f} paired SE)"
+            )
+        lines.append(
+            f"- T = {r['threshold']}: {r['accepted']} of {r['visited']} visited candidates passed "
+            f"({r['pass_rate']:.0%}){short}; perplexity {r['ppl']:.2f} ± {r['ppl_se']:.2f}{vs}."
+        )
     reached = [r for r in sweep if r["reached_target"]]
     if reached and default is not None:
         best = min(reached, key=lambda r: r["ppl"])
         strictest = max(r["threshold"] for r in reached)
-        lines += ["", f"Of the thresholds whose search reached the target C, T = {best['threshold']} gave the lowest "
-                      f"perplexity ({best['ppl']:.2f}); the strictest one that still reached it was T = {strictest}."]
+        lines += [
+            "",
+            f"Of the thresholds whose search reached the target C, T = {best['threshold']} gave the lowest "
+            f"perplexity ({best['ppl']:.2f}); the strictest one that still reached it was T = {strictest}.",
+        ]
     lines.append("")
     for src, rows in deciles_by_source.items():
         seen = [r for r in rows if r["visited"]]
