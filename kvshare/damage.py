@@ -116,6 +116,7 @@ class PairScorer:
     `layer_forwards` counts decoder-layer forwards of one text, the unit `kvshare.search` reports.
     """
 
+    @torch.no_grad()
     def __init__(self, model, input_ids: torch.Tensor, kl_stride: int = DEFAULT_KL_STRIDE):
         if not isinstance(kl_stride, int) or kl_stride < 1:
             raise ValueError(f"kl_stride must be a positive integer, got {kl_stride!r}")
@@ -158,6 +159,7 @@ class PairScorer:
     def cosine(self, final_hidden: torch.Tensor) -> float:
         return similarity(final_hidden, self.reference.final_hidden)
 
+    @torch.no_grad()
     def score(self, start: int, mapping: dict[int, int], layer_inputs=None, slots=None):
         """Run layers start..L-1 under `mapping`; return ({hidden_cosine, kl}, layer inputs, cache slots)."""
         layer_inputs = self.reference.layer_inputs if layer_inputs is None else layer_inputs

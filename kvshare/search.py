@@ -276,7 +276,7 @@ def best_first(model, ids, description: dict, num_shared: int, threshold: float 
         for step in range(num_shared):
             free = sorted((p for p in pairs if p[0] not in mapping and p not in rejected),
                           key=lambda p: (known[p], rank[p]))
-            best = None  # (damage, rank, pair, candidate mapping, inputs, slots, trace row)
+            best = None  # (marginal damage, rank, pair, candidate mapping, inputs, slots, trace row, total damage)
             passed = 0
             for p in free:
                 if passed >= shortlist or (lazy and best is not None and best[0] <= known[p]):

@@ -214,11 +214,9 @@ def first_picks(dm: DamageMap, strategy: dict, k: int = 8) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 def search_plan(cfg: BestSettings) -> list[tuple[int, str, int]]:
     """(calibration set, order, seed) of every search."""
-    plan = []
-    for i in range(cfg.calibration_sets):
-        plan += [(i, "best", cfg.seed), (i, "dissimilar", cfg.seed), (i, "similar", cfg.seed)]
-        plan += [(i, "random", s) for s in random_seeds(cfg, i)]
-    return plan
+    sets = range(cfg.calibration_sets)
+    plan = [(i, order, cfg.seed) for order in ("best", "dissimilar", "similar") for i in sets]
+    return plan + [(i, "random", s) for i in sets for s in random_seeds(cfg, i)]
 
 
 def run_searches(model, tokenizer, cfg: BestSettings, cache: ResultCache, damage_maps: dict | None = None,
@@ -279,15 +277,18 @@ def evaluate(model, tokenizer, runs: list[dict], cfg: BestSettings, cache: Resul
     """
     proto = protocol(cfg)
     wanted = {"full": None}
+    priority = {"full": (-1, 0, 0)}  # full, best, dissimilar, similar, random: a cut-short run keeps the key ones
     for run in runs:
         for c in c_values_of(run, cfg):
             st = prefix(run, c)
             if st is not None:
-                wanted.setdefault(mapping_key(st), st)
+                k = mapping_key(st)
+                wanted.setdefault(k, st)
+                priority[k] = min(priority.get(k, (9, 0, 0)), (ORDERS.index(run["order"]), run["set"], c))
     name = "heldout"
     key = cache.key(cfg.model, asdict(proto))
     results = dict(cache.get(name, key) or {})
-    todo = [k for k in wanted if k not in results]
+    todo = sorted((k for k in wanted if k not in results), key=lambda k: priority[k])
     bar = Progress(len(todo), f"held-out perplexity ({proto.describe()})", enabled=progress, every=0)
     for k in todo:
         t0 = time.perf_counter()
