@@ -17,6 +17,7 @@ incremental forward of `kvshare.search`), all texts as one batch. The KL needs t
 small model costs as much as several decoder layers over all positions; `kl_stride` scores every
 `kl_stride`-th position of each text (exact KL at those positions; the hidden cosine always uses them all).
 """
+
 from __future__ import annotations
 
 import time
@@ -62,8 +63,10 @@ class DamageMap(list):
     def ranked(self, criterion: str = "kl") -> list[tuple[int, int]]:
         """Pairs from the least to the most harmful by `criterion` ('kl' or 'hidden_cosine'); ties by (r, s)."""
         sign = -1.0 if criterion == "hidden_cosine" else 1.0
-        return [(row["replaced"], row["source"])
-                for row in sorted(self, key=lambda row: (sign * row[criterion], row["replaced"], row["source"]))]
+        return [
+            (row["replaced"], row["source"])
+            for row in sorted(self, key=lambda row: (sign * row[criterion], row["replaced"], row["source"]))
+        ]
 
     def to_dict(self) -> dict:
         return {"num_layers": self.num_layers, "metadata": self.metadata, "rows": list(self)}
@@ -178,8 +181,9 @@ def same_type_pairs(model) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def damage_map(model, tokenizer, texts, max_tokens: int = 64, progress: bool = True,
-               kl_stride: int = DEFAULT_KL_STRIDE, pairs=None) -> DamageMap:
+def damage_map(
+    model, tokenizer, texts, max_tokens: int = 64, progress: bool = True, kl_stride: int = DEFAULT_KL_STRIDE, pairs=None
+) -> DamageMap:
     """Score every single pair (r, s), r > s, of the same attention type by what sharing it alone does.
 
     Returns a `DamageMap`: a list of rows {replaced, source, hidden_cosine, kl, distance_<metric>...} in
@@ -203,9 +207,15 @@ def damage_map(model, tokenizer, texts, max_tokens: int = 64, progress: bool = T
         if previous[0] is not None:
             enable_sharing(model, *previous)
     elapsed = time.perf_counter() - t0
-    meta = {"seconds": round(elapsed, 3), "pairs": len(rows), "layer_forwards": scorer.layer_forwards,
-            "kl_stride": kl_stride, "kl_positions_per_text": len(scorer.positions), "calibration": description,
-            "threads": torch.get_num_threads()}
+    meta = {
+        "seconds": round(elapsed, 3),
+        "pairs": len(rows),
+        "layer_forwards": scorer.layer_forwards,
+        "kl_stride": kl_stride,
+        "kl_positions_per_text": len(scorer.positions),
+        "calibration": description,
+        "threads": torch.get_num_threads(),
+    }
     return DamageMap(rows, num_layers(model), meta)
 
 
@@ -215,13 +225,17 @@ def map_rows(scorer: PairScorer, pairs, progress: bool = True) -> list[dict]:
     distances = {m: distances_from_means(keys, values, metric=m) for m in METRICS}
     L = scorer.num_layers
     rows = []
-    bar = Progress(sum(L - r for r, _ in pairs), f"damage map: {len(pairs)} pairs on {scorer.n_texts} texts "
-                   "(counted in layer-forwards)", enabled=progress)
+    bar = Progress(
+        sum(L - r for r, _ in pairs),
+        f"damage map: {len(pairs)} pairs on {scorer.n_texts} texts (counted in layer-forwards)",
+        enabled=progress,
+    )
     try:
         for r, s in pairs:
             scores, _, _ = scorer.score(r, {r: s})
-            rows.append({"replaced": r, "source": s, **scores,
-                         **{f"distance_{m}": float(distances[m][r][s]) for m in METRICS}})
+            rows.append(
+                {"replaced": r, "source": s, **scores, **{f"distance_{m}": float(distances[m][r][s]) for m in METRICS}}
+            )
             bar.update(L - r, note=f"{r}->{s}: KL {scores['kl']:.4f}")
     finally:
         bar.close()

@@ -13,6 +13,7 @@ Cost: the unshared reference is one forward. A candidate changes nothing below i
 so it restarts from the accepted strategy's hidden state at layer r and runs only layers r..L-1,
 reading the accepted K/V of the layers below from their cache slots (`kvshare.damage.run_from`).
 """
+
 from __future__ import annotations
 
 import random
@@ -43,8 +44,10 @@ CRITERIA = ("kl", "hidden_cosine")
 def candidate_pairs(distances, order: str = "dissimilar", seed: int = 0, layer_types=None) -> list[tuple[int, int]]:
     """All (r, s) with r > s (same attention type when the model mixes types), in search order."""
     if order == "best":
-        raise ValueError("order 'best' is not a fixed walk through the distances: it ranks pairs by the damage map "
-                         "as it goes (kvshare.search(..., order='best'))")
+        raise ValueError(
+            "order 'best' is not a fixed walk through the distances: it ranks pairs by the damage map "
+            "as it goes (kvshare.search(..., order='best'))"
+        )
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
     n = len(distances)
@@ -97,9 +100,22 @@ def search(
     ids, description = encode_calibration(tokenizer, texts, max_tokens)
     if order == "best":
         try:
-            return best_first(model, ids, description, num_shared, threshold, metric, criterion=criterion,
-                              shortlist=shortlist, screen_texts=screen_texts, kl_stride=kl_stride, lazy=lazy,
-                              damage=damage, progress=progress, t0=t0)
+            return best_first(
+                model,
+                ids,
+                description,
+                num_shared,
+                threshold,
+                metric,
+                criterion=criterion,
+                shortlist=shortlist,
+                screen_texts=screen_texts,
+                kl_stride=kl_stride,
+                lazy=lazy,
+                damage=damage,
+                progress=progress,
+                t0=t0,
+            )
         finally:
             for layer in decoder_layers(model):
                 restore_attention(layer.self_attn)
@@ -125,13 +141,23 @@ def search(
             if r in mapping:
                 continue
             candidate = apply_pair(mapping, r, s)
-            final, inputs, slots = run_from(model, accepted_inputs, reference.layer_kwargs, accepted_slots, r,
-                                            candidate)
+            final, inputs, slots = run_from(
+                model, accepted_inputs, reference.layer_kwargs, accepted_slots, r, candidate
+            )
             layer_forwards += (L - r) * n_texts
             score = similarity(final, reference.final_hidden)
             accepted = score > threshold
-            trace.append({"rank": rank, "replaced": r, "source": s, "resolved_source": candidate[r],
-                          "distance": float(distances[r][s]), "score": score, "accepted": accepted})
+            trace.append(
+                {
+                    "rank": rank,
+                    "replaced": r,
+                    "source": s,
+                    "resolved_source": candidate[r],
+                    "distance": float(distances[r][s]),
+                    "score": score,
+                    "accepted": accepted,
+                }
+            )
             if accepted:
                 mapping = candidate
                 accepted_pairs.append([r, s])
@@ -200,15 +226,31 @@ def _check_damage(damage, pairs, n_screen: int, tokens: int, kl_stride: int) -> 
     meta = damage.metadata
     made = (meta["calibration"]["texts"], meta["calibration"]["tokens_per_text"], meta["kl_stride"])
     if made != (n_screen, tokens, kl_stride) or sorted((r["replaced"], r["source"]) for r in damage) != sorted(pairs):
-        raise ValueError(f"the damage map was made on {made[0]} texts x {made[1]} tokens with kl_stride {made[2]}; "
-                         f"this search screens on {n_screen} x {tokens} with kl_stride {kl_stride}, every pair")
+        raise ValueError(
+            f"the damage map was made on {made[0]} texts x {made[1]} tokens with kl_stride {made[2]}; "
+            f"this search screens on {n_screen} x {tokens} with kl_stride {kl_stride}, every pair"
+        )
     return list(damage)
 
 
 @torch.no_grad()
-def best_first(model, ids, description: dict, num_shared: int, threshold: float = 0.5, metric: str = "euclidean", *,
-               criterion: str = "kl", shortlist: int = 24, screen_texts: int | None = 4, kl_stride: int | None = None,
-               lazy: bool = True, damage=None, progress: bool = True, t0: float | None = None):
+def best_first(
+    model,
+    ids,
+    description: dict,
+    num_shared: int,
+    threshold: float = 0.5,
+    metric: str = "euclidean",
+    *,
+    criterion: str = "kl",
+    shortlist: int = 24,
+    screen_texts: int | None = 4,
+    kl_stride: int | None = None,
+    lazy: bool = True,
+    damage=None,
+    progress: bool = True,
+    t0: float | None = None,
+):
     """Best-first greedy: at each step, take the candidate that keeps the shared model closest to the full one.
 
     1. Damage map (`kvshare.damage`): every single pair scored alone, on the first `screen_texts` calibration
@@ -274,8 +316,9 @@ def best_first(model, ids, description: dict, num_shared: int, threshold: float 
         accepted_slots = list(scorer.reference.cache_layers)
         settings["screen_texts"] = n_screen
         for step in range(num_shared):
-            free = sorted((p for p in pairs if p[0] not in mapping and p not in rejected),
-                          key=lambda p: (known[p], rank[p]))
+            free = sorted(
+                (p for p in pairs if p[0] not in mapping and p not in rejected), key=lambda p: (known[p], rank[p])
+            )
             best = None  # (marginal damage, rank, pair, candidate mapping, inputs, slots, trace row, total damage)
             passed = 0
             for p in free:
@@ -286,9 +329,18 @@ def best_first(model, ids, description: dict, num_shared: int, threshold: float 
                 before = scorer.layer_forwards
                 scores, inputs, slots = scorer.score(r, candidate, accepted_inputs, accepted_slots)
                 rescore_forwards += scorer.layer_forwards - before
-                row = {"rank": rank[p], "step": step, "replaced": r, "source": s, "resolved_source": candidate[r],
-                       "distance": float(distances[r][s]), "score": scores["hidden_cosine"], "kl": scores["kl"],
-                       "single_pair_damage": single[p], "accepted": False}
+                row = {
+                    "rank": rank[p],
+                    "step": step,
+                    "replaced": r,
+                    "source": s,
+                    "resolved_source": candidate[r],
+                    "distance": float(distances[r][s]),
+                    "score": scores["hidden_cosine"],
+                    "kl": scores["kl"],
+                    "single_pair_damage": single[p],
+                    "accepted": False,
+                }
                 trace.append(row)
                 if not scores["hidden_cosine"] > threshold:
                     rejected.add(p)
@@ -311,8 +363,11 @@ def best_first(model, ids, description: dict, num_shared: int, threshold: float 
             accepted_slots[r:] = slots[r:]
             if progress:
                 scored = sum(t["step"] == step for t in trace)
-                print(f"best-first step {step + 1}/{num_shared}: {r}->{candidate[r]} (KL {row['kl']:.4f}, "
-                      f"hidden cosine {row['score']:.4f}; {scored} candidates re-scored)", flush=True)
+                print(
+                    f"best-first step {step + 1}/{num_shared}: {r}->{candidate[r]} (KL {row['kl']:.4f}, "
+                    f"hidden cosine {row['score']:.4f}; {scored} candidates re-scored)",
+                    flush=True,
+                )
     if len(mapping) < num_shared:
         warnings.warn(
             f"only {len(mapping)} of {num_shared} layers could be replaced above threshold {threshold}: "
@@ -351,8 +406,11 @@ def best_first(model, ids, description: dict, num_shared: int, threshold: float 
         },
     )
     if progress and num_shared:
-        print(f"best-first search to C={num_shared}: {elapsed:.1f} s, {layer_forwards:,} layer-forwards "
-              f"({screen_forwards:,} for the damage map on {n_screen} texts, {rescore_forwards:,} re-scoring "
-              f"{visited} candidates); the exhaustive greedy (every free pair re-scored at every step) needs "
-              f"{exhaustive:,} ({exhaustive / max(1, layer_forwards):.1f}x)", flush=True)
+        print(
+            f"best-first search to C={num_shared}: {elapsed:.1f} s, {layer_forwards:,} layer-forwards "
+            f"({screen_forwards:,} for the damage map on {n_screen} texts, {rescore_forwards:,} re-scoring "
+            f"{visited} candidates); the exhaustive greedy (every free pair re-scored at every step) needs "
+            f"{exhaustive:,} ({exhaustive / max(1, layer_forwards):.1f}x)",
+            flush=True,
+        )
     return strategy, trace

@@ -1,4 +1,5 @@
 """The damage map and the best-first search (`order="best"`), on tiny random models with a character tokenizer."""
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,9 @@ def test_damage_map_equals_one_shared_forward_per_pair(char_tokenizer, texts, ar
     dm = kvshare.damage_map(model, char_tokenizer, texts, max_tokens=MAX_TOKENS, progress=False, kl_stride=1)
     assert isinstance(dm, DamageMap)
     assert [(r["replaced"], r["source"]) for r in dm] == [(r, s) for r in range(NUM_LAYERS) for s in range(r)]
-    distances = {m: kvshare.layer_distances(model, char_tokenizer, texts, metric=m, max_tokens=MAX_TOKENS)
-                 for m in METRICS}
+    distances = {
+        m: kvshare.layer_distances(model, char_tokenizer, texts, metric=m, max_tokens=MAX_TOKENS) for m in METRICS
+    }
     for row in dm:
         cosine, kl = direct_scores(model, char_tokenizer, texts, {row["replaced"]: row["source"]})
         assert row["hidden_cosine"] == pytest.approx(cosine, abs=1e-5)
@@ -87,8 +89,9 @@ def test_damage_map_equals_one_shared_forward_per_pair(char_tokenizer, texts, ar
 
 
 def test_kl_stride_scores_every_kth_position_ending_at_the_last(tiny_llama, char_tokenizer, texts):
-    dm = kvshare.damage_map(tiny_llama, char_tokenizer, texts, max_tokens=MAX_TOKENS, progress=False, kl_stride=5,
-                            pairs=[(4, 1), (5, 4)])
+    dm = kvshare.damage_map(
+        tiny_llama, char_tokenizer, texts, max_tokens=MAX_TOKENS, progress=False, kl_stride=5, pairs=[(4, 1), (5, 4)]
+    )
     positions = list(range(MAX_TOKENS - 1, -1, -5))[::-1]
     assert dm.metadata["kl_positions_per_text"] == len(positions)
     for row in dm:
@@ -97,8 +100,9 @@ def test_kl_stride_scores_every_kth_position_ending_at_the_last(tiny_llama, char
 
 
 def test_damage_map_on_mixed_layer_types_keeps_same_type_pairs(char_tokenizer, texts):
-    model = make_tiny_model("qwen2", "sdpa", use_sliding_window=True, sliding_window=SLIDING_WINDOW,
-                            max_window_layers=3)
+    model = make_tiny_model(
+        "qwen2", "sdpa", use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=3
+    )
     types = model.config.layer_types
     dm = kvshare.damage_map(model, char_tokenizer, texts, max_tokens=MAX_TOKENS, progress=False)
     pairs = [(r["replaced"], r["source"]) for r in dm]
@@ -148,8 +152,9 @@ def test_best_picks_the_pairs_that_cost_nothing(char_tokenizer, texts, criterion
     assert [t["kl"] for t in accepted] == pytest.approx([0.0, 0.0], abs=1e-7)
     assert all(t["score"] == pytest.approx(1.0, abs=1e-6) for t in accepted)
     # the fixed dissimilar order, for contrast, does not know this
-    dissimilar, _ = quiet(kvshare.search, model, char_tokenizer, texts, 2, -1.0, order="dissimilar",
-                          max_tokens=MAX_TOKENS, progress=False)
+    dissimilar, _ = quiet(
+        kvshare.search, model, char_tokenizer, texts, 2, -1.0, order="dissimilar", max_tokens=MAX_TOKENS, progress=False
+    )
     assert sorted(dissimilar.mapping) != [2, 4]
 
 
@@ -160,8 +165,9 @@ def test_best_rescores_against_the_accepted_strategy_exactly(tiny_llama, char_to
     for step in range(3):
         for row in (t for t in trace if t["step"] == step):
             candidate = kvshare.strategy.apply_pair(mapping, row["replaced"], row["source"])
-            cosine, kl = direct_scores(tiny_llama, char_tokenizer, texts, candidate,
-                                       positions=list(range(MAX_TOKENS - 1, -1, -4))[::-1])
+            cosine, kl = direct_scores(
+                tiny_llama, char_tokenizer, texts, candidate, positions=list(range(MAX_TOKENS - 1, -1, -4))[::-1]
+            )
             assert row["score"] == pytest.approx(cosine, abs=1e-5)
             assert row["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
         chosen = [t for t in trace if t["step"] == step and t["accepted"]]
@@ -171,9 +177,16 @@ def test_best_rescores_against_the_accepted_strategy_exactly(tiny_llama, char_to
         assert chosen[0]["kl"] == min(passed)
         mapping = kvshare.strategy.apply_pair(mapping, chosen[0]["replaced"], chosen[0]["source"])
     assert mapping == strategy.mapping
-    assert strategy.prefix(2).mapping == kvshare.Strategy(
-        kvshare.strategy.apply_pair(kvshare.strategy.apply_pair({}, *strategy.metadata["accepted_pairs"][0]),
-                                    *strategy.metadata["accepted_pairs"][1]), NUM_LAYERS).mapping
+    assert (
+        strategy.prefix(2).mapping
+        == kvshare.Strategy(
+            kvshare.strategy.apply_pair(
+                kvshare.strategy.apply_pair({}, *strategy.metadata["accepted_pairs"][0]),
+                *strategy.metadata["accepted_pairs"][1],
+            ),
+            NUM_LAYERS,
+        ).mapping
+    )
 
 
 def test_best_is_deterministic(tiny_llama, char_tokenizer, texts):
@@ -192,8 +205,9 @@ def test_best_with_c_zero_is_the_empty_strategy(tiny_llama, char_tokenizer, text
 
 def test_best_threshold_semantics(tiny_llama, char_tokenizer, texts):
     with pytest.warns(UserWarning, match="only 0 of 2 layers"):
-        strategy, trace = kvshare.search(tiny_llama, char_tokenizer, texts, 2, 1.01, order="best",
-                                         max_tokens=MAX_TOKENS, progress=False)
+        strategy, trace = kvshare.search(
+            tiny_llama, char_tokenizer, texts, 2, 1.01, order="best", max_tokens=MAX_TOKENS, progress=False
+        )
     assert strategy.mapping == {}
     assert trace and all(not t["accepted"] and t["decision"] == "below threshold" for t in trace)
     assert len(trace) == NUM_LAYERS * (NUM_LAYERS - 1) // 2  # every pair was tried once, then dropped
@@ -241,8 +255,9 @@ def test_best_invalid_arguments(tiny_llama, char_tokenizer, texts):
 
 
 def test_best_on_mixed_layer_types(char_tokenizer, texts):
-    model = make_tiny_model("qwen2", "sdpa", use_sliding_window=True, sliding_window=SLIDING_WINDOW,
-                            max_window_layers=3)
+    model = make_tiny_model(
+        "qwen2", "sdpa", use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=3
+    )
     strategy, _ = best(model, char_tokenizer, texts, 3)
     types = model.config.layer_types
     assert strategy.num_shared == 3 and all(types[r] == types[s] for r, s in strategy.mapping.items())
@@ -265,8 +280,22 @@ def test_cli_search_order_best(tiny_llama, char_tokenizer, texts, tmp_path, monk
     monkeypatch.setattr(cli, "_load", lambda args: (tiny_llama, char_tokenizer))
     monkeypatch.setattr(kvshare.data, "calibration_texts", lambda n, source="bbc", set_index=0: texts)
     out = tmp_path / "s.json"
-    code = quiet(cli.main, ["search", "--num-shared", "2", "--order", "best", "--max-tokens", str(MAX_TOKENS),
-                            "--threshold", "-1", "--out", str(out)])
+    code = quiet(
+        cli.main,
+        [
+            "search",
+            "--num-shared",
+            "2",
+            "--order",
+            "best",
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--threshold",
+            "-1",
+            "--out",
+            str(out),
+        ],
+    )
     assert code in (0, None)
     saved = kvshare.Strategy.load(out)
     assert saved.num_shared == 2 and saved.metadata["order"] == "best"

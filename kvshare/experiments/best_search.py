@@ -12,6 +12,7 @@ Every expensive result is cached in `<out_dir>/<name>_results.json` under a key 
 written atomically after each unit, so an interrupted run resumes and a finished one only re-plots.
 Figures and the conclusion: `kvshare.experiments.reports.best_search`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -71,8 +72,19 @@ class BestSettings:
         return asdict(self)
 
 
-QUICK = dict(samples=4, max_tokens=16, calibration_sets=2, c_values=[1, 2], random_seeds=2, random_c_values=[2],
-             heldout_tokens=1024, shortlist=4, screen_texts=2, target_c=2, check_from=27)
+QUICK = dict(
+    samples=4,
+    max_tokens=16,
+    calibration_sets=2,
+    c_values=[1, 2],
+    random_seeds=2,
+    random_c_values=[2],
+    heldout_tokens=1024,
+    shortlist=4,
+    screen_texts=2,
+    target_c=2,
+    check_from=27,
+)
 
 
 def settings(model: str, quick: bool, seed: int = 0, **overrides) -> BestSettings:
@@ -123,9 +135,17 @@ class ResultCache:
 # ------------------------------------------------------------------------------------------------
 # 1. the damage map
 # ------------------------------------------------------------------------------------------------
-def damage(model, tokenizer, cfg: BestSettings, cache: ResultCache, calibration_set: int = 0,
-           texts: int | None = None, kl_stride: int | None = None, min_replaced: int = 0,
-           progress: bool = True) -> DamageMap:
+def damage(
+    model,
+    tokenizer,
+    cfg: BestSettings,
+    cache: ResultCache,
+    calibration_set: int = 0,
+    texts: int | None = None,
+    kl_stride: int | None = None,
+    min_replaced: int = 0,
+    progress: bool = True,
+) -> DamageMap:
     """The damage map of a calibration set's first `texts` texts (default: the search's screen), cached.
 
     `min_replaced` keeps only the pairs whose replaced layer is at least that (a cheaper map for checks)."""
@@ -153,6 +173,7 @@ def map_forwards(model, texts: int) -> int:
 
 def spearman(x, y) -> float:
     """Spearman's rank correlation (average ranks for ties)."""
+
     def ranks(a):
         a = np.asarray(a, dtype=float)
         order = np.argsort(a, kind="mergesort")
@@ -178,9 +199,15 @@ def distance_vs_damage(dm: DamageMap) -> list[dict]:
     """
     kl = [r["kl"] for r in dm]
     cos_damage = [1 - r["hidden_cosine"] for r in dm]
-    return [{"metric": m, "spearman_vs_kl": spearman([r[f"distance_{m}"] for r in dm], kl),
-             "spearman_vs_hidden_damage": spearman([r[f"distance_{m}"] for r in dm], cos_damage), "pairs": len(dm)}
-            for m in METRICS]
+    return [
+        {
+            "metric": m,
+            "spearman_vs_kl": spearman([r[f"distance_{m}"] for r in dm], kl),
+            "spearman_vs_hidden_damage": spearman([r[f"distance_{m}"] for r in dm], cos_damage),
+            "pairs": len(dm),
+        }
+        for m in METRICS
+    ]
 
 
 def ranking_check(reference: DamageMap, cheap: DamageMap, top: int = 24) -> dict:
@@ -190,11 +217,20 @@ def ranking_check(reference: DamageMap, cheap: DamageMap, top: int = 24) -> dict
     other = {(r["replaced"], r["source"]): r["kl"] for r in cheap}
     pairs = sorted(set(ref) & set(other))
     rank = lambda d: sorted(pairs, key=lambda p: (d[p], p))[:top]
-    describe = lambda dm: {**dm.metadata.get("calibration", {}), "kl_stride": dm.metadata.get("kl_stride"),
-                           "seconds": dm.metadata.get("seconds"), "layer_forwards": dm.metadata.get("layer_forwards")}
-    return {"pairs": len(pairs), "spearman_kl": spearman([ref[p] for p in pairs], [other[p] for p in pairs]),
-            "top": top, "top_overlap": len(set(rank(ref)) & set(rank(other))),
-            "reference": describe(reference), "cheap": describe(cheap)}
+    describe = lambda dm: {
+        **dm.metadata.get("calibration", {}),
+        "kl_stride": dm.metadata.get("kl_stride"),
+        "seconds": dm.metadata.get("seconds"),
+        "layer_forwards": dm.metadata.get("layer_forwards"),
+    }
+    return {
+        "pairs": len(pairs),
+        "spearman_kl": spearman([ref[p] for p in pairs], [other[p] for p in pairs]),
+        "top": top,
+        "top_overlap": len(set(rank(ref)) & set(rank(other))),
+        "reference": describe(reference),
+        "cheap": describe(cheap),
+    }
 
 
 def first_picks(dm: DamageMap, strategy: dict, k: int = 8) -> list[dict]:
@@ -204,8 +240,17 @@ def first_picks(dm: DamageMap, strategy: dict, k: int = 8) -> list[dict]:
     out = []
     for step, (r, s) in enumerate(strategy["metadata"]["accepted_pairs"][:k], start=1):
         row = rows[(r, s)]
-        out.append({"step": step, "replaced": r, "source": s, "kl": row["kl"], "hidden_cosine": row["hidden_cosine"],
-                    "kl_rank": by_kl[(r, s)], "kl_percentile": 100 * by_kl[(r, s)] / max(1, len(dm) - 1)})
+        out.append(
+            {
+                "step": step,
+                "replaced": r,
+                "source": s,
+                "kl": row["kl"],
+                "hidden_cosine": row["hidden_cosine"],
+                "kl_rank": by_kl[(r, s)],
+                "kl_percentile": 100 * by_kl[(r, s)] / max(1, len(dm) - 1),
+            }
+        )
     return out
 
 
@@ -219,8 +264,9 @@ def search_plan(cfg: BestSettings) -> list[tuple[int, str, int]]:
     return plan + [(i, "random", s) for i in sets for s in random_seeds(cfg, i)]
 
 
-def run_searches(model, tokenizer, cfg: BestSettings, cache: ResultCache, damage_maps: dict | None = None,
-                 progress: bool = True) -> list[dict]:
+def run_searches(
+    model, tokenizer, cfg: BestSettings, cache: ResultCache, damage_maps: dict | None = None, progress: bool = True
+) -> list[dict]:
     """One search per (set, order, seed) to max(c_values): {set, order, seed, strategy (dict), trace}. Cached.
 
     `damage_maps` ({set: DamageMap of its first `screen_texts` texts}) hands `best` its screening map."""
@@ -230,23 +276,46 @@ def run_searches(model, tokenizer, cfg: BestSettings, cache: ResultCache, damage
     for i, order, seed in plan:
         name = f"search_set{i}_{order}_seed{seed}"
         top = max(cfg.random_c_values if order == "random" else cfg.c_values)  # random seeds: to their largest C
-        extra = dict(criterion=cfg.criterion, shortlist=cfg.shortlist, screen_texts=cfg.screen_texts,
-                     kl_stride=cfg.kl_stride, lazy=cfg.lazy) if order == "best" else {}
+        extra = (
+            dict(
+                criterion=cfg.criterion,
+                shortlist=cfg.shortlist,
+                screen_texts=cfg.screen_texts,
+                kl_stride=cfg.kl_stride,
+                lazy=cfg.lazy,
+            )
+            if order == "best"
+            else {}
+        )
         key = cache.key(cfg.model, cfg.samples, cfg.max_tokens, i, order, seed, top, cfg.threshold, cfg.metric, extra)
         hit = cache.get(name, key)
         if hit is None:
             texts = calibration_texts(cfg.samples, set_index=i)
             if order == "best" and damage_maps and i in damage_maps:
                 extra["damage"] = damage_maps[i]  # the set's screening map, already made: not computed twice
-            strategy, trace = search(model, tokenizer, texts, top, cfg.threshold, order, cfg.metric, seed,
-                                     cfg.max_tokens, progress=progress and order == "best", **extra)
+            strategy, trace = search(
+                model,
+                tokenizer,
+                texts,
+                top,
+                cfg.threshold,
+                order,
+                cfg.metric,
+                seed,
+                cfg.max_tokens,
+                progress=progress and order == "best",
+                **extra,
+            )
             strategy.metadata["calibration"].update(source="bbc", set_index=i)
-            hit = cache.put(name, key, {"set": i, "order": order, "seed": seed, "strategy": strategy.to_dict(),
-                                        "trace": trace})
+            hit = cache.put(
+                name, key, {"set": i, "order": order, "seed": seed, "strategy": strategy.to_dict(), "trace": trace}
+            )
         runs.append(hit)
         m = hit["strategy"]["metadata"]
-        bar.update(note=f"set {i} {order}{f' seed {seed}' if order == 'random' else ''}: "
-                        f"{m['search_seconds']:.1f} s, {m['layer_forwards']:,} layer-forwards")
+        bar.update(
+            note=f"set {i} {order}{f' seed {seed}' if order == 'random' else ''}: "
+            f"{m['search_seconds']:.1f} s, {m['layer_forwards']:,} layer-forwards"
+        )
     return runs
 
 
@@ -269,8 +338,9 @@ def mapping_key(strategy: Strategy | None) -> str:
 # ------------------------------------------------------------------------------------------------
 # 3. held-out perplexity
 # ------------------------------------------------------------------------------------------------
-def evaluate(model, tokenizer, runs: list[dict], cfg: BestSettings, cache: ResultCache,
-             progress: bool = True) -> dict[str, dict]:
+def evaluate(
+    model, tokenizer, runs: list[dict], cfg: BestSettings, cache: ResultCache, progress: bool = True
+) -> dict[str, dict]:
     """Held-out perplexity of the full model and of every distinct strategy the runs give at their C values.
 
     Returns {mapping key: heldout_perplexity result}; identical strategies (across sets, orders) run once.
@@ -312,17 +382,28 @@ def curve_rows(runs: list[dict], heldout: dict[str, dict], cfg: BestSettings) ->
             if st is None:
                 continue
             res = heldout[mapping_key(st)]
-            row = {"set": run["set"], "order": run["order"], "seed": run["seed"], "C": c, "ppl": res["ppl"],
-                   "ppl_se": res["ppl_se"], "ratio_to_full": res["ppl"] / full["ppl"],
-                   "mapping": mapping_key(st)}
+            row = {
+                "set": run["set"],
+                "order": run["order"],
+                "seed": run["seed"],
+                "C": c,
+                "ppl": res["ppl"],
+                "ppl_se": res["ppl_se"],
+                "ratio_to_full": res["ppl"] / full["ppl"],
+                "mapping": mapping_key(st),
+            }
             vs_full = paired_difference(res, full)
             row.update(z_vs_full=vs_full["z"])
             if run["order"] != "best" and run["set"] in best:
                 b = prefix(best[run["set"]], c)
                 if b is not None:
                     d = paired_difference(heldout[mapping_key(b)], res)
-                    row.update(best_ppl=heldout[mapping_key(b)]["ppl"], best_vs_this_ratio=d["ppl_ratio"],
-                               best_vs_this_ci95=d["ppl_ratio_ci95"], best_vs_this_z=d["z"])
+                    row.update(
+                        best_ppl=heldout[mapping_key(b)]["ppl"],
+                        best_vs_this_ratio=d["ppl_ratio"],
+                        best_vs_this_ci95=d["ppl_ratio_ci95"],
+                        best_vs_this_z=d["z"],
+                    )
             rows.append(row)
     return rows
 
@@ -338,19 +419,27 @@ def verdict(rows: list[dict], heldout: dict, runs: list[dict], cfg: BestSettings
     per_point = []
     for i in sets:
         for c in cfg.c_values:
-            rivals = [r for r in rows
-                      if r["set"] == i and r["C"] == c and r["order"] != "best" and "best_vs_this_z" in r]
+            rivals = [
+                r for r in rows if r["set"] == i and r["C"] == c and r["order"] != "best" and "best_vs_this_z" in r
+            ]
             if not rivals:
                 continue
             worst = max(rivals, key=lambda r: r["best_vs_this_z"])  # the rival best beats least clearly
-            per_point.append({
-                "set": i, "C": c, "rivals": len(rivals),
-                "clear_wins": sum(r["best_vs_this_z"] < -2 for r in rivals),
-                "lower_than_all": all(r["best_vs_this_ratio"] < 1 for r in rivals),
-                "clear": all(r["best_vs_this_z"] < -2 for r in rivals),
-                "closest_rival": f"{worst['order']}" + (f" seed {worst['seed']}" if worst["order"] == "random" else ""),
-                "closest_z": worst["best_vs_this_z"], "closest_ratio": worst["best_vs_this_ratio"],
-                "orders_with_random_c": sorted({r["order"] for r in rivals})})
+            per_point.append(
+                {
+                    "set": i,
+                    "C": c,
+                    "rivals": len(rivals),
+                    "clear_wins": sum(r["best_vs_this_z"] < -2 for r in rivals),
+                    "lower_than_all": all(r["best_vs_this_ratio"] < 1 for r in rivals),
+                    "clear": all(r["best_vs_this_z"] < -2 for r in rivals),
+                    "closest_rival": f"{worst['order']}"
+                    + (f" seed {worst['seed']}" if worst["order"] == "random" else ""),
+                    "closest_z": worst["best_vs_this_z"],
+                    "closest_ratio": worst["best_vs_this_ratio"],
+                    "orders_with_random_c": sorted({r["order"] for r in rivals}),
+                }
+            )
     sets_clear = [i for i in sets if all(p["clear"] for p in per_point if p["set"] == i)]
     full = heldout["full"]
     target = []
@@ -359,14 +448,26 @@ def verdict(rows: list[dict], heldout: dict, runs: list[dict], cfg: BestSettings
         if st is not None:
             res = heldout[mapping_key(st)]
             d = paired_difference(res, full)
-            target.append({"set": run["set"], "C": cfg.target_c, "ppl": res["ppl"],
-                           "ratio_to_full": res["ppl"] / full["ppl"],
-                           "ratio_ci95": d["ppl_ratio_ci95"], "within": res["ppl"] / full["ppl"] <= cfg.target_ratio})
-    return {"per_point": per_point, "sets_where_clear_at_every_C": sets_clear,
-            "claim_lower_everywhere_on_2_of_3_sets": len(sets_clear) >= min(2, len(sets)),
-            "target": target, "target_ratio": cfg.target_ratio,
-            "claim_within_target_on_every_set": bool(target) and all(t["within"] for t in target),
-            "full_ppl": full["ppl"], "full_ppl_se": full["ppl_se"]}
+            target.append(
+                {
+                    "set": run["set"],
+                    "C": cfg.target_c,
+                    "ppl": res["ppl"],
+                    "ratio_to_full": res["ppl"] / full["ppl"],
+                    "ratio_ci95": d["ppl_ratio_ci95"],
+                    "within": res["ppl"] / full["ppl"] <= cfg.target_ratio,
+                }
+            )
+    return {
+        "per_point": per_point,
+        "sets_where_clear_at_every_C": sets_clear,
+        "claim_lower_everywhere_on_2_of_3_sets": len(sets_clear) >= min(2, len(sets)),
+        "target": target,
+        "target_ratio": cfg.target_ratio,
+        "claim_within_target_on_every_set": bool(target) and all(t["within"] for t in target),
+        "full_ppl": full["ppl"],
+        "full_ppl_se": full["ppl_se"],
+    }
 
 
 def search_costs(runs: list[dict]) -> list[dict]:
@@ -376,12 +477,19 @@ def search_costs(runs: list[dict]) -> list[dict]:
         if run["order"] != "best":
             continue
         m = run["strategy"]["metadata"]
-        out.append({"set": run["set"], "C": m["num_shared"], "search_seconds": m["search_seconds"],
-                    "layer_forwards": m["layer_forwards"], "screen_layer_forwards": m["screen_layer_forwards"],
-                    "rescore_layer_forwards": m["rescore_layer_forwards"],
-                    "exhaustive_layer_forwards": m["exhaustive_layer_forwards"],
-                    "fraction_of_exhaustive": m["layer_forwards"] / max(1, m["exhaustive_layer_forwards"]),
-                    "candidates_rescored": m["candidates_visited"]})
+        out.append(
+            {
+                "set": run["set"],
+                "C": m["num_shared"],
+                "search_seconds": m["search_seconds"],
+                "layer_forwards": m["layer_forwards"],
+                "screen_layer_forwards": m["screen_layer_forwards"],
+                "rescore_layer_forwards": m["rescore_layer_forwards"],
+                "exhaustive_layer_forwards": m["exhaustive_layer_forwards"],
+                "fraction_of_exhaustive": m["layer_forwards"] / max(1, m["exhaustive_layer_forwards"]),
+                "candidates_rescored": m["candidates_visited"],
+            }
+        )
     return out
 
 
@@ -395,16 +503,23 @@ def prefix_cost(run: dict, c: int) -> dict:
     rescore = sum((L - t["replaced"]) * n for t in steps)
     forwards = L * n + m["screen_layer_forwards"] + rescore
     share = forwards / max(1, m["layer_forwards"])
-    return {"C": c, "layer_forwards": forwards, "seconds_estimate": m["search_seconds"] * share,
-            "rescored": len(steps)}
+    return {"C": c, "layer_forwards": forwards, "seconds_estimate": m["search_seconds"] * share, "rescored": len(steps)}
 
 
 # ------------------------------------------------------------------------------------------------
 # which calibration score tracks held-out damage (the criterion's evidence)
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def criterion_evidence(model, tokenizer, runs: list[dict], heldout: dict, cfg: BestSettings, cache: ResultCache,
-                       calibration_set: int = 0, progress: bool = True) -> dict:
+def criterion_evidence(
+    model,
+    tokenizer,
+    runs: list[dict],
+    heldout: dict,
+    cfg: BestSettings,
+    cache: ResultCache,
+    calibration_set: int = 0,
+    progress: bool = True,
+) -> dict:
     """Every distinct strategy scored on calibration set `calibration_set` by KL and by hidden cosine, against
     its held-out NLL increase: which calibration score ranks strategies as held-out text does (Spearman)."""
     from ..adapter import decoder_layers
@@ -429,8 +544,9 @@ def criterion_evidence(model, tokenizer, runs: list[dict], heldout: dict, cfg: B
         ids, _ = encode_calibration(tokenizer, texts, cfg.max_tokens)
         scorer = PairScorer(model, ids, cfg.kl_stride)
         rows = []
-        bar = Progress(len(strategies), "criterion evidence: calibration scores of the evaluated strategies",
-                       enabled=progress)
+        bar = Progress(
+            len(strategies), "criterion evidence: calibration scores of the evaluated strategies", enabled=progress
+        )
         try:
             for k, st in strategies.items():
                 scores, _, _ = scorer.score(min(st.mapping), st.mapping)
@@ -445,10 +561,14 @@ def criterion_evidence(model, tokenizer, runs: list[dict], heldout: dict, cfg: B
     for r in rows:
         r["heldout_nll_increase"] = heldout[r["mapping"]]["nll"] - full_nll
     y = [r["heldout_nll_increase"] for r in rows]
-    return {"rows": rows, "strategies": len(rows), "seconds": hit["seconds"],
-            "spearman_kl": spearman([r["kl"] for r in rows], y),
-            "spearman_hidden_damage": spearman([1 - r["hidden_cosine"] for r in rows], y),
-            "pearson_kl": float(np.corrcoef([r["kl"] for r in rows], y)[0, 1]) if len(rows) > 2 else float("nan")}
+    return {
+        "rows": rows,
+        "strategies": len(rows),
+        "seconds": hit["seconds"],
+        "spearman_kl": spearman([r["kl"] for r in rows], y),
+        "spearman_hidden_damage": spearman([1 - r["hidden_cosine"] for r in rows], y),
+        "pearson_kl": float(np.corrcoef([r["kl"] for r in rows], y)[0, 1]) if len(rows) > 2 else float("nan"),
+    }
 
 
 def timing_summary(t_start: float) -> str:

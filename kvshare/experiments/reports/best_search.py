@@ -1,6 +1,7 @@
 """Notebook 11's figures (damage-map heatmaps, distance versus damage, perplexity versus C with `best` highlighted)
 and its conclusion, written from the numbers of `kvshare.experiments.best_search`. Each figure function returns a
 Figure; the conclusion is Markdown built from the results, never typed."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,10 @@ def damage_heatmaps(dm, title: str = "", picks: dict | None = None):
 
     `picks` maps a label to a list of (r, s) pairs to outline (e.g. the dissimilar order's first picks).
     """
-    panels = [("1 − hidden cosine (the paper's score)", 1 - _pair_matrix(dm, "hidden_cosine")),
-              ("KL(full ‖ shared), nats per token", _pair_matrix(dm, "kl"))]
+    panels = [
+        ("1 − hidden cosine (the paper's score)", 1 - _pair_matrix(dm, "hidden_cosine")),
+        ("KL(full ‖ shared), nats per token", _pair_matrix(dm, "kl")),
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.6), constrained_layout=True)
     for ax, (label, m) in zip(axes, panels):
         finite = m[np.isfinite(m)]
@@ -42,8 +45,16 @@ def damage_heatmaps(dm, title: str = "", picks: dict | None = None):
         ax.set_title(label, fontsize=10)
         fig.colorbar(im, ax=ax, shrink=0.85)
         for (name, pairs), marker, color in zip((picks or {}).items(), ("s", "o"), (COLORS["dissimilar"], BEST_COLOR)):
-            ax.scatter([s for _, s in pairs], [r for r, _ in pairs], s=60, facecolors="none", edgecolors=color,
-                       lw=1.8, marker=marker, label=name)
+            ax.scatter(
+                [s for _, s in pairs],
+                [r for r, _ in pairs],
+                s=60,
+                facecolors="none",
+                edgecolors=color,
+                lw=1.8,
+                marker=marker,
+                label=name,
+            )
         if picks:
             ax.legend(fontsize=8, loc="upper left")
     if title:
@@ -65,12 +76,22 @@ def distance_scatter(dm, correlations: list[dict], title: str = "", picks: dict 
         for (name, pairs), color in zip((picks or {}).items(), (COLORS["dissimilar"], BEST_COLOR, COLORS["similar"])):
             rows = {(r["replaced"], r["source"]): r for r in dm}
             sel = [rows[p] for p in pairs if p in rows]
-            ax.scatter([r[f"distance_{metric}"] for r in sel], [max(r["kl"], 1e-8) for r in sel], s=40,
-                       facecolors="none", edgecolors=color, lw=1.5, label=name)
+            ax.scatter(
+                [r[f"distance_{metric}"] for r in sel],
+                [max(r["kl"], 1e-8) for r in sel],
+                s=40,
+                facecolors="none",
+                edgecolors=color,
+                lw=1.5,
+                label=name,
+            )
         ax.set_yscale("log")
         ax.set_xlabel(f"{metric} distance of the pair's mean K/V (calibration)")
-        ax.set_title(f"{metric}: Spearman ρ = {corr['spearman_vs_kl']:+.2f} with KL, "
-                     f"{corr['spearman_vs_hidden_damage']:+.2f} with 1 − cosine", fontsize=9)
+        ax.set_title(
+            f"{metric}: Spearman ρ = {corr['spearman_vs_kl']:+.2f} with KL, "
+            f"{corr['spearman_vs_hidden_damage']:+.2f} with 1 − cosine",
+            fontsize=9,
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("single-pair damage: KL(full ‖ shared), nats per token")
@@ -95,23 +116,48 @@ def ppl_curves(rows: list[dict], full_ppl: float, target_ratio: float = 1.5, tit
             if order == "random":
                 by_c = {c: [r["ppl"] for r in sel if r["C"] == c] for c in cs}
                 mean = [math.exp(np.mean(np.log(by_c[c]))) for c in cs]
-                ax.fill_between(cs, [min(by_c[c]) for c in cs], [max(by_c[c]) for c in cs], color=COLORS[order],
-                                alpha=0.15, lw=0)
+                ax.fill_between(
+                    cs, [min(by_c[c]) for c in cs], [max(by_c[c]) for c in cs], color=COLORS[order], alpha=0.15, lw=0
+                )
                 for c in cs:
                     ax.scatter([c] * len(by_c[c]), by_c[c], s=9, color=COLORS[order], alpha=0.6)
                 seeds = len({r["seed"] for r in sel})
-                ax.plot(cs, mean, marker=MARKERS[order], color=COLORS[order], lw=1.2,
-                        label=f"random ({seeds} seeds: geometric mean, min-max band)")
+                ax.plot(
+                    cs,
+                    mean,
+                    marker=MARKERS[order],
+                    color=COLORS[order],
+                    lw=1.2,
+                    label=f"random ({seeds} seeds: geometric mean, min-max band)",
+                )
                 continue
             sel = sorted(sel, key=lambda r: r["C"])
             ppl = [r["ppl"] for r in sel]
             err = [r["ppl_se"] for r in sel]
             if order == "best":
-                ax.errorbar(cs, ppl, yerr=err, color=BEST_COLOR, marker="*", ms=11, lw=3, capsize=3, zorder=5,
-                            label=LABELS[order])
+                ax.errorbar(
+                    cs,
+                    ppl,
+                    yerr=err,
+                    color=BEST_COLOR,
+                    marker="*",
+                    ms=11,
+                    lw=3,
+                    capsize=3,
+                    zorder=5,
+                    label=LABELS[order],
+                )
             else:
-                ax.errorbar(cs, ppl, yerr=err, color=COLORS[order], marker=MARKERS[order], lw=1.2, capsize=2,
-                            label=LABELS[order])
+                ax.errorbar(
+                    cs,
+                    ppl,
+                    yerr=err,
+                    color=COLORS[order],
+                    marker=MARKERS[order],
+                    lw=1.2,
+                    capsize=2,
+                    label=LABELS[order],
+                )
         ax.axhline(full_ppl, color="k", lw=1, ls="--", label=f"full model ({full_ppl:.2f})")
         ax.axhline(full_ppl * target_ratio, color="k", lw=0.8, ls=":", label=f"{target_ratio}x the full model")
         ax.set_yscale("log")
@@ -136,113 +182,186 @@ def _fmt_z(z: float) -> str:
     return "∞" if math.isinf(z) else f"{z:+.1f}"
 
 
-def conclusion(model: str, num_layers: int, cfg: dict, verdict: dict, rows: list[dict], costs: list[dict],
-               damage_meta: dict, correlations: list[dict], picks: dict, checks: dict, evidence: dict | None,
-               protocol: str, c8_cost: list[dict] | None = None, full_map_forwards: int | None = None) -> str:
+def conclusion(
+    model: str,
+    num_layers: int,
+    cfg: dict,
+    verdict: dict,
+    rows: list[dict],
+    costs: list[dict],
+    damage_meta: dict,
+    correlations: list[dict],
+    picks: dict,
+    checks: dict,
+    evidence: dict | None,
+    protocol: str,
+    c8_cost: list[dict] | None = None,
+    full_map_forwards: int | None = None,
+) -> str:
     """Markdown computed from the results: the verdict on each claim, where it falls short, and why."""
-    lines = [f"**Computed from this run** ({model}, {num_layers} layers, {cfg['calibration_sets']} calibration sets "
-             f"of {cfg['samples']} texts × {cfg['max_tokens']} tokens; perplexity on {protocol}).", ""]
+    lines = [
+        f"**Computed from this run** ({model}, {num_layers} layers, {cfg['calibration_sets']} calibration sets "
+        f"of {cfg['samples']} texts × {cfg['max_tokens']} tokens; perplexity on {protocol}).",
+        "",
+    ]
     # --- claim 1: lower than every fixed order at every C ---
     per = verdict["per_point"]
     n_sets = len({p["set"] for p in per})
     clear_sets = verdict["sets_where_clear_at_every_C"]
     holds = verdict["claim_lower_everywhere_on_2_of_3_sets"]
-    lines.append(f"**Claim 1 — `best` below every fixed order at every C (paired z < −2) on at least "
-                 f"{min(2, n_sets)} of {n_sets} calibration sets: {'HOLDS' if holds else 'DOES NOT HOLD'}** "
-                 f"(sets where it holds at every C: {', '.join(map(str, clear_sets)) or 'none'}).")
+    lines.append(
+        f"**Claim 1 — `best` below every fixed order at every C (paired z < −2) on at least "
+        f"{min(2, n_sets)} of {n_sets} calibration sets: {'HOLDS' if holds else 'DOES NOT HOLD'}** "
+        f"(sets where it holds at every C: {', '.join(map(str, clear_sets)) or 'none'})."
+    )
     lines.append("")
     lines.append("| set | C | rivals scored | clear wins | lower than all | closest rival | its ratio best/rival | z |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for p in per:
         lower = "yes" if p["lower_than_all"] else "no"
-        lines.append(f"| {p['set']} | {p['C']} | {p['rivals']} | {p['clear_wins']} | {lower} "
-                     f"| {p['closest_rival']} | {p['closest_ratio']:.3f} | {_fmt_z(p['closest_z'])} |")
+        lines.append(
+            f"| {p['set']} | {p['C']} | {p['rivals']} | {p['clear_wins']} | {lower} "
+            f"| {p['closest_rival']} | {p['closest_ratio']:.3f} | {_fmt_z(p['closest_z'])} |"
+        )
     lines.append("")
     short = [p for p in per if not p["clear"]]
     if short:
-        lines.append("Where it falls short: " + "; ".join(
-            f"set {p['set']}, C = {p['C']}: {p['closest_rival']} (best/rival {p['closest_ratio']:.3f}, "
-            f"z {_fmt_z(p['closest_z'])})" for p in short) + ".")
+        lines.append(
+            "Where it falls short: "
+            + "; ".join(
+                f"set {p['set']}, C = {p['C']}: {p['closest_rival']} (best/rival {p['closest_ratio']:.3f}, "
+                f"z {_fmt_z(p['closest_z'])})"
+                for p in short
+            )
+            + "."
+        )
         lines.append("")
     rc = sorted({r["C"] for r in rows if r["order"] == "random"})
-    lines.append(f"Random seeds ({cfg['random_seeds']} per set, drawn per set) are scored at C = "
-                 f"{', '.join(map(str, rc))} only (the time budget); at the other C values `best` is compared with "
-                 "dissimilar and similar.")
+    lines.append(
+        f"Random seeds ({cfg['random_seeds']} per set, drawn per set) are scored at C = "
+        f"{', '.join(map(str, rc))} only (the time budget); at the other C values `best` is compared with "
+        "dissimilar and similar."
+    )
     lines.append("")
     # --- claim 2: within 1.5x of the full model at C = 8 ---
     tgt = verdict["target"]
     ok = verdict["claim_within_target_on_every_set"]
-    lines.append(f"**Claim 2 — at C = {cfg['target_c']} of {num_layers}, held-out perplexity within "
-                 f"{verdict['target_ratio']}× the full model's ({verdict['full_ppl']:.2f}): "
-                 f"{'HOLDS on every set' if ok else 'DOES NOT HOLD on every set'}** — "
-                 + "; ".join(f"set {t['set']}: {t['ppl']:.2f} = {t['ratio_to_full']:.3f}× "
-                             f"(95% CI {t['ratio_ci95'][0]:.3f}–{t['ratio_ci95'][1]:.3f})" for t in tgt) + ".")
+    lines.append(
+        f"**Claim 2 — at C = {cfg['target_c']} of {num_layers}, held-out perplexity within "
+        f"{verdict['target_ratio']}× the full model's ({verdict['full_ppl']:.2f}): "
+        f"{'HOLDS on every set' if ok else 'DOES NOT HOLD on every set'}** — "
+        + "; ".join(
+            f"set {t['set']}: {t['ppl']:.2f} = {t['ratio_to_full']:.3f}× "
+            f"(95% CI {t['ratio_ci95'][0]:.3f}–{t['ratio_ci95'][1]:.3f})"
+            for t in tgt
+        )
+        + "."
+    )
     fixed_at_target = [r for r in rows if r["C"] == cfg["target_c"] and r["order"] in ("dissimilar", "similar")]
     if fixed_at_target:
-        lines.append("For comparison at the same C: " + "; ".join(
-            f"{r['order']} set {r['set']} {r['ratio_to_full']:.2f}×" for r in fixed_at_target) + ".")
+        lines.append(
+            "For comparison at the same C: "
+            + "; ".join(f"{r['order']} set {r['set']} {r['ratio_to_full']:.2f}×" for r in fixed_at_target)
+            + "."
+        )
     lines.append("")
     # --- cost ---
-    lines.append("**Cost.** " + "; ".join(
-        f"set {c['set']}: the search to C = {c['C']} took {c['search_seconds']:.0f} s, {c['layer_forwards']:,} "
-        f"layer-forwards ({c['screen_layer_forwards']:,} for the damage map on the first {cfg['screen_texts']} texts, "
-        f"{c['rescore_layer_forwards']:,} re-scoring {c['candidates_rescored']} candidates) against "
-        f"{c['exhaustive_layer_forwards']:,} for the exhaustive best-first greedy ({c['fraction_of_exhaustive']:.1%})"
-        for c in costs) + ".")
+    lines.append(
+        "**Cost.** "
+        + "; ".join(
+            f"set {c['set']}: the search to C = {c['C']} took {c['search_seconds']:.0f} s, {c['layer_forwards']:,} "
+            f"layer-forwards ({c['screen_layer_forwards']:,} for the damage map on the first {cfg['screen_texts']} "
+            f"texts, {c['rescore_layer_forwards']:,} re-scoring {c['candidates_rescored']} candidates) against "
+            f"{c['exhaustive_layer_forwards']:,} for the exhaustive best-first greedy "
+            f"({c['fraction_of_exhaustive']:.1%})"
+            for c in costs
+        )
+        + "."
+    )
     if c8_cost:
-        lines.append("Up to C = " + str(c8_cost[0]["C"]) + ": " + "; ".join(
-            f"set {c['set']}: {c['layer_forwards']:,} layer-forwards, ~{c['seconds_estimate']:.0f} s"
-            for c in c8_cost) + " (seconds apportioned by layer-forwards).")
+        lines.append(
+            "Up to C = "
+            + str(c8_cost[0]["C"])
+            + ": "
+            + "; ".join(
+                f"set {c['set']}: {c['layer_forwards']:,} layer-forwards, ~{c['seconds_estimate']:.0f} s"
+                for c in c8_cost
+            )
+            + " (seconds apportioned by layer-forwards)."
+        )
     cal = damage_meta["calibration"]
-    lines.append(f"The damage map of the figures (the set-0 screen: {damage_meta['pairs']} pairs, "
-                 f"{cal['texts']} texts × {cal['tokens_per_text']} tokens, KL at every {damage_meta['kl_stride']}th "
-                 "position) took "
-                 f"{damage_meta['seconds']:.0f} s and {damage_meta['layer_forwards']:,} layer-forwards with "
-                 f"{damage_meta['threads']} thread(s).")
+    lines.append(
+        f"The damage map of the figures (the set-0 screen: {damage_meta['pairs']} pairs, "
+        f"{cal['texts']} texts × {cal['tokens_per_text']} tokens, KL at every {damage_meta['kl_stride']}th "
+        "position) took "
+        f"{damage_meta['seconds']:.0f} s and {damage_meta['layer_forwards']:,} layer-forwards with "
+        f"{damage_meta['threads']} thread(s)."
+    )
     wide = checks.get("screen", {}).get("reference")
     if wide and full_map_forwards:
         rate = wide["seconds"] / wide["layer_forwards"]
-        lines.append(f"On {wide['texts']} texts × {wide['tokens_per_text']} tokens (the search's calibration batch), "
-                     f"{checks['screen']['pairs']} pairs took {wide['seconds']:.0f} s for {wide['layer_forwards']:,} "
-                     f"layer-forwards ({1000 * rate:.1f} ms each): the map of all {damage_meta['pairs']} pairs there "
-                     "is "
-                     f"{full_map_forwards:,} layer-forwards, ≈ {rate * full_map_forwards / 60:.1f} min at that rate "
-                     "(extrapolated, not run).")
+        lines.append(
+            f"On {wide['texts']} texts × {wide['tokens_per_text']} tokens (the search's calibration batch), "
+            f"{checks['screen']['pairs']} pairs took {wide['seconds']:.0f} s for {wide['layer_forwards']:,} "
+            f"layer-forwards ({1000 * rate:.1f} ms each): the map of all {damage_meta['pairs']} pairs there "
+            "is "
+            f"{full_map_forwards:,} layer-forwards, ≈ {rate * full_map_forwards / 60:.1f} min at that rate "
+            "(extrapolated, not run)."
+        )
     lines.append("")
     # --- cheap maps rank like the full one ---
     parts = []
-    for name, what in (("stride", "KL at every {k}th position against KL at every position"),
-                       ("screen", "the search's screen on {n} texts against the same pairs on {N} texts")):
+    for name, what in (
+        ("stride", "KL at every {k}th position against KL at every position"),
+        ("screen", "the search's screen on {n} texts against the same pairs on {N} texts"),
+    ):
         c = checks.get(name)
         if not c:
             continue
         label = what.format(k=c["cheap"]["kl_stride"], n=c["cheap"]["texts"], N=c["reference"]["texts"])
-        parts.append(f"{label}: Spearman {c['spearman_kl']:.3f} over {c['pairs']} pairs, {c['top_overlap']} of the "
-                     f"{c['top']} least harmful pairs in common")
+        parts.append(
+            f"{label}: Spearman {c['spearman_kl']:.3f} over {c['pairs']} pairs, {c['top_overlap']} of the "
+            f"{c['top']} least harmful pairs in common"
+        )
     if parts:
         lines.append("**Shortcuts, checked.** " + "; ".join(parts) + ".")
         lines.append("")
     # --- does dissimilarity predict low damage? ---
-    lines.append("**Does dissimilarity predict low damage?** Spearman correlation over all pairs of the calibration "
-                 "distance with the single-pair damage (the paper's premise needs it negative): " + "; ".join(
-                     f"{c['metric']}: {c['spearman_vs_kl']:+.2f} with KL, {c['spearman_vs_hidden_damage']:+.2f} with "
-                     "1 − hidden cosine" for c in correlations) + ".")
+    lines.append(
+        "**Does dissimilarity predict low damage?** Spearman correlation over all pairs of the calibration "
+        "distance with the single-pair damage (the paper's premise needs it negative): "
+        + "; ".join(
+            f"{c['metric']}: {c['spearman_vs_kl']:+.2f} with KL, {c['spearman_vs_hidden_damage']:+.2f} with "
+            "1 − hidden cosine"
+            for c in correlations
+        )
+        + "."
+    )
     lines.append("")
     # --- the Should item: the dissimilar order's first picks ---
     for label, rows_ in picks.items():
         if not rows_:
             continue
         n = damage_meta["pairs"]
-        lines.append(f"**{label}**: " + ", ".join(
-            f"{p['replaced']}→{p['source']} (KL {p['kl']:.3f}, rank {p['kl_rank'] + 1} of {n})" for p in rows_) + ".")
+        lines.append(
+            f"**{label}**: "
+            + ", ".join(
+                f"{p['replaced']}→{p['source']} (KL {p['kl']:.3f}, rank {p['kl_rank'] + 1} of {n})" for p in rows_
+            )
+            + "."
+        )
         med = float(np.median([p["kl_percentile"] for p in rows_]))
-        lines.append(f"Median position of these picks on the damage map: the {med:.0f}th percentile of harm "
-                     "(0 = the least harmful pair).")
+        lines.append(
+            f"Median position of these picks on the damage map: the {med:.0f}th percentile of harm "
+            "(0 = the least harmful pair)."
+        )
         lines.append("")
     # --- the criterion ---
     if evidence:
-        lines.append(f"**Criterion.** Over the {evidence['strategies']} distinct strategies of calibration set 0 "
-                     f"scored here, the calibration KL ranks them as their held-out NLL increase does with Spearman "
-                     f"{evidence['spearman_kl']:.3f}; 1 − hidden cosine with {evidence['spearman_hidden_damage']:.3f}. "
-                     f"`best` selects by {cfg['criterion']}.")
+        lines.append(
+            f"**Criterion.** Over the {evidence['strategies']} distinct strategies of calibration set 0 "
+            f"scored here, the calibration KL ranks them as their held-out NLL increase does with Spearman "
+            f"{evidence['spearman_kl']:.3f}; 1 − hidden cosine with {evidence['spearman_hidden_damage']:.3f}. "
+            f"`best` selects by {cfg['criterion']}."
+        )
     return "\n".join(lines)
