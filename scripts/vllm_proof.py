@@ -14,8 +14,9 @@ It measures, and writes atomically to figures/10_serving_vllm.json (+ a short .m
       limit: many concurrent long requests on a small KV budget (--kv-cache-memory-bytes: VLLM_CPU_KVCACHE_SPACE
       only takes whole GiB).
 
-Without --strategy it searches one in the main environment (python -m kvshare search --num-shared 8 --order
-similar). The exports go under runs/serving/ (weights linked, not copied).
+Without --strategy it serves notebook 02's committed 8-layer strategy (figures/02_search_strategy.json: KVSharer's
+search on this model, dissimilar order), or, where that file is missing, searches one in the main environment
+(python -m kvshare search --num-shared 8). The exports go under runs/serving/ (weights linked, not copied).
 """
 from __future__ import annotations
 
@@ -179,13 +180,14 @@ def explain(gen: dict, near_tie: float = 0.05) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", default=None, help="strategy JSON (default: search one with 8 layers, order similar)")
+    p.add_argument("--strategy", default=None,
+                   help="strategy JSON (default: figures/02_search_strategy.json, else a new 8-layer search)")
     p.add_argument("--quick", action="store_true", help="fewer prompts and a smaller throughput load (a smoke run)")
     p.add_argument("--reference", nargs=2, metavar=("STRATEGY", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt for (b)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--reuse", action="store_true",
-                   help="reuse the search, reference, served and bench results already in runs/serving/")
+                   help="reuse the reference, served and bench results already in runs/serving/")
     args = p.parse_args()
     if args.reference:  # the transformers side, in the main environment
         reference(*args.reference, args.max_tokens, args.prompts)
@@ -194,10 +196,10 @@ def main() -> int:
     start = time.time()
     WORK.mkdir(parents=True, exist_ok=True)
     count = 4 if args.quick else args.prompts
-    strategy_path = Path(args.strategy) if args.strategy else WORK / "s8.json"
-    if not args.strategy and not (args.reuse and strategy_path.is_file()):
-        sh([MAIN_PYTHON, "-m", "kvshare", "search", "--model", MODEL, "--num-shared", 8, "--order", "similar",
-            "--out", strategy_path])
+    committed = ROOT / "figures" / "02_search_strategy.json"
+    strategy_path = Path(args.strategy) if args.strategy else committed if committed.is_file() else WORK / "s8.json"
+    if not strategy_path.is_file():
+        sh([MAIN_PYTHON, "-m", "kvshare", "search", "--model", MODEL, "--num-shared", 8, "--out", strategy_path])
     strategy = json.loads(strategy_path.read_text())
     plain, shared = WORK / "plain", WORK / "shared"
     sh([MAIN_PYTHON, "-m", "kvshare", "export-vllm", "--model", MODEL, "--out", plain])
@@ -242,8 +244,8 @@ def main() -> int:
     gen["explanation"] = explain(gen)
 
     # (c): a load the plain model's KV cache limits: each request needs input + output tokens of cache
-    n, inp, outp = (24, 256, 64) if args.quick else (64, 384, 128)
-    kv_bytes = (64 if args.quick else 256) * 2**20
+    n, inp, outp = (24, 256, 64) if args.quick else (48, 256, 128)
+    kv_bytes = (64 if args.quick else 128) * 2**20
     thr = {"num_prompts": n, "input_len": inp, "output_len": outp, "kv_cache_bytes": kv_bytes}
     for name, model_dir in (("plain", plain), ("shared", shared)):
         done = WORK / f"bench_{name}.result.json"
