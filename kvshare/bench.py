@@ -26,7 +26,7 @@ import torch
 
 from . import methods
 from .accounting import cache_bytes, kv_token_bytes, num_shared_for, predicted_cache_bytes
-from .adapter import head_dim, num_layers, text_config
+from .adapter import head_dim, layer_types, num_layers, text_config
 from .combine import compression
 from .strategy import Strategy, spread_strategy
 
@@ -290,7 +290,7 @@ def measure(config: Config, model=None) -> dict:
     strategy = (
         None
         if config.mode == "plain"
-        else (Strategy.from_dict(config.strategy) if config.strategy else spread_strategy(L, C))
+        else (Strategy.from_dict(config.strategy) if config.strategy else spread_strategy(L, C, layer_types(model)))
     )
     policy = cache_method(config)
     vocab = model.config.get_text_config().vocab_size

@@ -3,6 +3,7 @@
 Bad input (a missing file, an invalid strategy, a strategy for another model, an unsupported
 architecture, missing data offline) exits with status 2 and one line on stderr, no traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,9 @@ class CLIError(Exception):
 
 
 def _add_model(p):
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, hub id or local path (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"embedded name, hub id or local path (default {DEFAULT_MODEL})"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU)")
 
@@ -33,10 +36,14 @@ def _add_strategy(p):
 def _add_policy(p):
     from .methods import REGISTRY
 
-    eviction = [name for name, cls in REGISTRY.items() if cls.role == "eviction"]
-    p.add_argument("--policy", default=None, choices=eviction,
-                   help="token eviction in every kept layer, with or without --strategy (needs --budget); "
-                        "the same as --method NAME --budget N")
+    eviction = [name for name, cls in REGISTRY.items() if cls.role == "eviction" and "budget" in cls.setting_names()]
+    p.add_argument(
+        "--policy",
+        default=None,
+        choices=eviction,
+        help="token eviction in every kept layer, with or without --strategy (needs --budget); "
+        "the same as --method NAME --budget N",
+    )
     _add_methods(p)
 
 
@@ -57,9 +64,12 @@ def _add_methods(p):
 
     from .methods import REGISTRY
 
-    p.add_argument("--method", default=None,
-                   help=f"KV-cache method(s) of the registry, comma-separated: {', '.join(REGISTRY)} "
-                        "(their settings as flags below; with or without --strategy)")
+    p.add_argument(
+        "--method",
+        default=None,
+        help=f"KV-cache method(s) of the registry, comma-separated: {', '.join(REGISTRY)} "
+        "(their settings as flags below; with or without --strategy)",
+    )
     flags: dict[str, tuple[str, list[str]]] = {}  # dest -> (setting name, methods that have it)
     for name, cls in REGISTRY.items():
         if cls.role == "sharing":  # applied with --strategy FILE
@@ -117,9 +127,14 @@ def _read_methods(args) -> list:
 
 
 def _add_kv_bits(p):
-    p.add_argument("--kv-bits", type=int, default=None, choices=[8, 4],
-                   help="quantize the KV cache of every kept layer to int8 or int4 (kvshare.quantized_kv), "
-                        "with or without --strategy and --policy; a replaced layer reads its source's quantized cache")
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        choices=[8, 4],
+        help="quantize the KV cache of every kept layer to int8 or int4 (kvshare.quantized_kv), "
+        "with or without --strategy and --policy; a replaced layer reads its source's quantized cache",
+    )
 
 
 def _cache_policy(args):
@@ -172,46 +187,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="bbc", choices=["bbc", "wikitext2"], help="evaluation data")
     _add_policy(p)
     _add_kv_bits(p)
-    p.add_argument("--decode", action="store_true",
-                   help="score by decoding (always on with --policy): prefill --context tokens of each window, then "
-                        "feed the rest one token at a time and score those; eviction only shows this way")
-    p.add_argument("--context", type=int, default=None, help="prefilled tokens per window when decoding (default: half)")
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="score by decoding (always on with --policy): prefill --context tokens of each window, then "
+        "feed the rest one token at a time and score those; eviction only shows this way",
+    )
+    p.add_argument(
+        "--context", type=int, default=None, help="prefilled tokens per window when decoding (default: half)"
+    )
     b = sub.add_parser("bench", help="memory and speed: plain transformers next to the shared model")
     _add_model(b)
-    b.add_argument("--strategy", default=None,
-                   help="strategy JSON written by `kvshare search`, used by every shared row instead of the evenly "
-                        "spread one (its own number of layers; --rates then only needs one rate above 0)")
-    b.add_argument("--random-weights", action="store_true",
-                   help="build the model's shapes with random weights (presets: llama2-7b, llama2-13b, llama2-70b, "
-                        "internlm2-7b, internlm2-20b)")
+    b.add_argument(
+        "--strategy",
+        default=None,
+        help="strategy JSON written by `kvshare search`, used by every shared row instead of the evenly "
+        "spread one (its own number of layers; --rates then only needs one rate above 0)",
+    )
+    b.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the model's shapes with random weights (presets: llama2-7b, llama2-13b, llama2-70b, "
+        "internlm2-7b, internlm2-20b)",
+    )
     b.add_argument("--rates", default="0,0.125,0.25", help="compression rates (fractions of the layers)")
     b.add_argument("--batch", default="1,4", help="batch sizes")
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
     b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--rounds", type=int, default=1,
-                   help="measure every configuration this many times in alternating order, keep its fastest "
-                        "(steadier numbers on a shared machine)")
+    b.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every configuration this many times in alternating order, keep its fastest "
+        "(steadier numbers on a shared machine)",
+    )
     _add_policy(b)
     _add_kv_bits(b)
-    b.add_argument("--memory-budget-gb", type=float, default=None,
-                   help="also find the largest batch within this peak memory, plain and shared, and compare throughput")
+    b.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=None,
+        help="also find the largest batch within this peak memory, plain and shared, and compare throughput",
+    )
     b.add_argument("--out", required=True, help="results JSON (a CSV goes beside it)")
     e = sub.add_parser("eval", help="benchmark table (lm-eval tasks + perplexity) of a model, with or without sharing")
     _add_model(e)
     _add_strategy(e)
-    e.add_argument("--suite", default="offline", choices=["offline", "online"],
-                   help="offline: BIG-bench, XSum and perplexity on local files (default); online: lm-eval's own tasks")
+    e.add_argument(
+        "--suite",
+        default="offline",
+        choices=["offline", "online"],
+        help="offline: BIG-bench, XSum and perplexity on local files (default); online: lm-eval's own tasks",
+    )
     e.add_argument("--tasks", default=None, help="comma-separated task names (default: the suite's default set)")
     e.add_argument("--limit", type=int, default=None, help="examples per task (perplexity: 512-token windows)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--no-cache", action="store_true", help="recompute even what the results cache holds")
     _add_policy(e)
     _add_kv_bits(e)
-    e.add_argument("--decode", action="store_true",
-                   help="score log-likelihoods and perplexity by decoding (always on with --policy: eviction only "
-                        "shows this way); use it for the full model to compare with --policy under one protocol")
+    e.add_argument(
+        "--decode",
+        action="store_true",
+        help="score log-likelihoods and perplexity by decoding (always on with --policy: eviction only "
+        "shows this way); use it for the full model to compare with --policy under one protocol",
+    )
     e.add_argument("--out", required=True, help="results JSON (the table goes beside it as CSV)")
     add_export_parser(sub)  # export-vllm: kvshare.serving.export
     return parser
@@ -260,8 +301,17 @@ def cmd_search(args):
         raise CLIError("--num-shared must be >= 0")
     texts = calibration_texts(args.samples, source=args.source, set_index=args.calibration_set)
     model, tokenizer = _load(args)
-    strategy, trace = search(model, tokenizer, texts, args.num_shared, threshold=args.threshold, order=args.order,
-                             metric=args.metric, seed=args.seed, max_tokens=args.max_tokens)
+    strategy, trace = search(
+        model,
+        tokenizer,
+        texts,
+        args.num_shared,
+        threshold=args.threshold,
+        order=args.order,
+        metric=args.metric,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+    )
     strategy.metadata["calibration"].update(source=args.source, set_index=args.calibration_set)
     out = Path(args.out)
     strategy.save(out)
@@ -270,10 +320,19 @@ def cmd_search(args):
     trace_path = out.with_name(out.stem + ".trace.json")
     write_json(trace_path, trace)
     meta = strategy.metadata
-    print(json.dumps({"strategy": str(out), "trace": str(trace_path), "num_shared": strategy.num_shared,
-                      "mapping": {str(k): v for k, v in strategy.mapping.items()},
-                      "search_seconds": meta["search_seconds"], "layer_forwards": meta["layer_forwards"],
-                      "naive_layer_forwards": meta["naive_layer_forwards"]}))
+    print(
+        json.dumps(
+            {
+                "strategy": str(out),
+                "trace": str(trace_path),
+                "num_shared": strategy.num_shared,
+                "mapping": {str(k): v for k, v in strategy.mapping.items()},
+                "search_seconds": meta["search_seconds"],
+                "layer_forwards": meta["layer_forwards"],
+                "naive_layer_forwards": meta["naive_layer_forwards"],
+            }
+        )
+    )
 
 
 def cmd_generate(args):
@@ -285,14 +344,17 @@ def cmd_generate(args):
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)
     with compression(model, strategy, policy):
-        print(generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                            chat=not args.no_chat_template))
+        print(
+            generate_text(
+                model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat_template
+            )
+        )
 
 
 def cmd_ppl(args):
+    from .combine import compression
     from .data import eval_text
     from .metrics import perplexity_with_error
-    from .combine import compression
 
     strategy = _read_strategy(args)
     policy = _cache_policy(args)
@@ -307,11 +369,25 @@ def cmd_ppl(args):
         if decode:
             from .metrics import decode_perplexity
 
-            result = decode_perplexity(model, tokenizer, text, window=args.window, context=args.context,
-                                       max_tokens=args.limit_tokens, progress=True)
+            result = decode_perplexity(
+                model,
+                tokenizer,
+                text,
+                window=args.window,
+                context=args.context,
+                max_tokens=args.limit_tokens,
+                progress=True,
+            )
         else:
-            result = perplexity_with_error(model, tokenizer, text, window=args.window, stride=args.stride,
-                                           max_tokens=args.limit_tokens, progress=True)
+            result = perplexity_with_error(
+                model,
+                tokenizer,
+                text,
+                window=args.window,
+                stride=args.stride,
+                max_tokens=args.limit_tokens,
+                progress=True,
+            )
     # bytes of the KV cache after the first scored window of the same text, under the same protocol, with the
     # methods and without anything (kvshare.cache_bytes: what the cache really holds)
     from .experiments.peers import window_cache_bytes
@@ -319,12 +395,21 @@ def cmd_ppl(args):
     context = result.get("context") if decode else None
     kv_bytes = window_cache_bytes(model, tokenizer, text, args.window, context, strategy, policy)
     kv_bytes_full = window_cache_bytes(model, tokenizer, text, args.window, context)
-    line = {"ppl": result["ppl"], "tokens": result["tokens"], "ppl_se": result["ppl_se"],
-            "num_shared": 0 if strategy is None else strategy.num_shared,
-            "kv_bytes": kv_bytes, "kv_bytes_full": kv_bytes_full, "kv_bytes_ratio": kv_bytes / kv_bytes_full}
+    line = {
+        "ppl": result["ppl"],
+        "tokens": result["tokens"],
+        "ppl_se": result["ppl_se"],
+        "num_shared": 0 if strategy is None else strategy.num_shared,
+        "kv_bytes": kv_bytes,
+        "kv_bytes_full": kv_bytes_full,
+        "kv_bytes_ratio": kv_bytes / kv_bytes_full,
+    }
     if decode:
-        line.update(protocol=f"decode: prefill {result['context']} of every {result['window']} tokens, score the rest",
-                    policy=args.policy, budget=args.budget)
+        line.update(
+            protocol=f"decode: prefill {result['context']} of every {result['window']} tokens, score the rest",
+            policy=args.policy,
+            budget=args.budget,
+        )
     if policy is not None:
         line.update(method=policy.to_dict())
     if args.kv_bits is not None:
@@ -351,15 +436,37 @@ def cmd_bench(args):
         raise CLIError("--policy evicts tokens from a dynamic cache: drop --cache static")
     if args.kv_bits and args.cache != "dynamic":
         raise CLIError("--kv-bits quantizes a dynamic cache: drop --cache static")
-    rows = bench(args.model, rates=rates, batches=batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                 cache=args.cache, random_weights=args.random_weights, device=args.device, dtype=args.dtype,
-                 repeats=args.repeats, policy=args.policy, budget=args.budget, kv_bits=args.kv_bits, rounds=args.rounds,
-                 strategy=strategy, method=method)
+    rows = bench(
+        args.model,
+        rates=rates,
+        batches=batches,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        cache=args.cache,
+        random_weights=args.random_weights,
+        device=args.device,
+        dtype=args.dtype,
+        repeats=args.repeats,
+        policy=args.policy,
+        budget=args.budget,
+        kv_bits=args.kv_bits,
+        rounds=args.rounds,
+        strategy=strategy,
+        method=method,
+    )
     result = {"rows": rows}
     if args.memory_budget_gb:
-        result["budget"] = budget_comparison(args.model, int(args.memory_budget_gb * 2**30), [r for r in rates if r > 0],
-                                             args.prompt_len, args.new_tokens, args.cache, args.random_weights,
-                                             args.device, args.dtype)
+        result["budget"] = budget_comparison(
+            args.model,
+            int(args.memory_budget_gb * 2**30),
+            [r for r in rates if r > 0],
+            args.prompt_len,
+            args.new_tokens,
+            args.cache,
+            args.random_weights,
+            args.device,
+            args.dtype,
+        )
     out = Path(args.out)
     write_json(out, result)
     write_csv(out.with_suffix(".csv"), rows)
@@ -380,15 +487,24 @@ def cmd_eval(args):
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)
     evaluator = Evaluator(model, tokenizer, batch_size=args.batch_size, cache=not args.no_cache)
-    result = evaluator.evaluate(strategy, suite=args.suite, tasks=specs, limit=args.limit, policy=policy,
-                                decode=True if args.decode else None)
+    result = evaluator.evaluate(
+        strategy, suite=args.suite, tasks=specs, limit=args.limit, policy=policy, decode=True if args.decode else None
+    )
     json_path, csv_path = write_results(result, args.out)
     print(format_rows(result["rows"]))
-    setup = ", ".join(x for x in (f"{result['num_shared']} layers shared" if result["num_shared"] else "",
-                                  repr(policy) if policy is not None else "",
-                                  "scored by decoding" if result["protocol"] == "decode" else "") if x)
-    print(f"{len(specs)} tasks in {result['seconds']:.1f} s ({len(result['cached_tasks'])} from the cache)"
-          f"{'; ' + setup if setup else ''}; wrote {json_path} and {csv_path}")
+    setup = ", ".join(
+        x
+        for x in (
+            f"{result['num_shared']} layers shared" if result["num_shared"] else "",
+            repr(policy) if policy is not None else "",
+            "scored by decoding" if result["protocol"] == "decode" else "",
+        )
+        if x
+    )
+    print(
+        f"{len(specs)} tasks in {result['seconds']:.1f} s ({len(result['cached_tasks'])} from the cache)"
+        f"{'; ' + setup if setup else ''}; wrote {json_path} and {csv_path}"
+    )
 
 
 COMMANDS = {"search": cmd_search, "generate": cmd_generate, "ppl": cmd_ppl, "bench": cmd_bench}

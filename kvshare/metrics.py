@@ -50,21 +50,31 @@ def window_nlls(
         ids = ids[:max_tokens]
     device = next(model.parameters()).device
     spans = _windows(len(ids), window, stride)
+    # a tokenizer that starts every text with BOS (Gemma needs it) gets it at the start of every window too:
+    # a later window then reads like the start of a text, as the first one does (tokenizers without BOS: as is)
+    bos = tokenizer.bos_token_id if len(ids) and ids[0].item() == getattr(tokenizer, "bos_token_id", None) else None
+
+    def window_ids(k):
+        b, e, first = spans[k]
+        if bos is None or b == 0:
+            return ids[b:e], first
+        return torch.cat([ids[:1], ids[b:e]]), first + 1
+
     nlls: list[torch.Tensor | None] = [None] * len(spans)
     # windows of equal length run as one batch
     by_length: dict[int, list[int]] = {}
-    for k, (b, e, _) in enumerate(spans):
-        by_length.setdefault(e - b, []).append(k)
+    for k in range(len(spans)):
+        by_length.setdefault(len(window_ids(k)[0]), []).append(k)
     batches = [
         (length, idx[i : i + batch_size]) for length, idx in by_length.items() for i in range(0, len(idx), batch_size)
     ]
     for _length, idx in tqdm(batches, desc="perplexity", disable=not progress):
-        batch = torch.stack([ids[spans[k][0] : spans[k][1]] for k in idx]).to(device)
+        batch = torch.stack([window_ids(k)[0] for k in idx]).to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         logprobs = F.log_softmax(logits[:, :-1], dim=-1)
         target_lp = logprobs.gather(-1, batch[:, 1:, None])[..., 0]
         for row, k in enumerate(idx):
-            first = spans[k][2]
+            first = window_ids(k)[1]
             nlls[k] = -target_lp[row, first - 1 :].double().cpu()
     return nlls
 

@@ -15,8 +15,8 @@ from .methods.h2o import H2O, H2OSettings
 from .methods.pyramidinfer import PyramidInfer, PyramidInferSettings, layer_budgets
 from .methods.streamingllm import StreamingLLM, StreamingLLMSettings
 
-# the registered eviction methods
-POLICIES = {name: cls for name, cls in REGISTRY.items() if cls.role == "eviction"}
+# the registered eviction methods that keep a token budget (wave 1's `--policy NAME --budget N`)
+POLICIES = {name: cls for name, cls in REGISTRY.items() if cls.role == "eviction" and "budget" in cls.setting_names()}
 
 
 def make_policy(name: str, budget: int, **settings) -> EvictionPolicy:

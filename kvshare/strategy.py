@@ -167,14 +167,31 @@ def apply_pair(mapping: dict[int, int], r: int, s: int) -> dict[int, int]:
     return new
 
 
-def spread_strategy(num_layers: int, num_shared: int) -> Strategy:
-    """C replaced layers spread evenly over layers 1..L-1, each reading the nearest kept layer below (no search:
-    the benchmark's default, and the `spread` order of the kvsharer method)."""
+def spread_strategy(num_layers: int, num_shared: int, layer_types=None) -> Strategy:
+    """C replaced layers spread evenly over layers 1..L-1, each reading the nearest kept layer below it of its own
+    attention type (no search: the benchmark's default, and the `spread` order of the kvsharer method).
+
+    With mixed layer types (`layer_types`, e.g. Gemma-3's sliding and full layers) a layer with no kept layer of
+    its type below it cannot be replaced; the next layer down takes its place, so exactly C are replaced."""
     if not 0 <= num_shared < num_layers:
         raise ValueError(f"cannot replace {num_shared} of {num_layers} layers")
+    types = list(layer_types) if layer_types is not None else ["same"] * num_layers
     step = (num_layers - 1) / num_shared if num_shared else 0
-    replaced = sorted({num_layers - 1 - round(i * step) for i in range(num_shared)})
-    mapping, kept = {}, [i for i in range(num_layers) if i not in replaced]
-    for r in replaced:
-        mapping[r] = max(k for k in kept if k < r)
+    targets = [num_layers - 1 - round(i * step) for i in range(num_shared)]
+    candidates = list(dict.fromkeys(targets + list(range(num_layers - 1, 0, -1))))  # spread first, then top down
+
+    def source(r, replaced):
+        kept = [k for k in range(r) if k not in replaced and types[k] == types[r]]
+        return max(kept) if kept else None
+
+    replaced: set[int] = set()
+    for r in candidates:
+        if len(replaced) == num_shared:
+            break
+        trial = replaced | {r}
+        if all(source(x, trial) is not None for x in trial):
+            replaced = trial
+    if len(replaced) < num_shared:
+        raise ValueError(f"cannot replace {num_shared} of {num_layers} layers within their attention types")
+    mapping = {r: source(r, replaced) for r in sorted(replaced)}
     return Strategy(mapping, num_layers, {"kind": "evenly spread (benchmark)"})

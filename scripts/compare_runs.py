@@ -5,8 +5,8 @@
 Reads every JSON and CSV file present in both folders and compares them value by value: numbers within a
 relative tolerance, everything else exactly. Measurements of the machine (times, speeds, memory peaks,
 load, dates, versions) differ from run to run by nature and are skipped by name; the rest (perplexities,
-scores, byte counts, strategies) must agree. Prints one line per difference and a summary; exits 1 when
-anything differs.
+scores, byte counts, strategies) must agree. Keys only the later run has (new columns) are listed by name.
+Prints one line per difference and a summary; exits 1 when anything differs or a file is missing.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ TIMING_KEYS = {
 }
 
 
+ADDED: set[str] = set()
+
+
 def volatile(key: str) -> bool:
     key = str(key).lower()
     return key in TIMING_KEYS or bool(VOLATILE.search(key))
@@ -64,8 +67,11 @@ def compare(a, b, where: str, rtol: float, out: list[str]) -> None:
         for k in sorted(set(a) | set(b), key=str):
             if volatile(k):
                 continue
-            if k not in a or k not in b:
-                out.append(f"{where}.{k}: only in {'after' if k not in a else 'before'}")
+            if k not in b:
+                out.append(f"{where}.{k}: lost (only in before)")
+                continue
+            if k not in a:
+                ADDED.add(str(k))  # a new column or key: reported once by name, not a changed result
                 continue
             compare(a[k], b[k], f"{where}.{k}", rtol, out)
     elif isinstance(a, list) and isinstance(b, list):
@@ -111,6 +117,8 @@ def main(argv=None) -> int:
         print(line)
     for name in missing:
         print(f"{name}: missing after")
+    if ADDED:
+        print(f"keys added after (new columns, not compared): {', '.join(sorted(ADDED))}")
     print(f"compare_runs: {compared} files compared, {len(diffs)} differences, {len(missing)} files missing after")
     return 1 if diffs or missing else 0
 

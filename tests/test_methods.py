@@ -26,7 +26,7 @@ from kvshare import methods
 from kvshare.strategy import Strategy
 
 PROMPT, TOTAL = 10, 16  # a prefill of 10 tokens, then 6 decode steps
-ARCHS = ("llama", "mistral_sliding", "qwen3")  # plain, sliding-window, per-head query norm
+ARCHS = ("llama", "mistral_sliding", "qwen3", "gemma3")  # plain, sliding window, per-head query norm, Gemma-3
 
 
 def cases():

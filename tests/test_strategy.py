@@ -153,7 +153,7 @@ def test_enable_sharing_on_unsupported_architecture():
     assert "gpt2" in msg
     for name in kvshare.SUPPORTED_MODEL_TYPES:
         assert name in msg
-    assert set(kvshare.SUPPORTED_MODEL_TYPES) == {"llama", "mistral", "qwen2", "qwen3"}
+    assert set(kvshare.SUPPORTED_MODEL_TYPES) == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 
 
 def test_mixed_layer_types_only_share_within_a_type():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..adapter import layer_types
 from ..strategy import Strategy, spread_strategy
 from .base import KVMethod, MethodSettings
 
@@ -81,7 +82,7 @@ class KVSharer(KVMethod):
         if s.num_shared is None or s.num_shared == 0:
             return Strategy({}, num_layers, {"order": s.order})
         if s.order == "spread":
-            return spread_strategy(num_layers, s.num_shared)
+            return spread_strategy(num_layers, s.num_shared, layer_types(model))
         from ..models import model_name
 
         key = (model_name(model), num_layers)
@@ -120,7 +121,7 @@ class KVSharer(KVMethod):
     @classmethod
     def examples(cls, config) -> list["KVSharer"]:
         n = config.get_text_config().num_hidden_layers
-        return [cls(strategy=spread_strategy(n, max(1, n // 3)))]
+        return [cls(strategy=spread_strategy(n, max(1, n // 3), layer_types(config)))]
 
     @classmethod
     def identity(cls, config, max_length: int) -> "KVSharer":
