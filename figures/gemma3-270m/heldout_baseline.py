@@ -1,9 +1,10 @@
 """Measure the embedded Gemma-3-270M's held-out perplexity (no sharing) and write heldout_baseline.json here.
 
 Two numbers: the shared held-out protocol every notebook uses (kvshare.metrics.HELDOUT, 16k tokens) and the
-smaller protocol tests/test_gemma.py re-measures and compares against (2,048 tokens). Plus a check of what the
-protocol does to Gemma: it tokenizes the held-out text once, so only the first window starts with Gemma's BOS
-token; `bos_check` scores windows 2-5 as the protocol does and with BOS prepended (same scored tokens).
+smaller protocol tests/test_gemma.py re-measures and compares against (2,048 tokens). Plus a check of the
+protocol's BOS handling: kvshare.metrics.window_nlls starts every window with BOS when the tokenizer starts a
+text with it (Gemma needs it); `bos_check` scores windows 2-5 as the protocol does and with BOS prepended by
+hand (same scored tokens), which must now agree.
 Run from the repository root: `.venv/bin/python figures/gemma3-270m/heldout_baseline.py` (about 4 minutes on
 2 CPU cores); `--bos-check-only` adds the check to an existing file.
 """
