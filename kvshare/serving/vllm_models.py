@@ -9,6 +9,7 @@ while loading.
 
 Imported only by vLLM (lazily, through kvshare.serving.vllm_plugin), in the serving environment.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -40,8 +41,10 @@ class QueryProjection(ColumnParallelLinear):
             if shard in ("k", "v"):
                 continue
             if shard != "q":
-                raise ValueError(f"kvshare: a replaced layer's {self.prefix}.{name} must come as separate "
-                                 "q_proj/k_proj/v_proj tensors, not a fused qkv projection")
+                raise ValueError(
+                    f"kvshare: a replaced layer's {self.prefix}.{name} must come as separate "
+                    "q_proj/k_proj/v_proj tensors, not a fused qkv projection"
+                )
             param = getattr(self, name)
             param.weight_loader(param, tensor)
             yield name
@@ -58,16 +61,22 @@ class SharedQueryAttention(nn.Module):
         super().__init__()
         attn = original.attn
         if attn.attn_type != AttentionType.DECODER:
-            raise ValueError(f"kvshare: {attn.layer_name} is not causal decoder attention; sharing applies to "
-                             "decoder self-attention only")
+            raise ValueError(
+                f"kvshare: {attn.layer_name} is not causal decoder attention; sharing applies to "
+                "decoder self-attention only"
+            )
         if getattr(original, "dual_chunk_attention_config", None):
             raise ValueError("kvshare: dual-chunk attention is not supported with sharing")
         qkv = original.qkv_proj
         self.num_heads, self.head_dim = original.num_heads, original.head_dim
         self.q_size, self.kv_size = original.q_size, original.kv_size
-        self.qkv_proj = QueryProjection(qkv.input_size, original.total_num_heads * original.head_dim,
-                                        bias=qkv.bias is not None, quant_config=vllm_config.quant_config,
-                                        prefix=qkv.prefix)
+        self.qkv_proj = QueryProjection(
+            qkv.input_size,
+            original.total_num_heads * original.head_dim,
+            bias=qkv.bias is not None,
+            quant_config=vllm_config.quant_config,
+            prefix=qkv.prefix,
+        )
         self.o_proj = original.o_proj
         self.rotary_emb = original.rotary_emb
         # Qwen3 (and Qwen2 with qk_norm) normalize each query head; the key norm goes with the keys
@@ -75,10 +84,18 @@ class SharedQueryAttention(nn.Module):
         # vLLM registers every Attention under its name when it is built; this layer is built again as a
         # reader of `target`, under the same name, so its first registration goes
         del vllm_config.compilation_config.static_forward_context[attn.layer_name]
-        self.attn = Attention(attn.num_heads, attn.head_size, original.scaling, num_kv_heads=attn.num_kv_heads,
-                              cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
-                              per_layer_sliding_window=attn.sliding_window, attn_type=attn.attn_type,
-                              kv_sharing_target_layer_name=target, prefix=attn.layer_name)
+        self.attn = Attention(
+            attn.num_heads,
+            attn.head_size,
+            original.scaling,
+            num_kv_heads=attn.num_kv_heads,
+            cache_config=vllm_config.cache_config,
+            quant_config=vllm_config.quant_config,
+            per_layer_sliding_window=attn.sliding_window,
+            attn_type=attn.attn_type,
+            kv_sharing_target_layer_name=target,
+            prefix=attn.layer_name,
+        )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         q, _ = self.qkv_proj(hidden_states)
@@ -106,8 +123,10 @@ def share_layers(model: nn.Module, architecture: str) -> dict[int, int]:
         if not inner.start_layer <= r < inner.end_layer:
             continue  # another pipeline stage holds this layer
         if not inner.start_layer <= s < inner.end_layer or isinstance(inner.layers[s], PPMissingLayer):
-            raise ValueError(f"kvshare: layer {r} reads layer {s}'s cache, which pipeline parallelism placed on "
-                             "another stage: use tensor parallelism, or a strategy within one stage")
+            raise ValueError(
+                f"kvshare: layer {r} reads layer {s}'s cache, which pipeline parallelism placed on "
+                "another stage: use tensor parallelism, or a strategy within one stage"
+            )
         layer = inner.layers[r]
         target = inner.layers[s].self_attn.attn.layer_name
         layer.self_attn = SharedQueryAttention(layer.self_attn, target, vllm_config)

@@ -4,6 +4,7 @@ The entry point (`vllm.general_plugins` in pyproject.toml) names `register`; vLL
 starts, possibly more than once. Registration is lazy (a "module:Class" string): the model classes, in
 kvshare.serving.vllm_models, are imported only in the process that builds the model.
 """
+
 from __future__ import annotations
 
 from .mapping import ARCHITECTURES, read_entry

@@ -10,6 +10,7 @@ SPEC: {"models": [DIR, ...], "prompts": [[token ids], ...], "max_tokens": N, "ig
 OUT: {DIR: {"kv_tokens", "num_blocks", "block_size", "layers", "generations", "startup_seconds"}}, written
 atomically once every model has run. Set VLLM_CPU_KVCACHE_SPACE (GiB) for the KV budget on CPU.
 """
+
 from __future__ import annotations
 
 import gc
@@ -28,9 +29,13 @@ def layer_report(model) -> list[dict]:
     report = []
     for layer in model.model.layers:
         attn = layer.self_attn
-        report.append({"kv_sharing_target": attn.attn.kv_sharing_target_layer_name,
-                       "projection_outputs": int(attn.qkv_proj.weight.shape[0]),
-                       "module": type(attn).__name__})
+        report.append(
+            {
+                "kv_sharing_target": attn.attn.kv_sharing_target_layer_name,
+                "projection_outputs": int(attn.qkv_proj.weight.shape[0]),
+                "module": type(attn).__name__,
+            }
+        )
     return report
 
 
@@ -43,8 +48,9 @@ def kv_tokens(llm) -> tuple[int, int, int]:
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    params = SamplingParams(max_tokens=int(spec.get("max_tokens", 16)), temperature=0.0,
-                            ignore_eos=bool(spec.get("ignore_eos", True)))
+    params = SamplingParams(
+        max_tokens=int(spec.get("max_tokens", 16)), temperature=0.0, ignore_eos=bool(spec.get("ignore_eos", True))
+    )
     prompts = [{"prompt_token_ids": list(map(int, p))} for p in spec.get("prompts", [])]
     results = {}
     for model_dir in spec["models"]:
@@ -57,9 +63,14 @@ def run(spec: dict) -> dict:
 
         layers = llm.apply_model(vllm_run.layer_report)[0]
         outputs = llm.generate(prompts, params, use_tqdm=False) if prompts else []
-        results[model_dir] = {"kv_tokens": tokens, "num_blocks": blocks, "block_size": block_size, "layers": layers,
-                              "generations": [list(o.outputs[0].token_ids) for o in outputs],
-                              "startup_seconds": round(startup, 1)}
+        results[model_dir] = {
+            "kv_tokens": tokens,
+            "num_blocks": blocks,
+            "block_size": block_size,
+            "layers": layers,
+            "generations": [list(o.outputs[0].token_ids) for o in outputs],
+            "startup_seconds": round(startup, 1),
+        }
         del llm  # shut the engine down before the next one claims its KV budget
         gc.collect()
     return results
