@@ -588,3 +588,16 @@ def test_quantized_eviction_rejects_what_it_cannot_combine():
         quantized_eviction(QuantizedKV(8), QuantizedKV(4))
     with pytest.raises(TypeError, match="QuantizedKV"):
         quantized_eviction(kvshare.policies.make_policy("h2o", budget=8), 4)
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_quantized_runs_cost_cell_bytes_are_the_prediction(bits):
+    """Notebook 06's cost cell: the bytes it measures are the bytes the accounting predicts."""
+    from kvshare.experiments import quantized as qr
+
+    model = make_tiny_model("llama", "sdpa")
+    cfg = qr.settings("tiny", quick=True, bench_prompt=8, bench_new_tokens=3, bench_repeats=1)
+    policy = None if bits is None else QuantizedKV(bits=bits, group_size=16)
+    for strategy in (None, Strategy({3: 1, 5: 2}, NUM_LAYERS)):
+        cell = qr.cost_cell(model, strategy, policy, cfg)
+        assert cell["kv_bytes"] == cell["kv_bytes_predicted"]

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..accounting import num_shared_for, predicted_cache_bytes
+from ..accounting import num_shared_for
 from ..adapter import model_cache_kwarg, num_layers
 from ..combine import compression
 from ..methods.eviction import timing
@@ -398,11 +398,6 @@ def additivity(rows: list[dict], quality_rows: list[dict]) -> list[dict]:
             }
         )
     return out
-
-
-def expected_kv_bytes(model_config, strategy, policy, batch, prompt_len, new_tokens, dtype_bytes) -> int:
-    """What sharing and the policy predict together for a bench run (prefill, then one token per step)."""
-    return predicted_cache_bytes(model_config, strategy, policy, batch, [prompt_len] + [1] * new_tokens, dtype_bytes)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..accounting import cache_bytes
+from ..accounting import cache_bytes, predicted_cache_bytes
 from ..adapter import head_dim, num_layers
 from ..combine import compression
-from ..methods.quantized import QuantizedKV, plain_cache_bytes
+from ..methods.quantized import QuantizedKV
 from ..strategy import Strategy
 
 # the rebuttal's numbers (Llama-2-7B-Chat-GPTQ, 32 layers; perplexity by shared layers)
@@ -224,11 +224,7 @@ def cost_cell(model, strategy, policy, cfg: Settings) -> dict:
     tokens = cfg.bench_prompt + cfg.bench_new_tokens
     elem = next(p for p in model.parameters() if p.is_floating_point()).element_size()
     strat = strategy if strategy is not None and strategy.mapping else None
-    predicted = (
-        policy.predicted_cache_bytes(model.config, strat, cfg.bench_batch, tokens, elem)
-        if policy is not None
-        else plain_cache_bytes(model.config, strat, cfg.bench_batch, tokens, elem)
-    )
+    predicted = predicted_cache_bytes(model.config, policy, cfg.bench_batch, [tokens], elem, strategy=strat)
     best = min(decode)
     return {
         "kv_bytes": kv,
