@@ -4,6 +4,7 @@ For each, a hand-checkable case of its rule (which layers are lazy; which tokens
 merged token reads back as), bytes predicted = measured where the prediction depends on the data, left-padded
 batches whose rows match the rows alone, and the settings that are exactly the full model.
 """
+
 from __future__ import annotations
 
 import math
@@ -233,8 +234,9 @@ def test_minicache_pairs():
     assert pairs(config, 0) == [(0, 1), (2, 3), (4, 5)]
     assert pairs(config, 0, replaced={3}) == [(0, 1), (4, 5)]
     assert pairs(config, NUM_LAYERS) == []
-    mixed = make_tiny_model("qwen2", layer_types=["full_attention", "sliding_attention"] * 3, sliding_window=8,
-                            use_sliding_window=True).config
+    mixed = make_tiny_model(
+        "qwen2", layer_types=["full_attention", "sliding_attention"] * 3, sliding_window=8, use_sliding_window=True
+    ).config
     assert pairs(mixed, 0) == []  # only layers of one attention type merge
     assert retained_count(20, 0.05) == 1 and retained_count(21, 0.05) == 2 and retained_count(5, 0.0) == 0
 
@@ -274,7 +276,8 @@ def test_minicache_with_sharing_pairs_the_kept_layers_only():
 def test_minicache_left_padded_rows_match_rows_alone(arch):
     model = make_tiny_model(arch, "sdpa")
     batch, alone0, alone1, pad = _rows_alone(
-        model, lambda: methods.make("minicache", start_layer=0, retain=0.25, merge_interval=3))
+        model, lambda: methods.make("minicache", start_layer=0, retain=0.25, merge_interval=3)
+    )
     torch.testing.assert_close(batch[0, pad:], alone0[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(batch[1], alone1[0], rtol=1e-4, atol=1e-4)
 
@@ -326,8 +329,9 @@ def test_sequence_bytes_count_what_each_row_keeps():
     probe = methods.make("simlayerkv", threshold=0.5, sink=1, recent=3, query_window=3)
     run(model, ids, probe)
     layer = max(probe.decisions, key=lambda i: abs(probe.decisions[i]["share"][0] - probe.decisions[i]["share"][1]))
-    method = methods.make("simlayerkv", threshold=sum(probe.decisions[layer]["share"]) / 2, sink=1, recent=3,
-                          query_window=3)
+    method = methods.make(
+        "simlayerkv", threshold=sum(probe.decisions[layer]["share"]) / 2, sink=1, recent=3, query_window=3
+    )
     _, cache = run(model, ids, method)
     rows = peers.sequence_bytes(cache, model.config, 4)
     token = kvshare.accounting.kv_token_bytes(model.config, 4)

@@ -6,8 +6,9 @@ over several seeds), MiniCache by its start layer, SimLayerKV by its laziness th
 and PyramidInfer by their token budget. Each point is scored on the same held-out windows and placed by the
 bytes its cache MEASURABLY holds (`kvshare.cache_bytes`) at the end of a window.
 
-Protocol (decoded perplexity). The first `windows` x `window` tokens of the held-out text
-(kvshare.metrics.HELDOUT: 16,384 tokens = 32 windows of 512 in the full run); in every window the first
+Protocol (decoded perplexity). The first `windows` x `window` tokens of the held-out text of
+kvshare.metrics.HELDOUT (16 windows of 512 = 8,192 tokens in the full run: half the protocol's 16,384, because
+the full run has to fit in 35 minutes on 2 shared CPU cores); in every window the first
 `context` tokens are prefilled and the rest is fed one token at a time, each step scoring the next token.
 Methods whose cache changes after the prefill (MiniCache, SimLayerKV, eviction) are decoded step by step; the
 full model and KVSharer are causal (decoding equals one forward: tests/test_methods.py checks it), so the
@@ -20,6 +21,7 @@ token stored, so its batched bytes overstate what each sequence needs: the x axi
 each row really keeps (counted from the cache's own kept sets, `sequence_bytes`), and the batched bytes are
 in the table beside them.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,12 +41,27 @@ from ..methods.simlayerkv import SimLayerKVLayer
 from ..metrics import HELDOUT, decode_windows, paired_difference
 from ..strategy import Strategy
 
-FAMILIES = ("full", "kvsharer-dissimilar", "kvsharer-similar", "kvsharer-random", "minicache", "simlayerkv",
-            "streamingllm", "h2o", "pyramidinfer")
+FAMILIES = (
+    "full",
+    "kvsharer-dissimilar",
+    "kvsharer-similar",
+    "kvsharer-random",
+    "minicache",
+    "simlayerkv",
+    "streamingllm",
+    "h2o",
+    "pyramidinfer",
+)
 LABELS = {
-    "full": "full model", "kvsharer-dissimilar": "KVSharer (dissimilar)", "kvsharer-similar": "KVSharer (similar)",
-    "kvsharer-random": "KVSharer (random)", "minicache": "MiniCache", "simlayerkv": "SimLayerKV",
-    "streamingllm": "StreamingLLM", "h2o": "H2O", "pyramidinfer": "PyramidInfer",
+    "full": "full model",
+    "kvsharer-dissimilar": "KVSharer (dissimilar)",
+    "kvsharer-similar": "KVSharer (similar)",
+    "kvsharer-random": "KVSharer (random)",
+    "minicache": "MiniCache",
+    "simlayerkv": "SimLayerKV",
+    "streamingllm": "StreamingLLM",
+    "h2o": "H2O",
+    "pyramidinfer": "PyramidInfer",
 }
 
 
@@ -56,20 +73,21 @@ class Settings:
     quick: bool
     seed: int
     window: int = HELDOUT.window
-    windows: int = HELDOUT.tokens // HELDOUT.window  # 32 x 512 = 16,384 held-out tokens
-    context: int = 448  # prefilled tokens per window; the last window - 1 - context are decoded and scored
-    batch: int = 16  # windows decoded together
-    num_shared: list = field(default_factory=lambda: [4, 8, 15])  # KVSharer: 87%, 73%, 50% of the bytes
+    # 16 x 512 = 8,192 held-out tokens: half of HELDOUT's 16,384, what a 35-minute run fits on 2 busy CPU cores
+    windows: int = HELDOUT.tokens // HELDOUT.window // 2
+    context: int = 448  # prefilled tokens per window; the last window - 1 - context (63) are decoded and scored
+    batch: int = 16  # windows decoded together (all of them in one batch)
+    num_shared: list = field(default_factory=lambda: [8, 15])  # KVSharer: 73% and 50% of the bytes
     random_seeds: int = 5
-    samples: int = 30  # calibration texts of the KVSharer search
-    start_layers: list = field(default_factory=lambda: [20, 10, 0])  # MiniCache
+    samples: int = 10  # calibration texts of the KVSharer search (the paper: 30; 10 keeps 7 searches in budget)
+    start_layers: list = field(default_factory=lambda: [10, 0])  # MiniCache: ~69% and ~54% of the bytes
     retain: float = 0.05
     merge_interval: int = 16
-    lazy_targets: list = field(default_factory=lambda: [0.9, 0.75, 0.5])  # SimLayerKV: byte ratios aimed at
+    lazy_targets: list = field(default_factory=lambda: [0.75, 0.5])  # SimLayerKV: byte ratios aimed at
     sink: int = 4
     recent: int = 64
     query_window: int = 32
-    budget_ratios: list = field(default_factory=lambda: [0.9, 0.75, 0.5])  # eviction: budget / tokens seen
+    budget_ratios: list = field(default_factory=lambda: [0.75, 0.5])  # eviction: budget / tokens seen
     evictions: list = field(default_factory=lambda: ["streamingllm", "h2o", "pyramidinfer"])
     targets: list = field(default_factory=lambda: [0.75, 0.5])  # byte ratios of the conclusion
     tolerance: float = 0.05  # a method's point counts at a target when its ratio is within this of it
@@ -82,9 +100,25 @@ class Settings:
         return asdict(self)
 
 
-QUICK = dict(window=128, windows=2, context=96, batch=2, num_shared=[8], random_seeds=2, samples=6, start_layers=[10],
-             lazy_targets=[0.75], recent=16, query_window=8, budget_ratios=[0.75], evictions=["streamingllm", "h2o"],
-             bench_batch=1, bench_prompt=64, bench_new_tokens=8, bench_isolate=False)
+QUICK = dict(
+    window=128,
+    windows=2,
+    context=96,
+    batch=2,
+    num_shared=[8],
+    random_seeds=2,
+    samples=6,
+    start_layers=[10],
+    lazy_targets=[0.75],
+    recent=16,
+    query_window=8,
+    budget_ratios=[0.75],
+    evictions=["streamingllm", "h2o"],
+    bench_batch=1,
+    bench_prompt=64,
+    bench_new_tokens=8,
+    bench_isolate=False,
+)
 
 
 def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
@@ -188,8 +222,9 @@ def score(model, ids: torch.Tensor, applied: tuple, cfg: Settings, decode: bool)
                 nll = torch.stack(nll, dim=1)
             else:
                 keep = cfg.window - 1 - cfg.context
-                logits = model(input_ids=batch[:, : cfg.window - 1], use_cache=True, logits_to_keep=keep,
-                               **kw).logits.float()
+                logits = model(
+                    input_ids=batch[:, : cfg.window - 1], use_cache=True, logits_to_keep=keep, **kw
+                ).logits.float()
                 nll = -F.log_softmax(logits, dim=-1).gather(-1, batch[:, cfg.context + 1 :, None])[..., 0]
             window_nll.extend(nll.double().mean(dim=1).tolist())
             rows_bytes.extend(sequence_bytes(cache, model.config, dtype_bytes))
@@ -197,10 +232,17 @@ def score(model, ids: torch.Tensor, applied: tuple, cfg: Settings, decode: bool)
             del cache
     mean = float(np.mean(window_nll))
     se = float(np.std(window_nll, ddof=1) / math.sqrt(len(window_nll))) if len(window_nll) > 1 else float("nan")
-    return {"nll": mean, "nll_se": se, "ppl": math.exp(mean), "window_nll": window_nll,
-            "kv_bytes": float(np.mean(rows_bytes)), "kv_bytes_batched": float(np.mean(batch_bytes)),
-            "scored_tokens": len(window_nll) * (cfg.window - 1 - cfg.context), "decoded": decode,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "nll": mean,
+        "nll_se": se,
+        "ppl": math.exp(mean),
+        "window_nll": window_nll,
+        "kv_bytes": float(np.mean(rows_bytes)),
+        "kv_bytes_batched": float(np.mean(batch_bytes)),
+        "scored_tokens": len(window_nll) * (cfg.window - 1 - cfg.context),
+        "decoded": decode,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,12 +279,16 @@ def kvsharer_points(model, cfg: Settings, progress: bool = True) -> list[Point]:
     out = []
     for order, seed in plans:
         t0 = time.perf_counter()
-        method = methods.make("kvsharer", num_shared=top, order=order, seed=cfg.seed if seed is None else seed,
-                              samples=cfg.samples)
+        method = methods.make(
+            "kvsharer", num_shared=top, order=order, seed=cfg.seed if seed is None else seed, samples=cfg.samples
+        )
         strategy = method.strategy_for(model)
         if progress:
-            print(f"search {order}{'' if seed is None else f' seed {seed}'} to C={top}: "
-                  f"{time.perf_counter() - t0:.1f} s, {strategy.num_shared} layers replaced", flush=True)
+            print(
+                f"search {order}{'' if seed is None else f' seed {seed}'} to C={top}: "
+                f"{time.perf_counter() - t0:.1f} s, {strategy.num_shared} layers replaced",
+                flush=True,
+            )
         for c in cfg.num_shared:
             s = strategy.prefix(c) if c < strategy.num_shared else strategy
             out.append(Point(f"kvsharer-{order}", "C", c, (s,), seed))
@@ -280,14 +326,26 @@ def simlayerkv_thresholds(shares: list[float], cfg: Settings) -> list[float]:
 
 def other_points(model, tokenizer, cfg: Settings) -> tuple[list[Point], dict]:
     """MiniCache, SimLayerKV and eviction points; and the SimLayerKV calibration (shares, thresholds)."""
-    pts = [Point("minicache", "start_layer", s, (methods.make("minicache", start_layer=s, retain=cfg.retain,
-                                                              merge_interval=cfg.merge_interval),))
-           for s in cfg.start_layers]
+    pts = [
+        Point(
+            "minicache",
+            "start_layer",
+            s,
+            (methods.make("minicache", start_layer=s, retain=cfg.retain, merge_interval=cfg.merge_interval),),
+        )
+        for s in cfg.start_layers
+    ]
     shares = layer_shares(model, tokenizer, cfg)
     thresholds = simlayerkv_thresholds(shares, cfg)
-    pts += [Point("simlayerkv", "threshold", t, (methods.make("simlayerkv", threshold=t, sink=cfg.sink,
-                                                              recent=cfg.recent, query_window=cfg.query_window),))
-            for t in thresholds]
+    pts += [
+        Point(
+            "simlayerkv",
+            "threshold",
+            t,
+            (methods.make("simlayerkv", threshold=t, sink=cfg.sink, recent=cfg.recent, query_window=cfg.query_window),),
+        )
+        for t in thresholds
+    ]
     seen = cfg.window - 1
     for name in cfg.evictions:
         for r in cfg.budget_ratios:
@@ -299,7 +357,7 @@ def other_points(model, tokenizer, cfg: Settings) -> tuple[list[Point], dict]:
 def points(model, tokenizer, cfg: Settings, progress: bool = True) -> tuple[list[Point], dict]:
     """Every point of the sweep (the full model first) and the SimLayerKV calibration."""
     others, calibration = other_points(model, tokenizer, cfg)
-    return [Point("full", "", 0, ())] + kvsharer_points(model, cfg, progress) + others, calibration
+    return [Point("full", "", 0, ())] + others + kvsharer_points(model, cfg, progress), calibration
 
 
 def evaluate(model, tokenizer, pts: list[Point], cfg: Settings, progress: bool = True) -> list[dict]:
@@ -315,17 +373,21 @@ def evaluate(model, tokenizer, pts: list[Point], cfg: Settings, progress: bool =
             row["lazy_layers_last_batch"] = p.applied[0].lazy_layers
         rows.append(row)
         if progress:
-            print(f"[{i + 1}/{len(pts)}] {p.label}: ppl {r['ppl']:.3f} ± {math.exp(r['nll']) * r['nll_se']:.3f}, "
-                  f"kv {r['kv_bytes'] / 2**20:.2f} MiB/seq, {r['seconds']:.0f} s "
-                  f"({time.perf_counter() - t_all:.0f} s so far)", flush=True)
+            print(
+                f"[{i + 1}/{len(pts)}] {p.label}: ppl {r['ppl']:.3f} ± {math.exp(r['nll']) * r['nll_se']:.3f}, "
+                f"kv {r['kv_bytes'] / 2**20:.2f} MiB/seq, {r['seconds']:.0f} s "
+                f"({time.perf_counter() - t_all:.0f} s so far)",
+                flush=True,
+            )
     full = rows[0]
     for r in rows:
         r["kv_ratio"] = r["kv_bytes"] / full["kv_bytes"]
         r["kv_ratio_batched"] = r["kv_bytes_batched"] / full["kv_bytes"]
         if r is not full:
             d = paired_difference(r, full)
-            r.update(nll_diff_vs_full=d["nll_diff"], nll_diff_vs_full_se=d["nll_diff_se"],
-                     ppl_ratio_vs_full=d["ppl_ratio"])
+            r.update(
+                nll_diff_vs_full=d["nll_diff"], nll_diff_vs_full_se=d["nll_diff_se"], ppl_ratio_vs_full=d["ppl_ratio"]
+            )
     return rows
 
 
@@ -350,16 +412,31 @@ def family_curves(rows: list[dict]) -> list[dict]:
             diff = wn - full  # paired per window against the full model
             d_se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
             seed_ratios = [math.exp(float(np.mean(np.asarray(r["window_nll"]) - full))) for r in group]
-            out.append({"family": fam, "label": LABELS[fam], "knob": group[0]["knob"], "value": value,
-                        "seeds": len(group), "nll": mean, "nll_se": se, "ppl": math.exp(mean),
-                        "ppl_se": math.exp(mean) * se, "ppl_min": min(ppls), "ppl_max": max(ppls),
-                        "ratio_vs_full": math.exp(float(diff.mean())), "ratio_lo": math.exp(float(diff.mean()) - d_se),
-                        "ratio_hi": math.exp(float(diff.mean()) + d_se), "ratio_min": min(seed_ratios),
-                        "ratio_max": max(seed_ratios),
-                        "kv_ratio": float(np.mean([r["kv_ratio"] for r in group])),
-                        "kv_ratio_batched": float(np.mean([r["kv_ratio_batched"] for r in group])),
-                        "kv_bytes": float(np.mean([r["kv_bytes"] for r in group])),
-                        "window_nll": wn.tolist(), "decoded": group[0]["decoded"]})
+            out.append(
+                {
+                    "family": fam,
+                    "label": LABELS[fam],
+                    "knob": group[0]["knob"],
+                    "value": value,
+                    "seeds": len(group),
+                    "nll": mean,
+                    "nll_se": se,
+                    "ppl": math.exp(mean),
+                    "ppl_se": math.exp(mean) * se,
+                    "ppl_min": min(ppls),
+                    "ppl_max": max(ppls),
+                    "ratio_vs_full": math.exp(float(diff.mean())),
+                    "ratio_lo": math.exp(float(diff.mean()) - d_se),
+                    "ratio_hi": math.exp(float(diff.mean()) + d_se),
+                    "ratio_min": min(seed_ratios),
+                    "ratio_max": max(seed_ratios),
+                    "kv_ratio": float(np.mean([r["kv_ratio"] for r in group])),
+                    "kv_ratio_batched": float(np.mean([r["kv_ratio_batched"] for r in group])),
+                    "kv_bytes": float(np.mean([r["kv_bytes"] for r in group])),
+                    "window_nll": wn.tolist(),
+                    "decoded": group[0]["decoded"],
+                }
+            )
     return out
 
 
@@ -383,14 +460,30 @@ def verdict(curves: list[dict], cfg: Settings) -> list[dict]:
         entry = {"target": target, "tolerance": cfg.tolerance, "ranking": [], "best": None}
         if pts:
             best = pts[0]
-            entry["best"] = {"family": best["family"], "label": best["label"], "knob": best["knob"],
-                             "value": best["value"], "kv_ratio": best["kv_ratio"], "ppl": best["ppl"]}
+            entry["best"] = {
+                "family": best["family"],
+                "label": best["label"],
+                "knob": best["knob"],
+                "value": best["value"],
+                "kv_ratio": best["kv_ratio"],
+                "ppl": best["ppl"],
+            }
             for c in pts:
-                row = {"family": c["family"], "label": c["label"], "knob": c["knob"], "value": c["value"],
-                       "kv_ratio": c["kv_ratio"], "ppl": c["ppl"], "ppl_se": c["ppl_se"]}
+                row = {
+                    "family": c["family"],
+                    "label": c["label"],
+                    "knob": c["knob"],
+                    "value": c["value"],
+                    "kv_ratio": c["kv_ratio"],
+                    "ppl": c["ppl"],
+                    "ppl_se": c["ppl_se"],
+                }
                 vs_full = paired_difference(c, full)
-                row.update(vs_full_nll_diff=vs_full["nll_diff"], vs_full_se=vs_full["nll_diff_se"],
-                           vs_full_ppl_ratio=vs_full["ppl_ratio"])
+                row.update(
+                    vs_full_nll_diff=vs_full["nll_diff"],
+                    vs_full_se=vs_full["nll_diff_se"],
+                    vs_full_ppl_ratio=vs_full["ppl_ratio"],
+                )
                 if c is not best:
                     d = paired_difference(c, best)
                     row.update(vs_best_nll_diff=d["nll_diff"], vs_best_se=d["nll_diff_se"], vs_best_z=d["z"])
@@ -418,20 +511,35 @@ def cost(cfg: Settings, pts: list[Point], model=None, progress: bool = True) -> 
     for p in chosen:
         strategy = next((a for a in p.applied if isinstance(a, Strategy)), None)
         method = next((a for a in p.applied if a is not None and not isinstance(a, Strategy)), None)
-        config = Config(cfg.model, "plain" if p.family == "full" else "shared", 0.0, cfg.bench_batch, cfg.bench_prompt,
-                        cfg.bench_new_tokens, repeats=1, seed=cfg.seed,
-                        strategy=None if strategy is None else strategy.to_dict(),
-                        method=None if method is None else method.to_dict())
+        config = Config(
+            cfg.model,
+            "plain" if p.family == "full" else "shared",
+            0.0,
+            cfg.bench_batch,
+            cfg.bench_prompt,
+            cfg.bench_new_tokens,
+            repeats=1,
+            seed=cfg.seed,
+            strategy=None if strategy is None else strategy.to_dict(),
+            method=None if method is None else method.to_dict(),
+        )
         if strategy is not None and not strategy.mapping:
             config.strategy = None
         row = measure_isolated(config) if (cfg.bench_isolate or model is None) else measure(config, model)
-        row.update(family=p.family, label=LABELS[p.family] if p.family == "full" else f"{LABELS[p.family]} "
-                   f"{p.knob}={p.value:g}", knob=p.knob, value=p.value)
+        row.update(
+            family=p.family,
+            label=LABELS[p.family] if p.family == "full" else f"{LABELS[p.family]} {p.knob}={p.value:g}",
+            knob=p.knob,
+            value=p.value,
+        )
         rows.append({k: v for k, v in row.items() if k not in ("strategy", "method", "rounds")})
         if progress:
-            print(f"cost {row['label']}: decode {row['decode_tps']:.1f} tok/s, "
-                  f"peak {row['peak_bytes'] / 2**20:.0f} MiB, "
-                  f"kv {row['kv_bytes'] / 2**20:.2f} MiB (load {row.get('load_avg_1min')})", flush=True)
+            print(
+                f"cost {row['label']}: decode {row['decode_tps']:.1f} tok/s, "
+                f"peak {row['peak_bytes'] / 2**20:.0f} MiB, "
+                f"kv {row['kv_bytes'] / 2**20:.2f} MiB (load {row.get('load_avg_1min')})",
+                flush=True,
+            )
     full = next(r for r in rows if r["family"] == "full")
     for r in rows:
         r["decode_tps_ratio"] = r["decode_tps"] / full["decode_tps"]
@@ -445,11 +553,25 @@ def table(curves: list[dict], cost_rows: list[dict]) -> list[dict]:
     out = []
     for c in curves:
         b = by_key.get((c["family"], c["value"]), {})
-        out.append({"family": c["family"], "label": c["label"], "knob": c["knob"], "value": c["value"],
-                    "seeds": c["seeds"], "ppl": c["ppl"], "ppl_se": c["ppl_se"], "ppl_min": c["ppl_min"],
-                    "ppl_max": c["ppl_max"], "kv_ratio": c["kv_ratio"], "kv_ratio_batched": c["kv_ratio_batched"],
-                    "kv_mib_per_seq": c["kv_bytes"] / 2**20, "decoded": c["decoded"],
-                    "decode_tps": b.get("decode_tps"), "decode_tps_ratio": b.get("decode_tps_ratio"),
-                    "peak_mib": None if b.get("peak_bytes") is None else b["peak_bytes"] / 2**20,
-                    "peak_ratio": b.get("peak_ratio")})
+        out.append(
+            {
+                "family": c["family"],
+                "label": c["label"],
+                "knob": c["knob"],
+                "value": c["value"],
+                "seeds": c["seeds"],
+                "ppl": c["ppl"],
+                "ppl_se": c["ppl_se"],
+                "ppl_min": c["ppl_min"],
+                "ppl_max": c["ppl_max"],
+                "kv_ratio": c["kv_ratio"],
+                "kv_ratio_batched": c["kv_ratio_batched"],
+                "kv_mib_per_seq": c["kv_bytes"] / 2**20,
+                "decoded": c["decoded"],
+                "decode_tps": b.get("decode_tps"),
+                "decode_tps_ratio": b.get("decode_tps_ratio"),
+                "peak_mib": None if b.get("peak_bytes") is None else b["peak_bytes"] / 2**20,
+                "peak_ratio": b.get("peak_ratio"),
+            }
+        )
     return out

@@ -36,6 +36,7 @@ so they hold at most `merge_interval - 1` tokens beyond the window; attention ge
 tokens as transformers' sliding-window layer gives them. With `start_layer` = number of layers nothing is paired and
 every slot is transformers' own: exactly the full model.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,9 @@ class MiniCacheSettings(MethodSettings):
     merge_interval: int = 16  # decoded tokens buffered unmerged before they are merged
 
     def __post_init__(self):
-        if self.start_layer is not None and (not isinstance(self.start_layer, int) or isinstance(self.start_layer, bool)
-                                             or self.start_layer < 0):
+        if self.start_layer is not None and (
+            not isinstance(self.start_layer, int) or isinstance(self.start_layer, bool) or self.start_layer < 0
+        ):
             raise ValueError(f"start_layer must be a non-negative layer index, got {self.start_layer!r}")
         if not 0.0 <= self.slerp_t <= 1.0:
             raise ValueError(f"slerp_t must be in [0, 1], got {self.slerp_t}")
@@ -147,9 +149,10 @@ class MergedPair:
             dim = self.dir_k.shape[-1]
             shape = (batch, heads, n, dim)
             keep = self.retained[..., None].expand(shape)
-            for direction, mag, orig, parts in ((self.dir_k, self.mags[..., which], self.orig[2 * which], parts_k),
-                                                (self.dir_v, self.mags[..., 2 + which], self.orig[2 * which + 1],
-                                                 parts_v)):
+            for direction, mag, orig, parts in (
+                (self.dir_k, self.mags[..., which], self.orig[2 * which], parts_k),
+                (self.dir_v, self.mags[..., 2 + which], self.orig[2 * which + 1], parts_v),
+            ):
                 out = torch.empty(shape, dtype=direction.dtype, device=direction.device)
                 out.masked_scatter_(~keep, direction * mag[..., None])
                 out.masked_scatter_(keep, orig)
@@ -188,7 +191,7 @@ class MergedPair:
         excess = self.held() - (self.sliding_window - 1)
         while self.chunks and excess >= self.chunks[0][0]:
             n, k = self.chunks.pop(0)
-            self.dir_k, self.dir_v, self.mags = (t[:, :, n - k:] for t in (self.dir_k, self.dir_v, self.mags))
+            self.dir_k, self.dir_v, self.mags = (t[:, :, n - k :] for t in (self.dir_k, self.dir_v, self.mags))
             self.orig = [t[:, :, k:] for t in self.orig]
             self.retained = self.retained[:, :, n:]
             excess -= n
@@ -239,8 +242,13 @@ class MergedPair:
         new_mags = pick(torch.stack([nka, nkb, nva, nvb], dim=-1).to(dtype), merged, 4)
         new_orig = [pick(x, retained, dim) for x in (key_a, value_a, key_b, value_b)]
         if self.retained is None:
-            self.dir_k, self.dir_v, self.mags, self.orig, self.retained = new_dir_k, new_dir_v, new_mags, new_orig, \
-                retained
+            self.dir_k, self.dir_v, self.mags, self.orig, self.retained = (
+                new_dir_k,
+                new_dir_v,
+                new_mags,
+                new_orig,
+                retained,
+            )
         else:
             self.dir_k = torch.cat([self.dir_k, new_dir_k], dim=-2)
             self.dir_v = torch.cat([self.dir_v, new_dir_v], dim=-2)
@@ -270,8 +278,9 @@ class MergedPair:
             self.buffer = [fn(t) for t in self.buffer]
 
     @staticmethod
-    def predicted_bytes(settings: MiniCacheSettings, lengths, heads: int, dim: int, dtype_bytes: int,
-                        sliding_window: int | None = None) -> int:
+    def predicted_bytes(
+        settings: MiniCacheSettings, lengths, heads: int, dim: int, dtype_bytes: int, sliding_window: int | None = None
+    ) -> int:
         """Bytes of one sequence's pair storage after forwards adding `lengths` tokens each (no padding)."""
         chunks: list[tuple[int, int]] = []
         buffered = 0
@@ -298,8 +307,12 @@ class MergedPair:
                 trim()
         merged = sum(n - k for n, k in chunks)
         retained = sum(k for _, k in chunks)
-        per_head = (merged * (2 * dim + 4) * dtype_bytes + retained * 4 * dim * dtype_bytes
-                    + (merged + retained) * 1 + buffered * 4 * dim * dtype_bytes)
+        per_head = (
+            merged * (2 * dim + 4) * dtype_bytes
+            + retained * 4 * dim * dtype_bytes
+            + (merged + retained) * 1
+            + buffered * 4 * dim * dtype_bytes
+        )
         return heads * per_head
 
 
@@ -329,7 +342,7 @@ class MiniCacheLayer(DynamicLayer):
         q = key_states.shape[-2]
         held_k, held_v = self.pair.read(self.which)
         if held_k is not None and self.is_sliding and held_k.shape[-2] > self.sliding_window - 1:
-            held_k, held_v = held_k[:, :, -(self.sliding_window - 1):], held_v[:, :, -(self.sliding_window - 1):]
+            held_k, held_v = held_k[:, :, -(self.sliding_window - 1) :], held_v[:, :, -(self.sliding_window - 1) :]
         keys = key_states if held_k is None else torch.cat([held_k, key_states], dim=-2)
         values = value_states if held_v is None else torch.cat([held_v, value_states], dim=-2)
         if self.which == 0:
@@ -457,8 +470,9 @@ class MiniCache(KVMethod):
         lengths = list(lengths)
         for a, b in self.pairs(config):
             if layer_idx == a:
-                return MergedPair.predicted_bytes(self.settings, lengths, kv_heads(config), head_dim(config),
-                                                  dtype_bytes, layer_window(config, a))
+                return MergedPair.predicted_bytes(
+                    self.settings, lengths, kv_heads(config), head_dim(config), dtype_bytes, layer_window(config, a)
+                )
             if layer_idx == b:
                 return 0  # counted with its pair's first layer
         return full_tokens(config, layer_idx, lengths) * kv_token_bytes(config, dtype_bytes)

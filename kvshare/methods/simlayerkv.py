@@ -21,6 +21,7 @@ Details and where they depart from the official code (github.com/sail-sg/SimLaye
   decisions of the last prefill, and `predicted_tokens` is exact for them (or from the settings alone when
   `threshold` > 1 or <= 0).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,9 @@ class SimLayerKVSettings(MethodSettings):
         for name in ("sink", "recent", "query_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "sink" else 1):
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'sink' else 'positive'} integer, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"{name} must be a {'non-negative' if name == 'sink' else 'positive'} integer, got {value!r}"
+                )
 
     @property
     def budget(self) -> int:
@@ -150,7 +152,8 @@ class SimLayerKVLayer(StreamingLLMLayer):
             if impl != "eager":
                 return allowed
             return torch.zeros(allowed.shape, dtype=self.keys.dtype, device=allowed.device).masked_fill(
-                ~allowed, torch.finfo(self.keys.dtype).min)
+                ~allowed, torch.finfo(self.keys.dtype).min
+            )
         if out.dtype == torch.bool:
             return out & ~hide
         return out.masked_fill(hide, torch.finfo(out.dtype).min)
@@ -185,8 +188,14 @@ class SimLayerKV(EvictionPolicy):
 
     def make_layer(self, layer_idx: int, config, storage=None):
         n = config.get_text_config().num_hidden_layers
-        layer = self.layer_class(self.settings, layer_idx, config, budget=self.layer_budget(layer_idx, n),
-                                 storage=storage, record=self.decisions)
+        layer = self.layer_class(
+            self.settings,
+            layer_idx,
+            config,
+            budget=self.layer_budget(layer_idx, n),
+            storage=storage,
+            record=self.decisions,
+        )
         layer.num_key_value_groups = query_groups(config)
         layer.num_kv_heads = kv_heads(config)
         return layer
@@ -204,14 +213,17 @@ class SimLayerKV(EvictionPolicy):
         t = self.settings.threshold
         if t > 1 or t <= 0:
             return t <= 0
-        raise ValueError(f"simlayerkv: whether layer {layer_idx} is lazy depends on the data (threshold {t}); "
-                         "run a prefill first (then `lazy_layers` holds the decisions)")
+        raise ValueError(
+            f"simlayerkv: whether layer {layer_idx} is lazy depends on the data (threshold {t}); "
+            "run a prefill first (then `lazy_layers` holds the decisions)"
+        )
 
     def predicted_tokens(self, layer_idx: int, config, lengths) -> int:
         if not self.is_lazy(layer_idx):
             return full_tokens(config, layer_idx, list(lengths))
-        return self.layer_class.predicted_held(self.settings, self.settings.budget, list(lengths),
-                                               layer_kind(config, layer_idx))
+        return self.layer_class.predicted_held(
+            self.settings, self.settings.budget, list(lengths), layer_kind(config, layer_idx)
+        )
 
     # -- the shared test matrix ----------------------------------------------------------------
     @classmethod
