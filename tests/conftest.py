@@ -138,3 +138,19 @@ def real_model():
 
     model, tokenizer = kvshare.load_model()
     return model, tokenizer
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path):
+    """A saved config of a tiny 8-layer Llama (the benchmark builds random weights from it)."""
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    cfg.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")

@@ -26,21 +26,6 @@ DOCUMENTED = {
 }
 
 
-@pytest.fixture()
-def tiny_dir(tmp_path):
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    cfg.save_pretrained(tmp_path / "tiny")
-    return str(tmp_path / "tiny")
-
-
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_bench_rows_and_exact_kv_ratio(tiny_dir, cache):
     rows = B.bench(

@@ -5,28 +5,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from transformers import LlamaConfig
-
 from kvshare import bench as B
 from kvshare import methods
 from kvshare.cli import main
 from kvshare.strategy import Strategy
-
-
-@pytest.fixture()
-def tiny_dir(tmp_path):
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    cfg.save_pretrained(tmp_path / "tiny")
-    return str(tmp_path / "tiny")
 
 
 def test_bench_uses_a_searched_strategy(tiny_dir, tmp_path):
