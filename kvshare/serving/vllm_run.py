@@ -32,7 +32,9 @@ def layer_report(model) -> list[dict]:
         report.append(
             {
                 "kv_sharing_target": attn.attn.kv_sharing_target_layer_name,
-                "projection_outputs": int(attn.qkv_proj.weight.shape[0]),
+                # the layer's logical output width: vLLM's CPU backend repacks linear weights after loading
+                # (the Parameter left behind is empty), so the weight's shape does not say it
+                "projection_outputs": int(attn.qkv_proj.output_size_per_partition),
                 "module": type(attn).__name__,
             }
         )
