@@ -303,3 +303,46 @@ def test_cli_search_order_best(tiny_llama, char_tokenizer, texts, tmp_path, monk
     assert sum(t["accepted"] for t in trace) == 2
     printed = capsys.readouterr().out
     assert "layer_forwards" in printed and "best-first search to C=2" in printed
+
+
+def test_suite_paired_difference_by_hand():
+    """Notebook 11's suite claim: per task the mean of per-example differences, averaged over tasks."""
+    from kvshare.experiments.best_search import paired_average_difference
+    from kvshare.experiments.reports.best_search import suite_lines
+
+    a = {"t1": {"value": 0.75, "scores": [1, 1, 1, 0]}, "t2": {"value": 0.5, "scores": [1, 0]}}
+    b = {"t1": {"value": 0.25, "scores": [0, 0, 1, 0]}, "t2": {"value": 0.5, "scores": [0, 1]}}
+    diff, se = paired_average_difference(a, b)
+    assert diff == pytest.approx(((0.75 - 0.25) + 0.0) / 2)
+    # t1: d = [1, 1, 0, 0], var 1/3 over 4; t2: d = [1, -1], var 2 over 2
+    assert se == pytest.approx(np.sqrt(1 / 3 / 4 + 2 / 2) / 2)
+    # a task without per-example scores pairs nothing: its two stderrs add as if independent
+    c = {"t1": {"value": 0.5, "stderr": 0.3}}
+    d = {"t1": {"value": 0.25, "stderr": 0.4}}
+    assert paired_average_difference(c, d) == pytest.approx((0.25, 0.5))
+    with pytest.raises(ValueError, match="no task"):
+        paired_average_difference(a, {"other": {"value": 1.0}})
+    suite = {
+        "C": 8,
+        "num_layers": 30,
+        "set": 0,
+        "limit": None,
+        "clear": False,
+        "higher_than_all": True,
+        "rows": [
+            {"label": "full", "average": 0.5, "kept_pct": 100.0},
+            {"label": "best", "average": 0.45, "kept_pct": 90.0},
+            {
+                "label": "similar",
+                "average": 0.4,
+                "kept_pct": 80.0,
+                "best_minus_this": 0.05,
+                "best_minus_this_se": 0.04,
+                "best_vs_this_z": 1.25,
+            },
+        ],
+    }
+    text = "\n".join(suite_lines(suite))
+    assert (
+        "26.7% of the layers" in text and "HOLDS, not clearly" in text and "| similar | 0.400 | 80.0 | +0.050" in text
+    )

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapter import layer_types
+from ..adapter import layer_types, num_layers
 from ..calibration import METRICS
 from ..combine import sharing
 from ..damage import DamageMap, damage_map, same_type_pairs
@@ -67,6 +67,12 @@ class BestSettings:
     check_from: int = 25  # the shortcut checks re-score the pairs whose replaced layer is at least this
     target_c: int = 8  # the C of the "within 1.5x of the full model" claim
     target_ratio: float = 1.5
+    # the offline benchmark suite at 25% (C = 8 of 30 = 26.7%): `best` against every fixed order (random: every
+    # seed) on one calibration set, paired per example; None: each task's default size (kvshare.tasks)
+    suite: bool = True
+    suite_c: int = 8
+    suite_set: int = 0
+    suite_limit: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +90,8 @@ QUICK = dict(
     screen_texts=2,
     target_c=2,
     check_from=27,
+    suite_c=2,
+    suite_limit=2,
 )
 
 
@@ -468,6 +476,97 @@ def verdict(rows: list[dict], heldout: dict, runs: list[dict], cfg: BestSettings
         "full_ppl": full["ppl"],
         "full_ppl_se": full["ppl_se"],
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. the offline benchmark suite at 25%
+# ------------------------------------------------------------------------------------------------
+def _run_label(run: dict) -> str:
+    return run["order"] + (f" seed {run['seed']}" if run["order"] == "random" else "")
+
+
+def suite_comparison(model, tokenizer, runs: list[dict], cfg: BestSettings, progress: bool = True) -> dict:
+    """The offline suite (kvshare.evaluation, cached per strategy there) of the full model and of every order's
+    strategy at C = suite_c on calibration set suite_set; `best` against each rival, paired per example.
+
+    A suite average is the mean over tasks of their primary higher-is-better score (as notebook 03's); the
+    paired difference per task is the mean of per-example differences, its variance the per-example variance
+    over n, and the average's difference has the variance of the task means' sum over the number of tasks
+    squared. z > 2 means `best`'s average is clearly higher.
+    """
+    from ..evaluation import Evaluator
+
+    ev = Evaluator(model, tokenizer, progress=progress)
+    full = ev.evaluate(None, limit=cfg.suite_limit, label="full")
+    evaluated = [("full", None, full)]
+    for run in runs:
+        if run["set"] != cfg.suite_set or cfg.suite_c not in c_values_of(run, cfg):
+            continue
+        st = prefix(run, cfg.suite_c)
+        if st is not None:
+            evaluated.append((_run_label(run), run, ev.evaluate(st, limit=cfg.suite_limit, label=_run_label(run))))
+    primary = {label: _primary(res["rows"]) for label, _, res in evaluated}
+    full_avg = _average(primary["full"])
+    best = primary.get("best")
+    rows = []
+    for label, run, res in evaluated:
+        avg = _average(primary[label])
+        row = {
+            "label": label,
+            "order": "full" if run is None else run["order"],
+            "seed": None if run is None else run["seed"],
+            "C": 0 if run is None else cfg.suite_c,
+            "mapping": "full" if run is None else mapping_key(prefix(run, cfg.suite_c)),
+            "average": avg,
+            "kept_pct": 100 * avg / full_avg,
+            "tasks": len(primary[label]),
+            "examples": sum(len(r.get("scores") or []) for r in primary[label].values()),
+            "seconds": res["compute_seconds"],
+        }
+        if best is not None and label != "best":
+            diff, se = paired_average_difference(best, primary[label])
+            row.update(best_minus_this=diff, best_minus_this_se=se, best_vs_this_z=diff / se if se > 0 else math.inf)
+        rows.append(row)
+    rivals = [r for r in rows if r["order"] not in ("full", "best") and "best_vs_this_z" in r]
+    return {
+        "C": cfg.suite_c,
+        "num_layers": num_layers(model),
+        "set": cfg.suite_set,
+        "limit": cfg.suite_limit,
+        "rows": rows,
+        "higher_than_all": bool(rivals) and all(r["best_minus_this"] > 0 for r in rivals),
+        "clear": bool(rivals) and all(r["best_vs_this_z"] > 2 for r in rivals),
+        "rivals": len(rivals),
+    }
+
+
+def _primary(rows: list[dict]) -> dict[str, dict]:
+    """{task: row} of the primary higher-is-better metric of each task (perplexity is not in the average)."""
+    return {r["task"]: r for r in rows if r.get("primary") and r.get("higher_is_better", True)}
+
+
+def _average(primary: dict[str, dict]) -> float:
+    return sum(r["value"] for r in primary.values()) / len(primary) if primary else float("nan")
+
+
+def paired_average_difference(a: dict[str, dict], b: dict[str, dict]) -> tuple[float, float]:
+    """(average of a − average of b, its paired standard error) over the tasks both have, per example.
+
+    A task without per-example scores falls back to its two standard errors as if independent."""
+    tasks = [t for t in a if t in b]
+    if not tasks:
+        raise ValueError("the two evaluations share no task: nothing to pair")
+    diff, var = 0.0, 0.0
+    for t in tasks:
+        diff += a[t]["value"] - b[t]["value"]
+        sa, sb = a[t].get("scores"), b[t].get("scores")
+        if sa and sb and len(sa) == len(sb) > 1:
+            d = np.asarray(sa, dtype=float) - np.asarray(sb, dtype=float)
+            var += float(d.var(ddof=1)) / len(d)
+        else:
+            var += (a[t].get("stderr") or 0.0) ** 2 + (b[t].get("stderr") or 0.0) ** 2
+    n = len(tasks)
+    return diff / n, math.sqrt(var) / n
 
 
 def search_costs(runs: list[dict]) -> list[dict]:

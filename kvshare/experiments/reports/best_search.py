@@ -178,6 +178,33 @@ def ppl_curves(rows: list[dict], full_ppl: float, target_ratio: float = 1.5, tit
 # ------------------------------------------------------------------------------------------------
 # the conclusion
 # ------------------------------------------------------------------------------------------------
+def suite_lines(suite: dict) -> list[str]:
+    """The suite claim: `best`'s average above every fixed order's at C = suite_c, paired per example."""
+    C, L = suite["C"], suite["num_layers"]
+    rows = {r["label"]: r for r in suite["rows"]}
+    verdict = "HOLDS" if suite["clear"] else "HOLDS, not clearly" if suite["higher_than_all"] else "DOES NOT HOLD"
+    best = rows.get("best")
+    out = [
+        f"**Claim 3 — on the offline benchmark suite at C = {C} of {L} ({C / L:.1%} of the layers; calibration "
+        f"set {suite['set']}), `best`'s average above every fixed order's (paired z > 2): {verdict}**"
+        + (f" (`best` {best['average']:.3f}, {best['kept_pct']:.1f}% of the full model's " if best else " (")
+        + f"{rows['full']['average']:.3f}; tasks' default sizes"
+        + (f", limit {suite['limit']}" if suite.get("limit") else "")
+        + ").",
+        "",
+        "| strategy | average | % of full | best − this | paired se | z |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in suite["rows"]:
+        if "best_minus_this" in r:
+            tail = f"{r['best_minus_this']:+.3f} | {r['best_minus_this_se']:.3f} | {_fmt_z(r['best_vs_this_z'])}"
+        else:
+            tail = "— | — | —"
+        out.append(f"| {r['label']} | {r['average']:.3f} | {r['kept_pct']:.1f} | {tail} |")
+    out.append("")
+    return out
+
+
 def _fmt_z(z: float) -> str:
     return "∞" if math.isinf(z) else f"{z:+.1f}"
 
@@ -197,6 +224,7 @@ def conclusion(
     protocol: str,
     c8_cost: list[dict] | None = None,
     full_map_forwards: int | None = None,
+    suite: dict | None = None,
 ) -> str:
     """Markdown computed from the results: the verdict on each claim, where it falls short, and why."""
     lines = [
@@ -265,6 +293,9 @@ def conclusion(
             + "."
         )
     lines.append("")
+    # --- claim 3: the offline suite at 25% ---
+    if suite:
+        lines.extend(suite_lines(suite))
     # --- cost ---
     lines.append(
         "**Cost.** "
