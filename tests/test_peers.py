@@ -337,3 +337,169 @@ def test_sequence_bytes_count_what_each_row_keeps():
     token = kvshare.accounting.kv_token_bytes(model.config, 4)
     expected = [sum((4 if d["lazy"][r] else TOTAL) * token for d in method.decisions.values()) for r in range(2)]
     assert rows == expected and sum(rows) <= kvshare.cache_bytes(cache)
+
+
+def _curve(family: str, value: float, kv_ratio: float, window_nll: list[float], seeds: int = 1) -> dict:
+    """A family_curves row with the fields verdict reads."""
+    import numpy as np
+
+    from kvshare.experiments import peers
+
+    wn = np.asarray(window_nll)
+    se = float(wn.std(ddof=1) / math.sqrt(len(wn)))
+    return {
+        "family": family,
+        "label": peers.LABELS[family],
+        "knob": "" if family == "full" else "k",
+        "value": value,
+        "seeds": seeds,
+        "nll": float(wn.mean()),
+        "nll_se": se,
+        "ppl": math.exp(float(wn.mean())),
+        "ppl_se": math.exp(float(wn.mean())) * se,
+        "kv_ratio": kv_ratio,
+        "window_nll": list(window_nll),
+    }
+
+
+def test_full_settings_score_the_whole_heldout_protocol_and_say_how_many_tokens():
+    from kvshare.experiments import peers
+    from kvshare.metrics import HELDOUT
+
+    cfg = peers.settings("smollm2-135m", quick=False)
+    d = cfg.to_dict()
+    assert cfg.windows * cfg.window == HELDOUT.tokens == d["heldout_tokens"]
+    assert d["scored_per_window"] == cfg.window - 1 - cfg.context == 63
+    assert d["scored_tokens"] == cfg.windows * 63
+
+
+def test_verdict_names_the_lowest_nll_point_at_each_target_with_runner_up_and_full_statistics():
+    from kvshare.experiments import peers
+
+    full = _curve("full", 0, 1.0, [2.0, 2.1, 2.2, 2.3])
+    curves = [
+        full,
+        _curve("minicache", 10, 0.74, [2.5, 2.6, 2.7, 2.8]),  # +0.5 per window
+        _curve("simlayerkv", 0.8, 0.77, [2.1, 2.2, 2.25, 2.4]),  # the best at 75%: +0.1, +0.1, +0.05, +0.1
+        _curve("streamingllm", 383, 0.86, [2.0, 2.1, 2.2, 2.3]),  # outside the tolerance of 75%
+        _curve("kvsharer-dissimilar", 15, 0.5, [3.0, 3.1, 3.2, 3.4]),  # alone at 50%
+    ]
+    cfg = peers.Settings(model="tiny", quick=True, seed=0, targets=[0.75, 0.5, 0.25], tolerance=0.05)
+    at75, at50, at25 = peers.verdict(curves, cfg)
+    assert at75["best"]["family"] == "simlayerkv" and at75["runner_up"]["family"] == "minicache"
+    assert [r["family"] for r in at75["ranking"]] == ["simlayerkv", "minicache"]
+    runner = at75["runner_up"]
+    assert runner["vs_best_nll_diff"] == pytest.approx(0.4125)  # mean of 0.4, 0.4, 0.45, 0.4
+    assert runner["vs_best_se"] == pytest.approx(0.0125)  # std (ddof 1) 0.025 / sqrt(4)
+    assert at75["best"]["vs_full_nll_diff"] == pytest.approx(0.0875)
+    assert at75["best"]["vs_full_ppl_ratio"] == pytest.approx(math.exp(0.0875))
+    assert "StreamingLLM" in at75["missing"]
+    assert at50["best"]["family"] == "kvsharer-dissimilar" and at50["runner_up"] is None
+    assert at25["best"] is None and at25["ranking"] == []
+    text = report_conclusion(curves, cfg, [at75, at50, at25])
+    assert "the best is **SimLayerKV k=0.8**" in text and "the runner-up, MiniCache k=10" in text
+    assert "no method has a point there" in text  # 25%
+
+
+def report_conclusion(curves, cfg, verdicts) -> str:
+    from kvshare.experiments.reports import peers as report
+
+    cfg_d = {**cfg.to_dict(), "window": 512, "windows": 32, "context": 448}
+    for c in curves:
+        c.update(ppl_min=c["ppl"], ppl_max=c["ppl"])
+    return report.conclusion(verdicts, curves, [], cfg_d, {}, "tiny", NUM_LAYERS)
+
+
+def test_suite_points_are_the_full_model_and_each_familys_point_nearest_each_target():
+    from kvshare.experiments import peers
+
+    pts = [peers.Point("full", "", 0, ())]
+    ratios = {("minicache", 10): 0.70, ("minicache", 5): 0.62, ("minicache", 0): 0.54, ("simlayerkv", 0.9): 0.95}
+    pts += [peers.Point(f, "k", v, ()) for f, v in ratios]
+    pts += [peers.Point("kvsharer-random", "C", c, (), seed) for seed in range(3) for c in (8, 15)]
+    rows = [{"family": "full", "value": 0, "kv_ratio": 1.0}]
+    rows += [{"family": f, "value": v, "kv_ratio": r} for (f, v), r in ratios.items()]
+    rows += [
+        {"family": "kvsharer-random", "value": c, "kv_ratio": 1 - c / 30, "seed": s} for s in range(3) for c in (8, 15)
+    ]
+    cfg = peers.Settings(model="tiny", quick=True, seed=0, targets=[0.75, 0.5], tolerance=0.06, suite_seeds=2)
+    chosen = peers.suite_points(rows, pts, cfg)
+    # minicache 0.70 is nearest 75% (within 0.06), 0.54 nearest 50%; simlayerkv 0.95 is near neither
+    assert [(p.family, p.value, p.seed) for p in chosen] == [
+        ("full", 0, None),
+        ("minicache", 10, None),
+        ("minicache", 0, None),
+        ("kvsharer-random", 8, 0),
+        ("kvsharer-random", 15, 0),
+        ("kvsharer-random", 8, 1),
+        ("kvsharer-random", 15, 1),
+    ]
+    # the cost step measures one point per (family, value), KVSharer in its dissimilar order only
+    assert [(p.family, p.value) for p in peers.cost_points(chosen)] == [
+        ("full", 0),
+        ("minicache", 10),
+        ("minicache", 0),
+    ]
+
+
+def test_suite_summary_pairs_per_example_scores_against_the_full_model():
+    from kvshare.experiments import peers
+
+    def rows(acc_a, acc_b, rouge):
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        return [
+            {"task": "a", "metric": "acc", "value": mean(acc_a), "stderr": 0.1, "n": 4, "primary": True,
+             "scores": acc_a},
+            {"task": "b", "metric": "acc", "value": mean(acc_b), "stderr": 0.2, "n": 4, "primary": True,
+             "scores": None},
+            {"task": peers.XSUM, "metric": "rouge1", "value": 0.3, "stderr": 0.1, "n": 3, "primary": False},
+            {"task": peers.XSUM, "metric": "rougeL", "value": mean(rouge), "stderr": 0.05, "n": 3,
+             "primary": True, "scores": rouge},
+        ]  # fmt: skip
+
+    point = {"knob": "", "value": 0, "seed": None, "protocol": "one-pass"}
+    records = [
+        {**point, "family": "full", "label": "full model", "rows": rows([1, 1, 0, 1], [1, 0, 0, 0], [0.2, 0.3, 0.4])},
+        {**point, "family": "h2o", "label": "H2O", "rows": rows([1, 0, 0, 1], [0, 0, 0, 0], [0.1, 0.3, 0.2])},
+    ]
+    full, h2o = peers.suite_summary(records)
+    assert full["average"] == pytest.approx((0.75 + 0.25) / 2) and full["average_n"] == 8
+    assert full["rougeL"] == pytest.approx(0.3) and full["rougeL_n"] == 3 and full["rougeL_se"] == 0.05
+    # task a: per-example differences 0, -1, 0, 0 (mean -0.25, se 0.25); task b has no scores: -0.25 with stderrs
+    assert h2o["average_diff_vs_full"] == pytest.approx(-0.25)
+    assert h2o["average_diff_vs_full_se"] == pytest.approx(math.sqrt(0.25**2 + 0.2**2 + 0.2**2) / 2)
+    assert h2o["rougeL_diff_vs_full"] == pytest.approx(-0.1)  # differences -0.1, 0, -0.2
+    assert h2o["rougeL_diff_vs_full_se"] == pytest.approx(0.1 / math.sqrt(3))
+
+
+def test_heldout_scores_are_cached_per_point_and_reused(tmp_path, monkeypatch):
+    from kvshare.experiments import peers
+
+    model = make_tiny_model("llama", "sdpa")
+
+    class Tok:
+        def __call__(self, text, return_tensors, add_special_tokens):
+            return {"input_ids": torch.arange(200).remainder(50)[None]}
+
+    monkeypatch.setattr(peers, "eval_text", lambda source: "")
+    cfg = peers.Settings(model="tiny", quick=True, seed=0, window=24, windows=2, context=16, batch=2)
+    pts = [
+        peers.Point("full", "", 0, ()),
+        peers.Point("streamingllm", "budget", 12, (methods.make("streamingllm", budget=12),)),
+    ]
+    cache = peers.ResultCache(tmp_path / "07_peers_results.json")
+    first = peers.evaluate(model, Tok(), pts, cfg, progress=False, cache=cache)
+    assert first[1]["decoded"] and first[1]["scored_tokens"] == 2 * (24 - 1 - 16)
+    assert first[1]["kv_ratio"] < 1 and first[0]["kv_ratio"] == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached point was scored again")
+
+    monkeypatch.setattr(peers, "score", fail)
+    again = peers.evaluate(model, Tok(), pts, cfg, progress=False, cache=peers.ResultCache(cache.path))
+    assert [r["window_nll"] for r in again] == [r["window_nll"] for r in first]
+    # a changed protocol is a different unit
+    with pytest.raises(AssertionError, match="scored again"):
+        peers.evaluate(
+            model, Tok(), pts, peers.Settings(**{**cfg.__dict__, "context": 12}), progress=False, cache=cache
+        )

@@ -6,14 +6,27 @@ over several seeds), MiniCache by its start layer, SimLayerKV by its laziness th
 and PyramidInfer by their token budget. Each point is scored on the same held-out windows and placed by the
 bytes its cache MEASURABLY holds (`kvshare.cache_bytes`) at the end of a window.
 
-Protocol (decoded perplexity). The first `windows` x `window` tokens of the held-out text of
-kvshare.metrics.HELDOUT (16 windows of 512 = 8,192 tokens in the full run: half the protocol's 16,384, because
-the full run has to fit in 35 minutes on 2 shared CPU cores); in every window the first
-`context` tokens are prefilled and the rest is fed one token at a time, each step scoring the next token.
-Methods whose cache changes after the prefill (MiniCache, SimLayerKV, eviction) are decoded step by step; the
-full model and KVSharer are causal (decoding equals one forward: tests/test_methods.py checks it), so the
-same tokens are scored from one forward per window, with the same logits up to float noise. Windows are the
-paired units of every comparison (kvshare.metrics.paired_difference).
+Protocol (decoded perplexity). The held-out text of kvshare.metrics.HELDOUT, all of it in the full run: 32
+windows of 512 = 16,384 tokens. In every window the first `context` tokens are prefilled and the rest is fed one
+token at a time, each step scoring the next token: `window - 1 - context` scored tokens per window (63 in the full
+run, 2,016 in all; `Settings.scored_per_window`). The context is long and the decoded part short because decoding
+on 2 CPU cores costs ~20x a prefilled token: the measured per-unit costs are in the notebook's report. Methods
+whose cache changes after the prefill (MiniCache, SimLayerKV, eviction) are decoded step by step; the full model
+and KVSharer are causal (decoding equals one forward: tests/test_methods.py checks it), so the same tokens are
+scored from one forward per window, with the same logits up to float noise. Windows are the paired units of
+every comparison (kvshare.metrics.paired_difference).
+
+Offline suite. The multiple-choice tasks and XSum (ROUGE-1/2/L) of kvshare's offline suite
+(kvshare.evaluation.Evaluator; its perplexity task is left out: the held-out perplexity above is the longer
+measurement) for the full model and, per method, its point nearest to each target byte ratio (`suite_points`),
+`suite_limit` examples per task. Lossy methods are scored by decoding there too (the Evaluator decides).
+
+Cost. Decode speed and peak memory (kvshare.bench.measure) of the full model and the points at the targets, in
+this process with the loaded model, in alternating rounds (kvshare.bench.measure_rounds).
+
+Resumable. Every unit (a search, the calibration, one point's scoring, one point's suite, the cost step) is
+stored in a `ResultCache` (`<out>/07_peers_results.json`, rewritten atomically after each unit) under a key of
+what it depends on: an interrupted run recomputes only what is missing.
 
 Bytes. Per sequence, at the end of a window (`window - 1` tokens seen). A batch's cache is rectangular; for
 SimLayerKV, whose laziness is decided per sequence, a layer lazy for only some rows of a batch keeps every
@@ -40,6 +53,7 @@ from ..data import calibration_texts, eval_text
 from ..methods.simlayerkv import SimLayerKVLayer
 from ..metrics import HELDOUT, decode_windows, paired_difference
 from ..strategy import Strategy
+from .best_search import ResultCache
 
 FAMILIES = (
     "full",
@@ -73,10 +87,9 @@ class Settings:
     quick: bool
     seed: int
     window: int = HELDOUT.window
-    # 16 x 512 = 8,192 held-out tokens: half of HELDOUT's 16,384, what a 35-minute run fits on 2 busy CPU cores
-    windows: int = HELDOUT.tokens // HELDOUT.window // 2
+    windows: int = HELDOUT.tokens // HELDOUT.window  # 32 x 512 = 16,384 held-out tokens: the whole protocol
     context: int = 448  # prefilled tokens per window; the last window - 1 - context (63) are decoded and scored
-    batch: int = 16  # windows decoded together (all of them in one batch)
+    batch: int = 32  # windows decoded together (all of them in one batch: a decode step's fixed cost is paid once)
     num_shared: list = field(default_factory=lambda: [8, 15])  # KVSharer: 73% and 50% of the bytes
     random_seeds: int = 5
     samples: int = 10  # calibration texts of the KVSharer search (the paper: 30; 10 keeps 7 searches in budget)
@@ -88,16 +101,38 @@ class Settings:
     recent: int = 64
     query_window: int = 32
     budget_ratios: list = field(default_factory=lambda: [0.75, 0.5])  # eviction: budget / tokens seen
-    evictions: list = field(default_factory=lambda: ["streamingllm", "h2o", "pyramidinfer"])
+    # eviction methods swept (StreamingLLM only in the full run: each decoded method costs ~10 min of the 45-minute
+    # budget with its suite; "h2o" and "pyramidinfer" are the same code path, add them when time allows)
+    evictions: list = field(default_factory=lambda: ["streamingllm"])
     targets: list = field(default_factory=lambda: [0.75, 0.5])  # byte ratios of the conclusion
     tolerance: float = 0.05  # a method's point counts at a target when its ratio is within this of it
-    bench_batch: int = 4
+    suite_tasks: list | None = None  # offline suite tasks (None: its defaults but the perplexity task)
+    suite_limit: int = 4  # examples per suite task (articles for XSum), the same ones at every point: what fits
+    suite_seeds: int = 1  # random KVSharer: the suite runs the first this many seeds' points
+    bench_batch: int = 1
     bench_prompt: int = 448
     bench_new_tokens: int = 64
-    bench_isolate: bool = True  # each cost in a fresh process (its own CPU peak memory)
+    bench_rounds: int = 1  # alternating rounds (kvshare.bench.measure_rounds): the fastest of each kept
+    # each cost in a fresh process: CPU peak memory needs a process of its own (in the notebook's process the
+    # allocator reuses freed memory and a run adds ~0 to the resident set); False: in this process, speed only
+    bench_isolate: bool = True
+
+    @property
+    def scored_per_window(self) -> int:
+        """Tokens scored in each window: those after the prefilled `context` (the first token has no prediction)."""
+        return self.window - 1 - self.context
+
+    @property
+    def scored_tokens(self) -> int:
+        return self.windows * self.scored_per_window
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {
+            **asdict(self),
+            "heldout_tokens": self.windows * self.window,
+            "scored_per_window": self.scored_per_window,
+            "scored_tokens": self.scored_tokens,
+        }
 
 
 QUICK = dict(
@@ -114,9 +149,14 @@ QUICK = dict(
     query_window=8,
     budget_ratios=[0.75],
     evictions=["streamingllm", "h2o"],
+    targets=[0.75],
+    tolerance=0.1,
+    suite_tasks=["kvshare_general_knowledge", "kvshare_xsum"],
+    suite_limit=2,
     bench_batch=1,
     bench_prompt=64,
     bench_new_tokens=8,
+    bench_rounds=1,
     bench_isolate=False,
 )
 
@@ -257,6 +297,12 @@ class Point:
     seed: int | None = None
 
     @property
+    def name(self) -> str:
+        """A stable unit name for the results cache: family, knob value and seed."""
+        seed = f"_seed{self.seed}" if self.seed is not None else ""
+        return "full" if self.family == "full" else f"{self.family}_{self.knob}{self.value:g}{seed}"
+
+    @property
     def label(self) -> str:
         seed = f" seed {self.seed}" if self.seed is not None else ""
         return f"{LABELS[self.family]} {self.knob}={self.value:g}{seed}" if self.family != "full" else "full model"
@@ -271,22 +317,31 @@ class Point:
         return out
 
 
-def kvsharer_points(model, cfg: Settings, progress: bool = True) -> list[Point]:
+def kvsharer_points(model, cfg: Settings, progress: bool = True, cache: ResultCache | None = None) -> list[Point]:
     """One search per (order, seed) to the largest C (kvshare.methods.make('kvsharer', ...), searched on first use);
-    every smaller C is a prefix of it (the greedy search visits the same candidates up to there)."""
+    every smaller C is a prefix of it (the greedy search visits the same candidates up to there). With a
+    `cache`, each search's strategy is stored there and reused."""
     top = max(cfg.num_shared)
     plans = [("dissimilar", None), ("similar", None)] + [("random", s) for s in range(cfg.random_seeds)]
     out = []
     for order, seed in plans:
         t0 = time.perf_counter()
-        method = methods.make(
-            "kvsharer", num_shared=top, order=order, seed=cfg.seed if seed is None else seed, samples=cfg.samples
-        )
-        strategy = method.strategy_for(model)
+        s_seed = cfg.seed if seed is None else seed
+        name = f"search_{order}" + ("" if seed is None else f"_seed{seed}")
+        key = ResultCache.key(cfg.model, top, order, s_seed, cfg.samples)
+        hit = None if cache is None else cache.get(name, key)
+        if hit is not None:
+            strategy = Strategy.from_dict(hit)
+        else:
+            method = methods.make("kvsharer", num_shared=top, order=order, seed=s_seed, samples=cfg.samples)
+            strategy = method.strategy_for(model)
+            if cache is not None:
+                cache.put(name, key, strategy.to_dict())
         if progress:
             print(
                 f"search {order}{'' if seed is None else f' seed {seed}'} to C={top}: "
-                f"{time.perf_counter() - t0:.1f} s, {strategy.num_shared} layers replaced",
+                f"{time.perf_counter() - t0:.1f} s{' (cached)' if hit is not None else ''}, "
+                f"{strategy.num_shared} layers replaced",
                 flush=True,
             )
         for c in cfg.num_shared:
@@ -324,7 +379,7 @@ def simlayerkv_thresholds(shares: list[float], cfg: Settings) -> list[float]:
     return out
 
 
-def other_points(model, tokenizer, cfg: Settings) -> tuple[list[Point], dict]:
+def other_points(model, tokenizer, cfg: Settings, cache: ResultCache | None = None) -> tuple[list[Point], dict]:
     """MiniCache, SimLayerKV and eviction points; and the SimLayerKV calibration (shares, thresholds)."""
     pts = [
         Point(
@@ -335,7 +390,12 @@ def other_points(model, tokenizer, cfg: Settings) -> tuple[list[Point], dict]:
         )
         for s in cfg.start_layers
     ]
-    shares = layer_shares(model, tokenizer, cfg)
+    key = ResultCache.key(cfg.model, cfg.sink, cfg.recent, cfg.query_window, cfg.context, cfg.samples)
+    shares = None if cache is None else cache.get("simlayerkv_calibration", key)
+    if shares is None:
+        shares = layer_shares(model, tokenizer, cfg)
+        if cache is not None:
+            cache.put("simlayerkv_calibration", key, shares)
     thresholds = simlayerkv_thresholds(shares, cfg)
     pts += [
         Point(
@@ -354,29 +414,46 @@ def other_points(model, tokenizer, cfg: Settings) -> tuple[list[Point], dict]:
     return pts, {"layer_shares": shares, "thresholds": thresholds, "targets": list(cfg.lazy_targets)}
 
 
-def points(model, tokenizer, cfg: Settings, progress: bool = True) -> tuple[list[Point], dict]:
-    """Every point of the sweep (the full model first) and the SimLayerKV calibration."""
-    others, calibration = other_points(model, tokenizer, cfg)
-    return [Point("full", "", 0, ())] + others + kvsharer_points(model, cfg, progress), calibration
+def points(
+    model, tokenizer, cfg: Settings, progress: bool = True, cache: ResultCache | None = None
+) -> tuple[list[Point], dict]:
+    """Every point of the sweep (the full model first) and the SimLayerKV calibration (`cache`: reuse searches and
+    calibration stored there)."""
+    others, calibration = other_points(model, tokenizer, cfg, cache)
+    return [Point("full", "", 0, ())] + others + kvsharer_points(model, cfg, progress, cache), calibration
 
 
-def evaluate(model, tokenizer, pts: list[Point], cfg: Settings, progress: bool = True) -> list[dict]:
-    """Score every point on the held-out windows (see `score`); rows carry the point's description."""
+def heldout_key(p: Point, cfg: Settings) -> str:
+    """What one point's held-out scores depend on (its results-cache key)."""
+    return ResultCache.key(cfg.model, cfg.window, cfg.windows, cfg.context, cfg.batch, p.describe(), HELDOUT.source)
+
+
+def evaluate(
+    model, tokenizer, pts: list[Point], cfg: Settings, progress: bool = True, cache: ResultCache | None = None
+) -> list[dict]:
+    """Score every point on the held-out windows (see `score`); rows carry the point's description. With a
+    `cache`, each point's row is stored there as soon as it is scored and reused on a re-run."""
     ids = heldout_ids(tokenizer, cfg)
     rows = []
     t_all = time.perf_counter()
     for i, p in enumerate(pts):
-        decode = any(getattr(a, "scored_by_decoding", False) for a in p.applied)
-        r = score(model, ids, p.applied, cfg, decode)
-        row = {**p.describe(), **r}
-        if p.family == "simlayerkv":
-            row["lazy_layers_last_batch"] = p.applied[0].lazy_layers
-        rows.append(row)
+        name, key = f"heldout_{p.name}", heldout_key(p, cfg)
+        row = None if cache is None else cache.get(name, key)
+        cached = row is not None
+        if row is None:
+            decode = any(getattr(a, "scored_by_decoding", False) for a in p.applied)
+            r = score(model, ids, p.applied, cfg, decode)
+            row = {**p.describe(), **r}
+            if p.family == "simlayerkv":
+                row["lazy_layers_last_batch"] = p.applied[0].lazy_layers
+            if cache is not None:
+                cache.put(name, key, row)
+        rows.append(dict(row))  # the ratios added below stay out of the cache
         if progress:
             print(
-                f"[{i + 1}/{len(pts)}] {p.label}: ppl {r['ppl']:.3f} ± {math.exp(r['nll']) * r['nll_se']:.3f}, "
-                f"kv {r['kv_bytes'] / 2**20:.2f} MiB/seq, {r['seconds']:.0f} s "
-                f"({time.perf_counter() - t_all:.0f} s so far)",
+                f"[{i + 1}/{len(pts)}] {p.label}: ppl {row['ppl']:.3f} ± {row['ppl'] * row['nll_se']:.3f}, "
+                f"kv {row['kv_bytes'] / 2**20:.2f} MiB/seq, {row['seconds']:.0f} s"
+                f"{' (cached)' if cached else ''} ({time.perf_counter() - t_all:.0f} s so far)",
                 flush=True,
             )
     full = rows[0]
@@ -451,29 +528,22 @@ def at_target(curves: list[dict], target: float, tolerance: float) -> list[dict]
 
 
 def verdict(curves: list[dict], cfg: Settings) -> list[dict]:
-    """At every target byte ratio: the families' points there ranked by NLL, the best one, and its paired
-    difference to each other point and to the full model."""
+    """At every target byte ratio: the families' points there ranked by mean NLL, the best one, its paired
+    difference (per window) to the runner-up and to the full model, and every other point's to the best."""
     full = next(c for c in curves if c["family"] == "full")
     out = []
     for target in cfg.targets:
         pts = sorted(at_target(curves, target, cfg.tolerance), key=lambda c: c["nll"])
-        entry = {"target": target, "tolerance": cfg.tolerance, "ranking": [], "best": None}
+        entry = {"target": target, "tolerance": cfg.tolerance, "ranking": [], "best": None, "runner_up": None}
         if pts:
             best = pts[0]
-            entry["best"] = {
-                "family": best["family"],
-                "label": best["label"],
-                "knob": best["knob"],
-                "value": best["value"],
-                "kv_ratio": best["kv_ratio"],
-                "ppl": best["ppl"],
-            }
             for c in pts:
                 row = {
                     "family": c["family"],
                     "label": c["label"],
                     "knob": c["knob"],
                     "value": c["value"],
+                    "seeds": c["seeds"],
                     "kv_ratio": c["kv_ratio"],
                     "ppl": c["ppl"],
                     "ppl_se": c["ppl_se"],
@@ -482,77 +552,274 @@ def verdict(curves: list[dict], cfg: Settings) -> list[dict]:
                 row.update(
                     vs_full_nll_diff=vs_full["nll_diff"],
                     vs_full_se=vs_full["nll_diff_se"],
+                    vs_full_z=vs_full["z"],
                     vs_full_ppl_ratio=vs_full["ppl_ratio"],
+                    vs_full_ppl_ratio_ci95=vs_full["ppl_ratio_ci95"],
                 )
                 if c is not best:
                     d = paired_difference(c, best)
                     row.update(vs_best_nll_diff=d["nll_diff"], vs_best_se=d["nll_diff_se"], vs_best_z=d["z"])
                 entry["ranking"].append(row)
+            entry["best"] = entry["ranking"][0]
+            entry["runner_up"] = entry["ranking"][1] if len(pts) > 1 else None
         entry["missing"] = [LABELS[f] for f in FAMILIES[1:] if f not in {c["family"] for c in pts}]
         out.append(entry)
     return out
 
 
-def cost(cfg: Settings, pts: list[Point], model=None, progress: bool = True) -> list[dict]:
-    """Decode speed and peak memory (kvshare.bench.measure, a fresh process per point with `bench_isolate`) of
-    the full model and one point per (family, knob value); KVSharer in its dissimilar order only (the similar
-    and random orders replace as many layers: which layers are replaced does not change the work)."""
-    from ..bench import Config, measure, measure_isolated
+# ------------------------------------------------------------------------------------------------
+# the offline suite at the points nearest to the targets
+# ------------------------------------------------------------------------------------------------
+def suite_points(rows: list[dict], pts: list[Point], cfg: Settings) -> list[Point]:
+    """The full model and, per family and target byte ratio, the knob value whose measured ratio (`rows`, scored
+    by `evaluate`) is nearest to the target, if within `tolerance`; random KVSharer at its first `suite_seeds`
+    seeds. In sweep order, each point once."""
+    wanted = {("full", 0)}
+    for fam in FAMILIES[1:]:
+        mine = [r for r in rows if r["family"] == fam]
+        for target in cfg.targets:
+            near = [r for r in mine if abs(r["kv_ratio"] - target) <= cfg.tolerance]
+            if near:
+                best = min(near, key=lambda r: (abs(r["kv_ratio"] - target), r["kv_ratio"]))
+                wanted.add((fam, best["value"]))
+    return [
+        p
+        for p in pts
+        if (p.family, p.value) in wanted and (p.family != "kvsharer-random" or (p.seed or 0) < cfg.suite_seeds)
+    ]
 
+
+def suite_task_names(cfg: Settings) -> list[str]:
+    """The suite's tasks: `cfg.suite_tasks`, or the offline defaults without the perplexity task."""
+    from ..evaluation import resolve_tasks
+
+    if cfg.suite_tasks:
+        return [s.name for s in resolve_tasks("offline", cfg.suite_tasks)]
+    return [s.name for s in resolve_tasks("offline") if s.kind != "perplexity"]
+
+
+def run_suite(
+    model, tokenizer, pts: list[Point], cfg: Settings, cache: ResultCache | None = None, progress: bool = True
+) -> list[dict]:
+    """The offline suite (kvshare.evaluation.Evaluator, `suite_limit` examples per task) at every point of `pts`:
+    KVSharer as the strategy, the other methods as the cache policy (scored by decoding when lossy after the
+    prefill). One unit per point in `cache`. Returns one record per point: its description and the rows (with
+    per-example scores)."""
+    from ..evaluation import Evaluator
+
+    tasks = suite_task_names(cfg)
+    evaluator = Evaluator(model, tokenizer, progress=False)
+    out = []
+    t_all = time.perf_counter()
+    for i, p in enumerate(pts):
+        name = f"suite_{p.name}"
+        key = ResultCache.key(cfg.model, tasks, cfg.suite_limit, p.describe())
+        hit = None if cache is None else cache.get(name, key)
+        if hit is None:
+            strategy = next((a for a in p.applied if isinstance(a, Strategy)), None)
+            method = next((a for a in p.applied if a is not None and not isinstance(a, Strategy)), None)
+            t0 = time.perf_counter()
+            result = evaluator.evaluate(strategy, tasks=tasks, limit=cfg.suite_limit, label=p.label, policy=method)
+            hit = {
+                **p.describe(),
+                "protocol": result["protocol"],
+                "rows": result["rows"],
+                "seconds": time.perf_counter() - t0,
+            }
+            if cache is not None:
+                cache.put(name, key, hit)
+        out.append(hit)
+        if progress:
+            s = suite_scores(hit["rows"])
+            print(
+                f"suite [{i + 1}/{len(pts)}] {p.label} ({hit['protocol']}): average {s['average']:.3f}, "
+                f"ROUGE-L {s['rougeL']:.3f}, {hit['seconds']:.0f} s ({time.perf_counter() - t_all:.0f} s so far)",
+                flush=True,
+            )
+    return out
+
+
+def suite_scores(rows: list[dict]) -> dict:
+    """The multiple-choice average (mean of the tasks' primary accuracies, stderr from theirs) and XSum ROUGE-L
+    (with stderr and n) of one point's suite rows."""
+    mc = [r for r in rows if r.get("primary") and r.get("higher_is_better", True) and r["task"] != XSUM]
+    rouge = next((r for r in rows if r["task"] == XSUM and r["metric"] == "rougeL"), None)
+    nan = float("nan")
+    return {
+        "average": float(np.mean([r["value"] for r in mc])) if mc else nan,
+        "average_se": math.sqrt(sum((r["stderr"] or 0.0) ** 2 for r in mc)) / len(mc) if mc else nan,
+        "average_n": sum(r["n"] or 0 for r in mc),
+        "average_tasks": len(mc),
+        "rougeL": rouge["value"] if rouge else nan,
+        "rougeL_se": (rouge["stderr"] if rouge and rouge["stderr"] is not None else nan),
+        "rougeL_n": rouge["n"] if rouge else 0,
+    }
+
+
+XSUM = "kvshare_xsum"
+
+
+def _paired(a: list | None, b: list | None) -> tuple[float, float] | None:
+    """Mean of a - b per example and its standard error (None without per-example scores of equal length)."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def suite_summary(records: list[dict]) -> list[dict]:
+    """One row per suite point: multiple-choice average and ROUGE-L (stderr, n), and their paired differences
+    against the full model from the per-example scores (the average's: per task the mean per-example difference,
+    averaged over tasks, variances added; a task without per-example scores adds both stderrs squared)."""
+    full = next(r for r in records if r["family"] == "full")
+    full_rows = {(r["task"], r["metric"]): r for r in full["rows"]}
+    out = []
+    for rec in records:
+        s = suite_scores(rec["rows"])
+        row = {k: rec[k] for k in ("family", "label", "knob", "value", "seed")}
+        row.update(s, protocol=rec["protocol"])
+        if rec is not full:
+            mc = [r for r in rec["rows"] if r.get("primary") and r.get("higher_is_better", True) and r["task"] != XSUM]
+            diffs, var = [], 0.0
+            for r in mc:
+                f = full_rows.get((r["task"], r["metric"]))
+                if f is None:
+                    continue
+                paired = _paired(r.get("scores"), f.get("scores"))
+                if paired is None:
+                    diffs.append(r["value"] - f["value"])
+                    var += (r["stderr"] or 0.0) ** 2 + (f["stderr"] or 0.0) ** 2
+                else:
+                    diffs.append(paired[0])
+                    var += paired[1] ** 2
+            row["average_diff_vs_full"] = float(np.mean(diffs)) if diffs else float("nan")
+            row["average_diff_vs_full_se"] = math.sqrt(var) / len(diffs) if diffs else float("nan")
+            rouge = next((r for r in rec["rows"] if r["task"] == XSUM and r["metric"] == "rougeL"), None)
+            f = full_rows.get((XSUM, "rougeL"))
+            paired = None if rouge is None or f is None else _paired(rouge.get("scores"), f.get("scores"))
+            row["rougeL_diff_vs_full"] = paired[0] if paired else float("nan")
+            row["rougeL_diff_vs_full_se"] = paired[1] if paired else float("nan")
+        out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# cost
+# ------------------------------------------------------------------------------------------------
+def cost_points(pts: list[Point]) -> list[Point]:
+    """One point per (family, knob value), KVSharer in its dissimilar order only: the similar and random orders
+    replace as many layers, and which layers are replaced does not change the work."""
     chosen, seen = [], set()
     for p in pts:
-        key = (p.family, p.value)
         if p.family in ("kvsharer-similar", "kvsharer-random"):
-            continue  # the same work as the dissimilar order at the same C: only which layers are replaced differs
-        if key not in seen:
-            seen.add(key)
+            continue
+        if (p.family, p.value) not in seen:
+            seen.add((p.family, p.value))
             chosen.append(p)
+    return chosen
+
+
+def bench_config(p: Point, cfg: Settings):
+    """The kvshare.bench configuration of one point (random prompt tokens, greedy decoding)."""
+    from ..bench import Config
+
+    strategy = next((a for a in p.applied if isinstance(a, Strategy)), None)
+    method = next((a for a in p.applied if a is not None and not isinstance(a, Strategy)), None)
+    return Config(
+        cfg.model,
+        "plain" if p.family == "full" else "shared",
+        0.0,
+        cfg.bench_batch,
+        cfg.bench_prompt,
+        cfg.bench_new_tokens,
+        repeats=1,
+        seed=cfg.seed,
+        strategy=None if strategy is None or not strategy.mapping else strategy.to_dict(),
+        method=None if method is None else method.to_dict(),
+    )
+
+
+def cost(
+    cfg: Settings,
+    pts: list[Point],
+    model=None,
+    progress: bool = True,
+    cache: ResultCache | None = None,
+) -> list[dict]:
+    """Decode speed and peak memory (kvshare.bench.measure) of `cost_points(pts)`: in this process with the
+    loaded `model`, `bench_rounds` alternating rounds (kvshare.bench.measure_rounds; per point its fastest round,
+    its lowest peaks), a warm-up only before a point's first round; with `bench_isolate` (or no model) each run
+    in a fresh process instead. Peak memory in one process is its resident set: `peak_above_baseline_bytes`
+    (what the run added to what the process held before it) is the comparable number. Stored in `cache` as one
+    unit."""
+    from dataclasses import replace
+
+    from ..bench import measure, measure_isolated, measure_rounds
+
+    chosen = cost_points(pts)
+    configs = [bench_config(p, cfg) for p in chosen]
+    key = ResultCache.key([asdict(c) for c in configs], cfg.bench_rounds, cfg.bench_isolate or model is None)
+    hit = None if cache is None else cache.get("cost", key)
+    if hit is not None:
+        return hit
+    runs_so_far: dict[int, int] = {}
+
+    isolate = cfg.bench_isolate or model is None
+
+    def run(config):
+        seen = runs_so_far.get(id(config), 0)
+        runs_so_far[id(config)] = seen + 1
+        try:
+            if isolate:  # a fresh process warms up every time
+                return measure_isolated(config)
+            return measure(replace(config, warmup=1 if seen == 0 else 0), model)
+        except RuntimeError as e:  # one failed configuration must not lose the others
+            return {"error": str(e), "decode_tps": float("-inf"), "prefill_s": float("inf")}
+
+    measured = measure_rounds(configs, run, cfg.bench_rounds, progress=False, desc="cost")
     rows = []
-    for p in chosen:
-        strategy = next((a for a in p.applied if isinstance(a, Strategy)), None)
-        method = next((a for a in p.applied if a is not None and not isinstance(a, Strategy)), None)
-        config = Config(
-            cfg.model,
-            "plain" if p.family == "full" else "shared",
-            0.0,
-            cfg.bench_batch,
-            cfg.bench_prompt,
-            cfg.bench_new_tokens,
-            repeats=1,
-            seed=cfg.seed,
-            strategy=None if strategy is None else strategy.to_dict(),
-            method=None if method is None else method.to_dict(),
-        )
-        if strategy is not None and not strategy.mapping:
-            config.strategy = None
-        row = measure_isolated(config) if (cfg.bench_isolate or model is None) else measure(config, model)
+    for p, row in zip(chosen, measured):
+        if "error" in row:
+            print(f"cost {p.label}: FAILED ({row['error']}); left out", flush=True)
+            continue
         row.update(
             family=p.family,
             label=LABELS[p.family] if p.family == "full" else f"{LABELS[p.family]} {p.knob}={p.value:g}",
             knob=p.knob,
             value=p.value,
+            peak_above_baseline_bytes=row["peak_bytes"] - row["baseline_bytes"],
+            in_process=not isolate,
         )
-        rows.append({k: v for k, v in row.items() if k not in ("strategy", "method", "rounds")})
+        rows.append({k: v for k, v in row.items() if k not in ("strategy", "method")})
         if progress:
             print(
                 f"cost {row['label']}: decode {row['decode_tps']:.1f} tok/s, "
-                f"peak {row['peak_bytes'] / 2**20:.0f} MiB, "
+                f"peak +{row['peak_above_baseline_bytes'] / 2**20:.0f} MiB over {row['baseline_bytes'] / 2**20:.0f}, "
                 f"kv {row['kv_bytes'] / 2**20:.2f} MiB (load {row.get('load_avg_1min')})",
                 flush=True,
             )
-    full = next(r for r in rows if r["family"] == "full")
-    for r in rows:
+    full = next((r for r in rows if r["family"] == "full"), None)
+    for r in rows if full is not None else []:
         r["decode_tps_ratio"] = r["decode_tps"] / full["decode_tps"]
         r["peak_ratio"] = r["peak_bytes"] / full["peak_bytes"]
+        r["peak_above_baseline_ratio"] = r["peak_above_baseline_bytes"] / max(1, full["peak_above_baseline_bytes"])
+    if cache is not None:
+        cache.put("cost", key, rows)
     return rows
 
 
-def table(curves: list[dict], cost_rows: list[dict]) -> list[dict]:
-    """One row per (family, knob value): quality, measured bytes, speed and peak memory."""
+def table(curves: list[dict], cost_rows: list[dict], suite_rows: list[dict] | None = None) -> list[dict]:
+    """One row per (family, knob value): quality, measured bytes, suite scores where evaluated (random KVSharer:
+    its first seeds'), speed and peak memory."""
     by_key = {(r["family"], r["value"]): r for r in cost_rows}
+    suite_by_key = {}
+    for r in suite_rows or []:
+        suite_by_key.setdefault((r["family"], r["value"]), r)
     out = []
     for c in curves:
         b = by_key.get((c["family"], c["value"]), {})
+        st = suite_by_key.get((c["family"], c["value"]), {})
+        peak_above = b.get("peak_above_baseline_bytes")
         out.append(
             {
                 "family": c["family"],
@@ -564,13 +831,19 @@ def table(curves: list[dict], cost_rows: list[dict]) -> list[dict]:
                 "ppl_se": c["ppl_se"],
                 "ppl_min": c["ppl_min"],
                 "ppl_max": c["ppl_max"],
+                "ppl_ratio_vs_full": c["ratio_vs_full"],
                 "kv_ratio": c["kv_ratio"],
                 "kv_ratio_batched": c["kv_ratio_batched"],
                 "kv_mib_per_seq": c["kv_bytes"] / 2**20,
                 "decoded": c["decoded"],
+                "suite_average": st.get("average"),
+                "suite_average_se": st.get("average_se"),
+                "rougeL": st.get("rougeL"),
+                "rougeL_se": st.get("rougeL_se"),
                 "decode_tps": b.get("decode_tps"),
                 "decode_tps_ratio": b.get("decode_tps_ratio"),
                 "peak_mib": None if b.get("peak_bytes") is None else b["peak_bytes"] / 2**20,
+                "peak_above_baseline_mib": None if peak_above is None else peak_above / 2**20,
                 "peak_ratio": b.get("peak_ratio"),
             }
         )

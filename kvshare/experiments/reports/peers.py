@@ -21,12 +21,23 @@ STYLE = {
 }
 
 
-def pareto_figure(curves: list[dict], cost_rows: list[dict], title: str = ""):
-    """Left: decoded perplexity relative to the full model (paired per window) against measured KV bytes
-    (fraction of the full cache); bars one paired standard error (random KVSharer: mean of the seeds, bars
-    spanning the seeds' min..max); middle and right: decode speed and peak memory of the same points."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2), gridspec_kw={"width_ratios": [1.6, 1, 1]})
-    ax = axes[0]
+def _xy_err(rows: list[dict], ratio_of: dict, key: str) -> tuple[list, list, list]:
+    pts = sorted(
+        ((ratio_of[(r["family"], r["value"])], r[key], r.get(key + "_se")) for r in rows if r["family"] in STYLE),
+        key=lambda p: p[0],
+    )
+    return [p[0] for p in pts], [p[1] for p in pts], [0.0 if p[2] is None or p[2] != p[2] else p[2] for p in pts]
+
+
+def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[dict] | None = None, title: str = ""):
+    """Top left: decoded perplexity relative to the full model (paired per window) against measured KV bytes
+    (fraction of the full cache), every family a line; bars one paired standard error (random KVSharer: mean of
+    the seeds, bars spanning the seeds' min..max). Top middle and right: the offline suite's multiple-choice
+    average and XSum ROUGE-L at the evaluated points (bars: one standard error). Bottom: decode speed and the peak
+    memory the run added, of the points the cost step measured."""
+    fig, axes = plt.subplots(2, 3, figsize=(17, 10), gridspec_kw={"width_ratios": [1.5, 1, 1]})
+    ax = axes[0, 0]
+    handles = []
     for fam, (color, marker) in STYLE.items():
         mine = sorted((c for c in curves if c["family"] == fam), key=lambda c: c["kv_ratio"])
         if not mine:
@@ -38,8 +49,18 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], title: str = ""):
         label = LABELS[fam] + (
             f" (mean of {mine[0]['seeds']} seeds, bars: min..max)" if fam == "kvsharer-random" else ""
         )
-        ax.errorbar(
-            x, y, yerr=err, color=color, marker=marker, ms=7 if fam != "full" else 12, capsize=3, lw=1.4, label=label
+        handles.append(
+            ax.errorbar(
+                x,
+                y,
+                yerr=err,
+                color=color,
+                marker=marker,
+                ms=7 if fam != "full" else 12,
+                capsize=3,
+                lw=1.4,
+                label=label,
+            )
         )
     ax.axhline(1.0, color="k", lw=0.6, ls=":")
     ax.set_xlabel("measured KV bytes / full cache (per sequence, end of window)")
@@ -49,10 +70,34 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], title: str = ""):
         ax.set_yscale("log")
     ax.invert_xaxis()
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.set_title("quality vs memory (lower is better at equal bytes)")
+    ax.set_title("held-out decoded perplexity vs memory (lower is better)")
+    ratio_of = {(c["family"], c["value"]): c["kv_ratio"] for c in curves}
+    suite_rows = [r for r in suite_rows or [] if (r["family"], r["value"]) in ratio_of]
+    for ax, key, ylabel in (
+        (axes[0, 1], "average", "multiple-choice average (primary metric)"),
+        (axes[0, 2], "rougeL", "XSum ROUGE-L"),
+    ):
+        for fam, (color, marker) in STYLE.items():
+            mine = [r for r in suite_rows if r["family"] == fam]
+            if not mine:
+                continue
+            x, y, e = _xy_err(mine, ratio_of, key)
+            ax.errorbar(x, y, yerr=e, color=color, marker=marker, ms=6 if fam != "full" else 11, capsize=3, lw=1.2)
+        full = next((r for r in suite_rows if r["family"] == "full"), None)
+        if full is not None:
+            ax.axhline(full[key], color="k", lw=0.6, ls=":")
+        ax.set_xlabel("measured KV bytes / full cache")
+        ax.set_ylabel(ylabel)
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    n = suite_rows[0]["average_n"] if suite_rows else 0
+    axes[0, 1].set_title(f"offline suite ({n} examples per point)")
+    axes[0, 2].set_title(f"XSum ({suite_rows[0]['rougeL_n'] if suite_rows else 0} articles per point)")
     by_key = {(r["family"], r["value"]): r for r in cost_rows}
-    for ax, key, ylabel in ((axes[1], "decode_tps", "decode tokens/s"), (axes[2], "peak_bytes", "peak memory (MiB)")):
+    for ax, key, ylabel in (
+        (axes[1, 0], "decode_tps", "decode tokens/s"),
+        (axes[1, 1], "peak_above_baseline_bytes", "peak memory added by the run (MiB)"),
+    ):
         for fam, (color, marker) in STYLE.items():
             pts = sorted(
                 (
@@ -64,7 +109,7 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], title: str = ""):
             )
             if not pts:
                 continue
-            scale = 2**20 if key == "peak_bytes" else 1
+            scale = 2**20 if "bytes" in key else 1
             ax.plot(
                 [p[0] for p in pts],
                 [p[1] / scale for p in pts],
@@ -77,8 +122,10 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], title: str = ""):
         ax.set_ylabel(ylabel)
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
-    axes[1].set_title("decode speed")
-    axes[2].set_title("peak memory of the run")
+    axes[1, 0].set_title("decode speed")
+    axes[1, 1].set_title("peak memory (above the process's resident set before the run)")
+    axes[1, 2].axis("off")
+    axes[1, 2].legend(handles=handles, loc="center", fontsize=9, frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -89,6 +136,12 @@ def _fmt_point(r: dict) -> str:
     return f"{r['label']} {r['knob']}={r['value']:g}" if r["knob"] else r["label"]
 
 
+def _z_words(z: float, z_crit: float) -> str:
+    if z != z:
+        return "no spread to test"
+    return f"z = {z:.1f}, " + ("significant" if abs(z) > z_crit else "not significant") + f" at |z| > {z_crit:g}"
+
+
 def conclusion(
     verdicts: list[dict],
     curves: list[dict],
@@ -97,32 +150,33 @@ def conclusion(
     calibration: dict,
     model: str,
     num_layers: int,
+    suite_rows: list[dict] | None = None,
     z_crit: float = 2.0,
 ) -> str:
     """The computed conclusion (Markdown): protocol, the best method at each target ratio with paired
-    statistics, what the byte sweep reached, costs, and what was left out."""
+    statistics against the runner-up and the full model, what the byte sweep reached, the offline suite at the
+    target points, costs, and what was left out."""
     full = next(c for c in curves if c["family"] == "full")
-    scored = cfg["windows"] * (cfg["window"] - 1 - cfg["context"])
+    text_tokens = cfg["windows"] * cfg["window"]
+    per_window = cfg["window"] - 1 - cfg["context"]
+    scored = cfg["windows"] * per_window
     lines = [
         f"# Notebook 07: KVSharer and its peers at equal KV bytes ({model}, {num_layers} layers)",
         "",
-        f"**Protocol.** {cfg['windows']} held-out windows of {cfg['window']} tokens "
-        f"({cfg['windows'] * cfg['window']:,} tokens of text); in each, {cfg['context']} tokens are prefilled and the "
-        f"next {cfg['window'] - 1 - cfg['context']} are scored one decoding step at a time ({scored:,} scored tokens). "
-        "Methods lossy after the prefill (MiniCache, SimLayerKV, eviction) are decoded step by step; the full model "
-        "and KVSharer are causal, so the same tokens are scored from one forward per window (equal to decoding; "
-        "tests/test_methods.py checks it). The context is long and the decoded part short because decoding on 2 CPU "
-        "cores is slow: the whole sweep has to fit in 35 minutes"
+        f"**Protocol.** {cfg['windows']} held-out windows of {cfg['window']} tokens ({text_tokens:,} tokens of "
+        "text"
         + (
-            f"; for the same reason the text is {cfg['windows'] * cfg['window']:,} held-out tokens, less than the "
-            f"held-out protocol's {HELDOUT.tokens:,}"
-            if cfg["windows"] * cfg["window"] < HELDOUT.tokens
-            else ""
+            f", the whole held-out protocol of {HELDOUT.tokens:,}"
+            if text_tokens >= HELDOUT.tokens
+            else f", less than the held-out protocol's {HELDOUT.tokens:,}"
         )
-        + ". KV bytes are measured (`kvshare.cache_bytes` of "
-        "the cache each method really builds) per sequence at the end of a window; SimLayerKV's are the bytes of the "
-        "tokens each sequence keeps (its batched, rectangular cache is in the table). Differences are paired per "
-        "window (kvshare.metrics.paired_difference).",
+        + f"); in each, {cfg['context']} tokens are prefilled and the next {per_window} are scored one decoding step "
+        f"at a time: **{per_window} scored tokens per window, {scored:,} in all**. Methods lossy after the prefill "
+        "(MiniCache, SimLayerKV, eviction) are decoded step by step; the full model and KVSharer are causal, so the "
+        "same tokens are scored from one forward per window (equal to decoding; tests/test_methods.py checks it). "
+        "KV bytes are measured (`kvshare.cache_bytes` of the cache each method really builds) per sequence at the "
+        "end of a window; SimLayerKV's are the bytes of the tokens each sequence keeps (its batched, rectangular "
+        "cache is in the table). Differences are paired per window (kvshare.metrics.paired_difference).",
         "",
         f"Full model: decoded perplexity {full['ppl']:.3f} ± {full['ppl_se']:.3f}.",
         "",
@@ -133,28 +187,38 @@ def conclusion(
             lines.append(
                 f"**At {pct} of the bytes** (±{100 * v['tolerance']:.0f} points): no method has a point there."
             )
+            lines.append("")
             continue
-        b = v["best"]
-        lines.append(
+        b, r2 = v["best"], v["runner_up"]
+        head = (
             f"**At {pct} of the bytes** (points within ±{100 * v['tolerance']:.0f} points of it): the best is "
-            f"**{b['label']}** ({b['knob']}={b['value']:g}, {100 * b['kv_ratio']:.1f}% of the bytes, "
-            f"perplexity {b['ppl']:.3f})."
+            f"**{_fmt_point(b)}** ({100 * b['kv_ratio']:.1f}% of the bytes, perplexity {b['ppl']:.3f} ± "
+            f"{b['ppl_se']:.3f}; vs the full model ×{b['vs_full_ppl_ratio']:.3f}, 95% CI "
+            f"{b['vs_full_ppl_ratio_ci95'][0]:.3f}..{b['vs_full_ppl_ratio_ci95'][1]:.3f}, "
+            f"ΔNLL {b['vs_full_nll_diff']:+.4f} ± {b['vs_full_se']:.4f}, {_z_words(b['vs_full_z'], z_crit)})"
         )
+        if r2 is not None:
+            head += (
+                f"; the runner-up, {_fmt_point(r2)}, is worse by ΔNLL {r2['vs_best_nll_diff']:+.4f} ± "
+                f"{r2['vs_best_se']:.4f} per window ({_z_words(r2['vs_best_z'], z_crit)})."
+            )
+        else:
+            head += "; no other method has a point there."
+        lines.append(head)
         for r in v["ranking"]:
             vs_full = (
                 f"vs full: ×{r['vs_full_ppl_ratio']:.3f} (ΔNLL {r['vs_full_nll_diff']:+.4f} ± {r['vs_full_se']:.4f})"
             )
-            if "vs_best_nll_diff" in r:
-                z = r["vs_best_z"]
-                sig = "significantly worse" if z > z_crit else "not significantly different"
-                vs_best = (
-                    f"; vs best: ΔNLL {r['vs_best_nll_diff']:+.4f} ± {r['vs_best_se']:.4f} (z = {z:.1f}, "
-                    f"{sig} at |z| > {z_crit:g})"
-                )
-            else:
-                vs_best = ""
+            vs_best = (
+                f"; vs best: ΔNLL {r['vs_best_nll_diff']:+.4f} ± {r['vs_best_se']:.4f} "
+                f"({_z_words(r['vs_best_z'], z_crit)})"
+                if "vs_best_nll_diff" in r
+                else ""
+            )
+            seeds = f" (mean of {r['seeds']} seeds)" if r.get("seeds", 1) > 1 else ""
             lines.append(
-                f"- {_fmt_point(r)}: {100 * r['kv_ratio']:.1f}% bytes, perplexity {r['ppl']:.3f}; {vs_full}{vs_best}"
+                f"- {_fmt_point(r)}{seeds}: {100 * r['kv_ratio']:.1f}% bytes, perplexity {r['ppl']:.3f}; "
+                f"{vs_full}{vs_best}"
             )
         if v["missing"]:
             lines.append(f"- no point within the tolerance: {', '.join(v['missing'])}")
@@ -178,42 +242,86 @@ def conclusion(
             "decided per window, so the measured ratios differ from the aims."
         )
     lines.append("")
+    if suite_rows:
+        full_s = next(r for r in suite_rows if r["family"] == "full")
+        lines.append(
+            f"**Offline suite** ({full_s['average_tasks']} multiple-choice tasks and XSum, the first "
+            f"{cfg['suite_limit']} examples of each: {full_s['average_n']} multiple-choice examples and "
+            f"{full_s['rougeL_n']} articles per point, the same at every point; the full model and, per method, its "
+            "point nearest to each target byte ratio"
+            + (f", random KVSharer at its first {cfg['suite_seeds']} seed(s)" if cfg.get("suite_seeds") else "")
+            + "; lossy methods scored by decoding). Average = mean of the tasks' primary accuracies. "
+            f"Full model: average {full_s['average']:.3f} ± {full_s['average_se']:.3f}, ROUGE-L "
+            f"{full_s['rougeL']:.3f} ± {full_s['rougeL_se']:.3f}. Paired differences against the full model "
+            "(per-example scores):"
+        )
+        for r in suite_rows:
+            if r is full_s:
+                continue
+            name = r["label"]
+            lines.append(
+                f"- {name}: average {r['average']:.3f} ± {r['average_se']:.3f} (Δ {r['average_diff_vs_full']:+.3f} ± "
+                f"{r['average_diff_vs_full_se']:.3f}), ROUGE-L {r['rougeL']:.3f} ± {r['rougeL_se']:.3f} "
+                f"(Δ {r['rougeL_diff_vs_full']:+.3f} ± {r['rougeL_diff_vs_full_se']:.3f})"
+            )
+        lines.append(
+            f"With {full_s['average_n']} multiple-choice examples and {full_s['rougeL_n']} articles the suite "
+            "separates only large losses; the held-out perplexity above is the precise comparison."
+        )
+        lines.append("")
     full_cost = next((r for r in cost_rows if r["family"] == "full"), None)
     if full_cost is not None:
         fastest = max(cost_rows, key=lambda r: r["decode_tps"])
         slowest = min(cost_rows, key=lambda r: r["decode_tps"])
-        lowest = min(cost_rows, key=lambda r: r["peak_bytes"])
+        key = "peak_above_baseline_bytes" if "peak_above_baseline_bytes" in full_cost else "peak_bytes"
+        ratio_key = "peak_above_baseline_ratio" if key == "peak_above_baseline_bytes" else "peak_ratio"
+        lowest = min(cost_rows, key=lambda r: r[key])
+        where = (
+            "each in a fresh process"
+            if cfg.get("bench_isolate")
+            else f"in one process, {cfg.get('bench_rounds', 1)} alternating round(s), the fastest kept"
+        )
         lines.append(
             f"**Costs** (batch {cfg['bench_batch']}, prompt {cfg['bench_prompt']}, {cfg['bench_new_tokens']} new "
-            f"tokens{', each in a fresh process' if cfg['bench_isolate'] else ''}): the full model decodes "
-            f"{full_cost['decode_tps']:.1f} tokens/s with a peak of {full_cost['peak_bytes'] / 2**20:.0f} MiB; the "
-            f"fastest point is {fastest['label']} (×{fastest['decode_tps_ratio']:.2f}), the slowest {slowest['label']} "
-            f"(×{slowest['decode_tps_ratio']:.2f}); the lowest peak {lowest['label']} (×{lowest['peak_ratio']:.2f}). "
-            "On 2 shared CPU cores speed differences of a few percent are within the machine's noise."
+            f"tokens, {where}): the full model decodes {full_cost['decode_tps']:.1f} tokens/s and its run adds "
+            f"{full_cost[key] / 2**20:.0f} MiB at its peak; the fastest point is {fastest['label']} "
+            f"(×{fastest['decode_tps_ratio']:.2f}), the slowest {slowest['label']} "
+            f"(×{slowest['decode_tps_ratio']:.2f}); the lowest peak {lowest['label']} (×{lowest[ratio_key]:.2f}). "
+            "On 2 CPU cores speed differences of a few percent are within the machine's noise."
         )
         lines.append("")
-    lines.append(
-        "**Left out.** The offline multiple-choice suite and XSum ROUGE-L (kvshare.evaluation.Evaluator) "
-        "are not run here: every point would need them by decoding, and the decoded perplexity sweep alone "
-        "takes most of the 35-minute budget on 2 CPU cores. xKV (cross-layer SVD) is not implemented."
-    )
+    left_out = ["xKV (cross-layer SVD) is not implemented"]
+    absent = [LABELS[f] for f in ("h2o", "pyramidinfer", "streamingllm") if f not in {c["family"] for c in curves}]
+    if absent:
+        left_out.append(
+            f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not in this run's sweep (settings "
+            "`evictions`: the 45-minute budget on 2 CPU cores)"
+        )
+    lines.append("**Left out.** " + "; ".join(left_out) + ".")
     return "\n".join(lines) + "\n"
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The table as Markdown."""
     head = (
-        "| method | knob | bytes | bytes (batched) | perplexity | decode tok/s | peak MiB |\n"
-        "|---|---|---|---|---|---|---|"
+        "| method | knob | bytes | bytes (batched) | perplexity | ppl / full | suite average | ROUGE-L | "
+        "decode tok/s | peak +MiB |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     out = [head]
+
+    def num(v, fmt, se=None):
+        if v is None:
+            return ""
+        return f"{v:{fmt}}" + ("" if se is None or se != se else f" ± {se:{fmt}}")
+
     for r in rows:
-        tps = "" if r["decode_tps"] is None else f"{r['decode_tps']:.1f}"
-        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         spread = f" ({r['ppl_min']:.3f}..{r['ppl_max']:.3f})" if r["seeds"] > 1 else ""
         knob = f"{r['knob']}={r['value']:g}" if r["knob"] else ""
         out.append(
             f"| {r['label']} | {knob} | {100 * r['kv_ratio']:.1f}% | {100 * r['kv_ratio_batched']:.1f}% | "
-            f"{r['ppl']:.3f} ± {r['ppl_se']:.3f}{spread} | {tps} | {peak} |"
+            f"{r['ppl']:.3f} ± {r['ppl_se']:.3f}{spread} | {r['ppl_ratio_vs_full']:.3f} | "
+            f"{num(r.get('suite_average'), '.3f', r.get('suite_average_se'))} | "
+            f"{num(r.get('rougeL'), '.3f', r.get('rougeL_se'))} | {num(r['decode_tps'], '.1f')} | "
+            f"{num(r.get('peak_above_baseline_mib'), '.0f')} |"
         )
     return "\n".join(out)
