@@ -238,8 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--suite",
         default="offline",
-        choices=["offline", "online"],
-        help="offline: BIG-bench, XSum and perplexity on local files (default); online: lm-eval's own tasks",
+        choices=["offline", "online", "long"],
+        help="offline: BIG-bench, XSum and perplexity on local files (default); online: lm-eval's own tasks; "
+        "long: lm-eval's generated RULER tasks (needle in a haystack, variable tracking) at --lengths, offline",
+    )
+    e.add_argument(
+        "--lengths",
+        default=None,
+        help="context lengths in tokens of --suite long, comma-separated (default 1024,2048,4096)",
     )
     e.add_argument("--tasks", default=None, help="comma-separated task names (default: the suite's default set)")
     e.add_argument("--limit", type=int, default=None, help="examples per task (perplexity: 512-token windows)")
@@ -479,7 +485,10 @@ def cmd_bench(args):
 def cmd_eval(args):
     from .evaluation import Evaluator, format_rows, resolve_tasks, write_results
 
-    specs = resolve_tasks(args.suite, args.tasks)  # a bad task name fails before the model loads
+    lengths = _numbers(args.lengths, int, "--lengths") if args.lengths else None
+    if lengths is not None and args.suite != "long":
+        raise CLIError("--lengths applies to --suite long")
+    specs = resolve_tasks(args.suite, args.tasks, lengths)  # a bad task name (or no wonderwords) fails before loading
     if args.limit is not None and args.limit < 1:
         raise CLIError("--limit must be >= 1")
     policy = _cache_policy(args)  # a bad --policy/--budget is refused here, before the model loads

@@ -37,17 +37,24 @@ from .strategy import Strategy
 from .tasks import default_tasks, suite_tasks
 
 ROW_COLUMNS = ("task", "metric", "value", "stderr", "n", "category", "chance", "primary", "higher_is_better")
-SUITES = ("offline", "online")
+SUITES = ("offline", "online", "long")
 CACHE_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------
 # tasks
 # --------------------------------------------------------------------------------------------
-def resolve_tasks(suite: str = "offline", tasks=None) -> list:
-    """Task specs of `suite`: its defaults, or `tasks` (names, comma-separated string or spec objects)."""
+def resolve_tasks(suite: str = "offline", tasks=None, lengths=None) -> list:
+    """Task specs of `suite`: its defaults, or `tasks` (names, comma-separated string or spec objects); the long
+    suite's at each context length of `lengths` (kvshare.tasks.long)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; use one of {', '.join(SUITES)}")
+    if suite == "long":
+        from .tasks.long import long_tasks
+
+        return long_tasks(tasks, lengths)
+    if lengths is not None:
+        raise ValueError("context lengths apply to the long suite (suite='long')")
     available = suite_tasks(suite)
     if tasks is None:
         return [available[n] for n in default_tasks(suite)]
@@ -236,6 +243,7 @@ class Evaluator:
         label: str | None = None,
         policy=None,
         decode: bool | None = None,
+        lengths=None,
     ) -> dict:
         """Evaluate the model under `strategy` (None: no sharing) and cache `policy` (None: none) on a suite;
         returns the results dict.
@@ -244,9 +252,10 @@ class Evaluator:
         task's default size (the offline suite's defaults fit the 5-minute budget on 2 CPU cores).
         `decode` scores log-likelihoods and perplexity by decoding (module docstring); None: on exactly
         when `policy` evicts tokens. An evicting policy with `decode=False` is refused: it would
-        measure nothing.
+        measure nothing. `lengths`: the long suite's context lengths (default 1k, 2k, 4k; its answers are generated,
+        so eviction shows under either protocol).
         """
-        specs = resolve_tasks(suite, tasks)
+        specs = resolve_tasks(suite, tasks, lengths)
         strategy, policy = split_methods(self.model, strategy, policy)
         if strategy is not None:
             strategy.check_model(self.model)
@@ -307,8 +316,12 @@ class Evaluator:
         from .tasks.lmeval import run_lm_eval, run_perplexity
 
         groups: dict = {}
+        long_groups: dict = {}  # the long suite: one lm-eval call per context length (kvshare.tasks.long)
         for item in todo:
             spec, n = item[0], item[1]
+            if spec.kind == "ruler":
+                long_groups.setdefault(spec.length, []).append(item)
+                continue
             if spec.kind == "perplexity":
                 t0 = time.perf_counter()
                 rows = run_perplexity(
@@ -351,6 +364,17 @@ class Evaluator:
                     *item,
                     {"rows": results[item[0].name], "seconds": seconds, "batched_with": [s.name for s in specs]},
                 )
+        for items in long_groups.values():
+            from .tasks.long import run_long
+
+            t0 = time.perf_counter()
+            results = run_long(self.lm, self.tokenizer, [(i[0], i[1]) for i in items], chat=self.chat())
+            seconds = round(time.perf_counter() - t0, 2)
+            for item in items:
+                yield (
+                    *item,
+                    {"rows": results[item[0].name], "seconds": seconds, "batched_with": [i[0].name for i in items]},
+                )
 
 
 def evaluate(
@@ -362,11 +386,12 @@ def evaluate(
     limit: int | None = None,
     policy=None,
     decode: bool | None = None,
+    lengths=None,
     **kwargs,
 ) -> dict:
     """One-off evaluation (see `Evaluator` to reuse the model across strategies and policies)."""
     return Evaluator(model, tokenizer, **kwargs).evaluate(
-        strategy, suite=suite, tasks=tasks, limit=limit, policy=policy, decode=decode
+        strategy, suite=suite, tasks=tasks, limit=limit, policy=policy, decode=decode, lengths=lengths
     )
 
 

@@ -1,0 +1,160 @@
+"""The long suite (lm-eval's generated RULER tasks, kvshare.tasks.long) and notebook 09's logic.
+
+Offline and small: a byte-level tokenizer built in memory (so the generated prompts are long in tokens with little
+text), a 4-layer random Llama with a 2k context, one needle-in-a-haystack task at 1,024 tokens, two examples.
+KVSHARE_HOME points at a temporary folder, so generated data, configs and the results cache stay there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from kvshare.evaluation import Evaluator, resolve_tasks, write_results
+from kvshare.strategy import Strategy
+from kvshare.tasks import long as long_suite
+
+LENGTH = 1024  # the smallest context RULER's NIAH generator fills with byte tokens (prompt + 128 generated)
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(byte_tokenizer):
+    config = LlamaConfig(
+        vocab_size=len(byte_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSHARE_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def test_long_tasks_cross_tasks_and_lengths():
+    specs = resolve_tasks("long", "niah_single_1,ruler_vt", [1024, 2048])
+    assert [s.name for s in specs] == ["niah_single_1_1024", "niah_single_1_2048", "ruler_vt_1024", "ruler_vt_2048"]
+    assert {s.kind for s in specs} == {"ruler"} and {s.max_gen_toks for s in specs} == {128, 30}
+    assert [s.length for s in resolve_tasks("long")[:3]] == list(long_suite.LONG_LENGTHS)
+    with pytest.raises(ValueError, match="unknown long task"):
+        resolve_tasks("long", "niah_single_9")
+    with pytest.raises(ValueError, match="long suite"):
+        resolve_tasks("offline", None, [1024])
+
+
+def test_generation_settings_are_lm_evals():
+    """The tokens each task generates are lm-eval's own RULER configs' (read from its YAML files)."""
+    import re
+    from pathlib import Path
+
+    import lm_eval.tasks
+
+    folder = Path(lm_eval.tasks.__file__).parent / "ruler"
+    files = {"niah_single_1": "niah_single_1.yaml", "ruler_vt": "vt.yaml"}
+    for task, name in files.items():
+        text = (folder / name).read_text()
+        assert int(re.search(r"max_gen_toks: (\d+)", text).group(1)) == long_suite.GENERATORS[task][2]
+    for task in ("niah_multikey_2", "niah_multikey_3"):
+        text = (folder / f"{task}.yaml").read_text()
+        assert "include: niah_single_1.yaml" in text and f"niah_utils.{task}" in text
+
+
+def test_score_is_rulers_string_match():
+    doc = {"outputs": ["1234567", "7654321"]}
+    assert long_suite.process_results(doc, [" 1234567 and 1111111."]) == {"acc": 0.5}
+    assert long_suite.process_results({"outputs": ["ABCDE"]}, ["abcde"]) == {"acc": 1.0}
+
+
+def test_missing_wonderwords_is_one_line(monkeypatch, capsys, tmp_path):
+    from kvshare.cli import main
+
+    monkeypatch.setitem(sys.modules, "wonderwords", None)  # importlib then finds no such package
+    with pytest.raises(long_suite.MissingDependency, match=r"pip install 'wonderwords==3\.0\.1'"):
+        long_suite.long_tasks()
+    code = main(["eval", "--suite", "long", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "wonderwords" in err and "pip install" in err
+
+
+def test_lengths_only_with_the_long_suite(capsys, tmp_path):
+    from kvshare.cli import main
+
+    assert main(["eval", "--lengths", "1024", "--out", str(tmp_path / "r.json")]) == 2
+    assert "--lengths applies to --suite long" in capsys.readouterr().err
+
+
+def test_variable_tracking_too_short_is_refused(byte_tokenizer):
+    with pytest.raises(ValueError, match="ruler_vt"):
+        long_suite.check_length("ruler_vt", LENGTH, byte_tokenizer)
+
+
+def test_long_suite_end_to_end(tiny_model, byte_tokenizer, home):
+    ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, progress=False)
+    result = ev.evaluate(None, suite="long", tasks="niah_single_1", lengths=[LENGTH], limit=2)
+    (row,) = result["rows"]
+    assert row["task"] == f"niah_single_1_{LENGTH}" and row["metric"] == "acc" and row["primary"]
+    assert row["n"] == 2 and row["stderr"] is not None and 0.0 <= row["value"] <= 1.0
+    assert row["length"] == LENGTH and row["ruler_task"] == "niah_single_1" and len(row["scores"]) == 2
+    # the data: lm-eval's generator in the model's own tokens, written once as local JSONL
+    data = next((home / "home" / "lm_eval_long").glob(f"tasks-*/data/niah_single_1_{LENGTH}-v*.jsonl"))
+    first = json.loads(data.read_text().splitlines()[0])
+    assert first["max_length"] == LENGTH and first["outputs"][0] in first["input"]
+    assert len(byte_tokenizer(first["input"])["input_ids"]) + 128 <= LENGTH
+    # the results file has stderr and n; a second run comes from the cache
+    path, csv_path = write_results(result, home / "long.json")
+    assert "stderr" in csv_path.read_text().splitlines()[0]
+    again = ev.evaluate(None, suite="long", tasks="niah_single_1", lengths=[LENGTH], limit=2)
+    assert again["cached_tasks"] == [f"niah_single_1_{LENGTH}"] and again["rows"][0]["value"] == row["value"]
+    # a sharing strategy and an evicting method go through the same path (generation decodes from their cache)
+    shared = ev.evaluate(Strategy({3: 0}, 4), suite="long", tasks="niah_single_1", lengths=[LENGTH], limit=2)
+    assert shared["num_shared"] == 1 and shared["rows"][0]["n"] == 2
+    from kvshare import methods
+
+    evicted = ev.evaluate(
+        None, suite="long", tasks="niah_single_1", lengths=[LENGTH], limit=2, policy=methods.make("h2o", budget=64)
+    )
+    assert evicted["policy"]["policy"] == "h2o" and evicted["rows"][0]["n"] == 2
+
+
+def test_cli_long_suite(tiny_model, byte_tokenizer, home, capsys):
+    from kvshare.cli import main
+
+    folder = home / "tiny"
+    tiny_model.save_pretrained(folder)
+    byte_tokenizer.save_pretrained(folder)
+    out = home / "cli.json"
+    args = ["eval", "--suite", "long", "--model", str(folder), "--tasks", "niah_single_1", "--lengths", str(LENGTH)]
+    assert main([*args, "--limit", "1", "--method", "streamingllm", "--budget", "32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["suite"] == "long" and result["rows"][0]["n"] == 1 and result["policy"]["policy"] == "streamingllm"
+    assert main([*args, "--lengths", "4096", "--limit", "1", "--out", str(out)]) == 2  # beyond the model's context
+    assert "exceeds the model's" in capsys.readouterr().err
