@@ -158,3 +158,133 @@ def test_cli_long_suite(tiny_model, byte_tokenizer, home, capsys):
     assert result["suite"] == "long" and result["rows"][0]["n"] == 1 and result["policy"]["policy"] == "streamingllm"
     assert main([*args, "--lengths", "4096", "--limit", "1", "--out", str(out)]) == 2  # beyond the model's context
     assert "exceeds the model's" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# notebook 09's logic (kvshare.experiments.long_context) and report
+# ------------------------------------------------------------------------------------------------
+def synthetic_rows():
+    """Two lengths, one task, four examples each: the full model right everywhere, one method losing at 2k."""
+    from kvshare.experiments import long_context as lc
+
+    rows = []
+    plan = {
+        ("full", None): {1024: [1, 1, 1, 1], 2048: [1, 1, 1, 1]},
+        ("kvsharer-dissimilar", 0.25): {1024: [1, 1, 1, 1], 2048: [1, 1, 1, 0]},
+        ("streamingllm", None): {1024: [1, 0, 0, 0], 2048: [0, 0, 0, 0]},
+    }
+    for (family, rate), by_length in plan.items():
+        label = lc.LABELS[family] + (f" {100 * rate:g}%" if rate else "")
+        for length, scores in by_length.items():
+            scores = [float(s) for s in scores]
+            rows.append(
+                {
+                    "family": family,
+                    "label": label,
+                    "rate": rate,
+                    "task": "niah_single_1",
+                    "length": length,
+                    "acc": sum(scores) / len(scores),
+                    "n": len(scores),
+                    "scores": scores,
+                    **lc.interval(scores),
+                }
+            )
+    return rows
+
+
+def test_intervals():
+    from kvshare.experiments import long_context as lc
+
+    lo, hi = lc.wilson(4, 4)
+    assert 0.5 < lo < 0.52 and hi == 1.0  # Wilson 95% of 4/4: [0.510, 1]
+    assert lc.wilson(0, 4)[0] == 0.0
+    assert lc.interval([1.0, 0.0])["interval"] == "wilson"
+    b = lc.interval([0.2, 0.4, 0.2, 0.6])
+    assert b["interval"] == "bootstrap" and 0.2 <= b["lo"] <= 0.35 <= b["hi"] <= 0.6
+
+
+def test_curves_and_verdict_on_synthetic_rows():
+    from kvshare.experiments import long_context as lc
+
+    cfg = lc.settings("tiny", quick=False, lengths=[1024, 2048], samples=[4, 4])
+    rows = synthetic_rows()
+    curves = {(c["label"], c["length"]): c for c in lc.curves(rows)}
+    assert curves[("StreamingLLM", 1024)]["diff"] == -0.75
+    assert curves[("full model", 2048)]["diff"] == 0.0 and curves[("full model", 2048)]["lo"] > 0.5
+    v = lc.verdict(rows, cfg)
+    pooled = {p["label"]: p for p in v["pooled"]}
+    assert pooled["StreamingLLM"]["significant_loss"] and pooled["StreamingLLM"]["trend"] == -0.25
+    assert not pooled["KVSharer (dissimilar) 25%"]["significant_loss"]  # one miss in eight: z = -1
+    assert v["best_at_target"] == "KVSharer (dissimilar) 25%"
+    from kvshare.experiments.reports import long_context as report
+
+    cost = [
+        {
+            "family": f,
+            "label": lab,
+            "rate": r,
+            "length": n,
+            "kv_bytes": b,
+            "decode_tps": t,
+            "kv_ratio": b / 100,
+            "decode_tps_ratio": t / 10,
+        }
+        for f, lab, r, b, t in [
+            ("full", "full model", None, 100, 10),
+            ("kvsharer-dissimilar", "KVSharer (dissimilar) 25%", 0.25, 73, 10.5),
+            ("streamingllm", "StreamingLLM", None, 73, 11),
+        ]
+        for n in (1024, 2048)
+    ]
+    screen = [{"ruler_task": "niah_single_1", "value": 1.0, "lo": 0.5, "hi": 1.0}]
+    est = lc.estimate_seconds(cfg, 3, 3)
+    assert est["total_s"] == est["sweep_s"] + est["screen_s"] + est["bench_s"] > 0
+    text = report.conclusion(
+        v, list(curves.values()), screen, cost, cfg.to_dict(), {"kept_share_target": 0.733}, est, "tiny", 4
+    )
+    assert "Significant losses against the full model: StreamingLLM" in text and "73%" in text
+    table = report.markdown_table(list(curves.values()), cost)
+    assert table.count("\n") == 2 + len(curves) - 1 and "73.0%" in table
+    fig = report.figure(list(curves.values()), cost)
+    assert len(fig.axes) == 3
+
+
+def test_budgets_and_rate_to_bytes():
+    from kvshare.experiments import long_context as lc
+
+    assert lc.kept_share(0.25, 30) == 1 - 8 / 30 and lc.kept_share(0.125, 30) == 1 - 4 / 30
+    assert lc.eviction_budget(1024, 0.75) == round(0.75 * (1024 - 128))
+
+
+def test_notebook_logic_on_a_tiny_model(tiny_model, byte_tokenizer, home):
+    """points -> screen -> accuracy -> cost -> verdict, at one length with one example (what the notebook runs)."""
+    from kvshare.experiments import long_context as lc
+    from kvshare.experiments.best_search import ResultCache
+
+    tiny_model.kvshare_tokenizer = byte_tokenizer  # what KVSharer's search encodes with
+    cfg = lc.settings(
+        "tiny",
+        quick=True,
+        lengths=[LENGTH],
+        samples=[1],
+        screen_tasks=["niah_single_1"],
+        screen_length=LENGTH,
+        orders=["dissimilar"],
+        evictions=["streamingllm"],
+        rates=[0.25],
+        bench_new_tokens=2,
+    )
+    cache = ResultCache(home / "units.json")
+    pts, record = lc.points(tiny_model, byte_tokenizer, cfg, cache=cache, progress=False)
+    assert [p.family for p in pts] == ["full", "kvsharer-dissimilar", "streamingllm", "minicache", "simlayerkv"]
+    ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, progress=False)
+    assert lc.screen(ev, cfg)[0]["n"] == 1
+    rows = lc.accuracy(ev, pts, cfg, progress=False)
+    assert len(rows) == len(pts) and all(r["n"] == 1 and r["length"] == LENGTH for r in rows)
+    cost = lc.cost(tiny_model, pts, cfg, cache=cache, progress=False)
+    full = next(r for r in cost if r["family"] == "full")
+    assert full["kv_ratio"] == 1.0 and next(r for r in cost if r["family"] == "kvsharer-dissimilar")["kv_ratio"] < 1
+    assert "cost_full model_1024" in json.loads((home / "units.json").read_text())
+    v = lc.verdict(rows, cfg)
+    assert {p["label"] for p in v["pooled"]} == {p.label for p in pts}
