@@ -55,7 +55,13 @@ def tiny_model(byte_tokenizer):
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
+    from kvshare.pypi_files import kvshare_home
+
+    data = kvshare_home() / "bigbench"  # the offline data scripts/setup.sh extracted: calibration texts, no download
     monkeypatch.setenv("KVSHARE_HOME", str(tmp_path / "home"))
+    if data.is_dir():
+        (tmp_path / "home").mkdir()
+        (tmp_path / "home" / "bigbench").symlink_to(data)
     return tmp_path
 
 
@@ -215,7 +221,8 @@ def test_curves_and_verdict_on_synthetic_rows():
     v = lc.verdict(rows, cfg)
     pooled = {p["label"]: p for p in v["pooled"]}
     assert pooled["StreamingLLM"]["significant_loss"] and pooled["StreamingLLM"]["trend"] == -0.25
-    assert not pooled["KVSharer (dissimilar) 25%"]["significant_loss"]  # one miss in eight: z = -1
+    assert pooled["StreamingLLM"]["p"] == 2 / 2**7  # 7 worse, none better
+    assert not pooled["KVSharer (dissimilar) 25%"]["significant_loss"]  # one miss in eight: p = 1
     assert v["best_at_target"] == "KVSharer (dissimilar) 25%"
     from kvshare.experiments.reports import long_context as report
 
@@ -239,7 +246,7 @@ def test_curves_and_verdict_on_synthetic_rows():
     ]
     screen = [{"ruler_task": "niah_single_1", "value": 1.0, "lo": 0.5, "hi": 1.0}]
     est = lc.estimate_seconds(cfg, 3, 3)
-    assert est["total_s"] == est["sweep_s"] + est["screen_s"] + est["bench_s"] > 0
+    assert est["total_s"] == est["sweep_s"] + est["screen_s"] + est["bench_s"] + est["setup_s"] > 0
     text = report.conclusion(
         v, list(curves.values()), screen, cost, cfg.to_dict(), {"kept_share_target": 0.733}, est, "tiny", 4
     )
@@ -248,6 +255,13 @@ def test_curves_and_verdict_on_synthetic_rows():
     assert table.count("\n") == 2 + len(curves) - 1 and "73.0%" in table
     fig = report.figure(list(curves.values()), cost)
     assert len(fig.axes) == 3
+
+
+def test_sign_test():
+    from kvshare.experiments import long_context as lc
+
+    assert lc.sign_test(3, 0) == 0.25 and lc.sign_test(0, 0) == 1.0 and lc.sign_test(5, 5) == 1.0
+    assert lc.paired([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])["z"] is None  # no spread: z undefined, the sign test decides
 
 
 def test_budgets_and_rate_to_bytes():

@@ -58,6 +58,9 @@ LABELS = {
 }
 # CPU seconds of one example (prefill + a short answer) at each length, one thread: see the module docstring
 EXAMPLE_SECONDS = {1024: 8.7, 2048: 16.0, 4096: 35.0}
+# seconds of one KVSharer search to C = 8 on the default model (quick run, 4 calibration texts, a loaded machine)
+SEARCH_SECONDS = {"dissimilar": 3.0, "similar": 7.0, "best": 244.0}  # best: its damage map is scored on 4 texts
+GENERATION_SECONDS = 20.0  # lm-eval generating one task's 500 RULER examples at one length (first use only)
 GEN_ALLOWANCE = 128  # RULER's NIAH length includes 128 generated tokens: the prompt is at most length - 128
 
 
@@ -69,7 +72,7 @@ class Settings:
     quick: bool
     seed: int
     lengths: list = field(default_factory=lambda: [1024, 2048, 4096])
-    samples: list = field(default_factory=lambda: [5, 4, 3])  # examples per task at each length (fits 45 min)
+    samples: list = field(default_factory=lambda: [4, 2, 2])  # examples per task at each length (fits 45 min)
     tasks: list = field(default_factory=lambda: ["niah_single_1"])  # the sweep's tasks (every point)
     screen_tasks: list = field(
         default_factory=lambda: ["niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt"]
@@ -90,7 +93,7 @@ class Settings:
     calibration_context: int = 448  # SimLayerKV calibration windows (calibration text)
     batch_size: int = 8  # generation batch (the long suite caps it at 8,192 prompt tokens)
     bench_new_tokens: int = 16
-    z_crit: float = 2.0
+    alpha: float = 0.05  # a loss is significant when the paired sign test's two-sided p is below this
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +110,7 @@ QUICK = dict(
     query_window=8,
     calibration_context=128,
     bench_new_tokens=4,
+    orders=["dissimilar", "similar"],  # the best-first search takes ~4 min even on 4 texts
 )
 
 
@@ -350,17 +354,28 @@ def curves(rows: list[dict]) -> list[dict]:
 def paired(a: list[float], b: list[float]) -> dict:
     """Mean paired difference a - b with its standard error and z (None where the examples do not match)."""
     if len(a) != len(b) or not a:
-        return {"diff": None, "diff_se": None, "z": None}
+        return {"diff": None, "diff_se": None, "z": None, "worse": None, "better": None, "p": None}
     d = [x - y for x, y in zip(a, b)]
     m = sum(d) / len(d)
     se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
-    z = m / se if se and se > 0 else (0.0 if m == 0 else math.copysign(math.inf, m))
-    return {"diff": m, "diff_se": se, "z": z}
+    z = m / se if se and se > 0 else None  # undefined when every difference is the same
+    worse, better = sum(x < 0 for x in d), sum(x > 0 for x in d)
+    return {"diff": m, "diff_se": se, "z": z, "worse": worse, "better": better, "p": sign_test(worse, better)}
+
+
+def sign_test(worse: int, better: int) -> float:
+    """Two-sided exact sign test of paired outcomes (McNemar's exact test for 0/1 scores): ties are dropped."""
+    n = worse + better
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(worse, better) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def verdict(rows: list[dict], cfg: Settings) -> dict:
     """Per point, all lengths pooled: accuracy, interval, paired difference to the full model, whether it is a
-    significant loss (z < -z_crit), and its trend (accuracy at the longest minus the shortest length)."""
+    significant loss (fewer right, sign test p < alpha), and its trend (accuracy at the longest length minus
+    at the shortest)."""
     pooled = []
     full = {(r["task"], r["length"]): r["scores"] for r in rows if r["family"] == "full"}
     for label in dict.fromkeys(r["label"] for r in rows):
@@ -379,7 +394,7 @@ def verdict(rows: list[dict], cfg: Settings) -> dict:
                 "n": len(scores),
                 **interval(scores),
                 **d,
-                "significant_loss": d["z"] is not None and d["z"] < -cfg.z_crit,
+                "significant_loss": d["p"] is not None and d["diff"] < 0 and d["p"] < cfg.alpha,
                 "trend": acc_at[max(acc_at)] - acc_at[min(acc_at)] if len(acc_at) > 1 else None,
             }
         )
@@ -393,7 +408,8 @@ def verdict(rows: list[dict], cfg: Settings) -> dict:
 # ------------------------------------------------------------------------------------------------
 def cost(model, pts: list[Point], cfg: Settings, cache: ResultCache | None = None, progress: bool = True) -> list:
     """KV bytes and decode tokens/s at every length (kvshare.bench.measure in this process: batch 1, random
-    prompt tokens, `bench_new_tokens` greedy tokens, no warm-up). KVSharer's similar and best orders replace as
+    prompt tokens, `bench_new_tokens` greedy tokens, no warm-up). The prompt is RULER's longest at that length
+    (length - 128 tokens), the one the eviction budgets are a share of. KVSharer's similar and best orders replace as
     many layers as the dissimilar one (the same bytes and work), so only the dissimilar order is measured."""
     from ..bench import Config, measure
 
@@ -408,7 +424,7 @@ def cost(model, pts: list[Point], cfg: Settings, cache: ResultCache | None = Non
                 "plain" if p.family == "full" else "shared",
                 0.0,
                 1,
-                length,
+                length - GEN_ALLOWANCE,
                 cfg.bench_new_tokens,
                 repeats=1,
                 warmup=0,
@@ -435,8 +451,9 @@ def cost(model, pts: list[Point], cfg: Settings, cache: ResultCache | None = Non
 
 
 def estimate_seconds(cfg: Settings, num_points: int, num_cost_points: int, example_seconds=None) -> dict:
-    """The run time the settings imply, from the measured CPU seconds per example and length (EXAMPLE_SECONDS;
-    a length not measured scales linearly from the nearest measured one)."""
+    """The run time the settings imply on one core, from the measured seconds per example and length
+    (EXAMPLE_SECONDS; a length not measured scales linearly from the nearest measured one), per search
+    (SEARCH_SECONDS) and per generated task (GENERATION_SECONDS)."""
     per = dict(EXAMPLE_SECONDS if example_seconds is None else example_seconds)
 
     def at(n):
@@ -448,4 +465,13 @@ def estimate_seconds(cfg: Settings, num_points: int, num_cost_points: int, examp
     sweep = num_points * len(cfg.tasks) * sum(n * at(length) for length, n in zip(cfg.lengths, cfg.samples))
     screen_s = len(cfg.screen_tasks) * cfg.screen_samples * at(cfg.screen_length)
     bench = num_cost_points * sum(at(length) for length in cfg.lengths)
-    return {"sweep_s": sweep, "screen_s": screen_s, "bench_s": bench, "total_s": sweep + screen_s + bench}
+    searches = sum(SEARCH_SECONDS.get(o, max(SEARCH_SECONDS.values())) for o in cfg.orders)
+    units = {(t, n) for t in cfg.tasks for n in cfg.lengths} | {(t, cfg.screen_length) for t in cfg.screen_tasks}
+    setup = searches + GENERATION_SECONDS * len(units)
+    return {
+        "sweep_s": sweep,
+        "screen_s": screen_s,
+        "bench_s": bench,
+        "setup_s": setup,
+        "total_s": sweep + screen_s + bench + setup,
+    }

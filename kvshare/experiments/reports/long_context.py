@@ -57,7 +57,7 @@ def figure(curve_rows: list[dict], cost_rows: list[dict], title: str = ""):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[1].set_title("measured KV bytes (kvshare.bench)")
-    axes[2].set_title("decode speed (batch 1)")
+    axes[2].set_title("decode speed (batch 1, prompt = length - 128)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -110,8 +110,10 @@ def conclusion(
         "model are paired per example). Intervals are 95%: Wilson for 0/1 scores, bootstrap otherwise. "
         f"These counts were chosen so that the full run fits in 45 minutes on 2 CPU cores: the settings imply "
         f"{estimate['total_s'] / 60:.0f} min of one core's CPU time (sweep {estimate['sweep_s'] / 60:.0f}, screen "
-        f"{estimate['screen_s'] / 60:.0f}, cost {estimate['bench_s'] / 60:.0f}), from measured per-example costs; with "
-        "so few examples per length only large differences can be significant.",
+        f"{estimate['screen_s'] / 60:.0f}, cost {estimate['bench_s'] / 60:.0f}, searches and data "
+        f"{estimate['setup_s'] / 60:.0f}), from measured per-example costs (about 9, 16 and 35 s of one core at 1k, 2k "
+        "and 4k tokens; the notebook runs two threads on the 2 cores); with so few examples per length only large "
+        "differences can be significant.",
         "",
         f"**Screen** (the full model alone at {cfg['screen_length']:,} tokens, {cfg['screen_samples']} examples each):",
     ]
@@ -127,22 +129,19 @@ def conclusion(
         "a token budget of that share of each prompt, "
         + (f"MiniCache from layer {record['minicache_start_layer']}, " if "minicache_start_layer" in record else "")
         + "SimLayerKV's threshold set on calibration text. The measured ratios are in the table (kvshare.bench, random "
-        "prompt tokens).",
+        "prompt tokens, RULER's longest prompt at each length: length - 128).",
         "",
-        "**Each method against the full model** (all lengths pooled; paired difference on the same examples):",
+        f"**Each method against the full model** (all lengths pooled; paired difference on the same examples; a loss "
+        f"is significant when the exact sign test gives p < {cfg['alpha']:g}):",
     ]
     full = next(p for p in verdict["pooled"] if p["family"] == "full")
     lines.append(f"- full model: {full['acc']:.2f} [{full['lo']:.2f}, {full['hi']:.2f}], n = {full['n']}")
     for p in verdict["pooled"]:
         if p["family"] == "full":
             continue
-        sig = (
-            "a significant loss"
-            if p["significant_loss"]
-            else f"no significant difference (|z| ≤ {cfg['z_crit']:g} or no difference at all)"
-        )
-        z = "" if p["z"] is None or math_inf(p["z"]) else f", z = {p['z']:.1f}"
-        diff = "" if p["diff"] is None else f"; Δ {p['diff']:+.2f} ± {p['diff_se']:.2f}{z}: {sig}"
+        sig = "a significant loss" if p["significant_loss"] else "no significant loss"
+        test = "" if p["p"] is None else f" ({p['worse']} worse, {p['better']} better; sign test p = {p['p']:.3f})"
+        diff = "" if p["diff"] is None else f"; Δ {p['diff']:+.2f} ± {p['diff_se']:.2f}: {sig}{test}"
         trend = "" if p["trend"] is None else f"; longest minus shortest length {p['trend']:+.2f}"
         lines.append(f"- {p['label']}: {p['acc']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}]{diff}{trend}")
     lines.append("")
@@ -187,7 +186,3 @@ def conclusion(
         "need a download), and more examples per length."
     )
     return "\n".join(lines) + "\n"
-
-
-def math_inf(x: float) -> bool:
-    return x in (float("inf"), float("-inf"))
