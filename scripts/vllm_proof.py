@@ -148,9 +148,10 @@ def bench(model_dir: Path, kv_bytes: int, num_prompts: int, input_len: int, outp
         model_dir,
         "--dataset-name",
         "random",
-        "--input-len",
+        # the random dataset's own flags: vLLM 0.32's --input-len/--output-len lose to their defaults (1024/128)
+        "--random-input-len",
         input_len,
-        "--output-len",
+        "--random-output-len",
         output_len,
         "--num-prompts",
         num_prompts,
