@@ -1,0 +1,533 @@
+"""The README's and docs' result blocks, rebuilt from the committed results files under `figures/`.
+
+A page (README.md, docs/*.md) holds generated blocks between markers:
+
+    <!-- kvshare:results NAME -->
+    ... written by this module, never by hand ...
+    <!-- /kvshare:results NAME -->
+
+`render_page` rewrites only what lies between the markers; everything else on the page is left alone. Every
+number in a block is read from a results file a notebook wrote (JSON, CSV, or the Markdown summary the notebook
+computed); a file that is missing renders as one line naming the notebook to run, never as a number.
+
+    python -m kvshare.experiments.reports.readme            # rewrite README.md and docs/*.md in place
+    python -m kvshare.experiments.reports.readme --check    # exit 1 and name the pages that differ
+
+`./run_all.sh` calls it at the end of a full run of the default model; `tests/test_readme.py` fails when a page
+differs from what this module produces from the committed files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+FIGURES = "figures"
+PAGES = ("README.md", "docs/*.md")
+BLOCK_RE = re.compile(
+    r"(?P<start><!-- kvshare:results (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(?P<end><!-- /kvshare:results (?P=name) -->)",
+    re.S,
+)
+
+NOTEBOOKS = {
+    "01": "01_observation",
+    "02": "02_search",
+    "03": "03_evaluation",
+    "04": "04_memory_speed",
+    "05": "05_intra_layer",
+    "06": "06_quantized",
+    "07": "07_peers",
+    "09": "09_long_context",
+    "10": "10_serving",
+    "11": "11_best_search",
+}
+# results files written by something else than a notebook: who writes them
+WRITERS = {
+    "10_serving_vllm": "`.venv-vllm/bin/python scripts/vllm_proof.py` (needs `scripts/setup_vllm.sh`)",
+    "gemma3-270m/heldout_baseline": "`.venv/bin/python figures/gemma3-270m/heldout_baseline.py`",
+}
+
+
+class Missing(Exception):
+    """A results file a block needs is not committed."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.path = path
+
+
+class Results:
+    """The committed results files, read relative to the repository root; `page` is where links point from."""
+
+    def __init__(self, root: Path = ROOT, page: str = "README.md"):
+        self.root = Path(root)
+        self.page = page
+
+    def path(self, name: str) -> Path:
+        path = self.root / FIGURES / name
+        if not path.is_file():
+            raise Missing(f"{FIGURES}/{name}")
+        return path
+
+    def json(self, name: str):
+        return json.loads(self.path(name).read_text())
+
+    def csv(self, name: str) -> list[dict]:
+        with self.path(name).open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def text(self, name: str) -> str:
+        return self.path(name).read_text().strip()
+
+    def link(self, name: str, label: str | None = None) -> str:
+        """A Markdown link to figures/NAME from the page (the file must exist)."""
+        self.path(name)
+        target = os.path.relpath(self.root / FIGURES / name, (self.root / self.page).parent)
+        return f"[{label or name}]({Path(target).as_posix()})"
+
+
+def missing_line(path: str) -> str:
+    """The line a block shows instead of numbers when its results file is not committed."""
+    stem = Path(path).name.split(".")[0]
+    for key, writer in WRITERS.items():
+        if path.startswith(f"{FIGURES}/{key}"):
+            return f"*Not measured yet: `{path}` is not committed; it is written by {writer}.*"
+    number = stem[:2]
+    notebook = NOTEBOOKS.get(number)
+    if notebook:
+        return (
+            f"*Not run yet: `{path}` is not committed; run notebook `notebooks/{notebook}.ipynb` "
+            f"(`./run_all.sh --only {number}`).*"
+        )
+    return f"*Not run yet: `{path}` is not committed.*"
+
+
+def pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f}%"
+
+
+def layers_label(num_shared: int, num_layers: int) -> str:
+    """A rate as the exact fraction of layers, e.g. '8/30 layers (26.7%)'."""
+    return f"{num_shared}/{num_layers} layers ({pct(num_shared / num_layers)})"
+
+
+def shift_headings(md: str, levels: int = 3) -> str:
+    """Demote a summary's own headings so that they sit under the page's heading."""
+    return re.sub(r"^(#{1,6}) ", lambda m: "#" * min(6, len(m.group(1)) + levels) + " ", md, flags=re.M)
+
+
+def first_verdict(md: str) -> str:
+    """The first bold-led line of a notebook's conclusion that is not the 'computed from this run' preamble."""
+    for line in md.splitlines():
+        line = line.strip().lstrip("-").strip()
+        if line.startswith("**") and not line.lower().startswith("**computed"):
+            return line
+    return next((ln.strip() for ln in md.splitlines() if ln.strip()), "")
+
+
+# ---- one finding per claim: (claim, the number here, the verdict, links) -----------------------------------------
+
+
+def finding_observation(r: Results) -> list[tuple]:
+    data = r.json("01_observation_ppl_curves.json")
+    num_layers = data["num_layers"]
+    rows = [x for x in data["rows"] if x["num_shared"] > 0 and x["order"] in ("dissimilar", "similar")]
+    by_key: dict[tuple, dict] = {}
+    for x in rows:
+        by_key[(x["calibration_set"], x["num_shared"], x["order"])] = x
+    comparisons = {}  # distinct (C, dissimilar strategy, similar strategy): one comparison, however many sets chose it
+    for (s, c, order), x in by_key.items():
+        if order != "dissimilar" or (s, c, "similar") not in by_key:
+            continue
+        y = by_key[(s, c, "similar")]
+        key = (c, tuple(sorted(x["mapping"].items())), tuple(sorted(y["mapping"].items())))
+        comparisons[key] = x["ppl"] / y["ppl"]
+    target = min({c for c, *_ in comparisons}, key=lambda c: abs(c / num_layers - 0.25))
+    at = [v for (c, *_), v in comparisons.items() if c == target]
+    geo = math.exp(sum(math.log(v) for v in at) / len(at))
+    similar_wins = sum(v > 1 for v in comparisons.values())
+    n = len(comparisons)
+    if similar_wins == n:
+        verdict = f"**does not hold**: similar is lower in all {n} distinct comparisons"
+    elif similar_wins == 0:
+        verdict = f"**holds**: dissimilar is lower in all {n} distinct comparisons"
+    else:
+        verdict = f"**mixed**: similar is lower in {similar_wins} of {n} distinct comparisons"
+    number = (
+        f"perplexity dissimilar / similar ×{geo:.2f} at C = {layers_label(target, num_layers)} "
+        f"({len(at)} distinct strategy pair(s) over the calibration sets)"
+    )
+    links = r.link("01_observation_ppl_curves.png", "figure") + ", " + r.link("01_observation_conclusion.md", "summary")
+    return [("01", "Sharing the most *dissimilar* layers hurts less than sharing similar ones", number, verdict, links)]
+
+
+def finding_search(r: Results) -> list[tuple]:
+    meta = r.json("02_search_strategy.json")["metadata"]
+    visited, accepted = meta["candidates_visited"], meta["num_shared"]
+    rejected = visited - accepted
+    number = f"T = {meta['threshold']}: {accepted} of {visited} visited candidates accepted"
+    if rejected == 0:
+        verdict = "**the ranking alone chose the strategy**: the threshold rejected nothing"
+    else:
+        verdict = f"the threshold rejected {rejected} of {visited} candidates"
+    links = r.link("02_search_threshold_sweep.png", "figure") + ", " + r.link("02_search_summary.md", "summary")
+    return [("02", "The threshold T on the final hidden states picks the pairs to share", number, verdict, links)]
+
+
+def finding_evaluation(r: Results) -> list[tuple]:
+    data = r.json("03_evaluation.json")
+    conc = data["conclusion"]
+    num_layers = next(iter(data["strategies"].values()))["num_layers"]
+    shared = {x["order"]: x["num_shared"] for x in data["summary"] if abs(x["rate"] - conc["rate"]) < 1e-9}
+    orders = conc["orders"]
+    number = "; ".join(f"{o} {orders[o]['kept_pct']:.1f}%" for o in orders) + " of the full average kept"
+    paper = orders.get("dissimilar")
+    c = shared.get("dissimilar")
+    at = layers_label(c, num_layers) if c is not None else pct(conc["rate"])
+    if paper is None:
+        verdict = "no dissimilar (paper's) order in the results"
+    else:
+        verdict = f"**{'holds' if paper['holds'] else 'does not hold'}** for the paper's order at {at}"
+    rate = pct(conc["rate"], 0)
+    claim = f"Over {conc['threshold_pct']:.0f}% of the full model's performance kept at {rate} compression"
+    links = r.link("03_evaluation_scores.png", "figure") + ", " + r.link("03_evaluation_summary.md", "summary")
+    return [("03", claim, number, verdict, links)]
+
+
+def finding_memory_speed(r: Results) -> list[tuple]:
+    from ..memory_speed import PAPER
+
+    rates = r.json("04_memory_speed_rates.json")
+    acc = r.json("04_memory_speed_accounting.json")
+    links = r.link("04_memory_speed_rates.png", "figure") + ", " + r.link("04_memory_speed_conclusion.md", "summary")
+    out = []
+    shared = [x for x in rates if x["mode"] == "shared" and x["num_shared"] > 0]
+    x = min(shared, key=lambda x: (abs(x["rate"] - PAPER["rate"]), -x["batch"]))
+    plain = next(p for p in rates if p["mode"] == "plain" and p["batch"] == x["batch"])
+    ratio = x["kv_bytes"] / plain["kv_bytes"]
+    expected = (x["num_layers"] - x["num_shared"]) / x["num_layers"]
+    exact = x["kv_bytes"] == plain["kv_bytes"] * (x["num_layers"] - x["num_shared"]) // x["num_layers"]
+    out.append(
+        (
+            "04",
+            "Sharing C of L layers leaves (L−C)/L of the KV cache",
+            f"{ratio:.4f} of plain at {layers_label(x['num_shared'], x['num_layers'])}, batch {x['batch']}; "
+            f"(L−C)/L = {expected:.4f}",
+            "**holds exactly**" if exact else "**differs** from (L−C)/L",
+            links,
+        )
+    )
+    check = acc["paper_memory_check"]
+    lower, reported = check["predicted_peak_ratio_lower_bound"], check["paper_peak_ratio"]
+    out.append(
+        (
+            "04",
+            f"Peak memory falls to {pct(reported)} of plain ({check['preset']}, paper)",
+            f"fp16 weights alone bound the peak to at least {pct(lower)} when "
+            f"{check['num_shared']}/{check['num_layers']} layers' K/V go",
+            "**not explained by KV sharing**" if lower > reported else "within what KV sharing can remove",
+            links,
+        )
+    )
+    paper_speedup = PAPER["tokens_per_s"][1] / PAPER["tokens_per_s"][0]
+    bounds = {
+        row["cache"]: row["speedup_bound"]
+        for row in acc["paper_shapes"]
+        if row["num_shared"] > 0 and abs(row["rate"] - PAPER["rate"]) < 1e-9
+    }
+    bound_text = ", ".join(f"{b:.2f}x ({cache} cache)" for cache, b in bounds.items())
+    out.append(
+        (
+            "04",
+            f"Decoding {paper_speedup:.2f}x faster ({check['preset']}, paper)",
+            f"bytes moved per decode bound a memory-bound speed-up to {bound_text}",
+            "**beyond what the saved bytes allow**"
+            if max(bounds.values()) < paper_speedup
+            else "within the bytes-moved bound",
+            r.link("04_memory_speed_accounting_paper.png", "figure")
+            + ", "
+            + r.link("04_memory_speed_conclusion.md", "summary"),
+        )
+    )
+    return out
+
+
+def finding_intra_layer(r: Results) -> list[tuple]:
+    table = r.csv("05_intra_layer_table.csv")
+    rows = r.csv("05_intra_layer_additivity.csv")
+    exact = sum(x["kv_bytes"] == x["kv_bytes_predicted"] for x in table)
+    worse = [x for x in rows if float(x["interaction"]) > 2 * float(x["interaction_se"])]
+    better = [x for x in rows if float(x["interaction"]) < -2 * float(x["interaction_se"])]
+    add_up = len(rows) - len(worse) - len(better)
+    number = (
+        f"K/V bytes equal the prediction of sharing × policy in {exact} of {len(table)} configurations; "
+        f"quality costs (ΔNLL) add up within 2 s.e. in {add_up} of {len(rows)} combinations"
+    )
+    verdict = "**bytes exact**" if exact == len(table) else f"**bytes differ** in {len(table) - exact} configurations"
+    for label, group in (("worse than the sum", worse), ("better than the sum", better)):
+        if group:
+            verdict += f"; {label}: " + ", ".join(f"{x['policy']} {x['budget']}" for x in group)
+    links = r.link("05_intra_layer_pareto.png", "figure") + ", " + r.link("05_intra_layer_summary.md", "summary")
+    return [("05", "Sharing combines with token eviction (H2O, PyramidInfer, StreamingLLM)", number, verdict, links)]
+
+
+def finding_quantized(r: Results) -> list[tuple]:
+    from ..quantized import REBUTTAL
+
+    rows = r.json("06_quantized_table.json")
+    reb = REBUTTAL["ppl"]
+    c_reb = max(reb)
+    groups: dict[tuple, dict] = {}
+    for x in rows:
+        groups.setdefault((x["weights"], x["kv"]), {})[x["num_shared"]] = x["ppl"]
+    rising = all(all(g[a] < g[b] for a, b in zip(sorted(g), sorted(g)[1:])) for g in groups.values())
+    c_here = max(next(iter(groups.values())))
+    ratios = [g[c_here] / g[0] for g in groups.values() if 0 in g and c_here in g]
+    num_layers = r.json("06_quantized_settings.json").get("num_layers")
+    at = f"C = {c_here}" + (f" of {num_layers}" if num_layers else "")
+    number = f"perplexity ×{min(ratios):.2f}–{max(ratios):.2f} at {at} over the weight and KV-cache settings"
+    verdict = "**same direction**: rises with every added layer" if rising else "**not monotone** in C"
+    claim = (
+        f"Perplexity rises moderately with C on GPTQ weights ({REBUTTAL['model']}, rebuttal: "
+        f"×{reb[c_reb] / reb[0]:.2f} at C = {c_reb} of {REBUTTAL['num_layers']})"
+    )
+    links = r.link("06_quantized.png", "figure") + ", " + r.link("06_quantized_summary.md", "summary")
+    return [("06", claim, number, verdict, links)]
+
+
+def finding_serving(r: Results) -> list[tuple]:
+    data = r.json("10_serving_vllm.json")
+    cap, gen, thr = data["capacity"], data["generations"], data["throughput"]
+    number = (
+        f"KV capacity ×{cap['ratio']:.4f} (L/(L−C) = {cap['expected_ratio']:.4f}); greedy generations identical "
+        f"{gen['shared']['matches']}/{gen['shared']['prompts']}; throughput ×{thr['ratio']:.2f} at a KV-bound load"
+    )
+    to_block = abs(cap["shared_blocks"] - cap["expected_shared_blocks"]) < 1
+    verdict = "**holds** (to the block)" if to_block else "**differs** from L/(L−C)"
+    links = r.link("10_serving_vllm.png", "figure") + ", " + r.link("10_serving_vllm.md", "summary")
+    claim = f"A shared model served on vLLM holds L/(L−C) more tokens in the same KV memory ({data['vllm']})"
+    return [("10", claim, number, verdict, links)]
+
+
+def conclusion_finding(number: str, name: str, claim: str) -> Callable[[Results], list[tuple]]:
+    """A notebook whose conclusion Markdown states its own verdict: quote its first verdict line."""
+
+    def finding(r: Results) -> list[tuple]:
+        md = r.text(name)
+        return [(number, claim, first_verdict(md), "see the summary", r.link(name, "summary"))]
+
+    return finding
+
+
+FINDINGS: list[tuple[str, str, Callable[[Results], list[tuple]]]] = [
+    ("01", "Sharing the most *dissimilar* layers hurts less than sharing similar ones", finding_observation),
+    ("02", "The threshold T picks the pairs to share", finding_search),
+    ("03", "Over 90% of the full model's performance kept at 25% compression (paper)", finding_evaluation),
+    ("04", "Memory and speed of the shared model", finding_memory_speed),
+    ("05", "Sharing combines with token eviction", finding_intra_layer),
+    ("06", "Sharing on quantized weights and a quantized KV cache", finding_quantized),
+    (
+        "07",
+        "KVSharer against its cross-layer peers at equal KV bytes",
+        conclusion_finding("07", "07_peers_conclusion.md", "KVSharer against MiniCache, SimLayerKV and eviction"),
+    ),
+    (
+        "09",
+        "Long context: RULER accuracy for every method",
+        conclusion_finding("09", "09_long_context_conclusion.md", "Sharing survives long inputs (RULER)"),
+    ),
+    ("10", "Serving on vLLM", finding_serving),
+    (
+        "11",
+        "A best-first search finds a less harmful strategy",
+        conclusion_finding("11", "11_best_search_conclusion.md", "A best-first search finds a less harmful strategy"),
+    ),
+]
+
+
+def cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def findings(r: Results) -> str:
+    lines = ["| notebook | claim | on this model | verdict | details |", "|---|---|---|---|---|"]
+    for number, claim, fn in FINDINGS:
+        try:
+            rows = fn(r)
+        except Missing as e:
+            rows = [(number, claim, missing_line(e.path), "—", "—")]
+        for nb, what, here, verdict, links in rows:
+            lines.append(f"| {nb} | {cell(what)} | {cell(here)} | {cell(verdict)} | {links} |")
+    return "\n".join(lines)
+
+
+# ---- the detail pages: each notebook's own summary, tables from its CSV/JSON -------------------------------------
+
+
+def summary_block(name: str) -> Callable[[Results], str]:
+    """A notebook's computed summary (Markdown it wrote beside its figures), quoted as written."""
+
+    def render(r: Results) -> str:
+        return f"From {r.link(name, f'`{FIGURES}/{name}`')}:\n\n" + shift_headings(r.text(name))
+
+    return render
+
+
+def evaluation_table(r: Results) -> str:
+    """Notebook 03's table: every task at every order and rate, then the averages and the share kept."""
+    data = r.json("03_evaluation.json")
+    num_layers = next(iter(data["strategies"].values()))["num_layers"]
+    summary = data["summary"]
+    columns = [(x["order"], x["rate"], x["num_shared"]) for x in summary if x["num_shared"] > 0]
+    full = next(x for x in summary if x["num_shared"] == 0)
+
+    def label(order, num_shared):
+        return f"{order} {num_shared}/{num_layers}"
+
+    rows = data["rows"]
+    primary = [x for x in rows if x["primary"] and x["num_shared"] == 0 and x["order"] == full["order"]]
+
+    def value(task, metric, order, num_shared):
+        x = next(
+            y
+            for y in rows
+            if y["task"] == task and y["metric"] == metric and y["order"] == order and y["num_shared"] == num_shared
+        )
+        digits = 1 if metric == "ppl" else 3
+        return f"{x['value']:.{digits}f} ± {x['stderr']:.{digits}f}"
+
+    head = ["task (metric)", "full"] + [label(o, c) for o, _, c in columns]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for p in primary:
+        cells = [value(p["task"], p["metric"], full["order"], 0)]
+        cells += [value(p["task"], p["metric"], o, c) for o, _, c in columns]
+        lines.append(f"| {p['task'].removeprefix('kvshare_')} ({p['metric']}) | " + " | ".join(cells) + " |")
+    by = {(x["order"], x["num_shared"]): x for x in summary}
+    for title, key, fmt in (
+        ("Average", "average", "{:.3f}"),
+        ("% of full kept", "kept_pct", "{:.1f}"),
+        ("% of above-chance margin kept", "above_chance_kept_pct", "{:.1f}"),
+    ):
+        cells = [fmt.format(full[key])] + [fmt.format(by[(o, c)][key]) for o, _, c in columns]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    rates = sorted({(rate, c) for _, rate, c in columns})
+    labels = ", ".join(f"{pct(rate, 1)} → {layers_label(c, num_layers)}" for rate, c in rates)
+    intro = (
+        f"From {r.link('03_evaluation.json', '`figures/03_evaluation.json`')} "
+        f"({data['settings']['model']}, {num_layers} layers; requested rate → layers replaced: {labels}). "
+        "Columns are labelled by the exact number of replaced layers."
+    )
+    return intro + "\n\n" + "\n".join(lines)
+
+
+def offline_suite_baseline(r: Results) -> str:
+    """n, chance and the full model's score of every offline task (notebook 03's full-model rows)."""
+    data = r.json("03_evaluation.json")
+    rows = [x for x in data["rows"] if x["primary"] and x["num_shared"] == 0]
+    seen, lines = set(), ["| task | metric | n | chance | full model (± stderr) |", "|---|---|---|---|---|"]
+    for x in rows:
+        if x["task"] in seen:
+            continue
+        seen.add(x["task"])
+        chance = "—" if x.get("chance") is None else f"{x['chance']:.3f}"
+        digits = 1 if x["metric"] == "ppl" else 3
+        lines.append(
+            f"| {x['task'].removeprefix('kvshare_')} | {x['metric']} | {x['n']} | {chance} | "
+            f"{x['value']:.{digits}f} ± {x['stderr']:.{digits}f} |"
+        )
+    return (
+        f"From {r.link('03_evaluation.json', '`figures/03_evaluation.json`')} ({data['settings']['model']}; "
+        "`n`: examples, scored tokens for perplexity):\n\n" + "\n".join(lines)
+    )
+
+
+def gemma_baseline(r: Results) -> str:
+    data = r.json("gemma3-270m/heldout_baseline.json")
+    h = data["heldout_protocol"]
+    return (
+        f"The plain model's held-out perplexity under the shared protocol ({h['description']}) is "
+        f"{h['ppl']:.2f} ± {h['ppl_se']:.2f} "
+        f"({r.link('gemma3-270m/heldout_baseline.json', '`figures/gemma3-270m/heldout_baseline.json`')})."
+    )
+
+
+BLOCKS: dict[str, Callable[[Results], str]] = {
+    "findings": findings,
+    "01_observation": summary_block("01_observation_conclusion.md"),
+    "02_search": summary_block("02_search_summary.md"),
+    "03_evaluation": summary_block("03_evaluation_summary.md"),
+    "03_table": evaluation_table,
+    "03_offline_suite": offline_suite_baseline,
+    "04_memory_speed": summary_block("04_memory_speed_conclusion.md"),
+    "05_intra_layer": summary_block("05_intra_layer_summary.md"),
+    "06_quantized": summary_block("06_quantized_summary.md"),
+    "07_peers": summary_block("07_peers_conclusion.md"),
+    "09_long_context": summary_block("09_long_context_conclusion.md"),
+    "10_serving": summary_block("10_serving_vllm.md"),
+    "11_best_search": summary_block("11_best_search_conclusion.md"),
+    "gemma_baseline": gemma_baseline,
+}
+
+
+def render_block(name: str, results: Results) -> str:
+    if name not in BLOCKS:
+        raise KeyError(f"unknown results block {name!r}; known: {', '.join(BLOCKS)}")
+    try:
+        return BLOCKS[name](results).strip()
+    except Missing as e:
+        return missing_line(e.path)
+
+
+def render_page(text: str, page: str, root: Path = ROOT) -> str:
+    """The page with every generated block rebuilt from the results files; nothing outside the markers changes."""
+    results = Results(root, page)
+    return BLOCK_RE.sub(lambda m: f"{m['start']}{render_block(m['name'], results)}\n{m['end']}", text)
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    found = []
+    for pattern in PAGES:
+        found += sorted(root.glob(pattern))
+    return found
+
+
+def update(root: Path = ROOT, check: bool = False) -> list[str]:
+    """Rewrite (or, with check, only compare) every page; returns the pages that differ(ed)."""
+    changed = []
+    for path in pages(root):
+        page = path.relative_to(root).as_posix()
+        text = path.read_text()
+        new = render_page(text, page, root)
+        if new != text:
+            changed.append(page)
+            if not check:
+                path.write_text(new)
+    return changed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a page differs")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the repository root (default: this checkout)")
+    args = parser.parse_args(argv)
+    changed = update(args.root, check=args.check)
+    if args.check:
+        if changed:
+            print(f"readme: out of date: {', '.join(changed)} (run python -m kvshare.experiments.reports.readme)")
+            return 1
+        print("readme: README.md and docs/ match the committed results")
+        return 0
+    print(f"readme: rewrote {', '.join(changed)}" if changed else "readme: README.md and docs/ already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
