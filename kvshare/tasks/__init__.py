@@ -10,7 +10,7 @@ from .offline import MCTask, PerplexityTask, SummarizationTask
 from .online import ONLINE_DEFAULT, ONLINE_TASKS, LMEvalTask
 
 # The offline suite. Each multiple-choice task was kept because the default model (SmolLM2-135M)
-# scores measurably above chance on it with this prompt (see the README for the measurements).
+# scores measurably above chance on it with this prompt (docs/evaluation.md lists the screen).
 OFFLINE_TASKS = [
     MCTask("goal_step_wikihow/step_inference", "reasoning", prompt="raw", limit=48),
     MCTask("similarities_abstraction", "reasoning", prompt="native", metric="acc_norm", limit=30),

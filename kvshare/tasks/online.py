@@ -3,7 +3,7 @@
 The paper (KVSharer) reports OpenCompass scores grouped as reasoning, language, knowledge,
 examination and understanding, with Chinese benchmarks for Chinese models. lm-eval 0.4 has no
 CMNLI, CHID, C3 or XSum task, so those are mapped to the nearest task that exists; the mapping is
-in the README. These tasks download their data from the Hugging Face hub on first use.
+in docs/evaluation.md. These tasks download their data from the Hugging Face hub on first use.
 """
 
 from __future__ import annotations
