@@ -7,16 +7,18 @@
 #   ./run_all.sh --model NAME     passed to every notebook (embedded name, hub id, path); a non-default
 #                                 model writes its figures into figures/NAME/ (quick: runs/quick/figures/NAME/)
 #   ./run_all.sh --only 01,02     only the notebooks whose names start with these prefixes
+#   ./run_all.sh --force          full run of the speed notebooks (04, 05) even on a loaded machine
 #
 # A failing cell stops the run with a non-zero exit status, naming the notebook and the cell.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$root"
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 quick=0
 model=""
 only=""
+force=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
@@ -24,6 +26,7 @@ while [ $# -gt 0 ]; do
     --model=*) model="${1#--model=}" ;;
     --only) [ $# -ge 2 ] || { echo "run_all: --only needs a list like 01,02" >&2; exit 2; }; only="$2"; shift ;;
     --only=*) only="${1#--only=}" ;;
+    --force) force=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_all: unknown option '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -39,7 +42,7 @@ if [ -z "${RUN_ALL_SKIP_SETUP:-}" ]; then
   echo "run_all: setup took $(( $(date +%s) - t0 )) s"
 fi
 
-exec "$root/.venv/bin/python" - "$quick" "$model" "$only" <<'PY'
+exec "$root/.venv/bin/python" - "$quick" "$model" "$only" "$force" <<'PY'
 """Run the notebooks with papermill; print progress; name the failing notebook and cell."""
 import logging
 import os
@@ -50,7 +53,7 @@ from pathlib import Path
 import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
-quick, model, only = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
+quick, model, only, force = sys.argv[1] == "1", sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 root = Path.cwd()
 mode = "quick" if quick else "full"
 runs_root = Path(os.environ.get("RUN_ALL_RUNS") or root / "runs").resolve()
@@ -83,6 +86,31 @@ if only:
 if not notebooks:
     sys.exit("run_all: no notebooks to run")
 runs.mkdir(parents=True, exist_ok=True)
+
+# Notebooks 04 and 05 measure speed: a full run needs a quiet machine (kvshare.bench.LOAD_LIMIT_PER_CORE: other
+# processes' busy cores over a 5 s sample, taken while no notebook runs, so our own previous notebook does not
+# count). Checked before the run starts and again before each of them; --force runs them anyway (flagged figures).
+SPEED_NOTEBOOKS = ("04", "05")
+
+
+def refuse_if_loaded(names: list[str]) -> None:
+    if quick or force or not names:
+        return
+    from kvshare.bench import cpu_count, load_refusal, machine_load
+
+    fake = os.environ.get("RUN_ALL_LOAD")  # for the tests: other processes' busy cores, instead of measuring
+    load = machine_load() if fake is None else {"other_busy_cores": float(fake), "cpu_count": cpu_count()}
+    message = load_refusal(load, f"notebook(s) {', '.join(names)}, which measure speed")
+    if message:
+        sys.exit(f"run_all: {message}; wait until the machine is quiet, or add --force to run them anyway "
+                 "(their figures are then flagged)")
+
+
+def speed_names(nbs) -> list[str]:
+    return [p.stem for p in nbs if p.name.startswith(SPEED_NOTEBOOKS)]
+
+
+refuse_if_loaded(speed_names(notebooks))
 
 
 def rel(p: Path) -> str:
@@ -118,6 +146,8 @@ for i, nb in enumerate(notebooks, 1):
     if model:
         params["model"] = model
     prefix.name = nb.stem
+    if i > 1:
+        refuse_if_loaded(speed_names([nb]))
     print(f"\nrun_all: [{i}/{len(notebooks)}] {rel(nb)} ({mode}) ...", flush=True)
     t = time.perf_counter()
     try:
@@ -144,9 +174,4 @@ for name, dt in times:
     print(f"run_all:   {name:<32} {dt / 60:6.1f} min")
 print(f"run_all:   {'total':<32} {total / 60:6.1f} min")
 print(f"run_all: figures in {rel(figures)}/")
-if not quick and figures == root / "figures":  # a full run of the default model: the README follows its figures
-    from kvshare.experiments.reports import readme
-
-    changed = readme.update(root)
-    print("run_all: result blocks of README.md and docs/ " + (f"rebuilt: {', '.join(changed)}" if changed else "up to date"))
 PY

@@ -16,6 +16,7 @@ reading the nearest kept layer below it (a searched strategy gives the same byte
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -77,6 +78,145 @@ PRESETS = {
 }
 CACHES = ("dynamic", "static")
 
+# ---------------------------------------------------------------------------------------------
+# Is the machine quiet? Speed figures need it.
+# ---------------------------------------------------------------------------------------------
+#: Alternating rounds behind every published speed figure (`measure_rounds`): with 5, one burst of other work
+#: can spoil at most a run or two of a configuration, and the fastest of the five is kept.
+SPEED_ROUNDS = 5
+#: The line between a quiet machine and a loaded one: other processes kept more than this share of the cores
+#: busy on average during the run. The benchmark itself uses every core (torch's threads = cores), so any
+#: competing busy thread takes time from one of its threads, and torch's parallel kernels wait for the slowest
+#: thread: one busy competitor on 2 cores can slow a step by up to 2x. 0.25 per core (half a core on 2 cores)
+#: lets an idle machine's background (well under 0.1 core) through and catches any sustained job with one busy
+#: thread (about 1 core), which is what skewed the committed 2-core figures (issue 18: 0.86x measured under load,
+#: 1.08x on a quiet machine). Where the busy time cannot be read (no Linux /proc/stat), the 1-minute load average
+#: before the run stands in, against the same line.
+LOAD_LIMIT_PER_CORE = 0.25
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (the affinity mask where there is one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _load_avgs() -> tuple[float, float, float] | None:
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds every core spent on anything but idling since boot (Linux /proc/stat; steal counts as busy:
+    a neighbour on the host took the time)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class LoadMeter:
+    """Other work on the machine while a block runs: the load averages before and after, and the cores other
+    processes kept busy on average (the machine's busy time minus this process's own CPU time, over the wall time).
+
+        with LoadMeter() as load:
+            ...
+        load.result()  # {"load_avg_before": ..., "other_busy_cores": ..., "under_load": ...}
+    """
+
+    def __enter__(self):
+        self.before = _load_avgs()
+        self.busy0, self.own0, self.t0 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        busy1, own1 = _machine_busy_s(), _own_cpu_s()
+        self.after = _load_avgs()
+        self.other = None
+        if self.busy0 is not None and busy1 is not None and self.wall > 0:
+            self.other = max(0.0, (busy1 - self.busy0) - (own1 - self.own0)) / self.wall
+        return False
+
+    def result(self) -> dict:
+        cores = cpu_count()
+        row = {
+            "load_avg_before": None if self.before is None else self.before[0],
+            "load_avg_after": None if self.after is None else self.after[0],
+            "other_busy_cores": None if self.other is None else round(self.other, 3),
+            "cpu_count": cores,
+        }
+        row["under_load"] = is_under_load(row)
+        return row
+
+
+def is_under_load(load: dict) -> bool | None:
+    """The line (`LOAD_LIMIT_PER_CORE`) applied to a LoadMeter result or a `machine_load()`; None: unknown."""
+    cores = load.get("cpu_count") or cpu_count()
+    other = load.get("other_busy_cores")
+    if other is None:
+        other = load.get("load_avg_before")
+    if other is None:
+        return None
+    return other > LOAD_LIMIT_PER_CORE * cores
+
+
+def machine_load(sample_s: float = 5.0) -> dict:
+    """How busy the machine is right now: other processes' busy cores over `sample_s` seconds while this process
+    sleeps, with the load averages. (The load averages alone would still count the previous notebook's run: the
+    1-minute average takes minutes to decay; the sample does not.)"""
+    with LoadMeter() as meter:
+        time.sleep(sample_s)
+    return meter.result()
+
+
+def load_refusal(load: dict, what: str = "speed measurements") -> str | None:
+    """None when `load` is quiet (or unknown); else one line saying how loaded the machine is and how to go on."""
+    if not is_under_load(load):
+        return None
+    cores = load["cpu_count"]
+    seen = (
+        f"other processes kept {load['other_busy_cores']:.2f} of {cores} cores busy"
+        if load.get("other_busy_cores") is not None
+        else f"1-minute load average {load['load_avg_before']:.2f} on {cores} cores"
+    )
+    avg = f" (1-minute load average {load['load_avg_before']:.2f})" if load.get("load_avg_before") is not None else ""
+    return (
+        f"the machine is loaded: {seen}{avg}, above the line of {LOAD_LIMIT_PER_CORE * cores:.2f} "
+        f"({LOAD_LIMIT_PER_CORE} per core) for {what}"
+    )
+
+
+def load_note(rows: list[dict]) -> str:
+    """What a figure's title must say about how its speed numbers were taken: "" for rows from at least
+    SPEED_ROUNDS alternating rounds on a quiet machine, else e.g. " [UNDER LOAD: other work up to 1.80 of 2 cores
+    in 4/15 runs]" and/or " [2 rounds < 5]"."""
+    runs = [run for r in rows for run in (r.get("rounds") or [r])]
+    loaded = [run for run in runs if run.get("under_load")]
+    notes = []
+    if loaded:
+        worst = max((run.get("other_busy_cores") or run.get("load_avg_before") or 0.0) for run in loaded)
+        cores = max((run.get("cpu_count") or 0) for run in runs) or cpu_count()
+        notes.append(f"UNDER LOAD: other work up to {worst:.2f} of {cores} cores in {len(loaded)}/{len(runs)} runs")
+    fewest = min((len(r.get("rounds") or [r]) for r in rows), default=SPEED_ROUNDS)
+    if rows and fewest < SPEED_ROUNDS:
+        notes.append(f"{fewest} round{'s' if fewest > 1 else ''} < {SPEED_ROUNDS}")
+    return "".join(f" [{n}]" for n in notes)
+
 
 @dataclass
 class Config:
@@ -98,6 +238,7 @@ class Config:
     strategy: dict | None = None  # a strategy's to_dict() to use instead of the evenly spread one
     kv_bits: int | None = None  # KV-cache quantization on the shared rows (the `quantized` method: 8 or 4 bits)
     method: dict | None = None  # any registered method on the shared rows, as its to_dict() (kvshare.methods)
+    compile: bool = False  # decode steps through torch.compile (static cache only, as transformers' generate does)
 
 
 def build_model(name: str, random_weights: bool, device=None, dtype=None):
@@ -207,12 +348,15 @@ def check_fits(
     )
 
 
-def _sync(device):
+def sync(device):
+    """Wait for the device's queued work (CUDA), so a timer reads finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def _new_cache(model, kind: str, max_len: int):
+def new_cache(model, kind: str, max_len: int):
+    """A fresh transformers cache for `model`: DynamicCache, or StaticCache preallocated to `max_len` tokens (sharing
+    turns a replaced layer's slot into a DummyLayer before it allocates: static bytes are (L - C) / L of plain)."""
     from transformers import DynamicCache, StaticCache
 
     if kind == "dynamic":
@@ -246,21 +390,22 @@ def last_logits_only(model) -> dict:
 
 
 @torch.no_grad()
-def run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | None = None):
-    """Prefill + greedy decode with a fresh cache; returns (prefill_s, decode_s, cache, bytes_copied).
+def run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | None = None, step=None):
+    """Prefill + greedy decode with a fresh cache; returns (prefill_s, decode_s, cache).
 
     With a `phases` dict: the peaks up to the end of the prefill ("before_decode") and of the decode
-    phase alone ("decode": the cache at its largest, without the prefill's activations and logits)."""
+    phase alone ("decode": the cache at its largest, without the prefill's activations and logits).
+    `step` calls the decode steps instead of `model` (a compiled model: see `compiled_decode`)."""
     from .adapter import model_cache_kwarg
 
     device = prompt.device
-    cache = _new_cache(model, cache_kind, prompt.shape[1] + new_tokens)
+    cache = new_cache(model, cache_kind, prompt.shape[1] + new_tokens)
     kw = model_cache_kwarg(model)  # `cache` in transformers >= 5.24, `past_key_values` before
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     logits = model(input_ids=prompt, use_cache=True, **{kw: cache}, **last_logits_only(model)).logits
     token = logits[:, -1:].argmax(-1)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     prefill_s = t1 - t0
     if phases is not None:
@@ -268,14 +413,48 @@ def run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | Non
         phases["before_decode"] = _peaks(device)
         _restart_peaks(device)
         t1 = time.perf_counter()
+    step = model if step is None else step
     for _ in range(new_tokens):
-        logits = model(input_ids=token, use_cache=True, **{kw: cache}).logits
+        logits = step(input_ids=token, use_cache=True, **{kw: cache}).logits
         token = logits[:, -1:].argmax(-1)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     if phases is not None:
         phases["decode"] = _peaks(device)
     return prefill_s, t2 - t1, cache
+
+
+def check_compile(model, cache: str) -> None:
+    """Refuse --compile where transformers does not compile: one line saying why."""
+    if cache != "static":
+        raise ValueError(
+            "--compile needs --cache static: transformers compiles decoding over a static cache (a dynamic cache "
+            "changes shape every step, so every step would recompile)"
+        )
+    if not getattr(model, "_can_compile_fullgraph", False):
+        raise ValueError(
+            f"transformers does not support torch.compile for {type(model).__name__} "
+            "(its _can_compile_fullgraph is False): run without --compile"
+        )
+
+
+def compiled_decode(model, cache: str):
+    """The model's call through torch.compile, as transformers' generate compiles it for decoding over a static
+    cache (`model.get_compiled_call`: fullgraph off, so the shared model's hooks may break the graph instead of
+    failing; the row counts the breaks). The prefill stays uncompiled, as in generate."""
+    from transformers import CompileConfig
+
+    check_compile(model, cache)
+    device = next(model.parameters()).device
+    # "reduce-overhead" is CUDA graphs: on CUDA as transformers' default, on CPU the default mode
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return model.get_compiled_call(CompileConfig(mode=mode, fullgraph=False, dynamic=False))
+
+
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def measure(config: Config, model=None) -> dict:
@@ -303,13 +482,16 @@ def measure(config: Config, model=None) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base_allocated = torch.cuda.memory_allocated(device)
-    with compression(model, strategy, policy):
-        for _ in range(config.warmup):
-            run_once(model, prompt, min(config.new_tokens, 8), config.cache)
+    with compression(model, strategy, policy), LoadMeter() as load:
+        step = compiled_decode(model, config.cache) if config.compile else None
+        t_warm = time.perf_counter()
+        for _ in range(config.warmup):  # with --compile: compiles here, so the timed runs reuse the graph
+            run_once(model, prompt, min(config.new_tokens, 8), config.cache, step=step)
+        warmup_s = time.perf_counter() - t_warm
         prefill, decode, kv, phases = [], [], 0, {}
         for i in range(config.repeats):
             p, d, cache = run_once(
-                model, prompt, config.new_tokens, config.cache, phases if i == config.repeats - 1 else None
+                model, prompt, config.new_tokens, config.cache, phases if i == config.repeats - 1 else None, step
             )
             prefill.append(p)
             decode.append(d)
@@ -332,7 +514,11 @@ def measure(config: Config, model=None) -> dict:
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         load_avg_1min=_load_avg(),  # other work on the machine during the run shows here
+        warmup_s=warmup_s,
+        **load.result(),  # load averages before/after, other processes' busy cores, under_load (LOAD_LIMIT_PER_CORE)
     )
+    if config.compile:
+        row["compile_graph_breaks"] = _graph_breaks()
     if device.type == "cuda":
         row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
@@ -496,9 +682,13 @@ def measure_isolated(config: Config) -> dict:
 
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Ratios of each row against the plain model at the same batch and lengths."""
-    base = {(r["batch"], r["prompt_len"], r["new_tokens"], r["cache"]): r for r in rows if r["mode"] == "plain"}
+
+    def key(r):
+        return r["batch"], r["prompt_len"], r["new_tokens"], r["cache"], bool(r.get("compile"))
+
+    base = {key(r): r for r in rows if r["mode"] == "plain"}
     for r in rows:
-        b = base.get((r["batch"], r["prompt_len"], r["new_tokens"], r["cache"]))
+        b = base.get(key(r))
         if b is None:
             continue
         r["kv_bytes_ratio"] = r["kv_bytes"] / b["kv_bytes"] if b["kv_bytes"] else float("nan")
@@ -539,8 +729,13 @@ def bench(
     rounds: int = 1,
     strategy=None,
     method=None,
+    compile: bool = False,
 ) -> list[dict]:
     """Plain transformers and the shared model at each rate, side by side; rows with ratios.
+
+    `cache="static"` uses transformers' StaticCache for plain and shared rows (a replaced layer's slot allocates
+    nothing: its bytes are (L - C) / L of plain); `compile=True` (static cache only) decodes through torch.compile
+    as transformers' generate does (`compiled_decode`).
 
     `rounds` > 1 measures every configuration that many times, in alternating order (see `measure_rounds`):
     on a shared machine a burst of other work then cannot make one configuration look fast or slow.
@@ -555,6 +750,8 @@ def bench(
 
     if cache not in CACHES:
         raise ValueError(f"unknown cache kind {cache!r}; use one of {', '.join(CACHES)}")
+    if compile and cache != "static":
+        check_compile(None, cache)
     for rate in rates:
         num_shared_for(rate, 2)  # validates the range
     dev = resolve_device(device)
@@ -563,7 +760,20 @@ def bench(
         isolate = dev.type == "cpu"
     configs = [
         Config(
-            model, "plain", 0.0, b, prompt_len, new_tokens, cache, random_weights, device, dtype, repeats, warmup, seed
+            model,
+            "plain",
+            0.0,
+            b,
+            prompt_len,
+            new_tokens,
+            cache,
+            random_weights,
+            device,
+            dtype,
+            repeats,
+            warmup,
+            seed,
+            compile=compile,
         )
         for b in batches
     ]
@@ -591,6 +801,7 @@ def bench(
             strategy=strategy.to_dict() if strategy is not None and rate > 0 else None,
             kv_bits=kv_bits,
             method=method,
+            compile=compile,
         )
         for b in batches
         for rate in rates
@@ -608,10 +819,14 @@ def bench(
     return add_ratios(measure_rounds(configs, run, rounds, progress=progress))
 
 
+ROUND_LOAD_KEYS = ("load_avg_1min", "load_avg_before", "load_avg_after", "other_busy_cores", "cpu_count", "under_load")
+
+
 def measure_rounds(configs: list, run, rounds: int = 1, progress: bool = True, desc: str = "bench") -> list[dict]:
     """`run(config)` for every config, `rounds` times: forward order, then reverse, and so on, so that load
     drift hits every configuration alike. Per config the row of its fastest decode is kept, with the lowest
-    prefill time and peaks of its runs (noise only adds to them) and every run under `rounds`."""
+    prefill time and peaks of its runs (noise only adds to them), every run under `rounds` (with the load it ran
+    under) and `runs_under_load`. Published speed figures use SPEED_ROUNDS; `load_note(rows)` titles the rest."""
     from tqdm.auto import tqdm
 
     if rounds < 1:
@@ -636,10 +851,11 @@ def measure_rounds(configs: list, run, rounds: int = 1, progress: bool = True, d
             best["rounds"] = [
                 {
                     k: r.get(k)
-                    for k in ("round", "decode_tps", "prefill_s", "peak_bytes", "decode_peak_bytes", "load_avg_1min")
+                    for k in ("round", "decode_tps", "prefill_s", "peak_bytes", "decode_peak_bytes", *ROUND_LOAD_KEYS)
                 }
                 for r in rs
             ]
+        best["runs_under_load"] = sum(bool(r.get("under_load")) for r in rs)
         rows.append(best)
     return rows
 
@@ -765,5 +981,7 @@ def format_table(rows: list[dict], budget: bool = False) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     weights = {r.get("weights") for r in rows if r.get("weights")}
-    note = "  (random weights: speed and memory only)" if "random" in weights else ""
-    return "\n".join(lines) + ("\n" + note if note else "")
+    notes = ["  (random weights: speed and memory only)"] if "random" in weights else []
+    if not budget and load_note(rows):
+        notes.append(f"  speed figures:{load_note(rows)}")
+    return "\n".join(lines + notes)

@@ -214,14 +214,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", default="1,4", help="batch sizes")
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--new-tokens", type=int, default=128)
-    b.add_argument("--cache", default="dynamic", choices=["dynamic", "static"])
+    b.add_argument(
+        "--cache",
+        default="dynamic",
+        choices=["dynamic", "static"],
+        help="transformers' DynamicCache or StaticCache (preallocated), for plain and shared rows alike",
+    )
+    b.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through torch.compile as transformers' generate does (needs --cache static; refused for a "
+        "model transformers does not compile); the shared model is compiled the same way, its hooks and cache "
+        "tap traced through (graph breaks counted in the rows: compile_graph_breaks)",
+    )
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument(
         "--rounds",
         type=int,
-        default=1,
+        default=5,
         help="measure every configuration this many times in alternating order, keep its fastest "
-        "(steadier numbers on a shared machine)",
+        "(default 5: what a published speed figure needs; rows record the machine's load, flagged above "
+        "0.25 busy cores of other work per core)",
+    )
+    b.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the sweep: where the time goes in plain and shared prefill and decode (torch.profiler "
+        "by operator, a Python-level view per module type, the sharing hooks and cache), each measured ratio "
+        "beside the ratio predicted from FLOPs and bytes moved; JSON to --out, a table on stdout",
     )
     _add_policy(b)
     _add_kv_bits(b)
@@ -442,6 +462,17 @@ def cmd_bench(args):
         raise CLIError("--policy evicts tokens from a dynamic cache: drop --cache static")
     if args.kv_bits and args.cache != "dynamic":
         raise CLIError("--kv-bits quantizes a dynamic cache: drop --cache static")
+    if args.compile and args.cache != "static":
+        raise CLIError("--compile needs --cache static (transformers compiles decoding over a static cache)")
+    if args.rounds < 1:
+        raise CLIError("--rounds must be >= 1")
+    if args.profile:
+        if built or args.memory_budget_gb or args.compile:
+            raise CLIError(
+                "--profile compares the plain and the shared model alone: drop the cache methods, "
+                "--memory-budget-gb and --compile"
+            )
+        return _bench_profile(args, rates, batches, strategy)
     rows = bench(
         args.model,
         rates=rates,
@@ -459,6 +490,7 @@ def cmd_bench(args):
         rounds=args.rounds,
         strategy=strategy,
         method=method,
+        compile=args.compile,
     )
     result = {"rows": rows}
     if args.memory_budget_gb:
@@ -480,6 +512,31 @@ def cmd_bench(args):
     if "budget" in result:
         print(format_table(result["budget"], budget=True))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
+
+
+def _bench_profile(args, rates, batches, strategy):
+    from .bench import check_fits
+    from .io import write_json
+    from .profile import format_profile, profile
+
+    check_fits(args.model, args.random_weights, max(batches), args.prompt_len, args.new_tokens, args.device, args.dtype)
+    results = profile(
+        args.model,
+        rates=rates,
+        batches=batches,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        cache=args.cache,
+        random_weights=args.random_weights,
+        device=args.device,
+        dtype=args.dtype,
+        rounds=args.rounds,
+        strategy=strategy,
+    )
+    out = Path(args.out)
+    write_json(out, {"profile": results})
+    print(format_profile(results))
+    print(f"wrote {out}")
 
 
 def cmd_eval(args):

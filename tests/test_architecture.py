@@ -31,7 +31,7 @@ LAYERS = [
             "quantized_kv",
         ],
     ),
-    ("evaluation and bench", ["metrics", "evaluation", "tasks", "bench", "serving"]),
+    ("evaluation and bench", ["metrics", "evaluation", "tasks", "bench", "profile", "serving"]),
     ("experiments (one module per notebook)", ["experiments"]),
     ("interface", ["cli", "__main__", "__init__"]),
 ]

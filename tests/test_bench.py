@@ -112,6 +112,8 @@ def test_cli_bench_writes_json_and_csv(tiny_dir, tmp_path, capsys):
             "2",
             "--repeats",
             "1",
+            "--rounds",
+            "1",
             "--device",
             "cpu",
             "--out",

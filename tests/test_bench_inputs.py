@@ -74,6 +74,8 @@ def test_cli_bench_strategy_flag(tiny_dir, tmp_path, capsys):
                 "2",
                 "--repeats",
                 "1",
+                "--rounds",
+                "1",
                 "--strategy",
                 str(path),
                 "--out",

@@ -14,7 +14,7 @@ from __future__ import annotations
 from transformers import LlamaConfig
 
 from ..accounting import kv_token_bytes, num_shared_for
-from ..bench import PRESETS, analysis, bench, budget_comparison, param_count
+from ..bench import PRESETS, SPEED_ROUNDS, analysis, bench, budget_comparison, load_note, param_count
 
 PAPER = {
     "model": "llama2-13b",
@@ -34,9 +34,11 @@ def rate_sweep(
     new_tokens: int = 128,
     cache: str = "dynamic",
     repeats: int = 3,
+    rounds: int = SPEED_ROUNDS,
     **kwargs,
 ) -> list[dict]:
-    """Memory and tokens/s versus compression rate (plain transformers measured in the same run)."""
+    """Memory and tokens/s versus compression rate (plain transformers measured in the same run), `rounds`
+    alternating rounds (SPEED_ROUNDS for a figure; fewer is flagged by `figure_title`)."""
     return bench(
         model,
         rates=rates,
@@ -45,6 +47,7 @@ def rate_sweep(
         new_tokens=new_tokens,
         cache=cache,
         repeats=repeats,
+        rounds=rounds,
         **kwargs,
     )
 
@@ -57,9 +60,11 @@ def length_sweep(
     prompt_len: int = 512,
     cache: str = "dynamic",
     repeats: int = 3,
+    rounds: int = SPEED_ROUNDS,
     **kwargs,
 ) -> list[dict]:
-    """Memory and tokens/s versus the number of generated tokens, plain next to shared."""
+    """Memory and tokens/s versus the number of generated tokens, plain next to shared (`rounds` as in
+    `rate_sweep`)."""
     rows = []
     for n in lengths:
         rows += bench(
@@ -70,9 +75,16 @@ def length_sweep(
             new_tokens=n,
             cache=cache,
             repeats=repeats,
+            rounds=rounds,
             **kwargs,
         )
     return rows
+
+
+def figure_title(title: str, rows: list[dict]) -> str:
+    """A speed figure's title with what its rows say about how they were taken: flagged when any run was under
+    load (kvshare.bench.LOAD_LIMIT_PER_CORE) or when fewer than SPEED_ROUNDS alternating rounds stand behind it."""
+    return title + load_note(rows)
 
 
 def budget_sweep(

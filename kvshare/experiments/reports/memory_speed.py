@@ -6,7 +6,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..memory_speed import PAPER
+from ..memory_speed import PAPER, figure_title
 
 
 def conclusion(
@@ -131,6 +131,7 @@ def plot_rate_sweep(rows: list[dict], title: str = ""):
         ax.set_xlabel("replaced layers (% of L)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8, title="dotted: plain transformers, same batch", title_fontsize=7)
+    title = figure_title(title, rows)  # flagged when taken under load or with fewer than 5 rounds
     if title:
         fig.suptitle(title)
     return fig
@@ -150,6 +151,7 @@ def plot_length_sweep(rows: list[dict], title: str = ""):
         ax.set_xscale("log", base=2)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
+    title = figure_title(title, rows)  # flagged when taken under load or with fewer than 5 rounds
     if title:
         fig.suptitle(title)
     return fig
@@ -171,6 +173,7 @@ def plot_budget(rows: list[dict], title: str = ""):
     axes[1].set_ylabel("decode tokens/s (all sequences)\ndashed: plain x L/(L-C)")
     for ax in axes:
         ax.set_xlabel("compression")
+    title = figure_title(title, rows)  # flagged when taken under load or with fewer than 5 rounds
     if title:
         fig.suptitle(title)
     return fig
