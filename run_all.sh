@@ -174,4 +174,9 @@ for name, dt in times:
     print(f"run_all:   {name:<32} {dt / 60:6.1f} min")
 print(f"run_all:   {'total':<32} {total / 60:6.1f} min")
 print(f"run_all: figures in {rel(figures)}/")
+if not quick and figures == root / "figures":  # a full run of the default model: the README follows its figures
+    from kvshare.experiments.reports import readme
+
+    changed = readme.update(root)
+    print("run_all: result blocks of README.md and docs/ " + (f"rebuilt: {', '.join(changed)}" if changed else "up to date"))
 PY
