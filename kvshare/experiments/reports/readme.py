@@ -317,6 +317,68 @@ def finding_serving(r: Results) -> list[tuple]:
     return [("10", claim, number, verdict, links)]
 
 
+def finding_best_search(r: Results) -> list[tuple]:
+    """Notebook 11: `best` against the fixed orders on held-out text (per set and C), at C = target, and on the
+    offline suite; from its verdict, perplexity table and suite files."""
+    v = r.json("11_best_search_verdict.json")
+    rows = r.csv("11_best_search_ppl.csv")
+    suite = r.json("11_best_search_suite.json")
+    per = v["per_point"]
+    sets = sorted({p["set"] for p in per})
+    points = len(per)
+    clear = sum(p["clear"] for p in per)
+    c_t = v["target"][0]["C"]
+    best = ", ".join(f"{t['ratio_to_full']:.2f}×" for t in v["target"])
+    fixed = {}
+    for row in rows:
+        if int(row["C"]) == c_t and row["order"] in ("dissimilar", "similar"):
+            fixed.setdefault(row["order"], []).append(float(row["ratio_to_full"]))
+    others = "; ".join(f"{o} {min(x):.2f}–{max(x):.2f}×" for o, x in sorted(fixed.items()))
+    L = suite["num_layers"]
+    out = [
+        (
+            "11",
+            "A best-first search (KL-guided, re-scored against the accepted strategy) is below every fixed order "
+            "at every C",
+            f"paired z < −2 against dissimilar, similar and random at {clear} of {points} (set, C) points; held "
+            f"everywhere on {len(v['sets_where_clear_at_every_C'])} of {len(sets)} calibration sets",
+            "**holds**"
+            if v["claim_lower_everywhere_on_2_of_3_sets"]
+            else "**does not hold** (see where it falls short)",
+            r.link("11_best_search_ppl_curves.png", "figure")
+            + ", "
+            + r.link("11_best_search_conclusion.md", "summary"),
+        ),
+        (
+            "11",
+            f"At {layers_label(c_t, L)}, held-out perplexity within {v['target_ratio']}× of the full model's",
+            f"best {best} of the full model over the calibration sets; {others}",
+            "**holds** on every set" if v["claim_within_target_on_every_set"] else "**does not hold** on every set",
+            r.link("11_best_search_ppl_curves.png", "figure")
+            + ", "
+            + r.link("11_best_search_conclusion.md", "summary"),
+        ),
+    ]
+    rivals = [x for x in suite["rows"] if "best_vs_this_z" in x and x["order"] not in ("full", "best")]
+    b = next(x for x in suite["rows"] if x["label"] == "best")
+    lowest = min(rivals, key=lambda x: x["best_vs_this_z"])
+    out.append(
+        (
+            "11",
+            f"On the offline suite at {layers_label(suite['C'], L)}, `best` above every fixed order",
+            f"best keeps {b['kept_pct']:.1f}% of the full average ({suite['limit']} examples per task); closest rival "
+            f"{lowest['label']} (z {lowest['best_vs_this_z']:+.1f})",
+            "**holds clearly**"
+            if suite["clear"]
+            else "**higher, not clearly**"
+            if suite["higher_than_all"]
+            else "**does not hold**",
+            r.link("11_best_search_conclusion.md", "summary"),
+        )
+    )
+    return out
+
+
 def conclusion_finding(number: str, name: str, claim: str) -> Callable[[Results], list[tuple]]:
     """A notebook whose conclusion Markdown states its own verdict: quote its first verdict line."""
 
@@ -345,11 +407,7 @@ FINDINGS: list[tuple[str, str, Callable[[Results], list[tuple]]]] = [
         conclusion_finding("09", "09_long_context_conclusion.md", "Sharing survives long inputs (RULER)"),
     ),
     ("10", "Serving on vLLM", finding_serving),
-    (
-        "11",
-        "A best-first search finds a less harmful strategy",
-        conclusion_finding("11", "11_best_search_conclusion.md", "A best-first search finds a less harmful strategy"),
-    ),
+    ("11", "A best-first search finds a less harmful strategy", finding_best_search),
 ]
 
 
