@@ -379,12 +379,14 @@ def finding_best_search(r: Results) -> list[tuple]:
     return out
 
 
-def conclusion_finding(number: str, name: str, claim: str) -> Callable[[Results], list[tuple]]:
-    """A notebook whose conclusion Markdown states its own verdict: quote its first verdict line."""
+def conclusion_finding(number: str, name: str, claim: str, lead: str | None = None) -> Callable[[Results], list[tuple]]:
+    """A notebook whose conclusion Markdown states its own verdict: quote its first verdict line, or the first line
+    that starts with `lead` (e.g. "**Verdict.**") where the conclusion opens with its protocol."""
 
     def finding(r: Results) -> list[tuple]:
         md = r.text(name)
-        return [(number, claim, first_verdict(md), "see the summary", r.link(name, "summary"))]
+        line = next((ln.strip() for ln in md.splitlines() if lead and ln.strip().startswith(lead)), None)
+        return [(number, claim, line or first_verdict(md), "see the summary", r.link(name, "summary"))]
 
     return finding
 
@@ -404,7 +406,9 @@ FINDINGS: list[tuple[str, str, Callable[[Results], list[tuple]]]] = [
     (
         "09",
         "Long context: RULER accuracy for every method",
-        conclusion_finding("09", "09_long_context_conclusion.md", "Sharing survives long inputs (RULER)"),
+        conclusion_finding(
+            "09", "09_long_context_conclusion.md", "Sharing survives long inputs (RULER)", lead="**Verdict.**"
+        ),
     ),
     ("10", "Serving on vLLM", finding_serving),
     ("11", "A best-first search finds a less harmful strategy", finding_best_search),
