@@ -154,3 +154,18 @@ def tiny_dir(tmp_path):
     )
     cfg.save_pretrained(tmp_path / "tiny")
     return str(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """A byte-level tokenizer (every byte one token, plus <pad>, <s>, </s>): real text in, tiny vocabulary out."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

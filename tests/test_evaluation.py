@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvshare
 from kvshare.evaluation import ROW_COLUMNS, Evaluator, resolve_tasks, write_results
@@ -24,19 +24,6 @@ from kvshare.tasks import MCTask, PerplexityTask, SummarizationTask
 from kvshare.tasks.offline import FEWSHOT_POOL
 
 NUM_LAYERS = 4
-
-
-@pytest.fixture(scope="module")
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="module")
