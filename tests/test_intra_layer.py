@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import pytest  # noqa: E402
-from test_evaluation import NUM_LAYERS, byte_tokenizer, home, local_tasks, tiny_model  # noqa: E402,F401 (fixtures)
+from test_evaluation import NUM_LAYERS, home, local_tasks, tiny_model  # noqa: E402,F401 (fixtures)
 
 import kvshare  # noqa: E402
 from kvshare.experiments import intra_layer as il  # noqa: E402
