@@ -13,6 +13,7 @@ STYLE = {
     "kvsharer-dissimilar": ("#d62728", "o"),
     "kvsharer-similar": ("#1f77b4", "s"),
     "kvsharer-random": ("#7f7f7f", "^"),
+    "kvsharer-best": ("#17becf", "X"),
     "minicache": ("#2ca02c", "D"),
     "simlayerkv": ("#9467bd", "v"),
     "streamingllm": ("#ff7f0e", "<"),
@@ -142,6 +143,35 @@ def _z_words(z: float, z_crit: float) -> str:
     return f"z = {z:.1f}, " + ("significant" if abs(z) > z_crit else "not significant") + f" at |z| > {z_crit:g}"
 
 
+def verdict_line(verdicts: list[dict], z_crit: float = 2.0) -> str:
+    """One sentence per target byte ratio: the best method there, and where KVSharer's best point stands against
+    it and against the full model (the line the README quotes)."""
+    parts = []
+    for v in verdicts:
+        pct = f"{100 * v['target']:.0f}%"
+        if v["best"] is None:
+            parts.append(f"at {pct} of the bytes no method has a point")
+            continue
+        b = v["best"]
+        text = (
+            f"at {pct} of the bytes the best is {_fmt_point(b)} "
+            f"(perplexity ×{b['vs_full_ppl_ratio']:.2f} the full model's)"
+        )
+        sharer = [r for r in v["ranking"] if r["family"].startswith("kvsharer")]
+        if sharer and sharer[0] is not b:
+            k = sharer[0]
+            worse = "vs_best_z" in k and k["vs_best_z"] > z_crit
+            text += f"; KVSharer's best there, {_fmt_point(k)}, is ×{k['vs_full_ppl_ratio']:.2f}" + (
+                f", significantly worse (z = {k['vs_best_z']:.1f})" if worse else ", not significantly worse"
+            )
+        elif sharer:
+            text += ", a KVSharer point"
+        else:
+            text += "; KVSharer has no point there"
+        parts.append(text)
+    return "**Verdict.** " + "; ".join(parts)[:1].upper() + "; ".join(parts)[1:] + "."
+
+
 def conclusion(
     verdicts: list[dict],
     curves: list[dict],
@@ -179,6 +209,8 @@ def conclusion(
         "cache is in the table). Differences are paired per window (kvshare.metrics.paired_difference).",
         "",
         f"Full model: decoded perplexity {full['ppl']:.3f} ± {full['ppl_se']:.3f}.",
+        "",
+        verdict_line(verdicts, z_crit),
         "",
     ]
     for v in verdicts:
@@ -264,6 +296,15 @@ def conclusion(
                 f"{r['average_diff_vs_full_se']:.3f}), ROUGE-L {r['rougeL']:.3f} ± {r['rougeL_se']:.3f} "
                 f"(Δ {r['rougeL_diff_vs_full']:+.3f} ± {r['rougeL_diff_vs_full_se']:.3f})"
             )
+        for value in dict.fromkeys(r["value"] for r in suite_rows if r["family"] == "kvsharer-random"):
+            seeds = [r for r in suite_rows if r["family"] == "kvsharer-random" and r["value"] == value]
+            if len(seeds) > 1:
+                avg, rouge = [r["average"] for r in seeds], [r["rougeL"] for r in seeds]
+                lines.append(
+                    f"- KVSharer (random) C={value:g} over its {len(seeds)} seeds: average {sum(avg) / len(avg):.3f} "
+                    f"(seeds {min(avg):.3f}..{max(avg):.3f}), ROUGE-L {sum(rouge) / len(rouge):.3f} "
+                    f"(seeds {min(rouge):.3f}..{max(rouge):.3f})"
+                )
         lines.append(
             f"With {full_s['average_n']} multiple-choice examples and {full_s['rougeL_n']} articles the suite "
             "separates only large losses; the held-out perplexity above is the precise comparison."
