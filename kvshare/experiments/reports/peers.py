@@ -23,11 +23,24 @@ STYLE = {
 
 
 def _xy_err(rows: list[dict], ratio_of: dict, key: str) -> tuple[list, list, list]:
-    pts = sorted(
-        ((ratio_of[(r["family"], r["value"])], r[key], r.get(key + "_se")) for r in rows if r["family"] in STYLE),
-        key=lambda p: p[0],
-    )
-    return [p[0] for p in pts], [p[1] for p in pts], [0.0 if p[2] is None or p[2] != p[2] else p[2] for p in pts]
+    """x (byte ratio), y and [lower, upper] error bars per point; several rows of one point (random KVSharer's
+    seeds) become their mean with bars spanning the seeds' min..max, a single row gets ± its standard error."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["family"] in STYLE:
+            groups.setdefault((r["family"], r["value"]), []).append(r)
+    pts = []
+    for k, rs in groups.items():
+        ys = [r[key] for r in rs]
+        y = sum(ys) / len(ys)
+        if len(rs) > 1:
+            lo, hi = y - min(ys), max(ys) - y
+        else:
+            se = rs[0].get(key + "_se")
+            lo = hi = 0.0 if se is None or se != se else se
+        pts.append((ratio_of[k], y, lo, hi))
+    pts.sort(key=lambda p: p[0])
+    return [p[0] for p in pts], [p[1] for p in pts], [[p[2] for p in pts], [p[3] for p in pts]]
 
 
 def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[dict] | None = None, title: str = ""):
@@ -102,7 +115,7 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[di
         for fam, (color, marker) in STYLE.items():
             pts = sorted(
                 (
-                    (c["kv_ratio"], by_key[(fam, c["value"])][key])
+                    (c["kv_ratio"], by_key[(fam, c["value"])])
                     for c in curves
                     if c["family"] == fam and (fam, c["value"]) in by_key
                 ),
@@ -111,19 +124,30 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[di
             if not pts:
                 continue
             scale = 2**20 if "bytes" in key else 1
-            ax.plot(
+            y = [row[key] / scale for _, row in pts]
+            # decode speed: bars span the speeds of the decode's four quarters (the spread within the run)
+            quarters = [row.get("decode_tps_quarters") if key == "decode_tps" else None for _, row in pts]
+            err = (
+                [[v - min(q) for v, q in zip(y, quarters)], [max(q) - v for v, q in zip(y, quarters)]]
+                if all(isinstance(q, list) and q for q in quarters)
+                else None
+            )
+            ax.errorbar(
                 [p[0] for p in pts],
-                [p[1] / scale for p in pts],
+                y,
+                yerr=err,
                 color=color,
                 marker=marker,
                 lw=1.2,
+                capsize=3,
                 ms=6 if fam != "full" else 11,
             )
         ax.set_xlabel("measured KV bytes / full cache")
         ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)  # bytes and speeds from zero: the differences are a few percent
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
-    axes[1, 0].set_title("decode speed")
+    axes[1, 0].set_title("decode speed (bars: the decode's four quarters)")
     axes[1, 1].set_title("peak memory (above the process's resident set before the run)")
     axes[1, 2].axis("off")
     axes[1, 2].legend(handles=handles, loc="center", fontsize=9, frameon=False)
