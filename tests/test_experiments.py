@@ -5,6 +5,7 @@ of the package (the core never imports notebook logic, computation never imports
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import matplotlib
 
@@ -21,7 +22,7 @@ from kvshare.experiments import search as srch
 from kvshare.experiments.reports import observation as obs_report
 from kvshare.experiments.reports import search as search_report
 from kvshare.experiments.reports.common import generations_markdown, save_figure
-from kvshare.metrics import paired_difference
+from kvshare.metrics import HELDOUT, paired_difference
 from kvshare.progress import Progress
 from kvshare.strategy import Strategy
 
@@ -48,11 +49,14 @@ def test_c_grid_reaches_the_fraction():
 def test_settings_quick_and_overrides():
     full = common.settings("m", False, 3)
     quick = common.settings("m", True, 3)
-    assert full.calibration_sets >= 3 and full.random_seeds >= 3 and full.max_fraction >= 0.4 and full.c_step <= 2
+    assert full.calibration_sets >= 3 and full.random_seeds >= 5 and full.max_fraction >= 0.4 and full.c_step <= 2
+    assert quick.random_seeds >= 2 and full.random_c_values == [4, 8, 12]
     assert min(full.thresholds) <= 0.3 and max(full.thresholds) >= 0.9
-    assert quick.eval_tokens < full.eval_tokens and quick.samples < full.samples
-    assert common.settings("m", True, 0, eval_tokens=None).eval_tokens == quick.eval_tokens
-    assert common.settings("m", True, 0, eval_tokens=77).eval_tokens == 77
+    assert common.heldout_protocol(full) == HELDOUT  # the one held-out protocol; quick scores a slice of it
+    assert quick.heldout_tokens < full.heldout_tokens and quick.samples < full.samples
+    assert common.heldout_protocol(quick) == replace(HELDOUT, tokens=quick.heldout_tokens)
+    assert common.settings("m", True, 0, heldout_tokens=None).heldout_tokens == quick.heldout_tokens
+    assert common.settings("m", True, 0, heldout_tokens=77).heldout_tokens == 77
     with pytest.raises(ValueError):
         common.settings("m", False, 0, nonsense=1)
 
@@ -95,7 +99,8 @@ def _rows(dis_better: bool, sets=(0, 1, 2), cs=(0, 2, 4), seeds=(0, 1, 2)):
             ] + [("random", s, 0.01 * s) for s in seeds]:
                 shift = 0.0 if c == 0 else shift
                 r = _result(base + shift + rng.normal(0, 0.001, size=8))
-                mapping = {str(29 - i): (0 if order == "similar" else 9 + k) for i in range(c)}
+                source = {"similar": 0, "dissimilar": 9 + k}.get(order, 12 + 3 * k + seed)  # random: per (set, seed)
+                mapping = {str(29 - i): source for i in range(c)}
                 rows.append(
                     {"calibration_set": k, "order": order, "seed": seed, "num_shared": c, "mapping": mapping, **r}
                 )
@@ -108,26 +113,70 @@ def test_conclusion_is_computed_from_the_numbers(dis_better):
     text = obs_report.observation_conclusion(rows, 30, "tiny")
     if dis_better:
         assert "claim holds" in text and "does not hold" not in text
-        assert "dissimilar wins on every set" in text
+        assert "dissimilar clearly lower" in text
     else:
         assert "does not hold" in text
-        assert "similar wins on every set" in text
+        assert "(set 0, similar clearly lower)" in text
     assert "C = 2" in text and "C = 4" in text and "C = 0 " not in text
     assert "| 4 (13%) |" in text
-    assert "Stability" in text and "same on all 3 calibration sets" in text
+    # dissimilar chose a different strategy on each set: 3 sets x 2 C = 6 distinct pairs, none counted twice
+    assert "all 6 distinct comparisons" in text
+    assert "stable" not in text and "Stability" not in text  # identity is not presented as robustness
     # similar picked the same layers on every set, dissimilar a different source per set
-    assert "identical* strategy at dissimilar 0 of 2, similar 2 of 2" in text
+    assert "Identical choices: the similar searches at C = 2, 4 (every C)" in text
+    assert "the dissimilar searches at" not in text
+    # the random order: a mean over every set's seeds with a 95% interval
+    assert "dissimilar / random" in text and "over 9 distinct random strategies" in text
+
+
+def _pair_rows(nll_dis, nll_sim, k, c=2, dis_source=9, sim_source=0):
+    rows = []
+    for order, w, source in (("dissimilar", nll_dis, dis_source), ("similar", nll_sim, sim_source)):
+        r = _result(w)
+        mapping = {str(29 - i): source for i in range(c)}
+        rows.append({"calibration_set": k, "order": order, "seed": 0, "num_shared": c, "mapping": mapping, **r})
+    return rows
+
+
+def test_distinct_comparisons_count_a_shared_strategy_once():
+    """Sets 0 and 1 chose the same dissimilar and the same similar strategy: one comparison, not two."""
+    same_dis, same_sim = [3.0, 3.2, 3.1, 3.3], [2.8, 3.0, 2.95, 3.1]
+    rows = (
+        _pair_rows(same_dis, same_sim, 0)
+        + _pair_rows(same_dis, same_sim, 1)
+        + _pair_rows([3.4, 3.5, 3.3, 3.6], same_sim, 2, dis_source=11)
+    )
+    comps = obs.paired_comparisons(rows)
+    assert len(comps) == 3  # one per (set, C)
+    distinct = obs.distinct_comparisons(comps)
+    assert len(distinct) == 2
+    assert sorted(d["calibration_sets"] for d in distinct) == [[0, 1], [2]]
+    assert all(obs.outcome(d) == "worse" for d in distinct)  # similar clearly lower in both
+    text = obs_report.observation_conclusion(rows, 30, "tiny")
+    assert "all 2 distinct comparisons" in text and "the 3 (set, C) points make 2 distinct pairs" in text
+    assert "(sets 0, 1, similar clearly lower)" in text and "(set 2, similar clearly lower)" in text
+    assert "Identical choices: the similar searches at C = 2 (every C)" in text
 
 
 def test_curve_summary_random_spread():
     rows = _rows(True)
     summary = obs.curve_summary(rows)
     rnd = [r for r in summary if r["order"] == "random" and r["num_shared"] == 2 and r["calibration_set"] == 0][0]
-    assert rnd["seeds"] == 3 and rnd["ppl_min"] <= rnd["ppl"] <= rnd["ppl_max"] and rnd["ppl_std"] > 0
+    assert rnd["seeds"] == 3 and rnd["ppl_min"] <= rnd["ppl"] <= rnd["ppl_max"]
+    assert rnd["ppl_lo"] < rnd["ppl"] < rnd["ppl_hi"] and "t-interval over 3 seeds" in rnd["interval"]
+    seeds = [r for r in rows if r["order"] == "random" and r["num_shared"] == 2 and r["calibration_set"] == 0]
+    want = common.ppl_ci95([r["nll"] for r in seeds])
+    assert rnd["ppl"] == pytest.approx(want["ppl"]) and rnd["ppl_hi"] == pytest.approx(want["hi"])
+    dis = [r for r in summary if r["order"] == "dissimilar" and r["num_shared"] == 2 and r["calibration_set"] == 0][0]
+    assert dis["ppl_lo"] < dis["ppl"] < dis["ppl_hi"]
     comps = obs.paired_comparisons(rows)
     assert {c["versus"] for c in comps} == {"similar", "random"}
     assert all(c["num_shared"] > 0 for c in comps)
     assert len([c for c in comps if c["versus"] == "random"]) == 3 * 2 * 3
+    rv = obs.random_versus(comps)
+    assert [r["num_shared"] for r in rv] == [2, 4]
+    assert all(r["strategies"] == 9 and r["ratio_lo"] <= r["ratio"] <= r["ratio_hi"] for r in rv)
+    assert all(r["better"] + r["worse"] + r["unclear"] == 9 for r in rv)
 
 
 def test_acceptance_by_decile():
@@ -152,7 +201,7 @@ def test_progress_prints_lines(capsys):
 
 # -- on a tiny model: the real code paths --------------------------------------------------------------------
 @pytest.fixture
-def tiny_setup(tiny_llama, char_tokenizer):
+def tiny_setup(tiny_llama, char_tokenizer, tmp_path):
     cfg = common.settings(
         "tiny",
         True,
@@ -162,13 +211,14 @@ def tiny_setup(tiny_llama, char_tokenizer):
         calibration_sets=2,
         max_fraction=0.5,
         random_seeds=2,
-        eval_tokens=96,
-        window=32,
+        random_c_values=[2],
+        heldout_tokens=96,
+        heldout_window=32,
         thresholds=[0.3, 0.99],
     )
-    text = "The quick brown fox jumps over the lazy dog. " * 10
-    evaluator = common.HeldOutScorer(tiny_llama, char_tokenizer, text=text, tokens=cfg.eval_tokens, window=cfg.window)
-    return tiny_llama, char_tokenizer, cfg, evaluator
+    store = common.HeldOutStore(tmp_path / common.STORE_NAME)
+    scorer = common.HeldOutScorer(tiny_llama, char_tokenizer, "tiny", common.heldout_protocol(cfg), store)
+    return tiny_llama, char_tokenizer, cfg, scorer
 
 
 def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
@@ -176,13 +226,16 @@ def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
     rows, runs = obs.ppl_curves(model, tok, cfg, evaluator, progress=False)
     grid = obs.c_grid(NUM_LAYERS, cfg.max_fraction, cfg.c_step)
     assert len(runs) == cfg.calibration_sets * (2 + cfg.random_seeds)  # one search per (set, order, seed)
-    assert all(r.strategy.metadata["target_num_shared"] == grid[-1] for r in runs)
+    assert all(r.strategy.metadata["target_num_shared"] == obs.c_values(r.order, grid, cfg)[-1] for r in runs)
+    # random seeds drawn per set (notebook 11's rule): no two sets share one
+    assert {r.seed for r in runs if r.order == "random" and r.calibration_set == 1} == set(common.random_seeds(cfg, 1))
     # identical strategies are scored once: every C = 0 point is the same unshared model
     zero = [r for r in rows if r["num_shared"] == 0]
     assert len({r["ppl"] for r in zero}) == 1
     assert evaluator.evaluations <= len(rows) - len(zero) + 1
+    assert evaluator.fresh == evaluator.evaluations and evaluator.from_store == 0
     for run in runs:
-        for c in grid:
+        for c in obs.c_values(run.order, grid, cfg):
             row = [
                 r
                 for r in rows
@@ -196,8 +249,8 @@ def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
                 continue
             assert len(row) == 1
             assert row[0]["mapping"] == {str(k): v for k, v in run.strategy.prefix(c).mapping.items()}
-    text = obs_report.observation_conclusion(rows, NUM_LAYERS, "tiny", runs=runs)
-    assert "tiny" in text
+    text = obs_report.observation_conclusion(rows, NUM_LAYERS, "tiny", runs=runs, scoring=evaluator.accounting())
+    assert "tiny" in text and "distinct strategies" in text
     visited = sum(len(r.trace) for r in runs)
     assert f"candidates the {len(runs)} searches visited" in text and f"of the {visited} candidates" in text
     summary = obs.curve_summary(rows)
@@ -212,13 +265,16 @@ def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
 
 def test_evaluator_matches_sharing_context(tiny_setup):
     from kvshare.combine import sharing
+    from kvshare.data import eval_text
     from kvshare.metrics import perplexity
 
     model, tok, cfg, evaluator = tiny_setup
     st = Strategy({3: 1, 5: 2}, NUM_LAYERS)
     got = evaluator(st)["ppl"]
     with sharing(model, st):
-        want = perplexity(model, tok, evaluator.text, window=cfg.window, stride=cfg.window, max_tokens=cfg.eval_tokens)
+        want = perplexity(
+            model, tok, eval_text(), window=cfg.heldout_window, stride=cfg.heldout_window, max_tokens=cfg.heldout_tokens
+        )
     assert got == pytest.approx(want, rel=1e-9)
     assert evaluator(Strategy({3: 1, 5: 2}, NUM_LAYERS)) is evaluator(st)  # cached
     assert evaluator(None)["ppl"] != got
@@ -247,12 +303,29 @@ def test_threshold_sweep_and_trace(tiny_setup, char_tokenizer):
     assert summary["layer_forwards"] <= summary["naive_layer_forwards"]
     text = search_report.search_conclusion(rows, by, summary, 0.3, control=srch.run_counts(main))
     assert "T = 0.99" in text and "decile" in text
+    # the random-order control: one search per seed, summarised over seeds
+    controls = srch.random_controls(model, tok, texts, cfg, 2, progress=False)
+    assert [c.seed for c in controls] == common.random_seeds(cfg, 0) and len(controls) == cfg.random_seeds
+    counts = srch.pooled_counts(controls)
+    assert counts["searches"] == 2 and counts["visited"] == sum(len(c.trace) for c in controls)
+    pooled = srch.pooled_acceptance(
+        [srch.acceptance_by_decile(srch.trace_rows(c.trace, ranks), len(ranks)) for c in controls]
+    )
+    assert sum(r["visited"] for r in pooled) == counts["visited"]
+    quality = srch.random_quality(controls, evaluator, 2, reference=main.strategy)
+    assert quality["n"] == 2 and quality["ppl_lo"] <= quality["ppl"] <= quality["ppl_hi"]
+    assert "reference_vs_random" in quality and len(quality["seeds"]) == 2
+    text = search_report.search_conclusion(
+        paired, by, summary, 0.3, control=counts, random=quality, scoring=evaluator.accounting()
+    )
+    assert "2 seeds" in text and "95% t-interval over seeds" in text and "Scoring" in text
     panels = {"T = 0.99": (trace, 0.99), "T = 0.3": (srch.trace_rows(main.trace, ranks), 0.3)}
     for fig in (
         search_report.trace_scatter(panels, num_pairs=len(ranks)),
         search_report.acceptance_deciles(by),
         search_report.strategy_arcs(main.strategy),
         search_report.threshold_sweep_plot(rows),
+        search_report.threshold_sweep_plot(paired, random=quality, full=evaluator(None)),
         obs_report.distance_heatmaps(d),
     ):
         assert fig.axes

@@ -36,7 +36,7 @@ from ..metrics import HELDOUT, heldout_perplexity, paired_difference
 from ..progress import Progress, format_seconds
 from ..search import search
 from ..strategy import Strategy
-from .common import make_settings
+from .common import HeldOutStore, make_settings, random_seeds  # random_seeds: the seed rule 01, 02 and 11 share
 
 FIXED = ("dissimilar", "similar", "random")
 ORDERS = ("best", *FIXED)
@@ -107,11 +107,6 @@ def use_all_cores() -> int:
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
-
-
-def random_seeds(cfg: BestSettings, calibration_set: int) -> list[int]:
-    """The random-order seeds of one calibration set: drawn per set, so no two sets share a random strategy."""
-    return [cfg.seed + 1000 * (calibration_set + 1) + k for k in range(cfg.random_seeds)]
 
 
 def protocol(cfg: BestSettings):
@@ -217,6 +212,7 @@ def distance_vs_damage(dm: DamageMap) -> list[dict]:
             "pairs": len(dm),
         }
         for m in METRICS
+        if all(f"distance_{m}" in r for r in dm)  # a map cached before a metric existed lacks its column
     ]
 
 
@@ -353,7 +349,9 @@ def evaluate(
 ) -> dict[str, dict]:
     """Held-out perplexity of the full model and of every distinct strategy the runs give at their C values.
 
-    Returns {mapping key: heldout_perplexity result}; identical strategies (across sets, orders) run once.
+    Returns {mapping key: heldout_perplexity result}; identical strategies (across sets, orders) run once, and
+    strategies already in the model's held-out store (`common.HeldOutStore`, shared with notebooks 01 and 02) are
+    read from it, not evaluated again; `cache` only says where the store lies (beside it).
     """
     proto = protocol(cfg)
     wanted = {"full": None}
@@ -365,9 +363,9 @@ def evaluate(
                 k = mapping_key(st)
                 wanted.setdefault(k, st)
                 priority[k] = min(priority.get(k, (9, 0, 0)), (ORDERS.index(run["order"]), run["set"], c))
-    name = "heldout"
-    key = cache.key(cfg.model, asdict(proto))
-    results = dict(cache.get(name, key) or {})
+    # the held-out store shared by every notebook of the model (<out_dir>/heldout_scores.json, beside the cache)
+    store = HeldOutStore.beside(cache.path.parent)
+    results = {k: hit for k in wanted if (hit := store.get(cfg.model, proto, k)) is not None}
     todo = sorted((k for k in wanted if k not in results), key=lambda k: priority[k])
     bar = Progress(len(todo), f"held-out perplexity ({proto.describe()})", enabled=progress, every=0)
     for k in todo:
@@ -375,8 +373,7 @@ def evaluate(
         with sharing(model, wanted[k]):
             res = heldout_perplexity(model, tokenizer, proto)
         res["seconds"] = round(time.perf_counter() - t0, 2)
-        results[k] = res
-        cache.put(name, key, results)
+        results[k] = store.put(cfg.model, proto, k, res)
         bar.update(note=f"{k if len(k) < 60 else k[:57] + '...'}: ppl {res['ppl']:.2f} in {res['seconds']:.0f} s")
     return {k: results[k] for k in wanted}
 

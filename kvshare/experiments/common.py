@@ -1,22 +1,27 @@
-"""What several notebooks share: paths and settings, held-out perplexity, one greedy search, generations.
+"""What several notebooks share: paths and settings, the held-out scorer and its store, one greedy search, the
+random-order seed rule, 95% intervals, generations.
 
 Cost model (what makes a full run of notebooks 01 and 02 fit on 2 CPU cores):
 - a greedy search to C visits exactly the candidates a search to any smaller C visits, up to where
   it stops, so ONE search per (order, seed, calibration set) to the largest C gives every smaller C
   as `Strategy.prefix(c)`;
-- identical strategies are evaluated once (`HeldOutScorer`): every order's C = 0 point is the same
-  unshared model, and two searches that accept the same pairs share their perplexity;
-- every strategy is scored on the SAME held-out tokens, so two strategies are compared by the
+- every strategy is scored under ONE held-out protocol (`kvshare.metrics.HELDOUT`: 16,384 BBC tokens,
+  windows of 512, ~39 s per strategy on 2 cores), and the result is kept in a store shared by every
+  notebook of a model (`HeldOutStore`, `<out_dir>/heldout_scores.json`): identical strategies are
+  evaluated once, across notebooks and runs (every order's C = 0 point is the same unshared model;
+  notebooks 01, 02 and 11 search the same fixed and random orders on the same calibration sets);
+- every strategy is scored on the SAME held-out windows, so two strategies are compared by the
   paired difference of their per-window mean NLLs, far more precise than the two absolute
   perplexities' error bars suggest.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +29,8 @@ import torch
 
 from ..calibration import distances_from_means, encode_calibration, kv_means, reference_forward
 from ..combine import sharing
-from ..data import eval_text
-from ..metrics import token_nlls
+from ..io import write_json
+from ..metrics import HELDOUT, HeldOutProtocol, heldout_perplexity
 from ..progress import Progress, format_seconds
 from ..search import search
 from ..strategy import Strategy
@@ -80,9 +85,12 @@ class Settings:
     metric: str = "euclidean"
     max_fraction: float = 0.4
     c_step: int = 2
-    random_seeds: int = 3
-    eval_tokens: int = 3072  # held-out tokens per perplexity: every strategy on the same ones
-    window: int = 256  # scoring window (= stride): 12 independent windows for the standard errors
+    random_seeds: int = 5  # random-order searches per calibration set, seeds drawn per set (`random_seeds`)
+    # C points where the random seeds are scored: every strategy costs ~39 s on 2 cores under HELDOUT, and 5 seeds
+    # x 3 sets at every C of the grid would be 90 strategies (about an hour); these are notebook 11's points
+    random_c_values: list = field(default_factory=lambda: [4, 8, 12])
+    heldout_tokens: int = HELDOUT.tokens  # the held-out protocol (`heldout_protocol`); quick mode scores a slice
+    heldout_window: int = HELDOUT.window
     thresholds: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     sweep_fraction: float = 0.25
     max_new_tokens: int = 48
@@ -96,8 +104,8 @@ QUICK = dict(
     calibration_sets=2,
     max_fraction=4 / 30,
     random_seeds=2,
-    eval_tokens=1024,
-    window=128,
+    random_c_values=[2, 4],
+    heldout_tokens=1024,  # a slice of HELDOUT (notebook 11's quick slice: their quick runs share the store too)
     thresholds=[0.3, 0.6, 0.9],
     sweep_fraction=0.1,
     max_new_tokens=16,
@@ -134,48 +142,143 @@ def distance_matrices(model, tokenizer, texts, max_tokens: int = 64) -> dict[str
 
 
 # ------------------------------------------------------------------------------------------------
-# perplexity on held-out text
+# held-out perplexity: one protocol, one store per model's figures
 # ------------------------------------------------------------------------------------------------
-class HeldOutScorer:
-    """Perplexity of strategies on one fixed held-out token sample; identical strategies run once.
+def heldout_protocol(cfg) -> HeldOutProtocol:
+    """The held-out protocol of a notebook's settings: `kvshare.metrics.HELDOUT`, or a slice of it (quick mode)."""
+    return replace(HELDOUT, tokens=cfg.heldout_tokens, window=getattr(cfg, "heldout_window", HELDOUT.window))
 
-    Notebooks 01 and 02 score every strategy with it; the benchmark runner is `kvshare.evaluation.Evaluator`.
+
+def mapping_key(strategy: Strategy | None) -> str:
+    """A strategy's identity for scoring: "r:s,r:s" over its (sorted) mapping, "full" for the unshared model."""
+    if strategy is None or not strategy.mapping:
+        return "full"
+    return ",".join(f"{r}:{s}" for r, s in sorted(strategy.mapping.items()))
+
+
+STORE_NAME = "heldout_scores.json"
+
+
+class HeldOutStore:
+    """Held-out results shared by every notebook of a model: `<out_dir>/heldout_scores.json`.
+
+    An entry is keyed by (model name, the protocol as a dict, the strategy's `mapping_key`) and holds the
+    `kvshare.metrics.heldout_perplexity` result (ppl, nll, nll_se, window_nll, ..., seconds). A strategy scored by one
+    notebook is read by the next; another protocol or another model never hits. The file is rewritten atomically
+    after every new entry, merged with whatever another process wrote to it meanwhile.
     """
 
-    def __init__(self, model, tokenizer, text: str | None = None, tokens: int = 4096, window: int = 512):
-        self.model, self.tokenizer = model, tokenizer
-        self.text = eval_text() if text is None else text
-        self.tokens, self.window = tokens, window
-        self.cache: dict[tuple, dict] = {}
-        self.evaluations = 0
-        self.seconds = 0.0
+    ABOUT = (
+        "Held-out perplexity of strategies (kvshare.experiments.common.HeldOutStore): key = "
+        '[model, protocol, "r:s,..." or "full"], value = kvshare.metrics.heldout_perplexity result'
+    )
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.entries: dict[str, dict] = self._read()
+
+    @classmethod
+    def beside(cls, out_dir: str | os.PathLike) -> "HeldOutStore":
+        """The store of the notebooks writing into `out_dir`."""
+        return cls(Path(out_dir) / STORE_NAME)
+
+    def _read(self) -> dict:
+        if not self.path.is_file():
+            return {}
+        return dict(json.loads(self.path.read_text()).get("entries", {}))
 
     @staticmethod
-    def key(strategy: Strategy | None) -> tuple:
-        return () if strategy is None else tuple(sorted(strategy.mapping.items()))
+    def key(model: str, protocol, mapping: str) -> str:
+        proto = asdict(protocol) if is_dataclass(protocol) else dict(protocol)
+        return json.dumps([str(model), proto, mapping], sort_keys=True)
+
+    def get(self, model: str, protocol, mapping: str) -> dict | None:
+        return self.entries.get(self.key(model, protocol, mapping))
+
+    def put(self, model: str, protocol, mapping: str, result: dict) -> dict:
+        self.entries = {**self._read(), **self.entries, self.key(model, protocol, mapping): result}
+        write_json(self.path, {"about": self.ABOUT, "entries": self.entries})
+        return result
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class HeldOutScorer:
+    """Held-out perplexity of strategies under one protocol (`heldout_protocol`), each distinct strategy once: from
+    this session, else from the `store`, else computed (and put into the store).
+
+    Counts what it did: `fresh` strategies computed in `seconds`, `from_store` strategies read from the store
+    (`stored_seconds`: what they cost when they were computed). The benchmark runner is `kvshare.evaluation.Evaluator`.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_name: str,
+        protocol: HeldOutProtocol = HELDOUT,
+        store: HeldOutStore | None = None,
+        batch_size: int = 4,
+    ):
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.protocol, self.store, self.batch_size = protocol, store, batch_size
+        self.results: dict[str, dict] = {}
+        self.fresh = self.from_store = 0
+        self.seconds = self.stored_seconds = 0.0
 
     def __call__(self, strategy: Strategy | None) -> dict:
-        k = self.key(strategy)
-        if k not in self.cache:
+        k = mapping_key(strategy)
+        if k in self.results:
+            return self.results[k]
+        hit = self.store.get(self.model_name, self.protocol, k) if self.store is not None else None
+        if hit is not None:
+            self.from_store += 1
+            self.stored_seconds += float(hit.get("seconds") or 0.0)
+            result = hit
+        else:
             t0 = time.perf_counter()
-            use = strategy if strategy is not None and strategy.mapping else None
-            with sharing(self.model, use):
-                nll = token_nlls(
-                    self.model,
-                    self.tokenizer,
-                    self.text,
-                    window=self.window,
-                    stride=self.window,
-                    max_tokens=self.tokens,
-                )
-            self.cache[k] = summarize_nll(nll, self.window)
-            self.evaluations += 1
-            self.seconds += time.perf_counter() - t0
-        return self.cache[k]
+            with sharing(self.model, strategy if k != "full" else None):
+                result = heldout_perplexity(self.model, self.tokenizer, self.protocol, batch_size=self.batch_size)
+            result["seconds"] = round(time.perf_counter() - t0, 2)
+            self.fresh += 1
+            self.seconds += result["seconds"]
+            if self.store is not None:
+                self.store.put(self.model_name, self.protocol, k, result)
+        self.results[k] = result
+        return result
+
+    @property
+    def evaluations(self) -> int:
+        """Distinct strategies scored in this session (fresh or from the store)."""
+        return len(self.results)
+
+    def accounting(self) -> dict:
+        """What the scoring cost: for the settings/results files."""
+        return {
+            "protocol": asdict(self.protocol),
+            "protocol_description": self.protocol.describe(),
+            "store": None if self.store is None else self.store.path.name,
+            "distinct_strategies": self.evaluations,
+            "fresh": self.fresh,
+            "from_store": self.from_store,
+            "fresh_seconds": round(self.seconds, 1),
+            "store_seconds_saved": round(self.stored_seconds, 1),
+            "seconds_per_strategy": round((self.seconds + self.stored_seconds) / max(1, self.evaluations), 1),
+        }
+
+    def accounting_line(self) -> str:
+        a = self.accounting()
+        return (
+            f"{a['distinct_strategies']} distinct strategies scored ({self.protocol.describe()}): {a['fresh']} fresh "
+            f"in {format_seconds(a['fresh_seconds'])}, {a['from_store']} from the store {a['store']} "
+            f"(saving ~{format_seconds(a['store_seconds_saved'])}); ~{a['seconds_per_strategy']:.0f} s per strategy"
+        )
 
 
 def summarize_nll(nll: torch.Tensor, window: int) -> dict:
-    """Perplexity with a standard error; windows are the independent units (tokens within one are not)."""
+    """Perplexity with a standard error from `nll` cut into windows of `window` tokens (synthetic results in tests;
+    the notebooks score with `HeldOutScorer`)."""
     means = np.array([c.mean().item() for c in nll.split(window)])
     mean = float(nll.mean().item())
     se = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
@@ -187,6 +290,90 @@ def summarize_nll(nll: torch.Tensor, window: int) -> dict:
         "tokens": int(nll.numel()),
         "window_nll": means.tolist(),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# random orders and 95% intervals
+# ------------------------------------------------------------------------------------------------
+def random_seeds(cfg, calibration_set: int) -> list[int]:
+    """The random-order seeds of one calibration set: seed + 1000 * (set + 1) + k for k < cfg.random_seeds.
+
+    Drawn per set, so no two sets share a random order; the one rule of notebooks 01, 02 and 11 (they search, and
+    score from the shared store, the same random strategies)."""
+    if cfg.random_seeds > 1000:
+        raise ValueError("at most 1000 random seeds per calibration set (the rule spaces sets 1000 apart)")
+    return [cfg.seed + 1000 * (calibration_set + 1) + k for k in range(cfg.random_seeds)]
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (no scipy in the core dependencies)
+_T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with `df` degrees of freedom (a 95% two-sided interval)."""
+    if df < 1:
+        return float("nan")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964  # Cornish-Fisher expansion around the normal quantile: < 1e-4 off beyond 30 degrees of freedom
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def ci95(values) -> dict:
+    """Mean of `values` with its 95% t-interval (n - 1 degrees of freedom): {n, mean, sd, lo, hi}.
+
+    One value has no interval (lo = hi = nan)."""
+    v = np.asarray(list(values), dtype=float)
+    n = len(v)
+    if n == 0:
+        return {"n": 0, "mean": float("nan"), "sd": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    mean = float(v.mean())
+    sd = float(v.std(ddof=1)) if n > 1 else float("nan")
+    half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half}
+
+
+def ppl_ci95(nlls) -> dict:
+    """Perplexity over strategies as exp(mean NLL) (the geometric mean of their perplexities), with the 95%
+    t-interval of the mean NLL mapped through exp: {n, ppl, lo, hi}."""
+    c = ci95(nlls)
+    return {"n": c["n"], "ppl": math.exp(c["mean"]), "lo": math.exp(c["lo"]), "hi": math.exp(c["hi"])}
+
+
+def result_ci95(result: dict) -> tuple[float, float]:
+    """The 95% interval of one strategy's perplexity over its evaluation windows: exp(nll ± 1.96 nll_se)."""
+    return math.exp(result["nll"] - 1.96 * result["nll_se"]), math.exp(result["nll"] + 1.96 * result["nll_se"])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,13 @@ BEST_COLOR = "#2ca02c"
 LABELS = {"best": "best-first (KL)", "dissimilar": "dissimilar (KVSharer)", "similar": "similar", "random": "random"}
 
 
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st, 22nd, ..."""
+    n = int(n)
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def _pair_matrix(dm, column: str) -> np.ndarray:
     return dm.matrix(column)
 
@@ -383,7 +390,7 @@ def conclusion(
         )
         med = float(np.median([p["kl_percentile"] for p in rows_]))
         lines.append(
-            f"Median position of these picks on the damage map: the {med:.0f}th percentile of harm "
+            f"Median position of these picks on the damage map: the {ordinal(round(med))} percentile of harm "
             "(0 = the least harmful pair)."
         )
         lines.append("")

@@ -1,17 +1,36 @@
 """Notebook 01's figures (distance heatmaps, perplexity curves, paired ratios) and its conclusion, written from
-the numbers of `kvshare.experiments.observation`. Each figure function returns a Figure."""
+the numbers of `kvshare.experiments.observation`. Each figure function returns a Figure.
+
+Every measured point carries a 95% interval: a fixed order's perplexity over the evaluation windows, the random
+order as the mean over seeds with the 95% t-interval over seeds, a paired ratio with its paired interval."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FuncFormatter
 
-from ..common import ORDER_LABELS
-from ..observation import curve_summary, find_rows, paired_comparisons
+from ...metrics import HeldOutProtocol
+from ..common import ORDER_LABELS, ci95
+from ..observation import (
+    curve_summary,
+    distinct_comparisons,
+    find_rows,
+    identical_across_sets,
+    outcome,
+    paired_comparisons,
+    random_versus,
+)
 from .common import COLORS, MARKERS
+
+Z95 = 1.96
+PLAIN = FuncFormatter(lambda v, _: f"{v:g}")  # log axes labelled 20, 50, 100, not 2 x 10^1
+# minor ticks of a log axis: label 2x and 5x each decade only (every minor tick would crowd over two decades)
+PLAIN_2_5 = FuncFormatter(
+    lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""
+)
 
 
 def distance_heatmaps(matrices: dict, title: str = ""):
@@ -31,7 +50,9 @@ def distance_heatmaps(matrices: dict, title: str = ""):
     return fig
 
 
-def _order_curves(ax, summary, k, num_layers, show_se=True):
+def _order_curves(ax, summary, k, num_layers):
+    """Each order's perplexity against C on calibration set k: fixed orders with 95% error bars, random as its
+    mean over seeds inside the band of the 95% t-interval over seeds."""
     for order in ORDER_LABELS:
         rows = sorted(
             (r for r in summary if r["calibration_set"] == k and r["order"] == order), key=lambda r: r["num_shared"]
@@ -40,25 +61,31 @@ def _order_curves(ax, summary, k, num_layers, show_se=True):
             continue
         c = np.array([r["num_shared"] for r in rows])
         y = np.array([r["ppl"] for r in rows])
-        label = ORDER_LABELS[order]
+        lo = np.array([r["ppl_lo"] for r in rows])
+        hi = np.array([r["ppl_hi"] for r in rows])
         if order == "random":
-            lo = np.array([r["ppl_min"] for r in rows])
-            hi = np.array([r["ppl_max"] for r in rows])
+            n = max(r["seeds"] for r in rows)
             ax.fill_between(
-                c, lo, hi, color=COLORS[order], alpha=0.25, lw=0, label=f"random: min–max over {rows[0]['seeds']} seeds"
+                c, lo, hi, color=COLORS[order], alpha=0.22, lw=0, label=f"random: 95% t-interval, {n} seeds"
             )
-            ax.plot(
+            ax.plot(c, y, color=COLORS[order], marker=MARKERS[order], ms=4, ls="--", label=f"random: mean of {n} seeds")
+        else:
+            yerr = np.nan_to_num(np.vstack([y - lo, hi - y]))
+            ax.errorbar(
                 c,
                 y,
+                yerr=yerr,
                 color=COLORS[order],
                 marker=MARKERS[order],
                 ms=4,
-                label=f"random: mean of {rows[0]['seeds']} seeds",
+                capsize=2,
+                label=f"{ORDER_LABELS[order]} (95% interval)",
             )
-        else:
-            yerr = [r["ppl_se"] for r in rows] if show_se else None
-            ax.errorbar(c, y, yerr=yerr, color=COLORS[order], marker=MARKERS[order], ms=4, capsize=2, label=label)
-    ax.set_yscale("log")
+    ax.set_yscale("log")  # perplexity grows multiplicatively with C
+    ax.yaxis.set_major_formatter(PLAIN)
+    ax.yaxis.set_minor_formatter(PLAIN_2_5)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_xticks(sorted({r["num_shared"] for r in summary if r["calibration_set"] == k}))
     ax.set_xlabel("replaced layers C")
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.grid(alpha=0.3, which="both")
@@ -67,64 +94,132 @@ def _order_curves(ax, summary, k, num_layers, show_se=True):
         sec.set_xlabel("% of layers replaced")
 
 
+def _legend_below(fig, ax, ncols: int = 2):
+    """One legend under the axes, outside them: it never covers a point or a label."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=8, frameon=False)
+
+
 def ppl_curve(summary, num_layers: int, calibration_set: int = 0, title: str = ""):
-    """Perplexity versus replaced layers for each order on one calibration set (error bars: ±1 SE / seed spread)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), constrained_layout=True)
+    """Perplexity versus replaced layers for each order on one calibration set (95% intervals)."""
+    fig, ax = plt.subplots(figsize=(6.6, 5.2), layout="constrained")
     _order_curves(ax, summary, calibration_set, num_layers)
-    ax.legend(fontsize=8)
-    ax.set_title(title or f"perplexity vs replaced layers (calibration set {calibration_set})")
+    _legend_below(fig, ax)
+    ax.set_title(title or f"perplexity vs replaced layers (calibration set {calibration_set})", fontsize=10)
     return fig
 
 
 def ppl_curves_by_set(summary, num_layers: int, title: str = ""):
     """The same curves on each calibration set, one panel each, shared y axis."""
     sets = sorted({r["calibration_set"] for r in summary})
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.6 * len(sets), 4.2), sharey=True, constrained_layout=True)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.6 * len(sets), 4.8), sharey=True, layout="constrained")
     axes = np.atleast_1d(axes)
     for ax, k in zip(axes, sets):
         _order_curves(ax, summary, k, num_layers)
         ax.set_title(f"calibration set {k}")
         if ax is not axes[0]:
             ax.set_ylabel("")
-    axes[0].legend(fontsize=7)
+    _legend_below(fig, axes[0], ncols=4)
     if title:
         fig.suptitle(title)
     return fig
 
 
+def _sets_label(sets) -> str:
+    return ("set " if len(sets) == 1 else "sets ") + ", ".join(str(k) for k in sets)
+
+
 def paired_differences(comparisons, num_layers: int, title: str = ""):
-    """Perplexity ratio dissimilar / other per C and calibration set, ±2 paired SE (below 1: dissimilar better)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, constrained_layout=True)
+    """Paired perplexity ratio dissimilar / other per C (log scale; below 1: dissimilar better).
+
+    Left, against similar: every distinct pair of strategies once, with its 95% paired interval, labelled with the
+    calibration sets whose searches chose it. Right, against random: each random strategy (dots), each set's mean
+    over its seeds with the 95% t-interval over seeds, and the mean over all sets' seeds (black)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.8), sharey=True, layout="constrained")
+    distinct = distinct_comparisons(comparisons)
     sets = sorted({r["calibration_set"] for r in comparisons})
-    for ax, versus in zip(axes, ("similar", "random")):
-        rows = [r for r in comparisons if r["versus"] == versus]
-        for j, k in enumerate(sets):
-            rs = sorted((r for r in rows if r["calibration_set"] == k), key=lambda r: (r["num_shared"], r["seed"]))
+    colors = plt.get_cmap("tab10")
+
+    ax = axes[0]
+    sim = [d for d in distinct if d["versus"] == "similar"]
+    groups = list(dict.fromkeys(_sets_label(d["calibration_sets"]) for d in sim))
+    for c in sorted({d["num_shared"] for d in sim}):
+        at = [d for d in sim if d["num_shared"] == c]
+        for j, d in enumerate(at):
+            g = _sets_label(d["calibration_sets"])
+            x = c + (j - (len(at) - 1) / 2) * 0.3
+            lo, hi = d["ppl_ratio_ci95"]
+            ax.errorbar(
+                [x],
+                [d["ppl_ratio"]],
+                yerr=[[d["ppl_ratio"] - lo], [hi - d["ppl_ratio"]]],
+                fmt="o",
+                ms=4,
+                capsize=2,
+                color=colors(groups.index(g) % 10),
+                label=f"chosen on {g}",
+            )
+    ax.set_title(f"dissimilar vs similar: {len(sim)} distinct pairs of strategies", fontsize=10)
+
+    ax = axes[1]
+    rnd = [d for d in distinct if d["versus"] == "random"]
+    for j, k in enumerate(sets):
+        for c in sorted({d["num_shared"] for d in rnd}):
+            rs = [d for d in rnd if d["num_shared"] == c and k in d["calibration_sets"]]
             if not rs:
                 continue
-            nseeds = len({r["seed"] for r in rs})
-            offs = (j - (len(sets) - 1) / 2) * 0.25
-            x = np.array([r["num_shared"] for r in rs], dtype=float) + offs
-            if nseeds > 1:
-                x = x + (np.array([r["seed"] for r in rs]) - np.mean([r["seed"] for r in rs])) * 0.06
-            d = np.array([r["nll_diff"] for r in rs])
-            se = np.array([r["nll_diff_se"] for r in rs])
+            x = c + (j - (len(sets) - 1) / 2) * 0.35 - 0.15
+            ax.scatter([x] * len(rs), [d["ppl_ratio"] for d in rs], s=9, color=colors(j % 10), alpha=0.45, lw=0)
+            ci = ci95([d["nll_diff"] for d in rs])
+            mean = math.exp(ci["mean"])
+            err = np.nan_to_num([[mean - math.exp(ci["lo"])], [math.exp(ci["hi"]) - mean]])
             ax.errorbar(
-                x,
-                np.exp(d),
-                yerr=[np.exp(d) - np.exp(d - 2 * se), np.exp(d + 2 * se) - np.exp(d)],
+                [x + 0.12],
+                [mean],
+                yerr=err,
                 fmt="o",
-                ms=3.5,
+                ms=4,
                 capsize=2,
-                label=f"calibration set {k}" + (f" ({nseeds} seeds)" if nseeds > 1 else ""),
+                color=colors(j % 10),
+                label=f"set {k}: mean of {len(rs)} seeds, 95% t-interval",
             )
+    for row in random_versus(comparisons):
+        err = np.nan_to_num([[row["ratio"] - row["ratio_lo"]], [row["ratio_hi"] - row["ratio"]]])
+        ax.errorbar(
+            [row["num_shared"] + 0.5],
+            [row["ratio"]],
+            yerr=err,
+            fmt="D",
+            ms=5,
+            capsize=3,
+            color="k",
+            label="all sets: mean over seeds x sets, 95% t-interval",
+        )
+    ax.set_title("dissimilar vs random (the random order as a distribution)", fontsize=10)
+
+    for ax in axes:
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_yscale("log")
+        ax.set_yscale("log")  # a ratio: 2x and 1/2x equally far from 1
+        ax.yaxis.set_major_formatter(PLAIN)
+        ax.yaxis.set_minor_formatter(PLAIN_2_5)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_xticks(sorted({c["num_shared"] for c in comparisons}))
         ax.set_xlabel("replaced layers C")
-        ax.set_title(f"dissimilar vs {versus}")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("ppl(dissimilar) / ppl(other), ±2 paired SE\n(< 1: dissimilar better)")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        if unique:
+            ax.legend(
+                unique.values(),
+                unique.keys(),
+                fontsize=7,
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.16),
+                ncols=2,
+                frameon=False,
+            )
+    axes[0].set_ylabel("ppl(dissimilar) / ppl(other), log scale\n(< 1: dissimilar better)")
     if title:
         fig.suptitle(title)
     return fig
@@ -133,166 +228,187 @@ def paired_differences(comparisons, num_layers: int, title: str = ""):
 # ------------------------------------------------------------------------------------------------
 # the conclusion
 # ------------------------------------------------------------------------------------------------
+def _protocol_text(rows: list[dict]) -> str:
+    proto = rows[0].get("protocol")
+    if proto:
+        return HeldOutProtocol(**proto).describe()
+    return f"the same {rows[0]['tokens']} held-out tokens"
+
+
+def _ratio(d: dict) -> str:
+    lo, hi = d["ppl_ratio_ci95"]
+    return f"{d['ppl_ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _ci(x: dict, lo: str = "ppl_lo", hi: str = "ppl_hi") -> str:
+    return f"{x['ppl']:.2f} [{x[lo]:.2f}, {x[hi]:.2f}]"
+
+
 def observation_conclusion(
-    rows: list[dict], num_layers_: int, model: str, z_crit: float = 2.0, runs: list | None = None
+    rows: list[dict], num_layers_: int, model: str, runs: list | None = None, scoring: dict | None = None
 ) -> str:
-    """The markdown conclusion of notebook 01, written from the numbers (and the searches' traces, if given)."""
+    """The markdown conclusion of notebook 01, written from the numbers (and the searches' traces and the scorer's
+    accounting, if given). Every count is of distinct comparisons: when the searches on several calibration sets
+    chose the same two strategies, that is one measurement, said once."""
     comps = paired_comparisons(rows)
+    distinct = distinct_comparisons(comps)
     sets = sorted({r["calibration_set"] for r in rows})
     cs = sorted({c["num_shared"] for c in comps})
     main = sets[0]
+    summary = curve_summary(rows)
+    seeds_per_set = max((s["seeds"] for s in summary if s["order"] == "random" and s["num_shared"] > 0), default=0)
+    random_cs = sorted({r["num_shared"] for r in rows if r["order"] == "random" and r["num_shared"] > 0})
     lines = [
-        f"**Computed from this run** ({model}, {num_layers_} layers, {len(sets)} disjoint calibration sets, "
-        f"perplexity on the same {rows[0]['tokens']} held-out tokens for every strategy; differences are paired "
-        f'per evaluation window, "clear" means |difference| > {z_crit:g} paired standard errors).',
+        f"**Computed from this run** ({model}, {num_layers_} layers, {len(sets)} disjoint calibration sets; every "
+        f"strategy scored on {_protocol_text(rows)}; intervals are 95%; a comparison is *clear* when the 95% "
+        "interval of its paired perplexity ratio excludes 1).",
         "",
     ]
 
-    def verdict(c_list, k):
-        wins = []
-        for c in c_list:
-            vs = find_rows(comps, calibration_set=k, num_shared=c, versus="similar")
-            if vs:
-                wins.append(vs[0])
-        return wins
-
     # headline table on the first calibration set
     lines.append(
-        "| C (layers replaced) | KV kept | dissimilar | similar | random (mean ± std) | dissimilar vs similar |"
+        "| C (layers replaced) | KV kept | dissimilar | similar | "
+        f"random (mean of {seeds_per_set} seeds) | dissimilar / similar (paired) |"
     )
     lines.append("|---|---|---|---|---|---|")
-    summary = curve_summary(rows)
     for c in cs:
         d = find_rows(summary, calibration_set=main, order="dissimilar", num_shared=c)
         s = find_rows(summary, calibration_set=main, order="similar", num_shared=c)
         rnd = find_rows(summary, calibration_set=main, order="random", num_shared=c)
         vs = find_rows(comps, calibration_set=main, num_shared=c, versus="similar")
-        cell = lambda x: f"{x[0]['ppl']:.2f}" if x else "n/a"
-        rcell = f"{rnd[0]['ppl']:.2f} ± {rnd[0]['ppl_std']:.2f}" if rnd else "n/a"
-        vcell = f"{(vs[0]['ppl_ratio'] - 1) * 100:+.1f}% ({vs[0]['z']:+.1f} SE)" if vs else "n/a"
+        cell = lambda x: _ci(x[0]) if x else "n/a"
+        vcell = f"{_ratio(vs[0])}, z {vs[0]['z']:+.1f}" if vs else "n/a"
         lines.append(
             f"| {c} ({c / num_layers_:.0%}) | {(num_layers_ - c) / num_layers_:.0%} | {cell(d)} | {cell(s)} | "
-            f"{rcell} | {vcell} |"
+            f"{cell(rnd)} | {vcell} |"
         )
     lines.append("")
     lines.append(
-        f"Table: calibration set {main}. Last column: perplexity of dissimilar relative to similar "
-        "(negative = dissimilar better) and the paired z-score."
+        f"Table: calibration set {main}, perplexity [95% interval]. Fixed orders: the interval over the evaluation "
+        "windows. Random: exp of the mean NLL over the seeds (their geometric mean), with the 95% t-interval over "
+        f"seeds; scored at C = {', '.join(map(str, random_cs)) or 'none'} only (n/a elsewhere). Last column: "
+        "perplexity ratio dissimilar / similar with its paired 95% interval (< 1: dissimilar better) and z."
     )
     lines.append("")
 
-    # winner per C, over all sets
-    dis_better = dis_worse = ties = 0
-    per_c = []
-    for c in cs:
-        vs = [v for k in sets for v in verdict([c], k)]
-        b = sum(v["z"] < -z_crit for v in vs)
-        w = sum(v["z"] > z_crit for v in vs)
-        dis_better += b
-        dis_worse += w
-        ties += len(vs) - b - w
-        ratios = [v["ppl_ratio"] for v in vs]
-        gm = math.exp(np.mean(np.log(ratios))) if ratios else float("nan")
-        if b == len(vs):
-            who = "dissimilar wins on every set"
-        elif w == len(vs):
-            who = "similar wins on every set"
-        elif b > 0 and w == 0:
-            who = f"dissimilar wins on {b} of {len(vs)} sets, the rest too close to call"
-        elif w > 0 and b == 0:
-            who = f"similar wins on {w} of {len(vs)} sets, the rest too close to call"
-        elif b == 0 and w == 0:
-            who = "too close to call on every set"
-        else:
-            who = f"mixed: dissimilar wins on {b}, similar on {w} of {len(vs)} sets"
-        per_c.append(
-            f"- C = {c} ({c / num_layers_:.0%} of layers): {who}; dissimilar/similar perplexity ratio "
-            f"{gm:.3f} (geometric mean over sets; per set {', '.join(f'{r:.3f}' for r in ratios)})."
-        )
-    total = dis_better + dis_worse + ties
-    if total == 0:
+    # dissimilar vs similar: distinct pairs of strategies
+    sim = [d for d in distinct if d["versus"] == "similar"]
+    points = len({(c["calibration_set"], c["num_shared"]) for c in comps if c["versus"] == "similar"})
+    better = sum(outcome(d) == "better" for d in sim)
+    worse = sum(outcome(d) == "worse" for d in sim)
+    unclear = len(sim) - better - worse
+    n = len(sim)
+    counted = (
+        f"the {points} (set, C) points make {n} distinct pairs of strategies: where the searches on several sets "
+        "chose the same two strategies, that is one comparison, counted once"
+    )
+    if n == 0:
         claim = "There is no shared C > 0 to compare: nothing can be concluded."
-    elif dis_better == total:
+    elif better == n:
         claim = (
-            f"**The paper's claim holds on {model}:** sharing the most *dissimilar* layers' KV cache gives lower "
-            f"perplexity than sharing the most *similar* ones at every compression level and on every calibration "
-            f"set ({total} of {total} comparisons clear)."
+            f"**The paper's claim holds on {model}:** sharing the most *dissimilar* layers' KV cache gives clearly "
+            f"lower perplexity than sharing the most *similar* ones in all {n} distinct comparisons ({counted})."
         )
-    elif dis_worse == total:
+    elif worse == n:
         claim = (
-            f"**The paper's claim does not hold on {model}:** sharing the most *similar* layers gives lower "
-            f"perplexity than the dissimilar (KVSharer) order in all {total} comparisons."
+            f"**The paper's claim does not hold on {model}:** sharing the most *similar* layers gives clearly lower "
+            f"perplexity than the dissimilar (KVSharer) order in all {n} distinct comparisons ({counted})."
         )
-    elif dis_better > dis_worse:
+    elif better > worse:
         claim = (
-            f"**The paper's claim mostly holds on {model}:** dissimilar beats similar clearly in {dis_better} of "
-            f"{total} (set, C) comparisons, similar wins clearly in {dis_worse}, and {ties} are too close to call."
+            f"**The paper's claim mostly holds on {model}:** dissimilar is clearly lower in {better} of {n} distinct "
+            f"comparisons, similar in {worse}, {unclear} unclear ({counted})."
         )
-    elif dis_worse > dis_better:
+    elif worse > better:
         claim = (
-            f"**The paper's claim does not hold on {model}:** similar beats dissimilar clearly in {dis_worse} of "
-            f"{total} (set, C) comparisons, dissimilar wins clearly in {dis_better}, and {ties} are too close to call."
+            f"**The paper's claim does not hold on {model}:** similar is clearly lower in {worse} of {n} distinct "
+            f"comparisons, dissimilar in {better}, {unclear} unclear ({counted})."
         )
     else:
         claim = (
-            f"**No clear winner on {model}:** dissimilar wins clearly in {dis_better} of {total} (set, C) "
-            f"comparisons, similar in {dis_worse}, {ties} too close to call."
+            f"**No clear winner on {model}:** dissimilar is clearly lower in {better} of {n} distinct comparisons, "
+            f"similar in {worse}, {unclear} unclear ({counted})."
         )
     lines.insert(2, claim)
     lines.insert(3, "")
-    lines.extend(["Which order wins at which compression (all calibration sets):", ""] + per_c + [""])
 
-    # random as a reference
-    rnd = [v for v in comps if v["versus"] == "random"]
-    if rnd:
-        better = sum(v["z"] < -z_crit for v in rnd)
-        worse = sum(v["z"] > z_crit for v in rnd)
+    word = {"better": "dissimilar clearly lower", "worse": "similar clearly lower", "unclear": "unclear"}
+    per_c = []
+    for c in cs:
+        at = [d for d in sim if d["num_shared"] == c]
+        if not at:
+            continue
+        parts = "; ".join(f"{_ratio(d)} ({_sets_label(d['calibration_sets'])}, {word[outcome(d)]})" for d in at)
+        per_c.append(
+            f"- C = {c} ({c / num_layers_:.0%} of layers): {len(at)} distinct pair{'s' if len(at) > 1 else ''}: "
+            f"dissimilar / similar {parts}."
+        )
+    lines.extend(["Dissimilar / similar at each C, per distinct pair of strategies [95% paired interval]:", ""])
+    lines.extend(per_c + [""])
+
+    # the random order as a distribution
+    rv = random_versus(comps)
+    if rv:
         lines.append(
-            f"Against the random order (each seed a separate greedy search): dissimilar is clearly better in "
-            f"{better}, clearly worse in {worse} and too close to call in {len(rnd) - better - worse} of "
-            f"{len(rnd)} (set, C, seed) comparisons."
+            f"Against the random order ({seeds_per_set} seeds per calibration set, each set's seeds drawn "
+            "independently: the mean over every set's seeds of the paired log ratio, with its 95% t-interval over "
+            "those random strategies; below 1: dissimilar better):"
         )
         lines.append("")
-    # stability of the ordering across calibration sets
-    stable = []
-    for c in cs:
-        signs = {np.sign(v["nll_diff"]) for k in sets for v in verdict([c], k)}
-        stable.append(len(signs) == 1)
-    lines.append(
-        f"Stability: the sign of (dissimilar − similar) is the same on all {len(sets)} calibration sets at "
-        f"{sum(stable)} of {len(cs)} compression levels"
-        + ("." if all(stable) else f" (it flips at C = {', '.join(str(c) for c, s in zip(cs, stable) if not s)}).")
-    )
-    if len(sets) > 1:
-        same = []
-        for order in ORDER_LABELS:
-            keys = sorted({(r["seed"], r["num_shared"]) for r in rows if r["order"] == order and r["num_shared"] > 0})
-            n_same = sum(
-                len(
-                    {
-                        json.dumps(r["mapping"], sort_keys=True)
-                        for r in find_rows(rows, order=order, seed=sd, num_shared=c)
-                    }
-                )
-                == 1
-                for sd, c in keys
+        for r in rv:
+            lines.append(
+                f"- C = {r['num_shared']}: dissimilar / random {r['ratio']:.3f} [{r['ratio_lo']:.3f}, "
+                f"{r['ratio_hi']:.3f}] over {r['strategies']} distinct random strategies; dissimilar clearly lower "
+                f"than {r['better']}, clearly higher than {r['worse']}, unclear against {r['unclear']} of them."
             )
-            if keys:
-                same.append(f"{order} {n_same} of {len(keys)}")
-        lines.append(
-            f"The searches on the {len(sets)} calibration sets chose the *identical* strategy at "
-            f"{', '.join(same)} (seed, C) points, so their curves coincide there."
-        )
+        lines.append("")
+        if random_cs != cs:
+            why = " to keep the run short"
+            if scoring and scoring.get("seconds_per_strategy"):
+                all_c = seeds_per_set * len(sets) * len(cs)
+                why = (
+                    f" each strategy costs ~{scoring['seconds_per_strategy']:.0f} s to score here, and "
+                    f"{seeds_per_set} seeds x {len(sets)} sets at all {len(cs)} C values would be {all_c} strategies "
+                    f"(~{all_c * scoring['seconds_per_strategy'] / 60:.0f} min)"
+                )
+            lines.append(
+                f"The random seeds are scored at C = {', '.join(map(str, random_cs))} only (as in notebook 11, whose "
+                f"seeds they are):{why}."
+            )
+            lines.append("")
+
+    # identical choices: one strategy on every set is one measurement, not robustness
+    if len(sets) > 1:
+        same = {o: identical_across_sets(rows, o) for o in ("dissimilar", "similar")}
+        said = [
+            f"the {o} searches at C = {', '.join(map(str, cs_))}" + (" (every C)" if cs_ == cs else "")
+            for o, cs_ in same.items()
+            if cs_
+        ]
+        if said:
+            lines.append(
+                f"Identical choices: {' and '.join(said)} chose one and the same strategy on all {len(sets)} "
+                "calibration sets. There the sets repeat one measurement: it is counted once above and is no "
+                "evidence that the result holds across calibration data."
+            )
+        else:
+            lines.append(f"No order chose the same strategy on all {len(sets)} calibration sets at any C.")
     if runs:
         visited = sum(len(r.trace) for r in runs)
         rejected = sum(not t["accepted"] for r in runs for t in r.trace)
         lines.append(
             f"The threshold rejected {rejected} of the {visited} candidates the {len(runs)} searches visited"
             + (
-                ": the candidate order alone decided every strategy (so a random order with a given seed "
-                "picks the same layers whatever the calibration set)."
+                ": the candidate order alone decided every strategy, which is why searches of one order on "
+                "different calibration sets can choose the same strategy."
                 if rejected == 0
                 else "."
             )
+        )
+    if scoring:
+        lines.append(
+            f"Scoring: {scoring['distinct_strategies']} distinct strategies, {scoring['fresh']} evaluated in this run "
+            f"({scoring['fresh_seconds'] / 60:.1f} min), {scoring['from_store']} taken from the store "
+            f"`{scoring['store']}` shared with the other notebooks of this model (the same protocol: computed once)."
         )
     return "\n".join(lines)
