@@ -1,6 +1,14 @@
 """Notebook 03 (03_evaluation.ipynb): the compression table, benchmark scores at each compression rate for each
 search order, run through the core evaluation runner (`kvshare.evaluation.Evaluator`).
 
+Statistics: the random order is a distribution (RANDOM_SEEDS independent orders, each its own search, at
+RANDOM_RATES only, to keep the full run within ~35 minutes on 2 cores), "% of full kept" and its above-chance
+version get paired bootstrap 95% intervals (examples resampled within each task, the same draw for the full
+model and the method; for random the seeds are resampled too), and the claim's verdict reads the interval.
+Rates are reported as the exact fraction of layers (`kvshare.accounting.num_shared_for`: 25% -> 8/30 = 26.7%).
+The multiple-choice tasks evaluate only their `test` part, disjoint from the `screen` part that chose them
+(`kvshare.tasks.offline`; `screen` below reruns that choice on the screen part alone).
+
 Figure and conclusion: `kvshare.experiments.reports.evaluation`.
 """
 
@@ -10,6 +18,8 @@ import math
 import sys
 import warnings
 from pathlib import Path
+
+import numpy as np
 
 # one rate -> layers rule (notebook 03 had its own copy, rounding half up: the same C at 30 layers)
 from ..accounting import num_shared_for
@@ -21,6 +31,31 @@ from ..strategy import Strategy
 
 RATES = (0.0, 0.125, 0.25, 0.375)
 ORDERS = ("dissimilar", "similar", "random")
+RANDOM_SEEDS = 5  # independent random orders (quick: 2)
+RANDOM_RATES = (0.25,)  # the rates at which the random orders are evaluated (the claim's rate)
+BOOTSTRAP_ITERS = 2000
+THRESHOLD_PCT = 90.0
+
+
+def _random_seeds(seed: int, calibration_set: int, n: int) -> list[int]:
+    """The random-order seeds of one calibration set (the rule of notebook 11: seed + 1000 * (set + 1) + k)."""
+    return [seed + 1000 * (calibration_set + 1) + k for k in range(n)]
+
+
+def layers_text(num_shared: int, layers: int) -> str:
+    """A rate as the exact fraction of layers: '8/30 (26.7%)'."""
+    return f"{num_shared}/{layers} ({100 * num_shared / layers:.1f}%)"
+
+
+def arms(orders=ORDERS, seed: int = 0, random_seeds: int = RANDOM_SEEDS) -> list[tuple[str, str, int]]:
+    """(label, order, seed) of every searched strategy: one per fixed order, `random_seeds` for random."""
+    out = []
+    for order in orders:
+        if order == "random":
+            out += [(f"random seed {s}", "random", s) for s in _random_seeds(seed, 0, random_seeds)]
+        else:
+            out.append((order, order, seed))
+    return out
 
 
 def compression_strategies(
@@ -34,22 +69,26 @@ def compression_strategies(
     cache: bool = True,
     cache_dir=None,
     progress: bool = True,
+    random_seeds: int = RANDOM_SEEDS,
+    random_rates=RANDOM_RATES,
 ) -> dict:
-    """{order: Strategy} searched once per order to the largest rate; smaller rates are its prefixes.
+    """{label: Strategy}: one search per fixed order to the largest rate (smaller rates are its prefixes), and
+    `random_seeds` independent random orders (labels 'random seed S') to the largest of `random_rates`.
 
     Searches are cached beside the evaluation results (same model fingerprint).
     """
     from ..data import calibration_texts
     from ..search import search
 
-    c_max = max(num_shared_for(r, num_layers(model)) for r in rates)
+    L = num_layers(model)
     root = Path(cache_dir) if cache_dir else kvshare_home() / "eval_cache"
     root = root / f"{safe_name(model_name(model))}-{model_fingerprint(model, tokenizer)}" / "strategies"
     out = {}
-    for order in orders:
-        path = root / f"{order}-c{c_max}-t{threshold}-n{samples}-seed{seed}.json"
+    for label, order, s in arms(orders, seed, random_seeds):
+        c_max = max(num_shared_for(r, L) for r in (random_rates if order == "random" else rates))
+        path = root / f"{order}-c{c_max}-t{threshold}-n{samples}-seed{s}.json"
         if cache and path.is_file():
-            out[order] = Strategy.load(path)
+            out[label] = Strategy.load(path)
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "only k of C layers could be replaced": recorded in the metadata
@@ -60,12 +99,12 @@ def compression_strategies(
                 c_max,
                 threshold=threshold,
                 order=order,
-                seed=seed,
+                seed=s,
                 progress=progress,
             )
         if cache:
             strategy.save(path)
-        out[order] = strategy
+        out[label] = strategy
     return out
 
 
@@ -77,31 +116,53 @@ def compression_runs(
     tasks=None,
     limit: int | None = None,
     progress: bool = True,
+    random_rates=RANDOM_RATES,
 ) -> list[dict]:
-    """Evaluate every (order, rate); the unshared model (rate 0) once. Returns long rows (order, rate, ...)."""
+    """Evaluate every (strategy, rate): fixed orders at `rates`, random orders at `random_rates`; the unshared model
+    (rate 0) once, its rows repeated under each fixed order. Long rows (order, label, seed, rate, num_shared,
+    num_layers, ...)."""
     from tqdm.auto import tqdm
 
     L = num_layers(evaluator.model)
-    cells = [(o, r) for o in strategies for r in rates]
+    cells = []
+    for label, strategy in strategies.items():
+        order = strategy.metadata.get("order", label)
+        for rate in random_rates if order == "random" else rates:
+            if order == "random" and num_shared_for(rate, L) == 0:
+                continue
+            cells.append((label, order, rate))
     full = evaluator.evaluate(None, suite=suite, tasks=tasks, limit=limit, label="full")
     rows = []
-    for order, rate in tqdm(cells, desc="compression table", disable=not progress):
+    for label, order, rate in tqdm(cells, desc="compression table", disable=not progress):
         c = num_shared_for(rate, L)
-        found = strategies[order].num_shared
+        found = strategies[label].num_shared
         if c == 0:
             result = full
         elif c > found:
             print(
-                f"kvshare: the {order} search found only {found} layers to share; no row at rate {rate}",
+                f"kvshare: the {label} search found only {found} layers to share; no row at {layers_text(c, L)}",
                 file=sys.stderr,
             )
             continue
         else:
             result = evaluator.evaluate(
-                strategies[order].prefix(c), suite=suite, tasks=tasks, limit=limit, label=f"{order} {rate:.1%}"
+                strategies[label].prefix(c), suite=suite, tasks=tasks, limit=limit, label=f"{label} {c}/{L}"
             )
+        seed = strategies[label].metadata.get("seed")
         for r in result["rows"]:
-            rows.append({"order": order, "rate": rate, "num_shared": c, **r, "seconds": result["compute_seconds"]})
+            rows.append(
+                {
+                    "order": order,
+                    "label": label,
+                    "seed": seed,
+                    "rate": rate,
+                    "num_shared": c,
+                    "num_layers": L,
+                    "fraction": c / L,
+                    **r,
+                    "seconds": result["compute_seconds"],
+                }
+            )
     return rows
 
 
@@ -111,79 +172,228 @@ def mean_or_nan(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def summarize(rows) -> list[dict]:
-    """Per (order, rate): average of the primary higher-is-better scores, % of the full model's average kept,
-    % of its margin above chance kept, perplexity, and the paired drop vs the full model with its stderr."""
-    primary = [r for r in rows if r.get("primary") and r.get("higher_is_better", True)]
-    cells = sorted(
-        {(r["order"], r["rate"]) for r in rows}, key=lambda c: (ORDERS.index(c[0]) if c[0] in ORDERS else 9, c[1])
-    )
-    full = {r["task"]: r for r in primary if r["num_shared"] == 0}
-    full_avg = mean_or_nan(r["value"] for r in full.values())
-    chance_avg = mean_or_nan(r["chance"] for r in full.values() if r.get("chance") is not None)
-    has_chance = all(r.get("chance") is not None for r in full.values())
-    out = []
-    for order, rate in cells:
-        here = [r for r in primary if (r["order"], r["rate"]) == (order, rate)]
-        if {r["task"] for r in here} != set(full):
-            continue
-        avg = mean_or_nan(r["value"] for r in here)
-        # paired drop: per task the mean of per-example differences against the full model
-        var = 0.0
-        for r in here:
-            f = full[r["task"]]
-            if r.get("scores") and f.get("scores") and len(r["scores"]) == len(f["scores"]) > 1:
-                d = [a - b for a, b in zip(r["scores"], f["scores"])]
-                m = mean_or_nan(d)
-                var += sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)
-            else:
-                var += (r["stderr"] or 0.0) ** 2 + (f["stderr"] or 0.0) ** 2
-        ppl = [x for x in rows if (x["order"], x["rate"]) == (order, rate) and x["metric"] == "ppl"]
-        out.append(
-            {
-                "order": order,
-                "rate": rate,
-                "num_shared": here[0]["num_shared"],
-                "average": avg,
-                "average_stderr": math.sqrt(sum((r["stderr"] or 0.0) ** 2 for r in here)) / len(here),
-                "kept_pct": 100 * avg / full_avg,
-                "above_chance_kept_pct": 100 * (avg - chance_avg) / (full_avg - chance_avg) if has_chance else None,
-                "drop": full_avg - avg,
-                "drop_stderr": math.sqrt(var) / len(here),
-                "ppl": ppl[0]["value"] if ppl else None,
-            }
-        )
+# ------------------------------------------------------------------------------------------------
+# statistics
+# ------------------------------------------------------------------------------------------------
+def paired_bootstrap(
+    full: dict, arms_scores: list[dict], chance: dict | None = None, iters: int = BOOTSTRAP_ITERS, seed: int = 0
+) -> dict:
+    """Point estimates and percentile 95% intervals of the average score, "% of full kept", "% of the
+    above-chance margin kept" and the drop, for a method against the full model.
+
+    `full`: {task: per-example scores}; `arms_scores`: one such dict per strategy of the method (one for a fixed
+    order, one per seed for random), the same examples in the same order as `full`; `chance`: {task: chance}.
+    The average is over tasks of each task's mean. Each draw resamples the examples within every task (the same
+    indices for the full model and every arm: paired) and, with more than one arm, the arms (seeds) too; the
+    method's average is the mean over (drawn) arms.
+    """
+    tasks = list(full)
+    if not tasks or not arms_scores:
+        raise ValueError("paired_bootstrap needs at least one task and one arm")
+    rng = np.random.default_rng(seed)
+    n_arms = len(arms_scores)
+    full_draws = np.zeros(iters)
+    arm_draws = np.zeros((n_arms, iters))
+    for t in tasks:
+        f = np.asarray(full[t], dtype=float)
+        a = np.asarray([arm[t] for arm in arms_scores], dtype=float)
+        if f.ndim != 1 or f.size == 0 or a.shape != (n_arms, f.size):
+            raise ValueError(f"task {t}: the full model and every arm need per-example scores on the same examples")
+        idx = rng.integers(0, f.size, size=(iters, f.size))
+        full_draws += f[idx].mean(axis=1)
+        arm_draws += a[:, idx].mean(axis=2)
+    full_draws /= len(tasks)
+    arm_draws /= len(tasks)
+    if n_arms > 1:
+        pick = rng.integers(0, n_arms, size=(iters, n_arms))
+        method_draws = arm_draws[pick, np.arange(iters)[:, None]].mean(axis=1)
+    else:
+        method_draws = arm_draws[0]
+    full_avg = float(np.mean([np.mean(full[t]) for t in tasks]))
+    arm_avgs = [float(np.mean([np.mean(arm[t]) for t in tasks])) for arm in arms_scores]
+    avg = float(np.mean(arm_avgs))
+
+    def ci(draws):
+        lo, hi = np.nanpercentile(draws, [2.5, 97.5])  # NaN: a draw whose ratio is undefined (all-zero full)
+        return float(lo), float(hi)
+
+    def ratio(num, den):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(den != 0, num / np.where(den != 0, den, 1.0), np.nan)
+
+    out = {"average": avg, "full_average": full_avg, "arm_averages": arm_avgs}
+    out["average_lo"], out["average_hi"] = ci(method_draws)
+    out["kept_pct"] = 100 * avg / full_avg
+    out["kept_lo"], out["kept_hi"] = ci(100 * ratio(method_draws, full_draws))
+    out["drop"] = full_avg - avg
+    out["drop_lo"], out["drop_hi"] = ci(full_draws - method_draws)
+    if chance is not None and all(chance.get(t) is not None for t in tasks):
+        c = float(np.mean([chance[t] for t in tasks]))
+        out["above_chance_kept_pct"] = 100 * (avg - c) / (full_avg - c)
+        out["above_chance_lo"], out["above_chance_hi"] = ci(100 * ratio(method_draws - c, full_draws - c))
+    else:
+        out["above_chance_kept_pct"] = out["above_chance_lo"] = out["above_chance_hi"] = None
     return out
 
 
-def wide_table(rows) -> list[dict]:
-    """One row per task (primary metric, "value ± stderr"), then Average and % kept; one column per cell."""
+def verdict(lo: float, hi: float, threshold: float = THRESHOLD_PCT) -> str:
+    """'holds' when the whole 95% interval is above `threshold`, 'fails' when it is below, else 'undecided'."""
+    if lo > threshold:
+        return "holds"
+    if hi < threshold:
+        return "fails"
+    return "undecided"
+
+
+# Student's t 0.975 quantiles by degrees of freedom (seeds - 1)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t_interval(values) -> tuple[float, float]:
+    """95% t interval of a mean (over seeds); (v, v) for a single value."""
+    values = [float(v) for v in values]
+    m = mean_or_nan(values)
+    if len(values) < 2:
+        return m, m
+    df = len(values) - 1
+    t = T975.get(df, 1.96 + 2.4 / df)  # beyond the table: within 0.01 of the exact quantile
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / df)
+    half = t * sd / math.sqrt(len(values))
+    return m - half, m + half
+
+
+def _cell_order(cell):
+    return (ORDERS.index(cell[0]) if cell[0] in ORDERS else 9, cell[1])
+
+
+def summarize(rows, iters: int = BOOTSTRAP_ITERS, seed: int = 0) -> list[dict]:
+    """Per (order, layers replaced), all seeds of an order pooled: the average of the primary higher-is-better
+    scores, "% of full kept" and "% of the above-chance margin kept" with paired bootstrap 95% intervals
+    (`paired_bootstrap`), the drop against the full model with its interval and paired stderr, perplexity
+    (random: the mean over seeds with a t interval over seeds; else ± 1.96 stderr) and the per-seed values."""
+    primary = [r for r in rows if r.get("primary") and r.get("higher_is_better", True)]
+    full_rows = {r["task"]: r for r in primary if r["num_shared"] == 0}
+    full = {t: r["scores"] for t, r in full_rows.items()}
+    chance = {t: r.get("chance") for t, r in full_rows.items()}
+    cells = sorted({(r["order"], r["num_shared"]) for r in rows}, key=_cell_order)
+    out = []
+    for order, c in cells:
+        here = [r for r in primary if (r["order"], r["num_shared"]) == (order, c)]
+        labels = list(dict.fromkeys(r.get("label", order) for r in here))
+        per_arm = []
+        for label in labels:
+            mine = {r["task"]: r for r in here if r.get("label", order) == label}
+            if set(mine) == set(full):
+                per_arm.append((label, mine))
+        if not per_arm:
+            continue
+        stats = paired_bootstrap(
+            full, [{t: r["scores"] for t, r in m.items()} for _, m in per_arm], chance, iters, seed
+        )
+        # paired stderr of the drop (pooled over arms): per task the per-example differences of the arms' mean
+        var = 0.0
+        for t, f in full.items():
+            d = [np.mean([m[t]["scores"][i] for _, m in per_arm]) - f[i] for i in range(len(f))]
+            if len(d) > 1:
+                var += float(np.var(d, ddof=1)) / len(d)
+        ppl_rows = [
+            x
+            for x in rows
+            if (x["order"], x["num_shared"]) == (order, c)
+            and x["metric"] == "ppl"
+            and x.get("label", order) in {lab for lab, _ in per_arm}
+        ]
+        first = per_arm[0][1][next(iter(full))]
+        L = first.get("num_layers")
+        entry = {
+            "order": order,
+            "rate": first["rate"],
+            "num_shared": c,
+            "num_layers": L,
+            "fraction": c / L if L else None,
+            "layers": layers_text(c, L) if L else str(c),
+            "seeds": [m[next(iter(full))].get("seed") for _, m in per_arm],
+            "average": stats["average"],
+            "average_lo": stats["average_lo"],
+            "average_hi": stats["average_hi"],
+            "kept_pct": stats["kept_pct"],
+            "kept_lo": stats["kept_lo"],
+            "kept_hi": stats["kept_hi"],
+            "above_chance_kept_pct": stats["above_chance_kept_pct"],
+            "above_chance_lo": stats["above_chance_lo"],
+            "above_chance_hi": stats["above_chance_hi"],
+            "drop": stats["drop"],
+            "drop_lo": stats["drop_lo"],
+            "drop_hi": stats["drop_hi"],
+            "drop_stderr": math.sqrt(var) / len(full),
+            "ppl": None,
+            "ppl_lo": None,
+            "ppl_hi": None,
+            "interval": "paired bootstrap 95%, examples resampled within each task"
+            + (f", seeds resampled ({len(per_arm)} seeds)" if len(per_arm) > 1 else ""),
+        }
+        if ppl_rows:
+            values = [x["value"] for x in ppl_rows]
+            entry["ppl"] = mean_or_nan(values)
+            if len(values) > 1:
+                entry["ppl_lo"], entry["ppl_hi"] = t_interval(values)
+            else:
+                se = ppl_rows[0].get("stderr") or 0.0
+                entry["ppl_lo"], entry["ppl_hi"] = values[0] - 1.96 * se, values[0] + 1.96 * se
+        if len(per_arm) > 1:
+            entry["per_seed"] = [
+                {"seed": m[next(iter(full))].get("seed"), "average": a, "kept_pct": 100 * a / stats["full_average"]}
+                for (_, m), a in zip(per_arm, stats["arm_averages"])
+            ]
+        out.append(entry)
+    return out
+
+
+def column_label(order: str, num_shared: int, layers: int | None, seeds: int = 1) -> str:
+    base = f"{order} {layers_text(num_shared, layers)}" if layers else f"{order} {num_shared}"
+    return base + (f", mean of {seeds} seeds" if seeds > 1 else "")
+
+
+def wide_table(rows, summary=None) -> list[dict]:
+    """One row per task (primary metric: "value ± stderr"; random: the mean over seeds [lowest–highest seed]), then
+    Average, % kept and % of the above-chance margin kept with their 95% intervals; one column per (order,
+    layers replaced), labelled by the exact fraction of layers."""
     primary = [r for r in rows if r.get("primary")]
-    cells = sorted(
-        {(r["order"], r["rate"]) for r in primary}, key=lambda c: (ORDERS.index(c[0]) if c[0] in ORDERS else 9, c[1])
-    )
-    col = {c: f"{c[0]} {c[1] * 100:g}%" for c in cells}
+    summary = summarize(rows) if summary is None else summary
+    cells = [(s["order"], s["num_shared"]) for s in summary]
+    col = {
+        (s["order"], s["num_shared"]): column_label(s["order"], s["num_shared"], s["num_layers"], len(s["seeds"]))
+        for s in summary
+    }
     tasks = list(dict.fromkeys(r["task"] for r in primary))
     out = []
     for t in tasks:
         line = {"task": t}
-        for r in primary:
-            if r["task"] == t:
-                line["metric"] = r["metric"]
-                line["chance"] = r.get("chance")
-                se = f" ± {r['stderr']:.3f}" if r.get("stderr") is not None else ""
-                line[col[(r["order"], r["rate"])]] = f"{r['value']:.3f}{se}"
+        for cell in cells:
+            mine = [r for r in primary if r["task"] == t and (r["order"], r["num_shared"]) == cell]
+            if not mine:
+                continue
+            line["metric"] = mine[0]["metric"]
+            line["chance"] = mine[0].get("chance")
+            values = [r["value"] for r in mine]
+            if len(mine) > 1:
+                line[col[cell]] = f"{mean_or_nan(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
+            else:
+                se = f" ± {mine[0]['stderr']:.3f}" if mine[0].get("stderr") is not None else ""
+                line[col[cell]] = f"{values[0]:.3f}{se}"
         out.append(line)
-    summary = summarize(rows)
-    for key, label in (
-        ("average", "Average"),
-        ("kept_pct", "% of full kept"),
-        ("above_chance_kept_pct", "% of above-chance margin kept"),
+    for key, lo, hi, label in (
+        ("average", "average_lo", "average_hi", "Average"),
+        ("kept_pct", "kept_lo", "kept_hi", "% of full kept"),
+        ("above_chance_kept_pct", "above_chance_lo", "above_chance_hi", "% of above-chance margin kept"),
     ):
         line = {"task": label, "metric": "", "chance": None}
+        fmt = "{:.3f}" if key == "average" else "{:.1f}"
         for s in summary:
             if s[key] is not None:
-                line[col[(s["order"], s["rate"])]] = f"{s[key]:.1f}" if key != "average" else f"{s[key]:.3f}"
+                line[col[(s["order"], s["num_shared"])]] = (
+                    f"{fmt.format(s[key])} [{fmt.format(s[lo])}, {fmt.format(s[hi])}]"
+                )
         out.append(line)
     return out
 
@@ -191,3 +401,54 @@ def wide_table(rows) -> list[dict]:
 def without_scores(rows) -> list[dict]:
     """Rows without their per-example scores (for the committed JSON/CSV; the cache keeps them)."""
     return [{k: v for k, v in r.items() if k != "scores"} for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------
+# the screen and the split
+# ------------------------------------------------------------------------------------------------
+def split_records(suite: str = "offline", tasks=None, limit: int | None = None) -> list[dict]:
+    """Per task of the evaluated suite: the screen / test split (sizes, rule, ids; kvshare.tasks.offline)."""
+    from ..evaluation import resolve_tasks
+    from ..tasks.offline import split_record
+
+    if suite != "offline":
+        return []
+    return [split_record(spec, limit) for spec in resolve_tasks(suite, tasks)]
+
+
+def screen(evaluator: Evaluator, which: str = "kept", limit: int | None = None) -> list[dict]:
+    """Rerun the screen on the screen part only (the full model): per candidate (task, prompt) and metric (acc,
+    acc_norm), the score, chance, n and z = (score − chance) / stderr; `chosen` marks each candidate's metric
+    of larger z. `which`: "kept" (the suite's tasks; data already local) or "all" (every candidate of
+    kvshare.tasks.SCREEN, one download of the BIG-bench sdist on first use). `limit`: screen examples per
+    candidate (None: kvshare.tasks.SCREEN_LIMIT)."""
+    from ..data import ensure_bigbench_tasks
+    from ..tasks import SCREEN_LIMIT, screen_tasks
+
+    specs = screen_tasks(which, SCREEN_LIMIT if limit is None else limit)
+    ensure_bigbench_tasks(sorted({s.source for s in specs}))
+    result = evaluator.evaluate(None, suite="offline", tasks=specs, label="screen")
+    out = []
+    for spec in specs:
+        mine = [r for r in result["rows"] if r["task"] == spec.name and r["metric"] in ("acc", "acc_norm")]
+        for r in mine:
+            se = r.get("stderr")
+            z = (r["value"] - r["chance"]) / se if se and r.get("chance") is not None else None
+            out.append(
+                {
+                    "source": spec.source,
+                    "prompt": spec.prompt,
+                    "metric": r["metric"],
+                    "value": r["value"],
+                    "stderr": se,
+                    "chance": r.get("chance"),
+                    "n": r["n"],
+                    "z": z,
+                }
+            )
+    for spec in specs:
+        mine = [x for x in out if x["source"] == spec.source and x["prompt"] == spec.prompt]
+        best = max(mine, key=lambda x: -math.inf if x["z"] is None else x["z"], default=None)
+        for x in mine:
+            x["chosen"] = x is best
+    return out

@@ -6,13 +6,17 @@ and points lm-eval's `json` dataset builder at the local files (`dataset_path: j
 touches the hub. The folder is then passed to lm-eval's `TaskManager(include_path=...)`.
 
 Multiple choice: examples with exactly one best answer (highest target score, > 0) are kept, shuffled
-once with a fixed seed; the first `FEWSHOT_POOL` form the few-shot pool (`train`), the rest are
-evaluated (`test`), so evaluated examples are never shown as shots. Chance is the expected accuracy
-of a uniform guess over each example's choices.
+once with a fixed seed; the first `FEWSHOT_POOL` form the few-shot pool (`train`), never evaluated. The
+rest are split once more, by a hash of each example's content (`example_id`), into `screen` (the share
+`SCREEN_FRACTION`: the examples on which tasks, prompts and metrics are chosen, `kvshare.tasks.SCREEN`)
+and `test` (everything else: the examples that are evaluated), so no evaluated example took part in
+choosing the suite. `MCTask(split="screen")` evaluates the screen part instead (its own task name).
+Chance is the expected accuracy of a uniform guess over each example's choices.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -25,7 +29,15 @@ from ..pypi_files import kvshare_home
 HERE = Path(__file__).resolve().parent
 FEWSHOT_POOL = 5
 PREFIX = "kvshare_"  # lm-eval task names of the offline suite; avoids clashes with lm-eval's own `bigbench_*`
-FORMAT_VERSION = 1  # bump when the data or prompt construction changes (part of the results cache key)
+FORMAT_VERSION = 2  # bump when the data or prompt construction changes (part of the results cache key)
+# 2: the screen / test split (multiple choice evaluates only `test`)
+SCREEN_FRACTION = 0.3  # share of a multiple-choice task's examples (after the few-shot pool) in its screen part
+SPLITS = ("test", "screen")
+SPLIT_RULE = (
+    "example_id = first 12 hex digits of sha256 over the JSON of [task source, input, choices]; an example is in the "
+    "screen part when int(example_id, 16) / 16**12 < SCREEN_FRACTION, else in the test part (the few-shot pool, the "
+    "first FEWSHOT_POOL examples after the seed-1234 shuffle, is in neither)"
+)
 
 
 @dataclass(frozen=True)
@@ -39,14 +51,21 @@ class MCTask:
     metric: str = "acc"  # the headline metric of the table: acc or acc_norm
     limit: int | None = None  # examples evaluated by default (None: all)
     kind: str = "multiple_choice"
+    split: str = "test"  # the part evaluated: "test" (held out from the screen) or "screen" (choosing the suite)
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"MCTask split must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
     @property
     def name(self) -> str:
         if self.source.endswith(".json"):  # a local file in BIG-bench's format
             path = Path(self.source)
             stem = path.parent.name if path.name == "task.json" else path.stem
-            return PREFIX + stem
-        return PREFIX + self.source.replace("/", "_")
+            base = PREFIX + stem
+        else:
+            base = PREFIX + self.source.replace("/", "_")
+        return base + ("_screen" if self.split == "screen" else "")
 
 
 @dataclass(frozen=True)
@@ -126,13 +145,71 @@ def load_task_json(source: str) -> dict:
     return bigbench_task(source)
 
 
-def mc_rows(spec: MCTask) -> tuple[list[dict], list[dict]]:
+def split_source(source: str, task: dict) -> str:
+    """The task's name in the split hash: the BIG-bench (sub)folder, or a local file's task name (never its path,
+    which differs between machines and would move examples between the screen and test parts)."""
+    return str(task.get("name") or Path(source).stem) if source.endswith(".json") else source
+
+
+def example_id(source: str, example: dict) -> str:
+    """A content hash of one multiple-choice example (stable under reordering and prompt changes); `source` as
+    `split_source` gives it."""
+    text = json.dumps([source, example["input"], example["choices"]], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def in_screen(eid: str, fraction: float = SCREEN_FRACTION) -> bool:
+    return int(eid, 16) / 16**12 < fraction
+
+
+def mc_parts(spec: MCTask) -> dict[str, list[dict]]:
+    """{"train": few-shot pool, "screen": ..., "test": ...} rows (query, choices, gold, id) of a task."""
     task = load_task_json(spec.source)
     examples = single_answer_examples(task)
     random.Random(SPLIT_SEED).shuffle(examples)
     make = PROMPTS[spec.prompt]
-    rows = [{"query": make(task, e["input"]), "choices": e["choices"], "gold": e["gold"]} for e in examples]
-    return rows[:FEWSHOT_POOL], rows[FEWSHOT_POOL:]
+    key = split_source(spec.source, task)
+    rows = [
+        {"query": make(task, e["input"]), "choices": e["choices"], "gold": e["gold"], "id": example_id(key, e)}
+        for e in examples
+    ]
+    rest = rows[FEWSHOT_POOL:]
+    return {
+        "train": rows[:FEWSHOT_POOL],
+        "screen": [r for r in rest if in_screen(r["id"])],
+        "test": [r for r in rest if not in_screen(r["id"])],
+    }
+
+
+def mc_rows(spec: MCTask) -> tuple[list[dict], list[dict]]:
+    """(few-shot pool, the examples evaluated: the spec's split, in the shuffled order; a limit takes the first)."""
+    parts = mc_parts(spec)
+    return parts["train"], parts[spec.split]
+
+
+def split_record(spec, limit: int | None = None) -> dict:
+    """What a task's evaluation used and what its screen used: sizes, the rule and the screen examples' ids."""
+    if spec.kind != "multiple_choice":
+        return {
+            "task": spec.name,
+            "screened": False,
+            "note": "not part of the screen (every example may be evaluated)",
+        }
+    parts = mc_parts(spec)
+    n = limit if limit is not None else spec.limit
+    test = parts["test"] if n is None else parts["test"][:n]
+    return {
+        "task": spec.name,
+        "screened": True,
+        "fraction": SCREEN_FRACTION,
+        "rule": SPLIT_RULE,
+        "fewshot_pool": len(parts["train"]),
+        "screen": len(parts["screen"]),
+        "test": len(parts["test"]),
+        "evaluated": len(test),
+        "screen_ids": [r["id"] for r in parts["screen"]],
+        "evaluated_ids": [r["id"] for r in test],
+    }
 
 
 def mc_description(spec: MCTask) -> str:
