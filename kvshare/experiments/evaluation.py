@@ -18,6 +18,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from ..evaluation import Evaluator, model_fingerprint, safe_name
 from ..models import model_name
 from ..pypi_files import kvshare_home
 from ..strategy import Strategy
+from . import common
 
 RATES = (0.0, 0.125, 0.25, 0.375)
 ORDERS = ("dissimilar", "similar", "random")
@@ -35,11 +37,6 @@ RANDOM_SEEDS = 5  # independent random orders (quick: 2)
 RANDOM_RATES = (0.25,)  # the rates at which the random orders are evaluated (the claim's rate)
 BOOTSTRAP_ITERS = 2000
 THRESHOLD_PCT = 90.0
-
-
-def _random_seeds(seed: int, calibration_set: int, n: int) -> list[int]:
-    """The random-order seeds of one calibration set (the rule of notebook 11: seed + 1000 * (set + 1) + k)."""
-    return [seed + 1000 * (calibration_set + 1) + k for k in range(n)]
 
 
 def layers_text(num_shared: int, layers: int) -> str:
@@ -52,7 +49,8 @@ def arms(orders=ORDERS, seed: int = 0, random_seeds: int = RANDOM_SEEDS) -> list
     out = []
     for order in orders:
         if order == "random":
-            out += [(f"random seed {s}", "random", s) for s in _random_seeds(seed, 0, random_seeds)]
+            seeds = common.random_seeds(SimpleNamespace(seed=seed, random_seeds=random_seeds), calibration_set=0)
+            out += [(f"random seed {s}", "random", s) for s in seeds]
         else:
             out.append((order, order, seed))
     return out
