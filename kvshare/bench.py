@@ -239,6 +239,7 @@ class Config:
     kv_bits: int | None = None  # KV-cache quantization on the shared rows (the `quantized` method: 8 or 4 bits)
     method: dict | None = None  # any registered method on the shared rows, as its to_dict() (kvshare.methods)
     compile: bool = False  # decode steps through torch.compile (static cache only, as transformers' generate does)
+    warmup_prompt_len: int | None = None  # the warm-up's prompt (None: the prompt; shorter: a cheaper warm-up)
 
 
 def build_model(name: str, random_weights: bool, device=None, dtype=None):
@@ -285,8 +286,7 @@ def bytes_needed(cfg, batch: int, prompt_len: int, new_tokens: int, dtype_bytes:
     cfg = text_config(cfg)
     weights = param_count(cfg) * dtype_bytes
     kv = cfg.num_hidden_layers * kv_token_bytes(cfg, dtype_bytes) * batch * (prompt_len + new_tokens)
-    activations = batch * prompt_len * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * dtype_bytes
-    return weights + kv + activations
+    return weights + kv + batch * prefill_activation_bytes(cfg, prompt_len, dtype_bytes)
 
 
 def available_bytes(device) -> int:
@@ -390,16 +390,28 @@ def last_logits_only(model) -> dict:
 
 
 @torch.no_grad()
-def run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | None = None, step=None):
+def run_once(
+    model,
+    prompt,
+    new_tokens: int,
+    cache_kind: str,
+    phases: dict | None = None,
+    step=None,
+    max_len: int | None = None,
+    step_times: list | None = None,
+):
     """Prefill + greedy decode with a fresh cache; returns (prefill_s, decode_s, cache).
 
     With a `phases` dict: the peaks up to the end of the prefill ("before_decode") and of the decode
     phase alone ("decode": the cache at its largest, without the prefill's activations and logits).
-    `step` calls the decode steps instead of `model` (a compiled model: see `compiled_decode`)."""
+    `step` calls the decode steps instead of `model` (a compiled model: see `compiled_decode`). `max_len`: a
+    static cache's length (default prompt + new_tokens; a warm-up that decodes fewer tokens passes the timed
+    run's, so a compiled decode sees the same shapes and does not recompile). `step_times` (a list) receives the
+    end time of every decode step."""
     from .adapter import model_cache_kwarg
 
     device = prompt.device
-    cache = new_cache(model, cache_kind, prompt.shape[1] + new_tokens)
+    cache = new_cache(model, cache_kind, max_len or prompt.shape[1] + new_tokens)
     kw = model_cache_kwarg(model)  # `cache` in transformers >= 5.24, `past_key_values` before
     sync(device)
     t0 = time.perf_counter()
@@ -417,6 +429,9 @@ def run_once(model, prompt, new_tokens: int, cache_kind: str, phases: dict | Non
     for _ in range(new_tokens):
         logits = step(input_ids=token, use_cache=True, **{kw: cache}).logits
         token = logits[:, -1:].argmax(-1)
+        if step_times is not None:
+            sync(device)
+            step_times.append(time.perf_counter())
     sync(device)
     t2 = time.perf_counter()
     if phases is not None:
@@ -485,13 +500,22 @@ def measure(config: Config, model=None) -> dict:
     with compression(model, strategy, policy), LoadMeter() as load:
         step = compiled_decode(model, config.cache) if config.compile else None
         t_warm = time.perf_counter()
+        full_len = config.prompt_len + config.new_tokens
         for _ in range(config.warmup):  # with --compile: compiles here, so the timed runs reuse the graph
-            run_once(model, prompt, min(config.new_tokens, 8), config.cache, step=step)
+            warm = prompt[:, : config.warmup_prompt_len] if config.warmup_prompt_len else prompt
+            run_once(model, warm, min(config.new_tokens, 8), config.cache, step=step, max_len=full_len)
         warmup_s = time.perf_counter() - t_warm
-        prefill, decode, kv, phases = [], [], 0, {}
+        prefill, decode, kv, phases, step_times = [], [], 0, {}, []
         for i in range(config.repeats):
+            last = i == config.repeats - 1
             p, d, cache = run_once(
-                model, prompt, config.new_tokens, config.cache, phases if i == config.repeats - 1 else None, step
+                model,
+                prompt,
+                config.new_tokens,
+                config.cache,
+                phases if last else None,
+                step,
+                step_times=step_times if last and device.type == "cpu" else None,  # no extra CUDA syncs
             )
             prefill.append(p)
             decode.append(d)
@@ -515,6 +539,7 @@ def measure(config: Config, model=None) -> dict:
         threads=torch.get_num_threads(),
         load_avg_1min=_load_avg(),  # other work on the machine during the run shows here
         warmup_s=warmup_s,
+        decode_tps_quarters=quarter_rates(step_times, config.batch),
         **load.result(),  # load averages before/after, other processes' busy cores, under_load (LOAD_LIMIT_PER_CORE)
     )
     if config.compile:
@@ -554,6 +579,20 @@ def measure(config: Config, model=None) -> dict:
     if policy is not None:  # the analysis counts full-length caches: not what an evicting cache copies or reads
         row.update(cache_copy_bytes=None, attn_read_bytes=None)
     return row
+
+
+def quarter_rates(step_times: list[float], batch: int) -> list[float] | None:
+    """Decode tokens/s in each quarter of one run's steps (from the steps' end times): the spread within a run,
+    for an error bar where a configuration is measured once (the budget search's rows)."""
+    if len(step_times) < 5:
+        return None
+    n = len(step_times) - 1  # intervals between step ends; the first step's start is not among them
+    edges = [round(k * n / 4) for k in range(5)]
+    return [
+        batch * (edges[k + 1] - edges[k]) / (step_times[edges[k + 1]] - step_times[edges[k]])
+        for k in range(4)
+        if edges[k + 1] > edges[k] and step_times[edges[k + 1]] > step_times[edges[k]]
+    ]
 
 
 def cache_method(config: Config):
@@ -758,50 +797,36 @@ def bench(
     check_fits(model, random_weights, max(batches), prompt_len, new_tokens, device, dtype)
     if isolate is None:
         isolate = dev.type == "cpu"
-    configs = [
-        Config(
-            model,
-            "plain",
-            0.0,
-            b,
-            prompt_len,
-            new_tokens,
-            cache,
-            random_weights,
-            device,
-            dtype,
-            repeats,
-            warmup,
-            seed,
-            compile=compile,
-        )
-        for b in batches
-    ]
     if strategy is not None and not isinstance(strategy, Strategy):
         strategy = Strategy.load(strategy)
     if method is not None and not isinstance(method, dict):
         method = method.to_dict()
+    # what plain and shared rows have in common; the shared rows add their rate and cache methods
+    common = dict(
+        model=model,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        cache=cache,
+        random_weights=random_weights,
+        device=device,
+        dtype=dtype,
+        repeats=repeats,
+        warmup=warmup,
+        seed=seed,
+        compile=compile,
+    )
+    configs = [Config(mode="plain", rate=0.0, batch=b, **common) for b in batches]
     configs += [
         Config(
-            model,
-            "shared",
-            float(rate),
-            b,
-            prompt_len,
-            new_tokens,
-            cache,
-            random_weights,
-            device,
-            dtype,
-            repeats,
-            warmup,
-            seed,
-            policy,
-            budget,
+            mode="shared",
+            rate=float(rate),
+            batch=b,
+            policy=policy,
+            budget=budget,
             strategy=strategy.to_dict() if strategy is not None and rate > 0 else None,
             kv_bits=kv_bits,
             method=method,
-            compile=compile,
+            **common,
         )
         for b in batches
         for rate in rates
@@ -860,6 +885,43 @@ def measure_rounds(configs: list, run, rounds: int = 1, progress: bool = True, d
     return rows
 
 
+def shape_config(name: str, model=None):
+    """The (text) config of `name` without loading weights: a preset's shapes, an embedded checkpoint's or a
+    hub/local config (the loaded `model`'s when given)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from .models import EMBEDDED, checkpoint_dir
+
+    if model is not None:
+        return model.config.get_text_config()
+    if name in PRESETS:
+        return LlamaConfig(**PRESETS[name])
+    return AutoConfig.from_pretrained(str(checkpoint_dir(name)) if name in EMBEDDED else name).get_text_config()
+
+
+def prefill_activation_bytes(cfg, prompt_len: int, elem: int) -> int:
+    """The prefill's largest activations for one sequence: hidden states and MLP intermediates of every prompt token
+    (`bytes_needed`'s term; what a long prompt adds to the peak besides its KV cache)."""
+    cfg = text_config(cfg)
+    return prompt_len * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * elem
+
+
+def sequence_bytes(cfg, num_shared: int, prompt_len: int, new_tokens: int, elem: int) -> int:
+    """Predicted peak bytes one more sequence adds: the K/V of the L - C kept layers over prompt + generated tokens
+    (exact) plus the prefill's activations (`prefill_activation_bytes`, an estimate the budget search corrects with
+    its measurements)."""
+    cfg = text_config(cfg)
+    kept = cfg.num_hidden_layers - num_shared
+    return kept * kv_token_bytes(cfg, elem) * (prompt_len + new_tokens) + prefill_activation_bytes(
+        cfg, prompt_len, elem
+    )
+
+
+#: A budget probe's warm-up prompt: warm-up only wakes the kernels, and a full long prompt would double the cost of
+#: every probe (the prefill of batch x 2k tokens dominates it on a CPU).
+BUDGET_WARMUP_PROMPT = 64
+
+
 def max_batch_within(
     model_name: str,
     budget_bytes: int,
@@ -872,44 +934,129 @@ def max_batch_within(
     dtype=None,
     limit: int = 1024,
     model=None,
-    probe_tokens: int = 16,
+    fixed_bytes: int | None = None,
+    repeats: int = 1,
+    max_probes: int = 6,
+    time_limit_s: float | None = None,
+    probe_tokens: int = 4,
+    seed: int = 0,
 ) -> dict:
-    """Largest batch whose peak memory stays within `budget_bytes`, for the plain (rate 0) or shared model.
+    """Largest batch whose measured peak memory stays within `budget_bytes`, for the plain (rate 0) or shared model,
+    and its throughput there.
 
-    Peak memory is affine in the batch. Two short probes (batches 1 and 2, `probe_tokens` decode
-    steps) give the line; the cache growth over the remaining steps is added exactly from the
-    shapes. The prediction is then checked by the full run at the chosen batch, stepping down
-    until it fits.
-    """
+    Peak memory is affine in the batch: fixed bytes (weights, runtime) plus bytes per sequence. The first guess
+    comes from the accounting (`sequence_bytes`: the kept layers' K/V over prompt + generated tokens, plus the
+    prefill's activations) and `fixed_bytes` (None: one short probe at batch 1). Every probe after that is a full
+    timed run (`repeats`, warm-up on a short prompt) at the batch the line through the measured peaks predicts,
+    kept strictly between the largest batch known to fit and the smallest known not to: with a good first guess
+    the search ends after two runs (b fits, b + 1 does not), and the fitting one is the row returned.
+
+    Bounded: at most `max_probes` full runs, and none is started once the runs so far plus the next one's predicted
+    time (the last run's, scaled by the batch) would pass `time_limit_s`. `largest_proven` says whether batch + 1
+    was measured not to fit (or batch is `limit`); `probes` lists every run (batch, peak, fits, seconds)."""
+    from .models import resolve_device, resolve_dtype
+
     mode = "plain" if rate == 0 else "shared"
+    t0 = time.perf_counter()
+    cfg = shape_config(model_name, model)
+    L = cfg.num_hidden_layers
+    C = num_shared_for(rate, L)
+    elem = (
+        next(model.parameters()).element_size()
+        if model is not None
+        else torch.tensor([], dtype=resolve_dtype(dtype, resolve_device(device))).element_size()
+    )
+    per_seq = sequence_bytes(cfg, C, prompt_len, new_tokens, elem)
 
-    def run(b, tokens):
-        cfg = Config(model_name, mode, rate, b, prompt_len, tokens, cache, random_weights, device, dtype, 1, 1)
-        return measure(cfg, model) if model is not None else measure_isolated(cfg)
+    def run(b, tokens, reps, warmup):
+        config = Config(
+            model_name,
+            mode,
+            rate,
+            b,
+            prompt_len,
+            tokens,
+            cache,
+            random_weights,
+            device,
+            dtype,
+            repeats=reps,
+            warmup=warmup,
+            seed=seed,
+            warmup_prompt_len=min(prompt_len, BUDGET_WARMUP_PROMPT),
+        )
+        return measure(config, model) if model is not None else measure_isolated(config)
 
-    probe = min(new_tokens, probe_tokens)
-    one, two = run(1, probe), run(2, probe)
-    kept = one["num_layers"] - one["num_shared"]
-    growth = kept * one["kv_token_bytes"] * (new_tokens - probe)  # per sequence, batch 1
-    per_seq = max(1, two["peak_bytes"] - one["peak_bytes"]) + growth
-    fixed = one["peak_bytes"] + growth - per_seq
-    batch = int(max(0, min(limit, (budget_bytes - fixed) // per_seq)))
-    row = None
-    while batch >= 1:
-        row = run(batch, new_tokens)
-        if row["peak_bytes"] <= budget_bytes:
+    if fixed_bytes is None:
+        fixed_bytes = fixed_bytes_probe(run, cfg, C, prompt_len, min(new_tokens, probe_tokens), elem)
+    points: list[tuple[int, int]] = []
+    probes: list[dict] = []
+    lower, upper, best, last_s = 0, limit + 1, None, None
+
+    def predicted_batch() -> int:
+        slope, intercept = per_seq, fixed_bytes
+        if len({b for b, _ in points}) >= 2:  # the line through the measured peaks (least squares)
+            n = len(points)
+            mb, mp = sum(b for b, _ in points) / n, sum(p for _, p in points) / n
+            var = sum((b - mb) ** 2 for b, _ in points)
+            fitted = sum((b - mb) * (p - mp) for b, p in points) / var
+            if fitted > 0:
+                slope, intercept = fitted, mp - fitted * mb
+        elif points:  # one measured point: the accounting's slope through it
+            b, peak = points[-1]
+            intercept = peak - b * per_seq
+        return int((budget_bytes - intercept) // slope)
+
+    first_guess = None
+    while lower + 1 < upper and len(probes) < max_probes:
+        b = min(max(predicted_batch(), lower + 1), upper - 1)
+        first_guess = b if first_guess is None else first_guess
+        spent = time.perf_counter() - t0
+        if time_limit_s is not None and probes and spent + last_s * b / probes[-1]["batch"] > time_limit_s:
             break
-        batch -= max(1, batch // 16)
-    if batch < 1:
-        return {"mode": mode, "rate": rate, "batch": 0, "budget_bytes": budget_bytes, "fits": False}
+        t = time.perf_counter()
+        row = run(b, new_tokens, repeats, 1)
+        last_s = time.perf_counter() - t
+        fits = row["peak_bytes"] <= budget_bytes
+        points.append((b, row["peak_bytes"]))
+        probes.append({"batch": b, "peak_bytes": row["peak_bytes"], "fits": fits, "seconds": round(last_s, 2)})
+        if fits:
+            lower, best = b, row
+        else:
+            upper = b
+    search = {
+        "mode": mode,
+        "rate": rate,
+        "num_layers": L,
+        "num_shared": C,
+        "budget_bytes": budget_bytes,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "predicted_batch": first_guess,
+        "predicted_sequence_bytes": per_seq,
+        "fixed_bytes": fixed_bytes,
+        "probes": probes,
+        "search_s": round(time.perf_counter() - t0, 2),
+        "largest_proven": best is not None and (upper == lower + 1 or lower == limit),
+    }
+    if best is None:
+        return {**search, "batch": 0, "fits": False}
+    row = dict(best)
+    row.update(search)
     row.update(
-        budget_bytes=budget_bytes,
         fits=True,
-        per_sequence_bytes=per_seq,
-        fixed_bytes=fixed,
+        per_sequence_peak_bytes=(row["peak_bytes"] - fixed_bytes) / row["batch"],
         throughput_tps=row["decode_tps"],
+        e2e_tps=row["batch"] * new_tokens / (row["prefill_s"] + row["decode_s"]),  # prefill included
     )
     return row
+
+
+def fixed_bytes_probe(run, cfg, num_shared: int, prompt_len: int, tokens: int, elem: int) -> int:
+    """The peak memory that does not grow with the batch (weights, runtime): one short run at batch 1 (`tokens`
+    decode steps, no warm-up), less what one sequence is predicted to add."""
+    row = run(1, tokens, 1, 0)
+    return int(row["peak_bytes"] - sequence_bytes(cfg, num_shared, prompt_len, tokens, elem))
 
 
 def budget_comparison(
@@ -923,29 +1070,56 @@ def budget_comparison(
     device=None,
     dtype=None,
     limit: int = 1024,
+    model=None,
+    repeats: int = 1,
+    max_probes: int = 6,
+    time_limit_s: float | None = None,
+    seed: int = 0,
 ) -> list[dict]:
-    """Throughput at the largest batch that fits the budget: plain, then shared at each rate.
+    """Throughput at the largest batch that fits the budget (`max_batch_within`): plain, then shared at each rate.
 
-    The ideal gain is L / (L - C) (the KV cache is the only thing that shrinks); the gap to it comes
-    from the memory that does not scale with the cache (weights, activations, allocator slack).
-    """
-    rows = [
-        max_batch_within(
-            model_name, budget_bytes, 0.0, prompt_len, new_tokens, cache, random_weights, device, dtype, limit
-        )
-    ]
-    plain = rows[0]
-    for rate in rates:
+    One batch-1 probe of the plain model gives the fixed bytes for every search (weights and runtime do not change
+    with sharing). `time_limit_s` bounds the whole comparison: each search gets the time left over the searches
+    left. Shared rows carry the ratios to plain beside their limits: batch and throughput against L / (L - C) (the
+    KV cache is the only thing that shrinks), bytes per sequence against (L - C) / L; the gap comes from the memory
+    that does not scale with the cache (activations of the prefill, allocator slack)."""
+    t0 = time.perf_counter()
+    common = dict(
+        cache=cache,
+        random_weights=random_weights,
+        device=device,
+        dtype=dtype,
+        limit=limit,
+        model=model,
+        repeats=repeats,
+        max_probes=max_probes,
+        seed=seed,
+    )
+    rates = [0.0, *(r for r in rates if r > 0)]
+    fixed = None
+    rows = []
+    for i, rate in enumerate(rates):
+        left = None if time_limit_s is None else max(0.0, time_limit_s - (time.perf_counter() - t0)) / (len(rates) - i)
         row = max_batch_within(
-            model_name, budget_bytes, rate, prompt_len, new_tokens, cache, random_weights, device, dtype, limit
+            model_name, budget_bytes, rate, prompt_len, new_tokens, fixed_bytes=fixed, time_limit_s=left, **common
         )
+        fixed = row["fixed_bytes"]
+        rows.append(row)
+    plain = rows[0]
+    for row in rows[1:]:
+        L, C = row["num_layers"], row["num_shared"]
+        row["ideal_ratio"] = L / (L - C)
+        row["kv_limit_ratio"] = (L - C) / L
         if plain.get("fits") and row.get("fits"):
-            L, C = row["num_layers"], row["num_shared"]
             row["batch_ratio"] = row["batch"] / plain["batch"]
             row["throughput_ratio"] = row["throughput_tps"] / plain["throughput_tps"]
-            row["ideal_ratio"] = L / (L - C)
+            row["e2e_ratio"] = row["e2e_tps"] / plain["e2e_tps"]
             row["gap_to_ideal"] = row["ideal_ratio"] - row["throughput_ratio"]
-        rows.append(row)
+            row["per_sequence_bytes_ratio"] = row["per_sequence_peak_bytes"] / plain["per_sequence_peak_bytes"]
+            row["kv_per_sequence_ratio"] = (row["kv_bytes"] / row["batch"]) / (plain["kv_bytes"] / plain["batch"])
+            row["peak_ratio"] = row["peak_bytes"] / plain["peak_bytes"]
+    for row in rows:
+        row["comparison_s"] = round(time.perf_counter() - t0, 2)
     return rows
 
 
@@ -955,11 +1129,16 @@ def format_table(rows: list[dict], budget: bool = False) -> str:
         cols = [
             ("mode", "{}"),
             ("rate", "{:.3f}"),
+            ("prompt_len", "{}"),
             ("batch", "{}"),
             ("peak_bytes", "{:,}"),
             ("throughput_tps", "{:.1f}"),
             ("throughput_ratio", "{:.3f}"),
             ("ideal_ratio", "{:.3f}"),
+            ("per_sequence_bytes_ratio", "{:.3f}"),
+            ("kv_limit_ratio", "{:.3f}"),
+            ("largest_proven", "{}"),
+            ("search_s", "{:.0f}"),
         ]
     else:
         cols = [

