@@ -17,7 +17,10 @@ from transformers import DynamicCache
 from .adapter import cache_kwarg_name, decoder_layers, num_layers
 from .sharing import paused
 
-METRICS = ("euclidean", "cosine")
+# euclidean: L2 between the layers' mean K (and V) vectors; cosine: 1 - cosine of the flattened means; normalized: the
+# euclidean distance after dividing each layer's mean K (and V) by its RMS vector norm (`layer_norms`), so that the
+# per-layer scale, which drives the plain euclidean distance on some models, drops out
+METRICS = ("euclidean", "cosine", "normalized")
 
 
 def encode_calibration(tokenizer, texts, max_tokens: int = 64):
@@ -91,13 +94,21 @@ def kv_means(reference: Reference):
     return keys, values
 
 
+def layer_norms(means: torch.Tensor) -> torch.Tensor:
+    """Per layer, the RMS over heads and positions of its mean vectors' L2 norms: [L, heads, T, head_dim] -> [L]."""
+    return means.float().pow(2).sum(-1).mean(dim=(1, 2)).sqrt()
+
+
 def distances_from_means(keys: torch.Tensor, values: torch.Tensor, metric: str = "euclidean") -> np.ndarray:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    if metric == "normalized":
+        keys = keys / layer_norms(keys).clamp_min(1e-12)[:, None, None, None]
+        values = values / layer_norms(values).clamp_min(1e-12)[:, None, None, None]
     n = keys.shape[0]
     out = np.zeros((n, n))
     for a in range(n):
-        if metric == "euclidean":
+        if metric in ("euclidean", "normalized"):
             # L2 over head_dim, averaged over heads and positions; K and V averaged
             dk = (keys[a] - keys).norm(dim=-1).mean(dim=(1, 2))
             dv = (values[a] - values).norm(dim=-1).mean(dim=(1, 2))

@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-shared", type=int, required=True, help="number of layers to replace (C)")
     s.add_argument("--threshold", type=float, default=0.5, help="minimum mean cosine similarity of final hidden states")
     s.add_argument("--order", default="dissimilar", choices=["dissimilar", "similar", "random", "best"])
-    s.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
+    # calibration.METRICS, written out so that the CLI starts without importing torch (a test keeps them equal)
+    s.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine", "normalized"])
     s.add_argument("--samples", type=int, default=30, help="calibration texts")
     s.add_argument("--calibration-set", type=int, default=0, help="which disjoint calibration set to use")
     s.add_argument("--max-tokens", type=int, default=64, help="tokens per calibration text")
@@ -472,23 +473,14 @@ def cmd_bench(args):
                 "--profile compares the plain and the shared model alone: drop the cache methods, "
                 "--memory-budget-gb and --compile"
             )
-        return _bench_profile(args, rates, batches, strategy)
+        return _bench_profile(args, _bench_arguments(args, rates, batches, strategy))
     rows = bench(
         args.model,
-        rates=rates,
-        batches=batches,
-        prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens,
-        cache=args.cache,
-        random_weights=args.random_weights,
-        device=args.device,
-        dtype=args.dtype,
+        **_bench_arguments(args, rates, batches, strategy),
         repeats=args.repeats,
         policy=args.policy,
         budget=args.budget,
         kv_bits=args.kv_bits,
-        rounds=args.rounds,
-        strategy=strategy,
         method=method,
         compile=args.compile,
     )
@@ -514,14 +506,9 @@ def cmd_bench(args):
     print(f"wrote {out} and {out.with_suffix('.csv')}")
 
 
-def _bench_profile(args, rates, batches, strategy):
-    from .bench import check_fits
-    from .io import write_json
-    from .profile import format_profile, profile
-
-    check_fits(args.model, args.random_weights, max(batches), args.prompt_len, args.new_tokens, args.device, args.dtype)
-    results = profile(
-        args.model,
+def _bench_arguments(args, rates, batches, strategy) -> dict:
+    """What `bench` and `bench --profile` both take from the command line (besides the model)."""
+    return dict(
         rates=rates,
         batches=batches,
         prompt_len=args.prompt_len,
@@ -533,6 +520,18 @@ def _bench_profile(args, rates, batches, strategy):
         rounds=args.rounds,
         strategy=strategy,
     )
+
+
+def _bench_profile(args, arguments: dict):
+    from .bench import check_fits
+    from .io import write_json
+    from .profile import format_profile, profile
+
+    a = arguments
+    check_fits(
+        args.model, a["random_weights"], max(a["batches"]), a["prompt_len"], a["new_tokens"], a["device"], a["dtype"]
+    )
+    results = profile(args.model, **arguments)
     out = Path(args.out)
     write_json(out, {"profile": results})
     print(format_profile(results))

@@ -42,3 +42,23 @@ def test_scaling_exponents_read_the_depth_sweep():
     ]
     slopes = scaling_exponents(rows, cfg)["dissimilar"]
     assert abs(slopes["layer_forwards"] - 2) < 1e-6 and abs(slopes["seconds"] - 2) < 1e-6
+
+
+def test_depth_sentences_state_the_slope_and_the_saving():
+    from kvshare.experiments.search_cost import depth_sentences
+
+    cfg = CostSettings(layers=[10, 20, 40], texts=[5], rates=[0.25], base_texts=5, orders=["dissimilar"])
+    rows = [
+        {
+            "layers": L,
+            "texts": 5,
+            "num_shared": num_shared_for(0.25, L),
+            "order": "dissimilar",
+            "seconds": 0.01 * L**2,
+            "layer_forwards": L**2,
+            "official_layer_forwards": 4 * L**2,
+        }
+        for L in cfg.layers
+    ]
+    (line,) = depth_sentences(rows, cfg)
+    assert "L^2.00" in line and "4.0x fewer" in line and "1,600 layer-forwards" in line

@@ -7,6 +7,7 @@
     memory_speed    notebooks/04_memory_speed.ipynb
     intra_layer     notebooks/05_intra_layer.ipynb
     quantized       notebooks/06_quantized.ipynb
+    ablations       notebooks/08_ablations.ipynb
     reports/        each notebook's figures and report text, under the same name (only reports import matplotlib)
 
 This package sits on top of the core: it imports `kvshare.*`, and no core module imports it.

@@ -31,7 +31,9 @@ class CostSettings:
     layers: list = field(default_factory=lambda: [16, 32, 48, 64, 80])  # depths of the random-weight models
     texts: list = field(default_factory=lambda: [5, 10, 30])  # calibration texts (at the middle depth)
     rates: list = field(default_factory=lambda: [0.125, 0.25, 0.4])  # C = rate x layers
-    orders: list = field(default_factory=lambda: ["dissimilar", "best"])
+    orders: list = field(default_factory=lambda: ["dissimilar", "best"])  # the depth sweep's orders
+    sweep_orders: list = field(default_factory=lambda: ["dissimilar"])  # the texts and C sweeps' orders
+    best_max_layers: int = 48  # best-first's damage map grows as L^3: 80 layers alone take ~4 min on 2 cores
     base_texts: int = 10  # texts of the depth sweep
     base_rate: float = 0.25  # C of the depth and texts sweeps
     tokens: int = 64  # tokens per calibration text
@@ -41,7 +43,7 @@ class CostSettings:
     seed: int = 0
 
 
-QUICK_COST = CostSettings(layers=[8, 16], texts=[2, 4], rates=[0.25], base_texts=2, tokens=16)
+QUICK_COST = CostSettings(layers=[8, 16], texts=[2, 4], rates=[0.25], base_texts=2, tokens=16, best_max_layers=8)
 
 
 def random_llama(num_layers_: int, vocab: int, cfg: CostSettings):
@@ -71,16 +73,22 @@ def plan(cfg: CostSettings) -> list[tuple[int, int, float]]:
 
 def cost_rows(tokenizer, cfg: CostSettings, progress: bool = True) -> list[dict]:
     """One row per (layers, texts, C, order): seconds, layer-forwards, the official cost model's count."""
+
+    def orders_at(layers: int, n_texts: int, rate: float) -> list[str]:
+        depth_point = n_texts == cfg.base_texts and rate == cfg.base_rate
+        wanted = [o for o in cfg.orders if depth_point] + [o for o in cfg.sweep_orders if not depth_point]
+        return [o for o in dict.fromkeys(wanted) if o != "best" or layers <= cfg.best_max_layers]
+
     points = plan(cfg)
     vocab = len(tokenizer)
-    bar = Progress(len(points) * len(cfg.orders), "search cost", enabled=progress, every=0)
+    bar = Progress(sum(len(orders_at(*p)) for p in points), "search cost", enabled=progress, every=0)
     rows, models = [], {}
     try:
         for layers, n_texts, rate in points:
             model = models.setdefault(layers, random_llama(layers, vocab, cfg))
             texts = calibration_texts(n_texts, set_index=0)
             c = num_shared_for(rate, layers)
-            for order in cfg.orders:
+            for order in orders_at(layers, n_texts, rate):
                 strategy, _ = search(
                     model, tokenizer, texts, c, threshold=-1.0, order=order, max_tokens=cfg.tokens, progress=False
                 )
@@ -93,7 +101,8 @@ def cost_rows(tokenizer, cfg: CostSettings, progress: bool = True) -> list[dict]
                         "order": order,
                         "seconds": meta["search_seconds"],
                         "layer_forwards": meta["layer_forwards"],
-                        "official_layer_forwards": 2 * layers * n_texts * meta["candidates_visited"],
+                        # the official search at T = -1 visits exactly C candidates, two full forwards each
+                        "official_layer_forwards": 2 * layers * n_texts * c,
                         "candidates_visited": meta["candidates_visited"],
                     }
                 )
@@ -125,3 +134,40 @@ def scaling_exponents(rows: list[dict], cfg: CostSettings) -> dict[str, dict[str
             for key in ("layer_forwards", "seconds", "official_layer_forwards")
         }
     return out
+
+
+def depth_sentences(rows: list[dict], cfg: CostSettings) -> list[str]:
+    """The computed verdict of the depth sweep: growth with depth (log-log slope) and the saving against the
+    official cost model at the deepest model."""
+    slopes = scaling_exponents(rows, cfg)
+    lines = []
+    for order, s in slopes.items():
+        deepest = max(r["layers"] for r in rows if r["order"] == order)
+        at = next(
+            (
+                r
+                for r in rows
+                if r["order"] == order
+                and r["layers"] == deepest
+                and r["texts"] == cfg.base_texts
+                and r["num_shared"] == num_shared_for(cfg.base_rate, deepest)
+            ),
+            None,
+        )
+        saving = (
+            f"; at {deepest} layers: {at['layer_forwards']:,} layer-forwards ({at['seconds']:.1f} s), "
+            f"{at['official_layer_forwards'] / max(1, at['layer_forwards']):.1f}x fewer than the official cost "
+            f"model's {at['official_layer_forwards']:,} for the same C"
+            if at is not None and at["layer_forwards"] <= at["official_layer_forwards"]
+            else f"; at {deepest} layers: {at['layer_forwards']:,} layer-forwards ({at['seconds']:.1f} s), "
+            f"{at['layer_forwards'] / max(1, at['official_layer_forwards']):.1f}x the official fixed-order cost "
+            f"model's {at['official_layer_forwards']:,} for the same C"
+            if at is not None
+            else ""
+        )
+        lines.append(
+            f"- **{order}**: with C = {cfg.base_rate:g} x L and {cfg.base_texts} texts, layer-forwards grow as "
+            f"L^{s['layer_forwards']:.2f} and seconds as L^{s['seconds']:.2f} (the official cost model: "
+            f"L^{s['official_layer_forwards']:.2f}){saving}."
+        )
+    return lines

@@ -45,6 +45,7 @@ NOTEBOOKS = {
     "05": "05_intra_layer",
     "06": "06_quantized",
     "07": "07_peers",
+    "08": "08_ablations",
     "09": "09_long_context",
     "10": "10_serving",
     "11": "11_best_search",
@@ -138,6 +139,42 @@ def first_verdict(md: str) -> str:
 
 def finding_observation(r: Results) -> list[tuple]:
     data = r.json("01_observation_ppl_curves.json")
+    if "distinct_comparisons" not in data:  # a results file from before the distinct comparisons were written
+        return finding_observation_from_rows(r, data)
+    num_layers = data["num_layers"]
+    similar = [d for d in data["distinct_comparisons"] if d["versus"] == "similar"]
+    n = len(similar)
+    similar_clear = sum(d["z"] > 1.96 for d in similar)  # the 95% paired interval of the ratio excludes 1
+    dissimilar_clear = sum(d["z"] < -1.96 for d in similar)
+    target = min({d["num_shared"] for d in similar}, key=lambda c: abs(c / num_layers - 0.25))
+    at = [d["ppl_ratio"] for d in similar if d["num_shared"] == target]
+    geo = math.exp(sum(math.log(v) for v in at) / len(at))
+    if similar_clear == n:
+        verdict = f"**does not hold**: similar is clearly lower in all {n} distinct comparisons"
+    elif dissimilar_clear == n:
+        verdict = f"**holds**: dissimilar is clearly lower in all {n} distinct comparisons"
+    else:
+        verdict = (
+            f"**mixed**: similar is clearly lower in {similar_clear}, dissimilar in {dissimilar_clear} of {n} "
+            "distinct comparisons"
+        )
+    number = (
+        f"perplexity dissimilar / similar ×{geo:.2f} at C = {layers_label(target, num_layers)} "
+        f"({len(at)} distinct strategy pair(s) over the calibration sets)"
+    )
+    random = [x for x in data.get("random_versus", []) if x["num_shared"] == target]
+    if random:
+        x = random[0]
+        number += (
+            f"; dissimilar / random ×{x['ratio']:.2f} (95% interval {x['ratio_lo']:.2f}–{x['ratio_hi']:.2f} over "
+            f"{x['strategies']} random strategies)"
+        )
+    links = r.link("01_observation_ppl_curves.png", "figure") + ", " + r.link("01_observation_conclusion.md", "summary")
+    return [("01", "Sharing the most *dissimilar* layers hurts less than sharing similar ones", number, verdict, links)]
+
+
+def finding_observation_from_rows(r: Results, data: dict) -> list[tuple]:
+    """Notebook 01's finding from the rows alone (results files without `distinct_comparisons`)."""
     num_layers = data["num_layers"]
     rows = [x for x in data["rows"] if x["num_shared"] > 0 and x["order"] in ("dissimilar", "similar")]
     by_key: dict[tuple, dict] = {}
@@ -174,6 +211,20 @@ def finding_search(r: Results) -> list[tuple]:
     visited, accepted = meta["candidates_visited"], meta["num_shared"]
     rejected = visited - accepted
     number = f"T = {meta['threshold']}: {accepted} of {visited} visited candidates accepted"
+    try:
+        random = r.json("02_search_random.json")
+    except Missing:  # written since the random control became a distribution over seeds
+        random = None
+    if random is not None:
+        counts = random["counts"]
+        number += f"; random order ({counts['searches']} seeds): {counts['accepted']} of {counts['visited']} accepted"
+        q = random["quality"]
+        if "reference_vs_random" in q:
+            number += (
+                f"; at C = {q['num_shared']} the default strategy's perplexity is ×{q['reference_vs_random']:.2f} a "
+                f"random order's (95% interval {q['reference_vs_random_lo']:.2f}–{q['reference_vs_random_hi']:.2f} "
+                f"over {q['n']} seeds)"
+            )
     if rejected == 0:
         verdict = "**the ranking alone chose the strategy**: the threshold rejected nothing"
     else:
@@ -188,17 +239,31 @@ def finding_evaluation(r: Results) -> list[tuple]:
     num_layers = next(iter(data["strategies"].values()))["num_layers"]
     shared = {x["order"]: x["num_shared"] for x in data["summary"] if abs(x["rate"] - conc["rate"]) < 1e-9}
     orders = conc["orders"]
-    number = "; ".join(f"{o} {orders[o]['kept_pct']:.1f}%" for o in orders) + " of the full average kept"
     paper = orders.get("dissimilar")
     c = shared.get("dissimilar")
     at = layers_label(c, num_layers) if c is not None else pct(conc["rate"])
-    if paper is None:
-        verdict = "no dissimilar (paper's) order in the results"
-    else:
-        verdict = f"**{'holds' if paper['holds'] else 'does not hold'}** for the paper's order at {at}"
     rate = pct(conc["rate"], 0)
     claim = f"Over {conc['threshold_pct']:.0f}% of the full model's performance kept at {rate} compression"
     links = r.link("03_evaluation_scores.png", "figure") + ", " + r.link("03_evaluation_summary.md", "summary")
+    if paper is not None and "verdict" not in paper:  # a results file from before the intervals (issue 14)
+        number = "; ".join(f"{o} {orders[o]['kept_pct']:.1f}%" for o in orders) + " of the full average kept"
+        verdict = f"**{'holds' if paper['holds'] else 'does not hold'}** for the paper's order at {at}"
+        return [("03", claim, number, verdict, links)]
+
+    def kept(o):
+        v = orders[o]
+        who = f"{o} (mean of {len(v['seeds'])} seeds)" if len(v.get("seeds") or []) > 1 else o
+        return f"{who} {v['kept_pct']:.1f}% [{v['kept_lo']:.1f}, {v['kept_hi']:.1f}]"
+
+    number = "; ".join(kept(o) for o in orders) + f" of the full average kept at {at} (95% intervals)"
+    if paper is None:
+        verdict = "no dissimilar (paper's) order in the results"
+    else:
+        words = {"holds": "holds", "fails": "does not hold", "undecided": "undecided"}[paper["verdict"]]
+        verdict = (
+            f"**{words}** for the paper's order at {at} (95% interval of % kept "
+            f"[{paper['kept_lo']:.1f}, {paper['kept_hi']:.1f}] against {conc['threshold_pct']:g}%)"
+        )
     return [("03", claim, number, verdict, links)]
 
 
@@ -257,7 +322,45 @@ def finding_memory_speed(r: Results) -> list[tuple]:
             + r.link("04_memory_speed_conclusion.md", "summary"),
         )
     )
+    out += finding_memory_budget(r)
     return out
+
+
+def finding_memory_budget(r: Results) -> list[tuple]:
+    """Notebook 04's long-prompt budget rows (section 4), once they carry the limits (a results file from before has
+    none: no row)."""
+    try:
+        rows = r.json("04_memory_speed_budget.json")
+    except Missing:
+        return []
+    plain = next((b for b in rows if b["mode"] == "plain" and b.get("fits")), None)
+    shared = [b for b in rows if b["mode"] == "shared" and "per_sequence_bytes_ratio" in b]
+    if plain is None or not shared:
+        return []
+    parts = [
+        f"{layers_label(b['num_shared'], b['num_layers'])}: batch {b['batch']} vs {plain['batch']} "
+        f"({b['batch_ratio']:.2f}x, limit {b['ideal_ratio']:.2f}x), {b['throughput_ratio']:.2f}x decode tokens/s, "
+        f"{b['per_sequence_bytes_ratio']:.2f} of the bytes per sequence (limit {b['kv_limit_ratio']:.2f})"
+        for b in shared
+    ]
+    meets = [b for b in shared if b.get("meets_paper_speedup")]
+    verdict = (
+        f"**≥ {shared[0]['paper_min_speedup']:.1f}x at {', '.join(pct(b['rate'], 0) for b in meets)}**"
+        if meets
+        else f"**below the paper's ≥ {shared[0]['paper_min_speedup']:.1f}x**"
+    )
+    if not all(b.get("largest_proven") for b in [plain, *shared]):
+        verdict += " (a search stopped at its bound)"
+    return [
+        (
+            "04",
+            f"More sequences and throughput within a memory budget ({plain['prompt_len']}-token prompts, "
+            f"{plain['budget_bytes'] / 2**30:g} GiB peak; paper: ≥ 1.3x throughput)",
+            "; ".join(parts),
+            verdict,
+            r.link("04_memory_speed_budget.png", "figure") + ", " + r.link("04_memory_speed_conclusion.md", "summary"),
+        )
+    ]
 
 
 def finding_intra_layer(r: Results) -> list[tuple]:
@@ -379,6 +482,28 @@ def finding_best_search(r: Results) -> list[tuple]:
     return out
 
 
+def finding_ablations(r: Results) -> list[tuple]:
+    """Notebook 08: one row per section verdict its conclusion states (threshold, metric, depth, calibration, cost),
+    quoted from the conclusion, which computed them."""
+    md = r.text("08_ablations_conclusion.md")
+    claims = {
+        "threshold": "Guidance for the threshold T (every order, T = 0.3–0.95)",
+        "metric": "Cosine distance beats Euclidean (rebuttal, Llama-2-7B)",
+        "depth-matched": "Which layers vs which source (depth-matched control)",
+        "calibration": "The strategy is robust to the calibration texts",
+        "cost": "Search cost scaling",
+    }
+    rows = []
+    for line in md.splitlines():
+        line = line.strip()
+        for key, claim in claims.items():
+            lead = f"**Verdict ({key}).**"
+            if line.startswith(lead):
+                verdict = line[len(lead) :].strip()
+                rows.append(("08", claim, "see the summary", verdict, r.link("08_ablations_conclusion.md", "summary")))
+    return rows
+
+
 def conclusion_finding(number: str, name: str, claim: str, lead: str | None = None) -> Callable[[Results], list[tuple]]:
     """A notebook whose conclusion Markdown states its own verdict: quote its first verdict line, or the first line
     that starts with `lead` (e.g. "**Verdict.**") where the conclusion opens with its protocol."""
@@ -401,8 +526,11 @@ FINDINGS: list[tuple[str, str, Callable[[Results], list[tuple]]]] = [
     (
         "07",
         "KVSharer against its cross-layer peers at equal KV bytes",
-        conclusion_finding("07", "07_peers_conclusion.md", "KVSharer against MiniCache, SimLayerKV and eviction"),
+        conclusion_finding(
+            "07", "07_peers_conclusion.md", "KVSharer against MiniCache, SimLayerKV and eviction", lead="**Verdict.**"
+        ),
     ),
+    ("08", "The reviewers' ablations: threshold, metric, depth, calibration, cost", finding_ablations),
     (
         "09",
         "Long context: RULER accuracy for every method",
@@ -444,27 +572,34 @@ def summary_block(name: str) -> Callable[[Results], str]:
 
 
 def evaluation_table(r: Results) -> str:
-    """Notebook 03's table: every task at every order and rate, then the averages and the share kept."""
+    """Notebook 03's table: every task at every order and number of layers shared (random: the mean over its seeds
+    [lowest–highest]), then the averages and the share kept with their 95% intervals."""
     data = r.json("03_evaluation.json")
     num_layers = next(iter(data["strategies"].values()))["num_layers"]
     summary = data["summary"]
     columns = [(x["order"], x["rate"], x["num_shared"]) for x in summary if x["num_shared"] > 0]
     full = next(x for x in summary if x["num_shared"] == 0)
+    intervals = "kept_lo" in full  # results from before issue 14 have no intervals
+    seeds = {(x["order"], x["num_shared"]): len(x.get("seeds") or [None]) for x in summary}
 
     def label(order, num_shared):
-        return f"{order} {num_shared}/{num_layers}"
+        n = seeds[(order, num_shared)]
+        return f"{order} {num_shared}/{num_layers}" + (f" (mean of {n} seeds)" if n > 1 else "")
 
     rows = data["rows"]
     primary = [x for x in rows if x["primary"] and x["num_shared"] == 0 and x["order"] == full["order"]]
 
     def value(task, metric, order, num_shared):
-        x = next(
+        xs = [
             y
             for y in rows
             if y["task"] == task and y["metric"] == metric and y["order"] == order and y["num_shared"] == num_shared
-        )
+        ]
         digits = 1 if metric == "ppl" else 3
-        return f"{x['value']:.{digits}f} ± {x['stderr']:.{digits}f}"
+        if len(xs) > 1:
+            v = [y["value"] for y in xs]
+            return f"{sum(v) / len(v):.{digits}f} [{min(v):.{digits}f}–{max(v):.{digits}f}]"
+        return f"{xs[0]['value']:.{digits}f} ± {xs[0]['stderr']:.{digits}f}"
 
     head = ["task (metric)", "full"] + [label(o, c) for o, _, c in columns]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -473,12 +608,18 @@ def evaluation_table(r: Results) -> str:
         cells += [value(p["task"], p["metric"], o, c) for o, _, c in columns]
         lines.append(f"| {p['task'].removeprefix('kvshare_')} ({p['metric']}) | " + " | ".join(cells) + " |")
     by = {(x["order"], x["num_shared"]): x for x in summary}
-    for title, key, fmt in (
-        ("Average", "average", "{:.3f}"),
-        ("% of full kept", "kept_pct", "{:.1f}"),
-        ("% of above-chance margin kept", "above_chance_kept_pct", "{:.1f}"),
+    for title, key, lo, hi, fmt in (
+        ("Average", "average", "average_lo", "average_hi", "{:.3f}"),
+        ("% of full kept", "kept_pct", "kept_lo", "kept_hi", "{:.1f}"),
+        ("% of above-chance margin kept", "above_chance_kept_pct", "above_chance_lo", "above_chance_hi", "{:.1f}"),
     ):
-        cells = [fmt.format(full[key])] + [fmt.format(by[(o, c)][key]) for o, _, c in columns]
+
+        def show(x, key=key, lo=lo, hi=hi, fmt=fmt):
+            if not intervals or x.get(lo) is None or x["num_shared"] == 0:
+                return fmt.format(x[key])
+            return f"{fmt.format(x[key])} [{fmt.format(x[lo])}, {fmt.format(x[hi])}]"
+
+        cells = [show(full)] + [show(by[(o, c)]) for o, _, c in columns]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     rates = sorted({(rate, c) for _, rate, c in columns})
     labels = ", ".join(f"{pct(rate, 1)} → {layers_label(c, num_layers)}" for rate, c in rates)
@@ -487,6 +628,17 @@ def evaluation_table(r: Results) -> str:
         f"({data['settings']['model']}, {num_layers} layers; requested rate → layers replaced: {labels}). "
         "Columns are labelled by the exact number of replaced layers."
     )
+    if intervals:
+        split = data.get("split") or {}
+        intro += (
+            " Brackets: paired bootstrap 95% intervals (examples resampled within each task; random: seeds too)."
+            + (
+                f" Multiple-choice tasks are evaluated on their test part only ({pct(1 - split['fraction'], 0)} of "
+                "each task's examples by a content hash; the disjoint rest is the screen that chose the suite)."
+                if split.get("fraction") is not None
+                else ""
+            )
+        )
     return intro + "\n\n" + "\n".join(lines)
 
 
