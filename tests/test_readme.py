@@ -176,3 +176,17 @@ def test_the_check_catches_typed_results():
     typed = "Decode ran 1.24x faster; the cache kept 95.7% at 8 layers, perplexity 53.1 ± 3.4 (torch 2.13 here)."
     flat = VERSION.sub("", " ".join(prose(typed).split()))
     assert [m.group() for m in RESULT_LIKE.finditer(flat)] == ["1.24x", "95.7%", "53.1", "±", "3.4"]
+
+
+def test_how_to_choose_quotes_notebook_08s_verdicts(tmp_path):
+    from kvshare.experiments.reports import readme as R
+
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "08_ablations_conclusion.md").write_text(
+        "### 1\n\n**Verdict (threshold).** Use similar at T = 0.5.\n\n**Verdict (cost).** Cheap.\n"
+    )
+    (tmp_path / "figures" / "08_ablations_threshold.png").write_bytes(b"")
+    text = R.how_to_choose(R.Results(tmp_path))
+    assert "- **Order and threshold T** ([figure](figures/08_ablations_threshold.png)): Use similar at T = 0.5." in text
+    assert "- **Search cost** ([summary](figures/08_ablations_conclusion.md)): Cheap." in text
+    assert "Distance metric" not in text  # no verdict, no line

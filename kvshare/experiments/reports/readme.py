@@ -559,6 +559,30 @@ def findings(r: Results) -> str:
     return "\n".join(lines)
 
 
+def how_to_choose(r: Results) -> str:
+    """The README's "how to choose" list: notebook 08's computed section verdicts as advice, each linked to its
+    figure; nothing here is typed but the labels."""
+    name = "08_ablations_conclusion.md"
+    md = r.text(name)
+    advice = {
+        "threshold": ("Order and threshold T", "08_ablations_threshold.png"),
+        "metric": ("Distance metric", "08_ablations_metric.png"),
+        "depth-matched": ("Which layers, which source", "08_ablations_depth.png"),
+        "calibration": ("Calibration texts", "08_ablations_calibration.png"),
+        "cost": ("Search cost", "08_ablations_search_cost.png"),
+    }
+    lines = []
+    for key, (label, figure) in advice.items():
+        lead = f"**Verdict ({key}).**"
+        verdict = next((ln.strip()[len(lead) :].strip() for ln in md.splitlines() if ln.strip().startswith(lead)), None)
+        if verdict:
+            link = r.link(figure, "figure") if (r.root / FIGURES / figure).is_file() else r.link(name, "summary")
+            lines.append(f"- **{label}** ({link}): {verdict}")
+    if not lines:
+        return f"*{r.link(name, f'`{FIGURES}/{name}`')} states no section verdict.*"
+    return "\n".join(lines + ["", f"All of notebook 08's numbers: {r.link(name, 'its conclusion')}."])
+
+
 # ---- the detail pages: each notebook's own summary, tables from its CSV/JSON -------------------------------------
 
 
@@ -675,6 +699,7 @@ def gemma_baseline(r: Results) -> str:
 
 BLOCKS: dict[str, Callable[[Results], str]] = {
     "findings": findings,
+    "how-to-choose": how_to_choose,
     "01_observation": summary_block("01_observation_conclusion.md"),
     "02_search": summary_block("02_search_summary.md"),
     "03_evaluation": summary_block("03_evaluation_summary.md"),
