@@ -305,7 +305,7 @@ def test_depth_and_calibration_verdicts_from_synthetic_numbers():
 
 def test_evaluation_plan_counts():
     full = ab.evaluation_plan(ab.settings("smollm2-135m", quick=False))
-    assert full["points"]["threshold"] == 5 * 2 + 6 + 5 * 2  # fixed orders to 0.9, best to 0.95, random seeds
+    assert full["points"]["threshold"] == 4 * 2 + 6 + 5 * 2  # fixed orders to 0.8, best to 0.95, random seeds
     assert full["expected_distinct_total"] < sum(full["points"].values())
     quick = ab.evaluation_plan(ab.settings("smollm2-135m", quick=True))
     assert quick["expected_distinct_total"] < full["expected_distinct_total"]
