@@ -60,9 +60,9 @@ class AblationSettings:
     metric: str = "euclidean"  # the default metric (sections 1, 3, 4)
     # 1. threshold: each order searched at each T to threshold_c on calibration set threshold_set, scored at it.
     # `best` at every T (its damage map is made once; a T only changes its re-scoring); the fixed orders up to 0.8:
-    # from 0.9 on their search stops short of C = 8 after walking all 435 pairs (notebook 02's sweep shows it for the
-    # dissimilar order: 5 of 8 layers at T = 0.9, over 10 minutes on 2 cores per search), a strategy that cannot be
-    # compared at C = 8 for a third of this notebook's budget
+    # from 0.9 on their search walks nearly every pair and stops short of C = 8 (notebook 02's sweep: the dissimilar
+    # order reaches 6 of 8 layers at T = 0.9 after 327 candidates, ~10 minutes on 2 cores), a strategy that cannot
+    # be compared at C = 8, for a third of this notebook's budget
     thresholds: list = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
     fixed_thresholds: list = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8])
     threshold_orders: list = field(default_factory=lambda: ["dissimilar", "similar", "best"])
