@@ -129,30 +129,10 @@ def cache_sweep(
     their titles say so (`load_note`). Rows carry `cache` and `compile`; the ratios are against plain with the same
     cache and compile setting."""
     shared_rates = tuple(r for r in rates if r > 0)
-    rows = bench(
-        model,
-        rates=shared_rates,
-        batches=(batch,),
-        prompt_len=prompt_len,
-        new_tokens=new_tokens,
-        cache="static",
-        repeats=repeats,
-        rounds=rounds,
-        **kwargs,
-    )
+    same = dict(rates=shared_rates, batches=(batch,), prompt_len=prompt_len, new_tokens=new_tokens, cache="static")
+    rows = bench(model, repeats=repeats, rounds=rounds, **same, **kwargs)
     if compile_rounds:
-        rows += bench(
-            model,
-            rates=shared_rates,
-            batches=(batch,),
-            prompt_len=prompt_len,
-            new_tokens=new_tokens,
-            cache="static",
-            repeats=repeats,
-            rounds=compile_rounds,
-            compile=True,
-            **kwargs,
-        )
+        rows += bench(model, repeats=repeats, rounds=compile_rounds, compile=True, **same, **kwargs)
     return rows
 
 
