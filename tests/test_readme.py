@@ -139,7 +139,7 @@ def test_missing_results_render_as_a_line_naming_the_notebook(tmp_path):
     for name in readme.BLOCKS:
         text = readme.render_block(name, results)
         assert "not committed" in text, f"{name}: {text[:200]}"
-        if name == "findings":  # the claim column quotes the paper; what this model shows comes after it
+        if name in ("findings", "side-by-side"):  # the claim column quotes the paper; what is shown comes after it
             text = "\n".join("|".join(row.split("|")[3:]) for row in text.splitlines())
         assert not re.search(r"\d+\.\d+|%|±", text), f"{name} shows a number without results"
     findings = readme.render_block("findings", results)

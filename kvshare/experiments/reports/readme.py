@@ -27,10 +27,15 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from ...models import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[3]
 FIGURES = "figures"
+# the model families the README sets side by side: the default first, then the one `./run_all.sh --model` adds
+FAMILIES = (DEFAULT_MODEL, "gemma3-270m")
 PAGES = ("README.md", "docs/*.md")
 BLOCK_RE = re.compile(
     r"(?P<start><!-- kvshare:results (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(?P<end><!-- /kvshare:results (?P=name) -->)",
@@ -66,16 +71,23 @@ class Missing(Exception):
 
 
 class Results:
-    """The committed results files, read relative to the repository root; `page` is where links point from."""
+    """The committed results files, read relative to the repository root; `page` is where links point from and
+    `folder` (under the root) holds one model's results: `figures` for the default model, `figures/MODEL` for another
+    (see `for_model`)."""
 
-    def __init__(self, root: Path = ROOT, page: str = "README.md"):
+    def __init__(self, root: Path = ROOT, page: str = "README.md", folder: str = FIGURES):
         self.root = Path(root)
         self.page = page
+        self.folder = folder
+
+    def for_model(self, model: str) -> Results:
+        """The same page's view of MODEL's results, where `./run_all.sh --model MODEL` writes them."""
+        return Results(self.root, self.page, FIGURES if model == DEFAULT_MODEL else f"{FIGURES}/{model}")
 
     def path(self, name: str) -> Path:
-        path = self.root / FIGURES / name
+        path = self.root / self.folder / name
         if not path.is_file():
-            raise Missing(f"{FIGURES}/{name}")
+            raise Missing(f"{self.folder}/{name}")
         return path
 
     def json(self, name: str):
@@ -89,25 +101,31 @@ class Results:
         return self.path(name).read_text().strip()
 
     def link(self, name: str, label: str | None = None) -> str:
-        """A Markdown link to figures/NAME from the page (the file must exist)."""
-        self.path(name)
-        target = os.path.relpath(self.root / FIGURES / name, (self.root / self.page).parent)
+        """A Markdown link to FOLDER/NAME from the page (the file must exist)."""
+        target = os.path.relpath(self.path(name), (self.root / self.page).parent)
         return f"[{label or name}]({Path(target).as_posix()})"
+
+
+def run_command(path: str) -> str | None:
+    """The `./run_all.sh` call that writes a notebook's results file, e.g. figures/gemma3-270m/01_x.json ->
+    `./run_all.sh --model gemma3-270m --only 01`; None for a file no notebook writes."""
+    number = Path(path).name[:2]
+    if number not in NOTEBOOKS:
+        return None
+    folder = Path(path).parent.as_posix()
+    model = folder.removeprefix(f"{FIGURES}/") if folder.startswith(f"{FIGURES}/") else None
+    return "./run_all.sh" + (f" --model {model}" if model else "") + f" --only {number}"
 
 
 def missing_line(path: str) -> str:
     """The line a block shows instead of numbers when its results file is not committed."""
-    stem = Path(path).name.split(".")[0]
     for key, writer in WRITERS.items():
         if path.startswith(f"{FIGURES}/{key}"):
             return f"*Not measured yet: `{path}` is not committed; it is written by {writer}.*"
-    number = stem[:2]
-    notebook = NOTEBOOKS.get(number)
-    if notebook:
-        return (
-            f"*Not run yet: `{path}` is not committed; run notebook `notebooks/{notebook}.ipynb` "
-            f"(`./run_all.sh --only {number}`).*"
-        )
+    command = run_command(path)
+    if command:
+        notebook = NOTEBOOKS[Path(path).name[:2]]
+        return f"*Not run yet: `{path}` is not committed; run notebook `notebooks/{notebook}.ipynb` (`{command}`).*"
     return f"*Not run yet: `{path}` is not committed.*"
 
 
@@ -137,10 +155,31 @@ def first_verdict(md: str) -> str:
 # ---- one finding per claim: (claim, the number here, the verdict, links) -----------------------------------------
 
 
-def finding_observation(r: Results) -> list[tuple]:
+@dataclass(frozen=True)
+class Finding:
+    """One claim's finding on one model. `number` and `verdict` fill the findings table; `headline` is the number a
+    side-by-side cell shows; `outcomes` are (aspect, what the verdict says) in words that compare across models."""
+
+    notebook: str
+    claim: str
+    number: str
+    verdict: str
+    links: str
+    headline: str
+    outcomes: tuple[tuple[str, str], ...]
+
+    def row(self) -> tuple:
+        return (self.notebook, self.claim, self.number, self.verdict, self.links)
+
+
+OBSERVATION_CLAIM = "Sharing the most *dissimilar* layers hurts less than sharing similar ones"
+
+
+def observation_finding(r: Results) -> Finding:
+    """Notebook 01: dissimilar against similar over its distinct comparisons, and against random at C ≈ L/4."""
     data = r.json("01_observation_ppl_curves.json")
     if "distinct_comparisons" not in data:  # a results file from before the distinct comparisons were written
-        return finding_observation_from_rows(r, data)
+        return observation_finding_from_rows(r, data)
     num_layers = data["num_layers"]
     similar = [d for d in data["distinct_comparisons"] if d["versus"] == "similar"]
     n = len(similar)
@@ -151,29 +190,37 @@ def finding_observation(r: Results) -> list[tuple]:
     geo = math.exp(sum(math.log(v) for v in at) / len(at))
     if similar_clear == n:
         verdict = f"**does not hold**: similar is clearly lower in all {n} distinct comparisons"
+        versus_similar = "similar beats dissimilar"
     elif dissimilar_clear == n:
         verdict = f"**holds**: dissimilar is clearly lower in all {n} distinct comparisons"
+        versus_similar = "dissimilar beats similar"
     else:
         verdict = (
             f"**mixed**: similar is clearly lower in {similar_clear}, dissimilar in {dissimilar_clear} of {n} "
             "distinct comparisons"
         )
-    number = (
-        f"perplexity dissimilar / similar ×{geo:.2f} at C = {layers_label(target, num_layers)} "
-        f"({len(at)} distinct strategy pair(s) over the calibration sets)"
-    )
+        versus_similar = "neither of dissimilar and similar beats the other everywhere"
+    headline = f"dissimilar / similar ×{geo:.2f} at C = {layers_label(target, num_layers)}"
+    number = f"perplexity {headline} ({len(at)} distinct strategy pair(s) over the calibration sets)"
+    outcomes = [("similar", versus_similar)]
     random = [x for x in data.get("random_versus", []) if x["num_shared"] == target]
     if random:
         x = random[0]
-        number += (
-            f"; dissimilar / random ×{x['ratio']:.2f} (95% interval {x['ratio_lo']:.2f}–{x['ratio_hi']:.2f} over "
-            f"{x['strategies']} random strategies)"
-        )
+        interval = f"95% interval {x['ratio_lo']:.2f}–{x['ratio_hi']:.2f}"
+        number += f"; dissimilar / random ×{x['ratio']:.2f} ({interval} over {x['strategies']} random strategies)"
+        if x["ratio_hi"] < 1:
+            versus_random, apart = "dissimilar beats random", "dissimilar clearly lower"
+        elif x["ratio_lo"] > 1:
+            versus_random, apart = "random beats dissimilar", "random clearly lower"
+        else:
+            versus_random, apart = "dissimilar and random not clearly apart", "not clearly apart"
+        headline += f"; dissimilar / random ×{x['ratio']:.2f} ({interval}: {apart})"
+        outcomes.append(("random", versus_random))
     links = r.link("01_observation_ppl_curves.png", "figure") + ", " + r.link("01_observation_conclusion.md", "summary")
-    return [("01", "Sharing the most *dissimilar* layers hurts less than sharing similar ones", number, verdict, links)]
+    return Finding("01", OBSERVATION_CLAIM, number, verdict, links, headline, tuple(outcomes))
 
 
-def finding_observation_from_rows(r: Results, data: dict) -> list[tuple]:
+def observation_finding_from_rows(r: Results, data: dict) -> Finding:
     """Notebook 01's finding from the rows alone (results files without `distinct_comparisons`)."""
     num_layers = data["num_layers"]
     rows = [x for x in data["rows"] if x["num_shared"] > 0 and x["order"] in ("dissimilar", "similar")]
@@ -194,23 +241,33 @@ def finding_observation_from_rows(r: Results, data: dict) -> list[tuple]:
     n = len(comparisons)
     if similar_wins == n:
         verdict = f"**does not hold**: similar is lower in all {n} distinct comparisons"
+        versus_similar = "similar lower than dissimilar everywhere (no intervals)"
     elif similar_wins == 0:
         verdict = f"**holds**: dissimilar is lower in all {n} distinct comparisons"
+        versus_similar = "dissimilar lower than similar everywhere (no intervals)"
     else:
         verdict = f"**mixed**: similar is lower in {similar_wins} of {n} distinct comparisons"
-    number = (
-        f"perplexity dissimilar / similar ×{geo:.2f} at C = {layers_label(target, num_layers)} "
-        f"({len(at)} distinct strategy pair(s) over the calibration sets)"
-    )
+        versus_similar = "neither of dissimilar and similar lower everywhere (no intervals)"
+    headline = f"dissimilar / similar ×{geo:.2f} at C = {layers_label(target, num_layers)}"
+    number = f"perplexity {headline} ({len(at)} distinct strategy pair(s) over the calibration sets)"
     links = r.link("01_observation_ppl_curves.png", "figure") + ", " + r.link("01_observation_conclusion.md", "summary")
-    return [("01", "Sharing the most *dissimilar* layers hurts less than sharing similar ones", number, verdict, links)]
+    return Finding("01", OBSERVATION_CLAIM, number, verdict, links, headline, (("similar", versus_similar),))
 
 
-def finding_search(r: Results) -> list[tuple]:
-    meta = r.json("02_search_strategy.json")["metadata"]
+def finding_observation(r: Results) -> list[tuple]:
+    return [observation_finding(r).row()]
+
+
+def search_finding(r: Results) -> Finding:
+    """Notebook 02: how many of the visited candidates the threshold let through, beside the random-order control."""
+    strategy = r.json("02_search_strategy.json")
+    meta = strategy["metadata"]
     visited, accepted = meta["candidates_visited"], meta["num_shared"]
     rejected = visited - accepted
     number = f"T = {meta['threshold']}: {accepted} of {visited} visited candidates accepted"
+    headline = f"T = {meta['threshold']}: {accepted} of {visited} candidates accepted"
+    if "num_layers" in strategy:
+        headline += f", C = {layers_label(accepted, strategy['num_layers'])}"
     try:
         random = r.json("02_search_random.json")
     except Missing:  # written since the random control became a distribution over seeds
@@ -227,13 +284,22 @@ def finding_search(r: Results) -> list[tuple]:
             )
     if rejected == 0:
         verdict = "**the ranking alone chose the strategy**: the threshold rejected nothing"
+        outcome = "the threshold rejected nothing (the ranking alone chose)"
     else:
         verdict = f"the threshold rejected {rejected} of {visited} candidates"
+        outcome = "the threshold rejected candidates (it chose)"
     links = r.link("02_search_threshold_sweep.png", "figure") + ", " + r.link("02_search_summary.md", "summary")
-    return [("02", "The threshold T on the final hidden states picks the pairs to share", number, verdict, links)]
+    claim = "The threshold T on the final hidden states picks the pairs to share"
+    return Finding("02", claim, number, verdict, links, headline, (("threshold", outcome),))
 
 
-def finding_evaluation(r: Results) -> list[tuple]:
+def finding_search(r: Results) -> list[tuple]:
+    return [search_finding(r).row()]
+
+
+def evaluation_finding(r: Results) -> Finding:
+    """Notebook 03: the share of the full model's benchmark average kept at the paper's rate, for every order; the
+    verdict is the paper's (dissimilar) order's."""
     data = r.json("03_evaluation.json")
     conc = data["conclusion"]
     num_layers = next(iter(data["strategies"].values()))["num_layers"]
@@ -245,10 +311,12 @@ def finding_evaluation(r: Results) -> list[tuple]:
     rate = pct(conc["rate"], 0)
     claim = f"Over {conc['threshold_pct']:.0f}% of the full model's performance kept at {rate} compression"
     links = r.link("03_evaluation_scores.png", "figure") + ", " + r.link("03_evaluation_summary.md", "summary")
+    headline = f"dissimilar {paper['kept_pct']:.1f}% kept" if paper is not None else "no dissimilar order"
     if paper is not None and "verdict" not in paper:  # a results file from before the intervals (issue 14)
         number = "; ".join(f"{o} {orders[o]['kept_pct']:.1f}%" for o in orders) + " of the full average kept"
-        verdict = f"**{'holds' if paper['holds'] else 'does not hold'}** for the paper's order at {at}"
-        return [("03", claim, number, verdict, links)]
+        words = "holds" if paper["holds"] else "does not hold"
+        verdict = f"**{words}** for the paper's order at {at}"
+        return Finding("03", claim, number, verdict, links, headline, (("paper", f"{words} for the paper's order"),))
 
     def kept(o):
         v = orders[o]
@@ -258,13 +326,19 @@ def finding_evaluation(r: Results) -> list[tuple]:
     number = "; ".join(kept(o) for o in orders) + f" of the full average kept at {at} (95% intervals)"
     if paper is None:
         verdict = "no dissimilar (paper's) order in the results"
+        outcome = "no paper's order"
     else:
         words = {"holds": "holds", "fails": "does not hold", "undecided": "undecided"}[paper["verdict"]]
         verdict = (
             f"**{words}** for the paper's order at {at} (95% interval of % kept "
             f"[{paper['kept_lo']:.1f}, {paper['kept_hi']:.1f}] against {conc['threshold_pct']:g}%)"
         )
-    return [("03", claim, number, verdict, links)]
+        outcome = f"{words} for the paper's order"
+    return Finding("03", claim, number, verdict, links, headline, (("paper", outcome),))
+
+
+def finding_evaluation(r: Results) -> list[tuple]:
+    return [evaluation_finding(r).row()]
 
 
 def finding_memory_speed(r: Results) -> list[tuple]:
@@ -559,6 +633,62 @@ def findings(r: Results) -> str:
     return "\n".join(lines)
 
 
+# the claims notebooks 01-03 test, set side by side for every model family; the claim column is the same for all
+SIDE_BY_SIDE: list[tuple[str, str, Callable[[Results], Finding]]] = [
+    (
+        "01",
+        "Sharing the most *dissimilar* layers hurts less than sharing similar or random ones (held-out perplexity)",
+        observation_finding,
+    ),
+    ("02", "The threshold T chooses the pairs, not the ranking alone", search_finding),
+    ("03", "Over 90% of the full model's performance kept at 25% compression (paper)", evaluation_finding),
+]
+
+
+def agreement(findings: dict[str, Finding | None]) -> str:
+    """Whether the models' verdicts agree, aspect by aspect, in the verdicts' own words."""
+    if any(f is None for f in findings.values()):
+        return "cannot tell yet"
+    said = {model: dict(f.outcomes) for model, f in findings.items()}
+    aspects = list(dict.fromkeys(a for f in findings.values() for a, _ in f.outcomes))
+    same, differ = [], []
+    for aspect in aspects:
+        words = {model: said[model].get(aspect, "not measured") for model in findings}
+        if len(set(words.values())) == 1:
+            same.append(next(iter(words.values())))
+        else:
+            differ.append(", ".join(f"{w} on {model}" for model, w in words.items()))
+    if not differ:
+        return f"**agree**: {'; '.join(same)} on both"
+    return f"**disagree**: {'; '.join(differ)}" + (f" (on both: {'; '.join(same)})" if same else "")
+
+
+def side_by_side(r: Results) -> str:
+    """The claims of notebooks 01-03 on every model family, one column per model, each cell computed by the same
+    finding function as the findings table from that model's own results folder."""
+    lines = [
+        "| notebook | claim | " + " | ".join(FAMILIES) + " | agree? |",
+        "|---|---|" + "---|" * len(FAMILIES) + "---|",
+    ]
+    missing = []
+    for number, claim, finding in SIDE_BY_SIDE:
+        found: dict[str, Finding | None] = {}
+        cells = []
+        for model in FAMILIES:
+            try:
+                f = found[model] = finding(r.for_model(model))
+                cells.append(f"{f.verdict}; {f.headline}")
+            except Missing as e:
+                found[model] = None
+                missing.append(e.path)
+                cells.append(f"not run yet: `{run_command(e.path)}`")
+        lines.append(f"| {number} | {cell(claim)} | " + " | ".join(cell(c) for c in cells) + f" | {agreement(found)} |")
+    if missing:
+        paths = ", ".join(f"`{p}`" for p in missing)
+        lines += ["", f"*Not run yet: {paths} not committed; the command in each such cell writes its file.*"]
+    return "\n".join(lines)
+
+
 def how_to_choose(r: Results) -> str:
     """The README's "how to choose" list: notebook 08's computed section verdicts as advice, each linked to its
     figure; nothing here is typed but the labels."""
@@ -576,10 +706,10 @@ def how_to_choose(r: Results) -> str:
         lead = f"**Verdict ({key}).**"
         verdict = next((ln.strip()[len(lead) :].strip() for ln in md.splitlines() if ln.strip().startswith(lead)), None)
         if verdict:
-            link = r.link(figure, "figure") if (r.root / FIGURES / figure).is_file() else r.link(name, "summary")
+            link = r.link(figure, "figure") if (r.root / r.folder / figure).is_file() else r.link(name, "summary")
             lines.append(f"- **{label}** ({link}): {verdict}")
     if not lines:
-        return f"*{r.link(name, f'`{FIGURES}/{name}`')} states no section verdict.*"
+        return f"*{r.link(name, f'`{r.folder}/{name}`')} states no section verdict.*"
     return "\n".join(lines + ["", f"All of notebook 08's numbers: {r.link(name, 'its conclusion')}."])
 
 
@@ -590,7 +720,7 @@ def summary_block(name: str) -> Callable[[Results], str]:
     """A notebook's computed summary (Markdown it wrote beside its figures), quoted as written."""
 
     def render(r: Results) -> str:
-        return f"From {r.link(name, f'`{FIGURES}/{name}`')}:\n\n" + shift_headings(r.text(name))
+        return f"From {r.link(name, f'`{r.folder}/{name}`')}:\n\n" + shift_headings(r.text(name))
 
     return render
 
@@ -648,7 +778,7 @@ def evaluation_table(r: Results) -> str:
     rates = sorted({(rate, c) for _, rate, c in columns})
     labels = ", ".join(f"{pct(rate, 1)} → {layers_label(c, num_layers)}" for rate, c in rates)
     intro = (
-        f"From {r.link('03_evaluation.json', '`figures/03_evaluation.json`')} "
+        f"From {r.link('03_evaluation.json', f'`{r.folder}/03_evaluation.json`')} "
         f"({data['settings']['model']}, {num_layers} layers; requested rate → layers replaced: {labels}). "
         "Columns are labelled by the exact number of replaced layers."
     )
@@ -682,23 +812,25 @@ def offline_suite_baseline(r: Results) -> str:
             f"{x['value']:.{digits}f} ± {x['stderr']:.{digits}f} |"
         )
     return (
-        f"From {r.link('03_evaluation.json', '`figures/03_evaluation.json`')} ({data['settings']['model']}; "
+        f"From {r.link('03_evaluation.json', f'`{r.folder}/03_evaluation.json`')} ({data['settings']['model']}; "
         "`n`: examples, scored tokens for perplexity):\n\n" + "\n".join(lines)
     )
 
 
 def gemma_baseline(r: Results) -> str:
-    data = r.json("gemma3-270m/heldout_baseline.json")
+    gemma = r.for_model("gemma3-270m")
+    data = gemma.json("heldout_baseline.json")
     h = data["heldout_protocol"]
     return (
-        f"The plain model's held-out perplexity under the shared protocol ({h['description']}) is "
-        f"{h['ppl']:.2f} ± {h['ppl_se']:.2f} "
-        f"({r.link('gemma3-270m/heldout_baseline.json', '`figures/gemma3-270m/heldout_baseline.json`')})."
+        f"The plain `{data['model']}` (no sharing) has a held-out perplexity of {h['ppl']:.2f} ± {h['ppl_se']:.2f} "
+        f"under the shared protocol ({h['description']}; "
+        f"{gemma.link('heldout_baseline.json', f'`{gemma.folder}/heldout_baseline.json`')})."
     )
 
 
 BLOCKS: dict[str, Callable[[Results], str]] = {
     "findings": findings,
+    "side-by-side": side_by_side,
     "how-to-choose": how_to_choose,
     "01_observation": summary_block("01_observation_conclusion.md"),
     "02_search": summary_block("02_search_summary.md"),
