@@ -940,13 +940,17 @@ def max_batch_within(
     time_limit_s: float | None = None,
     probe_tokens: int = 4,
     seed: int = 0,
+    plain_points: list | None = None,
 ) -> dict:
     """Largest batch whose measured peak memory stays within `budget_bytes`, for the plain (rate 0) or shared model,
     and its throughput there.
 
-    Peak memory is affine in the batch: fixed bytes (weights, runtime) plus bytes per sequence. The first guess
-    comes from the accounting (`sequence_bytes`: the kept layers' K/V over prompt + generated tokens, plus the
-    prefill's activations) and `fixed_bytes` (None: one short probe at batch 1). Every probe after that is a full
+    Peak memory is affine in the batch: fixed bytes (weights, runtime) plus bytes per sequence. The line comes from
+    measured peaks wherever there are any: `plain_points`, (batch, peak) pairs measured on the plain model (the
+    K/V this mode does not store is taken off them, exactly), else two short probes at batch 1 and 2 (what one more
+    sequence adds: its K/V, exact, and the prefill's activations, which the accounting only estimates and a 2k
+    prompt makes as large as the K/V). Without either, the accounting's `sequence_bytes` through `fixed_bytes`
+    gives the first guess. Every probe after that is a full
     timed run (`repeats`, warm-up on a short prompt) at the batch the line through the measured peaks predicts,
     kept strictly between the largest batch known to fit and the smallest known not to: with a good first guess
     the search ends after two runs (b fits, b + 1 does not), and the fitting one is the row returned.
@@ -987,24 +991,20 @@ def max_batch_within(
         )
         return measure(config, model) if model is not None else measure_isolated(config)
 
+    # (batch, peak) pairs the line is fitted to: the plain model's measured peaks less the K/V of the C layers this
+    # mode leaves out (exact), or two short probes of this mode; full probes are added as they run
+    kv_left_out = C * kv_token_bytes(text_config(cfg), elem) * (prompt_len + new_tokens)
+    points: list[tuple[int, int]] = [(b, p - b * kv_left_out) for b, p in plain_points or []]
+    if not points and fixed_bytes is None:
+        points = line_probe(run, min(new_tokens, probe_tokens))
+    line_points = list(points)
     if fixed_bytes is None:
-        fixed_bytes = fixed_bytes_probe(run, cfg, C, prompt_len, min(new_tokens, probe_tokens), elem)
-    points: list[tuple[int, int]] = []
+        fixed_bytes = int(fit_line(points, per_seq)[1])
     probes: list[dict] = []
     lower, upper, best, last_s = 0, limit + 1, None, None
 
     def predicted_batch() -> int:
-        slope, intercept = per_seq, fixed_bytes
-        if len({b for b, _ in points}) >= 2:  # the line through the measured peaks (least squares)
-            n = len(points)
-            mb, mp = sum(b for b, _ in points) / n, sum(p for _, p in points) / n
-            var = sum((b - mb) ** 2 for b, _ in points)
-            fitted = sum((b - mb) * (p - mp) for b, p in points) / var
-            if fitted > 0:
-                slope, intercept = fitted, mp - fitted * mb
-        elif points:  # one measured point: the accounting's slope through it
-            b, peak = points[-1]
-            intercept = peak - b * per_seq
+        slope, intercept = fit_line(points, per_seq) if points else (per_seq, fixed_bytes)
         return int((budget_bytes - intercept) // slope)
 
     first_guess = None
@@ -1035,6 +1035,7 @@ def max_batch_within(
         "predicted_batch": first_guess,
         "predicted_sequence_bytes": per_seq,
         "fixed_bytes": fixed_bytes,
+        "line_points": line_points,
         "probes": probes,
         "search_s": round(time.perf_counter() - t0, 2),
         "largest_proven": best is not None and (upper == lower + 1 or lower == limit),
@@ -1052,11 +1053,25 @@ def max_batch_within(
     return row
 
 
-def fixed_bytes_probe(run, cfg, num_shared: int, prompt_len: int, tokens: int, elem: int) -> int:
-    """The peak memory that does not grow with the batch (weights, runtime): one short run at batch 1 (`tokens`
-    decode steps, no warm-up), less what one sequence is predicted to add."""
-    row = run(1, tokens, 1, 0)
-    return int(row["peak_bytes"] - sequence_bytes(cfg, num_shared, prompt_len, tokens, elem))
+def fit_line(points: list[tuple[int, int]], slope: float) -> tuple[float, float]:
+    """(bytes per sequence, fixed bytes) of the peak memory against the batch: the least-squares line through the
+    measured (batch, peak) `points`, or, with a single batch among them (or a line that does not rise), `slope`
+    (the accounting's bytes per sequence) through the last point."""
+    if len({b for b, _ in points}) >= 2:
+        n = len(points)
+        mb, mp = sum(b for b, _ in points) / n, sum(p for _, p in points) / n
+        var = sum((b - mb) ** 2 for b, _ in points)
+        fitted = sum((b - mb) * (p - mp) for b, p in points) / var
+        if fitted > 0:
+            return fitted, mp - fitted * mb
+    b, peak = points[-1]
+    return slope, peak - b * slope
+
+
+def line_probe(run, tokens: int) -> list[tuple[int, int]]:
+    """Two short runs (`tokens` decode steps, no warm-up) at batch 1 and 2: their (batch, peak) pairs, the line of
+    the peak memory against the batch before any full run."""
+    return [(b, run(b, tokens, 1, 0)["peak_bytes"]) for b in (1, 2)]
 
 
 def budget_comparison(
@@ -1078,11 +1093,12 @@ def budget_comparison(
 ) -> list[dict]:
     """Throughput at the largest batch that fits the budget (`max_batch_within`): plain, then shared at each rate.
 
-    One batch-1 probe of the plain model gives the fixed bytes for every search (weights and runtime do not change
-    with sharing). `time_limit_s` bounds the whole comparison: each search gets the time left over the searches
-    left. Shared rows carry the ratios to plain beside their limits: batch and throughput against L / (L - C) (the
-    KV cache is the only thing that shrinks), bytes per sequence against (L - C) / L; the gap comes from the memory
-    that does not scale with the cache (activations of the prefill, allocator slack)."""
+    Two short probes of the plain model (batch 1 and 2) and then its full runs give the line of peak memory against
+    the batch for every search: weights, runtime and activations do not change with sharing, and the K/V a shared
+    model leaves out is exact. `time_limit_s` bounds the whole comparison: each search gets the time left over the
+    searches left. Shared rows carry the ratios to plain beside their limits: batch and throughput against
+    L / (L - C) (the KV cache is the only thing that shrinks), bytes per sequence against (L - C) / L; the gap comes
+    from the memory that does not scale with the cache (activations of the prefill, allocator slack)."""
     t0 = time.perf_counter()
     common = dict(
         cache=cache,
@@ -1096,14 +1112,22 @@ def budget_comparison(
         seed=seed,
     )
     rates = [0.0, *(r for r in rates if r > 0)]
-    fixed = None
+    plain_points = None
     rows = []
     for i, rate in enumerate(rates):
         left = None if time_limit_s is None else max(0.0, time_limit_s - (time.perf_counter() - t0)) / (len(rates) - i)
         row = max_batch_within(
-            model_name, budget_bytes, rate, prompt_len, new_tokens, fixed_bytes=fixed, time_limit_s=left, **common
+            model_name,
+            budget_bytes,
+            rate,
+            prompt_len,
+            new_tokens,
+            plain_points=plain_points,
+            time_limit_s=left,
+            **common,
         )
-        fixed = row["fixed_bytes"]
+        if plain_points is None:  # the plain search's measured peaks, short probes and full runs
+            plain_points = row["line_points"] + [(p["batch"], p["peak_bytes"]) for p in row["probes"]]
         rows.append(row)
     plain = rows[0]
     for row in rows[1:]:

@@ -37,11 +37,12 @@ def test_budget_search_finds_the_largest_batch_in_few_probes(tiny_dir, fake_peak
     row = B.max_batch_within(tiny_dir, budget, 0.25, 16, 8, random_weights=True, model=model, max_probes=6)
     assert row["fits"] and row["batch"] == 9 and row["largest_proven"]
     assert row["peak_bytes"] <= budget
-    # the accounting's guess is off by 2x here (the fake machine's bytes), yet the fitted line lands next to the
-    # answer after one probe: no walk one batch at a time
-    assert len(row["probes"]) <= 4
-    assert fake_peaks[0].batch == 1 and fake_peaks[0].warmup == 0  # the fixed-bytes probe
-    timed = fake_peaks[1:]
+    # the accounting's bytes are not the fake machine's, yet two short probes (batch 1 and 2) give the line: the
+    # first full run is the answer and the second proves it (b fits, b + 1 does not)
+    assert len(row["probes"]) == 2 and [p["batch"] for p in row["probes"]] == [9, 10]
+    assert [(c.batch, c.warmup) for c in fake_peaks[:2]] == [(1, 0), (2, 0)]  # the line probes
+    assert row["fixed_bytes"] == FIXED and row["line_points"] == [(1, FIXED + PER_SEQ), (2, FIXED + 2 * PER_SEQ)]
+    timed = fake_peaks[2:]
     assert all(c.new_tokens == 8 and c.warmup_prompt_len == min(16, B.BUDGET_WARMUP_PROMPT) for c in timed)
     assert row["num_shared"] == 2 and row["throughput_tps"] > 0 and len(row["decode_tps_quarters"]) == 4
 
@@ -78,13 +79,43 @@ def test_budget_comparison_against_the_limits_and_the_paper(tiny_dir, fake_peaks
     rows = B.budget_comparison(tiny_dir, budget, (0.25, 0.5), 8, 2, random_weights=True, model=model)
     rows = ms.against_claims(rows)  # what ms.budget_sweep adds to the comparison
     assert [r["mode"] for r in rows] == ["plain", "shared", "shared"]
-    assert sum(c.batch == 1 and c.warmup == 0 for c in fake_peaks) == 1  # one fixed-bytes probe for all three
+    # two short line probes for all three searches: the shared ones start from the plain model's measured peaks
+    assert [c.batch for c in fake_peaks if c.warmup == 0] == [1, 2]
+    assert [len(r["line_points"]) for r in rows] == [2, 4, 4]
     plain, s25, s50 = rows
     assert plain["batch"] == s25["batch"] == s50["batch"] == 6  # the fake machine's bytes do not shrink
     assert s25["ideal_ratio"] == pytest.approx(8 / 6) and s50["kv_limit_ratio"] == pytest.approx(4 / 8)
     assert s50["kv_per_sequence_ratio"] == pytest.approx(0.5)  # the real caches: exactly (L - C) / L
     assert s25["paper_min_speedup"] == 1.3 and s25["meets_paper_memory"] is False
     assert "largest_proven" in B.format_table(rows, budget=True).splitlines()[0]
+
+
+def test_shared_search_starts_from_the_plain_peaks_less_the_kv_it_leaves_out(tiny_dir, monkeypatch):
+    """A machine where the K/V is all that grows with the batch: the shared search's first guess, from the plain
+    model's measured peaks less the K/V of its C replaced layers (exact), is already the largest batch."""
+    from kvshare.accounting import kv_token_bytes
+
+    model = B.build_model(tiny_dir, random_weights=True, device="cpu")
+    cfg = model.config
+    prompt, tokens = 8, 4
+    kv_layer = kv_token_bytes(cfg, 4) * (prompt + tokens)  # one layer's K/V of one sequence (float32)
+    L = cfg.num_hidden_layers
+    real = B.measure
+
+    def measure(config, model=None):
+        row = real(config, model)
+        kept = L - B.num_shared_for(config.rate, L)
+        row["peak_bytes"] = FIXED + config.batch * (1 + kept) * kv_layer  # activations: one layer's K/V
+        return row
+
+    monkeypatch.setattr(B, "measure", measure)
+    budget = FIXED + 5 * (1 + L) * kv_layer  # plain: batch 5
+    rows = B.budget_comparison(tiny_dir, budget, (0.5,), prompt, tokens, random_weights=True, model=model)
+    plain, shared = rows
+    C = shared["num_shared"]
+    expected = (budget - FIXED) // ((1 + L - C) * kv_layer)
+    assert plain["batch"] == 5 and shared["batch"] == expected > 5
+    assert shared["probes"][0]["batch"] == expected and shared["largest_proven"]
 
 
 def test_settings_default_to_five_rounds_and_the_estimate_adds_up():

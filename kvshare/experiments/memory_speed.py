@@ -210,13 +210,13 @@ def predicted_budget_batches(
 #: quiet machine). They scale with the parameters for another model. Rough: the notebook records each section's
 #: measured time beside the estimate.
 COST = {
-    "spawn_s": 6.0,  # a fresh process per configuration: import torch and transformers, load the model
+    "spawn_s": 10.0,  # a fresh process per configuration: import torch and transformers, load the model
     "prefill_tokens_per_s": 1000.0,  # at a 256-token prompt
-    "attention_tokens": 7300.0,  # prefill time grows by prompt / this with the prompt (attention, from the FLOPs)
+    "attention_tokens": 900.0,  # prefill time grows by prompt / this with the prompt (attention; 2k-prompt probes)
     "step_s": 0.03,  # a decode step: the weights read once
     "step_sequence_s": 0.007,  # ... plus per sequence in the batch
     "step_sequence_token_s": 1.0e-5,  # ... plus per sequence and cached token (K/V read and torch.cat copy)
-    "compile_s": 120.0,  # torch.compile of the decode step, per process (inductor, CPU)
+    "compile_s": 60.0,  # torch.compile of the decode step, per process (inductor, CPU)
     "runtime_bytes": 300 * 2**20,  # a process's peak besides the weights and the batch (torch, buffers)
     "params": 162_826_560,  # smollm2-135m by `param_count` (embeddings counted twice): these timings
 }
@@ -273,7 +273,7 @@ def estimate_seconds(config, s: dict) -> dict:
         * estimate_run_s(config, max(s["batches"]), s["prompt_len"], s["new_tokens"], compile=True, **run)
     )
     budget = s["budget_predicted_batches"]
-    budget_s = estimate_run_s(config, 1, s["budget_prompt_len"], 4, warmup=0)  # the fixed-bytes probe
+    budget_s = sum(estimate_run_s(config, b, s["budget_prompt_len"], 4, warmup=0) for b in (1, 2))  # the line probes
     for b in budget.values():
         for batch in (b, b + 1):
             budget_s += estimate_run_s(

@@ -80,6 +80,17 @@ def conclusion(
                 f"throughput; per-sequence memory {'within' if b['meets_paper_memory'] else 'above'} its "
                 f"{b['paper_peak_ratio']:.0%}."
             )
+    elif plain_budget:  # a section that ran and found nothing to compare says so, rather than nothing
+        found = ", ".join(
+            f"{b['mode']}{'' if b['mode'] == 'plain' else ' ' + format(b['rate'], '.0%')}: "
+            + (f"batch {b['batch']}" if b.get("fits") else "no batch fits")
+            for b in budget_rows
+        )
+        lines.append(
+            f"- **Long prompts within a memory budget** ({plain_budget['prompt_len']}-token prompts, the whole "
+            f"process's peak within {plain_budget['budget_bytes'] / 2**30:.2f} GiB): no comparison ({found}; "
+            "probes in the budget file)."
+        )
     lines.append(
         f"- **The paper's 72% peak memory** ({check['preset']}, 512+2048 tokens): fp16 weights alone are "
         f"{check['weights_bytes'] / 2**30:.1f} GiB of the "
