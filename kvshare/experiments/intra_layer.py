@@ -4,14 +4,14 @@ Quality protocol, through the evaluation entry point (`kvshare.evaluation.Evalua
 cell's strategy and policy, scored by decoding). Eviction only acts on what later tokens can see,
 and a single forward over a window attends over the whole window before anything is dropped, so the
 usual one-pass perplexity is the same with or without a policy. Here each window of `window`
-held-out tokens is split: the first `context` tokens are prefilled (the policy compresses them),
-then the remaining tokens are fed one at a time, exactly like generation with teacher forcing, and
-every token predicted by a decoding step is scored. Beside it: ROUGE-L of XSum summaries generated
-from ~200-token prompts (eviction acts on the prompt before the summary is written), and a
-multiple-choice task whose question and answers are scored by decoding as well (its prompts are
-short, up to ~50 tokens: eviction can only matter at the smaller budget). The full model and
-sharing alone go through the same protocol, so every configuration is scored on the same tokens
-and examples, and compared by paired differences.
+held-out tokens is split (the shared protocol kvshare.metrics.HELDOUT: 16,384 tokens in 32 windows of 512):
+the first `context` tokens are prefilled (the policy compresses them), then the remaining tokens are fed one at
+a time, exactly like generation with teacher forcing, and every token predicted by a decoding step is scored.
+Beside it: ROUGE-L of XSum summaries generated from ~200-token prompts (eviction acts on the prompt before the
+summary is written), and a multiple-choice task whose question and answers are scored by decoding as well (its
+prompts are short, up to ~50 tokens: eviction can only matter at the smaller budget). The full model and sharing
+alone go through the same protocol, so every configuration is scored on the same tokens and examples, and compared
+by paired differences.
 
 Cost protocol: `kvshare.bench.measure` with the configuration's strategy and policy (prompt of
 random tokens, greedy decoding): K/V bytes of the cache at the end, peak memory, decode tokens/s.
@@ -32,6 +32,7 @@ from ..accounting import num_shared_for
 from ..adapter import model_cache_kwarg, num_layers
 from ..combine import compression
 from ..methods.eviction import timing
+from ..metrics import HELDOUT
 from ..policies import POLICIES, make_policy
 from ..strategy import Strategy
 
@@ -52,10 +53,13 @@ class Settings:
     policies: list = field(default_factory=lambda: ["h2o", "pyramidinfer", "streamingllm"])
     share_fraction: float = 0.25  # sharing at 25% of the layers
     samples: int = 30  # calibration texts of the sharing search
-    window: int = 512  # tokens per evaluation window
-    context: int = 256  # prefilled tokens per window (the rest is decoded and scored)
-    eval_windows: int = 8
-    eval_batch: int = 8
+    # the shared held-out protocol (kvshare.metrics.HELDOUT), all of it: 32 windows of 512 = 16,384 tokens, as in
+    # notebook 07. The context is long and the decoded part short (63 tokens per window, 2,016 in all) because a
+    # decoded token costs ~20x a prefilled one on 2 CPU cores; eviction then acts on a 448-token prompt.
+    window: int = HELDOUT.window  # tokens per evaluation window
+    context: int = 448  # prefilled tokens per window (the rest is decoded and scored)
+    eval_windows: int = HELDOUT.tokens // HELDOUT.window
+    eval_batch: int = 8  # windows decoded together (the Evaluator decodes at most 8 at once)
     summaries: int = 20  # XSum articles summarized per cell (ROUGE-L)
     mc_tasks: list = field(
         default_factory=lambda: ["metaphor_understanding/lit2met"]
