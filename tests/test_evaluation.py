@@ -333,3 +333,28 @@ def test_cli_eval_accepts_policy_and_kv_bits(tmp_path, capsys):
         .parse_args(["eval", "--tasks", "ppl", "--out", str(p), "--kv-bits", "8", "--decode"])
     )
     assert args.kv_bits == 8 and args.decode
+
+
+def test_compression_table_takes_perplexity_from_the_shared_heldout_scorer(tiny_model, byte_tokenizer, local_tasks):
+    """Notebook 03's perplexity column is the shared held-out protocol's (one baseline in every notebook): with a
+    scorer, the suite's own perplexity task is not run, and every cell's ppl row is the scorer's for its strategy."""
+    scored = []
+
+    def scorer(strategy):
+        scored.append(None if strategy is None else dict(strategy.mapping))
+        n = 0 if strategy is None else strategy.num_shared
+        return {"ppl": 20.0 + n, "ppl_se": 0.5, "tokens": 16384}
+
+    ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, cache=False, progress=False)
+    meta = {"order": "dissimilar", "accepted_pairs": [[2, 1], [3, 1]]}
+    strategy = kvshare.Strategy({2: 1, 3: 1}, NUM_LAYERS, metadata=meta)
+    rows = compression_table.compression_runs(
+        ev, {"dissimilar": strategy}, rates=(0.0, 0.5), tasks=local_tasks, progress=False, heldout=scorer
+    )
+    ppl = [r for r in rows if r["metric"] == "ppl"]
+    assert [(r["num_shared"], r["value"], r["n"], r["protocol"]) for r in ppl] == [
+        (0, 20.0, 16384, "heldout"),
+        (2, 22.0, 16384, "heldout"),
+    ]
+    assert scored == [None, {2: 1, 3: 1}]
+    assert {r["task"] for r in rows} == {"kvshare_tiny_arith", "kvshare_xsum", "kvshare_ppl"}

@@ -115,13 +115,22 @@ def compression_runs(
     limit: int | None = None,
     progress: bool = True,
     random_rates=RANDOM_RATES,
+    heldout=None,
 ) -> list[dict]:
     """Evaluate every (strategy, rate): fixed orders at `rates`, random orders at `random_rates`; the unshared model
     (rate 0) once, its rows repeated under each fixed order. Long rows (order, label, seed, rate, num_shared,
-    num_layers, ...)."""
+    num_layers, ...).
+
+    `heldout`: a `common.HeldOutScorer`. The suite's perplexity task is then left out and each cell's perplexity row
+    is the shared held-out protocol's (kvshare.metrics.HELDOUT, 16k tokens; the same baseline and the same stored
+    scores as every other notebook), instead of the suite's own shorter one."""
     from tqdm.auto import tqdm
 
     L = num_layers(evaluator.model)
+    if heldout is not None:
+        from ..evaluation import resolve_tasks
+
+        tasks = [t for t in resolve_tasks(suite, tasks) if t.kind != "perplexity"]
     cells = []
     for label, strategy in strategies.items():
         order = strategy.metadata.get("order", label)
@@ -147,7 +156,8 @@ def compression_runs(
                 strategies[label].prefix(c), suite=suite, tasks=tasks, limit=limit, label=f"{label} {c}/{L}"
             )
         seed = strategies[label].metadata.get("seed")
-        for r in result["rows"]:
+        extra = [] if heldout is None else [heldout_row(heldout(strategies[label].prefix(c) if c else None))]
+        for r in result["rows"] + extra:
             rows.append(
                 {
                     "order": order,
@@ -162,6 +172,24 @@ def compression_runs(
                 }
             )
     return rows
+
+
+def heldout_row(result: dict) -> dict:
+    """A `kvshare.metrics.heldout_perplexity` result as a row of the suite's perplexity task."""
+    from ..tasks.offline import PerplexityTask
+
+    return {
+        "task": PerplexityTask.name,
+        "n": result["tokens"],
+        "category": PerplexityTask.category,
+        "chance": None,
+        "higher_is_better": False,
+        "metric": "ppl",
+        "value": result["ppl"],
+        "stderr": result["ppl_se"],
+        "primary": True,
+        "protocol": "heldout",
+    }
 
 
 def mean_or_nan(xs):
