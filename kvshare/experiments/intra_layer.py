@@ -295,6 +295,16 @@ def paired(a: dict, b: dict, key: str = "window_nll") -> tuple[float, float]:
     return float(d.mean()), (float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"))
 
 
+def round_spread(row: dict, full: dict, key: str, name: str) -> dict:
+    """{name_lo, name_hi}: the lowest and highest of `row`'s measurement rounds' `key`, over the full model's kept
+    value (kvshare.bench.measure_rounds keeps the best round; the spread is what the figure's error bars show).
+    None without rounds."""
+    values = [r[key] for r in row.get("rounds") or [] if r.get(key) is not None]
+    if not values or not full.get(key):
+        return {f"{name}_lo": None, f"{name}_hi": None}
+    return {f"{name}_lo": min(values) / full[key], f"{name}_hi": max(values) / full[key]}
+
+
 def table(quality_rows: list[dict], cost_rows: list[dict]) -> list[dict]:
     """One row per cell, ratios against the full model."""
     by_label = {r["label"]: r for r in cost_rows}
@@ -344,6 +354,10 @@ def table(quality_rows: list[dict], cost_rows: list[dict]) -> list[dict]:
                 ),
                 "decode_tps": c["decode_tps"],
                 "decode_tps_ratio": c["decode_tps"] / full_c["decode_tps"],
+                # the spread over the measurement rounds (each round's value against the full model's kept one)
+                **round_spread(c, full_c, "decode_tps", "decode_tps_ratio"),
+                **round_spread(c, full_c, "peak_bytes", "peak_ratio"),
+                **round_spread(c, full_c, "decode_peak_bytes", "decode_peak_ratio"),
                 "prefill_s": c["prefill_s"],
                 "prefill_ratio": c["prefill_s"] / full_c["prefill_s"],
             }

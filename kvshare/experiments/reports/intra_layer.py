@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -163,7 +165,7 @@ def pareto_figure(rows: list[dict], title: str = ""):
         xs.append(r["kv_ratio"])
         ys.append(r["ppl"])
     ax.plot(xs, ys, color="#bbbbbb", lw=6, alpha=0.6, zorder=0, label="Pareto front")
-    for i, r in enumerate(rows):
+    for r in rows:
         color, marker = POLICY_STYLE.get(r["policy"], ("#7f7f7f", "o"))
         if r["policy"] == "" and r["shared"]:
             color, marker = "#d62728", "D"
@@ -179,13 +181,6 @@ def pareto_figure(rows: list[dict], title: str = ""):
             capsize=2,
             zorder=3,
         )
-        ax.annotate(
-            r["label"].replace(" + sharing", "+S"),
-            (r["kv_ratio"], r["ppl"]),
-            textcoords="offset points",
-            xytext=(7, 5 if i % 2 == 0 else -11),  # alternate above and below: neighbours' labels do not collide
-            fontsize=7,
-        )
         if r["shared"] and r["policy"]:
             alone = t[r["label"].replace(" + sharing", "")]
             ax.annotate(
@@ -196,6 +191,21 @@ def pareto_figure(rows: list[dict], title: str = ""):
             )
     ax.set_xlim(0, 1.12)  # a ratio of bytes: from zero, so the distances between methods read true
     ax.set_yscale("log")
+    # labels in axes fractions, pushed apart where points crowd (several configurations share a byte ratio),
+    # each joined to its point by a thin line
+    ylo, yhi = (math.log(v) for v in (min(r["ppl"] for r in rows) / 1.25, max(r["ppl"] for r in rows) * 1.3))
+    ax.set_ylim(math.exp(ylo), math.exp(yhi))
+    points = [(r["kv_ratio"] / 1.12, (math.log(r["ppl"]) - ylo) / (yhi - ylo), r) for r in rows]
+    for (px, _, r), ly in zip(points, spread_labels([(px, py) for px, py, _ in points])):
+        ax.annotate(
+            r["label"].replace(" + sharing", "+S"),
+            (r["kv_ratio"], r["ppl"]),
+            xytext=(px + 0.025, ly),
+            textcoords="axes fraction",
+            fontsize=7,
+            va="center",
+            arrowprops=dict(arrowstyle="-", color="#999999", lw=0.5, shrinkA=0, shrinkB=3),
+        )
     ax.set_xlabel("K/V bytes at the end of decoding / full model")
     ax.set_ylabel("perplexity of decoded tokens (± s.e., log)")
     handles = [
@@ -211,25 +221,47 @@ def pareto_figure(rows: list[dict], title: str = ""):
     labels = [r["label"] for r in rows]
     y = np.arange(len(rows))
     h = 0.27
-    bx.barh(y - h, [r["decode_tps_ratio"] for r in rows], height=h, color="#4c72b0", label="decode tokens/s")
-    bx.barh(y, [r["peak_ratio"] for r in rows], height=h, color="#dd8452", label="peak memory (whole run)")
-    bx.barh(
-        y + h,
-        [r["decode_peak_ratio"] or 0.0 for r in rows],
-        height=h,
-        color="#8172b3",
-        label="peak memory while decoding",
-    )
+    bars = [
+        (-h, "decode_tps_ratio", "#4c72b0", "decode tokens/s"),
+        (0.0, "peak_ratio", "#dd8452", "peak memory (whole run)"),
+        (h, "decode_peak_ratio", "#8172b3", "peak memory while decoding"),
+    ]
+    for shift, key, color, label in bars:
+        values = [r.get(key) or 0.0 for r in rows]
+        bx.barh(y + shift, values, height=h, color=color, label=label, xerr=spread_errors(rows, key), capsize=1.5)
     bx.axvline(1.0, color="k", lw=0.8)
     bx.set_yticks(y, labels, fontsize=8)
     bx.invert_yaxis()
     bx.set_xlim(left=0)
-    bx.set_xlabel("ratio to the full model")
+    bx.set_xlabel("ratio to the full model (bars: the rounds' lowest..highest)")
     bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     bx.grid(alpha=0.3, axis="x")
     if title:
         fig.suptitle(title)
     return fig
+
+
+def spread_labels(points: list[tuple[float, float]], gap: float = 0.04, near: float = 0.2) -> list[float]:
+    """Label heights (axes fractions) for points at (x, y) in axes fractions: each label starts level with its
+    point and moves up just enough to keep `gap` from the labels already placed within `near` of it in x (lowest
+    points first)."""
+    placed: list[tuple[float, float]] = []
+    heights = [0.0] * len(points)
+    for i in sorted(range(len(points)), key=lambda i: points[i][1]):
+        x, y = points[i]
+        for px, py in sorted(placed, key=lambda p: p[1]):
+            if abs(px - x) < near and abs(py - y) < gap:
+                y = py + gap
+        heights[i] = y
+        placed.append((x, y))
+    return heights
+
+
+def spread_errors(rows: list[dict], key: str):
+    """xerr for bars of `key`: the distance to `key`_lo and `key`_hi (zero where the rows carry no spread)."""
+    lo = [max(0.0, (r.get(key) or 0.0) - r[f"{key}_lo"]) if r.get(f"{key}_lo") is not None else 0.0 for r in rows]
+    hi = [max(0.0, r[f"{key}_hi"] - (r.get(key) or 0.0)) if r.get(f"{key}_hi") is not None else 0.0 for r in rows]
+    return [lo, hi]
 
 
 def markdown_table(rows: list[dict]) -> str:
