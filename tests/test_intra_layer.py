@@ -101,3 +101,19 @@ def test_table_additivity_conclusion_and_figure(quality_rows):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_pareto_labels_do_not_collide_and_bars_carry_the_rounds_spread():
+    points = [(0.1, 0.30), (0.1, 0.31), (0.11, 0.305), (0.8, 0.30)]
+    heights = report.spread_labels(points, gap=0.04, near=0.2)
+    crowded = sorted(heights[:3])
+    assert all(b - a >= 0.04 - 1e-9 for a, b in zip(crowded, crowded[1:]))  # a cluster's labels stand apart
+    assert heights[3] == 0.30  # a point far away in x keeps its label level with it
+    full = {"decode_tps": 40.0, "rounds": [{"decode_tps": 40.0}, {"decode_tps": 36.0}]}
+    cell = {"decode_tps": 44.0, "rounds": [{"decode_tps": 44.0}, {"decode_tps": 38.0}]}
+    spread = il.round_spread(cell, full, "decode_tps", "decode_tps_ratio")
+    assert spread == {"decode_tps_ratio_lo": 38.0 / 40.0, "decode_tps_ratio_hi": 44.0 / 40.0}
+    assert il.round_spread({"decode_tps": 1.0}, full, "decode_tps", "x") == {"x_lo": None, "x_hi": None}
+    rows = [{"decode_tps_ratio": 1.1, **spread}, {"decode_tps_ratio": 1.0, "decode_tps_ratio_lo": None}]
+    lo, hi = report.spread_errors(rows, "decode_tps_ratio")
+    assert lo == pytest.approx([1.1 - 0.95, 0.0]) and hi == pytest.approx([0.0, 0.0])
