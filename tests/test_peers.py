@@ -503,3 +503,14 @@ def test_heldout_scores_are_cached_per_point_and_reused(tmp_path, monkeypatch):
         peers.evaluate(
             model, Tok(), pts, peers.Settings(**{**cfg.__dict__, "context": 12}), progress=False, cache=cache
         )
+
+
+def test_error_bars_are_never_negative_when_a_point_lies_outside_its_span():
+    """The decode speed is the median of the repeats and its bar spans the last repeat's quarters, so the point can
+    lie outside them (CI's quick run of notebook 07 failed on matplotlib's 'yerr must not contain negative values')."""
+    from kvshare.experiments.reports import peers as report
+    from kvshare.experiments.reports.evaluation import _yerr
+
+    lower, upper = report._bars([10.0, 5.0, 7.0], [11.0, 4.0, float("nan")], [12.0, 6.0, 8.0])
+    assert lower == [0.0, 1.0, 0.0] and upper == [2.0, 1.0, 1.0]
+    assert min(min(b) for b in _yerr([{"k": 5.0, "lo": 5.5, "hi": 4.0}], "k", "lo", "hi")) == 0.0

@@ -81,7 +81,8 @@ def conclusion(summary, rate: float = 0.25, threshold_pct: float = THRESHOLD_PCT
 
 
 def _yerr(points, key, lo, hi):
-    return [[p[key] - p[lo] for p in points], [p[hi] - p[key] for p in points]]
+    # a percentile bootstrap interval need not contain its point estimate; matplotlib refuses negative lengths
+    return [[max(0.0, p[key] - p[lo]) for p in points], [max(0.0, p[hi] - p[key]) for p in points]]
 
 
 def plot_compression(summary, rows=None, title: str = "", threshold_pct: float = THRESHOLD_PCT):

@@ -22,6 +22,14 @@ STYLE = {
 }
 
 
+def _bars(y: list[float], lows: list[float], highs: list[float]) -> list[list[float]]:
+    """[lower, upper] error-bar lengths for points y spanning lows..highs, never negative: a point may lie outside
+    its own span (the median of the repeats against the quarters of the last repeat, or a NaN standard error),
+    and matplotlib refuses a negative length; the bar then starts at the point."""
+    ok = lambda v: v if v == v and v > 0 else 0.0  # noqa: E731 (NaN and negative lengths become 0)
+    return [[ok(v - lo) for v, lo in zip(y, lows)], [ok(hi - v) for v, hi in zip(y, highs)]]
+
+
 def _xy_err(rows: list[dict], ratio_of: dict, key: str) -> tuple[list, list, list]:
     """x (byte ratio), y and [lower, upper] error bars per point; several rows of one point (random KVSharer's
     seeds) become their mean with bars spanning the seeds' min..max, a single row gets ± its standard error."""
@@ -40,7 +48,12 @@ def _xy_err(rows: list[dict], ratio_of: dict, key: str) -> tuple[list, list, lis
             lo = hi = 0.0 if se is None or se != se else se
         pts.append((ratio_of[k], y, lo, hi))
     pts.sort(key=lambda p: p[0])
-    return [p[0] for p in pts], [p[1] for p in pts], [[p[2] for p in pts], [p[3] for p in pts]]
+    y = [p[1] for p in pts]
+    return (
+        [p[0] for p in pts],
+        y,
+        _bars(y, [v - p[2] for v, p in zip(y, pts)], [v + p[3] for v, p in zip(y, pts)]),
+    )
 
 
 def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[dict] | None = None, title: str = ""):
@@ -59,7 +72,7 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[di
         x = [c["kv_ratio"] for c in mine]
         y = [c["ratio_vs_full"] for c in mine]
         lo, hi = ("ratio_min", "ratio_max") if fam == "kvsharer-random" else ("ratio_lo", "ratio_hi")
-        err = [[c["ratio_vs_full"] - c[lo] for c in mine], [c[hi] - c["ratio_vs_full"] for c in mine]]
+        err = _bars(y, [c[lo] for c in mine], [c[hi] for c in mine])
         label = LABELS[fam] + (
             f" (mean of {mine[0]['seeds']} seeds, bars: min..max)" if fam == "kvsharer-random" else ""
         )
@@ -128,7 +141,7 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[di
             # decode speed: bars span the speeds of the decode's four quarters (the spread within the run)
             quarters = [row.get("decode_tps_quarters") if key == "decode_tps" else None for _, row in pts]
             err = (
-                [[v - min(q) for v, q in zip(y, quarters)], [max(q) - v for v, q in zip(y, quarters)]]
+                _bars(y, [min(q) for q in quarters], [max(q) for q in quarters])
                 if all(isinstance(q, list) and q for q in quarters)
                 else None
             )
