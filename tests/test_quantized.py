@@ -469,6 +469,7 @@ def _rows():
                         "decode_tps": 10.0,
                         "prefill_s": 1.0,
                         "tokens": 100,
+                        "windows": 3,
                     }
                 )
     return rows
@@ -490,6 +491,10 @@ def test_quantized_runs_tables_and_conclusion():
     assert report.markdown_table(rows).count("\n") == len(rows) + 1
     text = report.conclusion(rows, [], "m")
     assert "rises with C" in text and "K/V bytes equal" in text and "GPTQ weights" in text
+    assert "a slice of the shared held-out protocol" in text  # 3 windows: a quick-mode slice
+    full = [dict(r, windows=32, tokens=32 * 511) for r in rows]
+    assert "the shared held-out protocol (16,384 held-out" in report.protocol_line(full)
+    assert f"perplexity {rows[0]['ppl']:.2f}" in report.protocol_line(full)  # the full model's baseline
     rows[0]["kv_bytes"] += 1
     assert "differ from the prediction" in report.conclusion(rows, [], "m")
     fig = report.figure(rows)
@@ -503,7 +508,9 @@ def test_quantized_runs_settings_and_eval_prefix(char_tokenizer):
     assert cfg.num_shared == [0, 4] and cfg.kv_bits == [None, 8, 4]
     sets, notes = qr.weight_sets(cfg)
     assert sets == [("fp32 weights", "smollm2-135m")] and "skipped" in notes[0]
-    assert qr.settings("x", quick=False).num_shared == [0, 4, 8, 12]
+    full = qr.settings("x", quick=False)
+    assert full.num_shared == [0, 4, 8, 12]
+    assert (full.eval_tokens, full.window) == (16384, 512)  # the shared held-out protocol, kvshare.metrics.HELDOUT
     with pytest.raises(ValueError):
         qr.settings("x", quick=False, gptq="maybe")
     with pytest.raises(ValueError):

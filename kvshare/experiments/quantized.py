@@ -8,7 +8,8 @@ with 0 / 4 / 8 / 12 shared layers. Here the same rows are measured for every com
 - shared layers C = 0, 4, 8, 12: ONE KVSharer search per weight set to the largest C, smaller C as its
   prefixes (`Strategy.prefix`), the search run on the weights it is applied to.
 
-Quality: one-pass perplexity over the same held-out windows for every cell (the quantized cache is
+Quality: one-pass perplexity over the same held-out windows for every cell, under the shared held-out protocol
+(`kvshare.metrics.HELDOUT`: 16,384 BBC tokens never in a calibration set, windows of 512; the quantized cache is
 causal and attention reads exactly the stored codes, so one pass measures what decoding would see);
 cells are compared by paired per-window NLL differences.
 Cost: K/V bytes of the cache after a prefill and greedy decode (checked against what sharing and the
@@ -32,6 +33,7 @@ from ..accounting import cache_bytes, predicted_cache_bytes
 from ..adapter import head_dim, num_layers
 from ..combine import compression
 from ..methods.quantized import QuantizedKV
+from ..metrics import HELDOUT
 from ..strategy import Strategy
 
 # the rebuttal's numbers (Llama-2-7B-Chat-GPTQ, 32 layers; perplexity by shared layers)
@@ -54,8 +56,10 @@ class Settings:
     samples: int = 30  # calibration texts of the search
     max_tokens: int = 64  # tokens per calibration text
     threshold: float = 0.5
-    window: int = 512
-    eval_tokens: int = 4096  # held-out tokens per cell (8 windows of 512)
+    # the shared held-out protocol (kvshare.metrics.HELDOUT), all of it: 32 windows of 512 = 16,384 tokens, the
+    # baseline every notebook shows (quick mode scores a slice)
+    window: int = HELDOUT.window
+    eval_tokens: int = HELDOUT.tokens
     eval_batch: int = 4
     bench_prompt: int = 512
     bench_new_tokens: int = 32
@@ -306,7 +310,7 @@ def run_weight_set(label: str, name: str, cfg: Settings, text: str, progress: bo
 def run_all(cfg: Settings, text: str | None = None, progress: bool = True) -> dict:
     from ..data import eval_text
 
-    text = eval_text() if text is None else text
+    text = eval_text(HELDOUT.source) if text is None else text
     sets, notes = weight_sets(cfg)
     for n in notes:
         print(n, flush=True)

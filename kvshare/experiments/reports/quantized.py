@@ -113,6 +113,30 @@ def figure(rows: list[dict], title: str = ""):
     return fig
 
 
+def protocol_line(rows: list[dict]) -> str:
+    """What every cell's perplexity was scored on, and the baseline: whether it is the whole shared held-out protocol
+    (kvshare.metrics.HELDOUT, whose full-model perplexity every notebook shows) or a slice of it (quick mode)."""
+    from ...metrics import HELDOUT
+
+    r = rows[0]
+    tokens, windows = r.get("tokens"), r.get("windows")
+    base = next(
+        (x for x in rows if x["weights"] == "fp32 weights" and x["kv"] == "unquantized" and x["num_shared"] == 0),
+        None,
+    )
+    scored = f"{tokens:,} scored tokens in {windows} windows" if tokens else "the held-out windows"
+    whole = windows is not None and windows * HELDOUT.window == HELDOUT.tokens
+    where = (
+        f"the shared held-out protocol ({HELDOUT.describe()})"
+        if whole
+        else f"a slice of the shared held-out protocol (quick mode; the full run scores {HELDOUT.tokens:,} tokens)"
+    )
+    line = f"**Held-out text:** {scored}, every cell on the same windows: {where}."
+    if base is not None:
+        line += f" The full model (fp32 weights, unquantized cache, C = 0): perplexity {base['ppl']:.2f}."
+    return line
+
+
 def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2.0) -> str:
     """Markdown computed from the rows: the trend with C per combination, against the rebuttal; what KV
     quantization and GPTQ add; whether bytes equal the prediction."""
@@ -128,6 +152,8 @@ def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2
         f"**Rebuttal ({REBUTTAL['model']}):** perplexity × {reb_ratio[4]:.2f} / × {reb_ratio[8]:.2f} / "
         f"× {reb_ratio[12]:.2f} at C = 4 / 8 / 12 of {REBUTTAL['num_layers']} layers (vs C = 0)."
     )
+    lines.append("")
+    lines.append(protocol_line(rows))
     lines.append("")
     monotone_all = True
     for (w, kv), s in series.items():

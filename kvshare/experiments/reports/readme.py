@@ -334,7 +334,37 @@ def evaluation_finding(r: Results) -> Finding:
             f"[{paper['kept_lo']:.1f}, {paper['kept_hi']:.1f}] against {conc['threshold_pct']:g}%)"
         )
         outcome = f"{words} for the paper's order"
+        agree = suite_vs_perplexity(data["summary"], conc["rate"])
+        verdict += f". {agree}" if agree else ""
     return Finding("03", claim, number, verdict, links, headline, (("paper", outcome),))
+
+
+def suite_vs_perplexity(summary: list[dict], rate: float, a: str = "dissimilar", b: str = "similar") -> str | None:
+    """One sentence: whether notebook 03's suite and the held-out perplexity rank orders `a` and `b` the same way at
+    `rate` (each with its 95% interval; non-overlapping intervals are called clear). None without both numbers."""
+    at = {x["order"]: x for x in summary if abs(x["rate"] - rate) < 1e-9}
+    if a not in at or b not in at or at[a].get("ppl") is None or at[b].get("ppl") is None:
+        return None
+    x, y = at[a], at[b]
+
+    def apart(lo_key, hi_key):
+        return x[hi_key] < y[lo_key] or y[hi_key] < x[lo_key]
+
+    suite_first = a if x["kept_pct"] >= y["kept_pct"] else b
+    ppl_first = a if x["ppl"] <= y["ppl"] else b
+    suite = (
+        f"on the suite {suite_first} is ahead ({a} {x['kept_pct']:.1f}% against {b} {y['kept_pct']:.1f}% kept; "
+        + ("intervals apart" if apart("kept_lo", "kept_hi") else "the intervals overlap")
+        + ")"
+    )
+    ppl = (
+        f"on held-out perplexity {ppl_first} is ahead ({a} {x['ppl']:.1f} against {b} {y['ppl']:.1f}; "
+        + ("intervals apart" if apart("ppl_lo", "ppl_hi") else "the intervals overlap")
+        + ")"
+    )
+    if suite_first == ppl_first:
+        return f"The two measures agree: {suite}, and {ppl}."
+    return f"The two measures disagree: {suite}, but {ppl}."
 
 
 def finding_evaluation(r: Results) -> list[tuple]:
