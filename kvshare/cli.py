@@ -281,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
         "shows this way); use it for the full model to compare with --policy under one protocol",
     )
     e.add_argument("--out", required=True, help="results JSON (the table goes beside it as CSV)")
+    sc = sub.add_parser(
+        "screen",
+        help="screen the offline suite's candidate tasks on a model (their screen part only) and keep those that "
+        "pass the keep rule (kvshare.tasks.screening); writes figures/<model>/03_evaluation_screen.json, which the "
+        "model's offline suite is then read from",
+    )
+    _add_model(sc)
+    sc.add_argument("--limit", type=int, default=None, help="screen examples per candidate (default 40: the rule's)")
+    sc.add_argument("--batch-size", type=int, default=32)
+    sc.add_argument("--out", default=None, help="the screen file (default: the model's, in this checkout)")
     add_export_parser(sub)  # export-vllm: kvshare.serving.export
     return parser
 
@@ -544,7 +554,8 @@ def cmd_eval(args):
     lengths = _numbers(args.lengths, int, "--lengths") if args.lengths else None
     if lengths is not None and args.suite != "long":
         raise CLIError("--lengths applies to --suite long")
-    specs = resolve_tasks(args.suite, args.tasks, lengths)  # a bad task name (or no wonderwords) fails before loading
+    # a bad task name (or no wonderwords) fails before loading; the offline suite is the model's own
+    specs = resolve_tasks(args.suite, args.tasks, lengths, model=args.model)
     if args.limit is not None and args.limit < 1:
         raise CLIError("--limit must be >= 1")
     policy = _cache_policy(args)  # a bad --policy/--budget is refused here, before the model loads
@@ -572,8 +583,19 @@ def cmd_eval(args):
     )
 
 
+def cmd_screen(args):
+    from .evaluation import Evaluator
+    from .experiments.evaluation import choose_suite
+
+    if args.limit is not None and args.limit < 1:
+        raise CLIError("--limit must be >= 1")
+    model, tokenizer = _load(args)
+    choose_suite(Evaluator(model, tokenizer, batch_size=args.batch_size), out=args.out, limit=args.limit)
+
+
 COMMANDS = {"search": cmd_search, "generate": cmd_generate, "ppl": cmd_ppl, "bench": cmd_bench}
 COMMANDS["eval"] = cmd_eval
+COMMANDS["screen"] = cmd_screen
 COMMANDS["export-vllm"] = cmd_export_vllm
 
 

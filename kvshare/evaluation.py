@@ -44,9 +44,10 @@ CACHE_VERSION = 1
 # --------------------------------------------------------------------------------------------
 # tasks
 # --------------------------------------------------------------------------------------------
-def resolve_tasks(suite: str = "offline", tasks=None, lengths=None) -> list:
+def resolve_tasks(suite: str = "offline", tasks=None, lengths=None, model: str | None = None) -> list:
     """Task specs of `suite`: its defaults, or `tasks` (names, comma-separated string or spec objects); the long
-    suite's at each context length of `lengths` (kvshare.tasks.long)."""
+    suite's at each context length of `lengths` (kvshare.tasks.long). The offline suite is `model`'s own (None: the
+    default model's; `kvshare.tasks.offline_tasks`)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; use one of {', '.join(SUITES)}")
     if suite == "long":
@@ -55,9 +56,9 @@ def resolve_tasks(suite: str = "offline", tasks=None, lengths=None) -> list:
         return long_tasks(tasks, lengths)
     if lengths is not None:
         raise ValueError("context lengths apply to the long suite (suite='long')")
-    available = suite_tasks(suite)
+    available = suite_tasks(suite, model)
     if tasks is None:
-        return [available[n] for n in default_tasks(suite)]
+        return [available[n] for n in default_tasks(suite, model)]
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     out = []
@@ -214,11 +215,20 @@ class Evaluator:
         return self._fingerprint
 
     def chat(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+        """Whether requests that may be chat requests (XSum, the long suite) use the chat template: an instruct model
+        with one; never a base model (`kvshare.models.KIND`)."""
+        from .models import uses_chat_template
+
+        return uses_chat_template(self.model, self.tokenizer)
 
     # -- cache -----------------------------------------------------------------------------
     def _cache_path(self, strategy, spec, limit, policy=None, decode: bool = False) -> Path:
-        key = hashlib.sha256((task_key(spec) + f"|chat={self.chat()}|v{CACHE_VERSION}").encode()).hexdigest()[:10]
+        text = task_key(spec) + f"|chat={self.chat()}|v{CACHE_VERSION}"
+        if spec.kind == "summarization" and not (spec.chat and self.chat()):  # the plain prompt's version
+            from .tasks.offline import PLAIN_SUMMARY_VERSION
+
+            text += f"|plain={PLAIN_SUMMARY_VERSION}"
+        key = hashlib.sha256(text.encode()).hexdigest()[:10]
         name = f"{safe_name(spec.name)}-limit{limit if limit is not None else 'all'}-{key}.json"
         where = strategy_key(strategy)
         if policy is not None or decode:
@@ -255,7 +265,7 @@ class Evaluator:
         measure nothing. `lengths`: the long suite's context lengths (default 1k, 2k, 4k; its answers are generated,
         so eviction shows under either protocol).
         """
-        specs = resolve_tasks(suite, tasks, lengths)
+        specs = resolve_tasks(suite, tasks, lengths, model=model_name(self.model))
         strategy, policy = split_methods(self.model, strategy, policy)
         if strategy is not None:
             strategy.check_model(self.model)

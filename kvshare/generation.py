@@ -18,11 +18,15 @@ def format_prompt(tokenizer, prompt: str, chat: bool = True) -> str:
 def generate_text(model, tokenizer, prompts, max_new_tokens: int = 64, chat: bool = True, **generate_kwargs):
     """Greedy completions of one prompt (returns str) or a list of prompts (returns list), batched."""
     single = isinstance(prompts, str)
+    # a base model (kvshare.models.KIND) is never prompted through a chat template
+    chat = chat and getattr(model, "kvshare_kind", None) != "base"
+    templated = chat and bool(getattr(tokenizer, "chat_template", None))
     texts = [format_prompt(tokenizer, p, chat) for p in ([prompts] if single else prompts)]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        # the chat template writes its own BOS; a plain prompt gets the tokenizer's (Gemma needs it)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
     finally:
         tokenizer.padding_side = side
     enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}

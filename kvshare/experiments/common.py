@@ -89,11 +89,13 @@ class Settings:
     # C points where the random seeds are scored: every strategy costs ~39 s on 2 cores under HELDOUT, and 5 seeds
     # x 3 sets at every C of the grid would be 90 strategies (about an hour); these are notebook 11's points
     random_c_values: list = field(default_factory=lambda: [4, 8, 12])
+    c_points: list | None = None  # notebook 01's C points (None: 0, c_step, ... up to max_fraction of the layers)
     heldout_tokens: int = HELDOUT.tokens  # the held-out protocol (`heldout_protocol`); quick mode scores a slice
     heldout_window: int = HELDOUT.window
     thresholds: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     sweep_fraction: float = 0.25
     max_new_tokens: int = 48
+    model_plan: str | None = None  # why a model's full run differs from the default's (MODEL_FULL), else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,11 +114,41 @@ QUICK = dict(
 )
 
 
-def make_settings(cls, quick_values: dict, model: str, quick: bool, seed: int = 0, **overrides):
-    """A notebook's settings dataclass `cls`: full-run defaults, or `quick_values` over them in quick mode
-    (minutes on 2 cores, every code path); then `overrides`, where None means the default."""
+# Model-aware full runs of notebooks 01 and 02: a model whose units cost more than the default model's gets full
+# settings that keep notebooks 01-03 within kvshare.experiments.budget.BUDGET_MIN on 2 cores and keep every
+# statistical requirement: 16,384 held-out tokens never in calibration, at least 5 random seeds at a C point, paired
+# per-window intervals. {model: (values over the full-run defaults, why)}; see budget.estimate for the arithmetic.
+MODEL_FULL = {
+    "gemma3-270m": (
+        dict(
+            calibration_sets=2,
+            c_points=[2, 5, 7],
+            random_c_values=[5],
+            thresholds=[0.3, 0.5, 0.7, 0.9],
+        ),
+        "Gemma-3-270M scores a strategy on the 16,384 held-out tokens in ~100 s on 2 cores (SmolLM2: ~40 s; its "
+        "262,144-word output layer is most of it), and the default model's full settings would score 55 strategies "
+        "in notebook 01 alone (~100 min; 01-03 ~170 min, kvshare.experiments.budget). Its full run scores the curves "
+        "at C = 2, 5 and 7 (12.5%, 25% and 37.5% of its 18 layers: notebook 03's rates, so 03 reads every "
+        "perplexity from the store) on 2 calibration sets instead of 3, the 5 random seeds per set at C = 5 only "
+        "(25%: the claim's rate and notebook 02's random controls), and a threshold sweep of 4 values (0.3, 0.5, "
+        "0.7, 0.9) instead of 7: ~84 min for 01-03 at most. The held-out protocol (16,384 tokens never in "
+        "calibration), the 5 random seeds and the paired per-window intervals are the default model's.",
+    ),
+}
+
+
+def make_settings(cls, quick_values: dict, model: str, quick: bool, seed: int = 0, model_full=None, **overrides):
+    """A notebook's settings dataclass `cls`: full-run defaults (with `model_full[model]`'s values over them, when
+    the model has them), or `quick_values` over them in quick mode (minutes on 2 cores, every code path); then
+    `overrides`, where None means the default."""
     base = cls(model=model, quick=bool(quick), seed=int(seed))
     values = dict(quick_values) if quick else {}
+    if not quick and model_full and model in model_full:
+        plan, why = model_full[model]
+        values.update(plan)
+        if hasattr(base, "model_plan"):
+            values["model_plan"] = why
     values.update({k: v for k, v in overrides.items() if v is not None})
     for k, v in values.items():
         if not hasattr(base, k):
@@ -126,8 +158,8 @@ def make_settings(cls, quick_values: dict, model: str, quick: bool, seed: int = 
 
 
 def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
-    """Notebooks 01 and 02's settings (see `make_settings`)."""
-    return make_settings(Settings, QUICK, model, quick, seed, **overrides)
+    """Notebooks 01 and 02's settings (see `make_settings`; a model of MODEL_FULL gets its full settings)."""
+    return make_settings(Settings, QUICK, model, quick, seed, model_full=MODEL_FULL, **overrides)
 
 
 # ------------------------------------------------------------------------------------------------

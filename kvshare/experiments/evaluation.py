@@ -39,6 +39,40 @@ BOOTSTRAP_ITERS = 2000
 THRESHOLD_PCT = 90.0
 
 
+CALIBRATION_SAMPLES = 30
+
+# Model-aware full runs (see common.MODEL_FULL and kvshare.experiments.budget): {model: (plan values, why)}
+FULL_PLANS: dict = {}  # gemma3-270m runs the default plan: its strategies are notebook 01's (held-out scores from
+# the store) and its multiple-choice requests are scored by the one-pass scorer (kvshare.tasks.lmeval)
+
+
+def plan(model: str, quick: bool, random_seeds: int | None = None) -> dict:
+    """Notebook 03's run: rates, orders, random_rates, random_seeds, calibration_samples, limit (None: each task's
+    size) and why a model's full run differs from the default's (`FULL_PLANS`; None when it does not). Quick: 0 and
+    25%, dissimilar and 2 random seeds, 10 calibration texts, 5 examples per task. Random is a distribution: a full run
+    refuses fewer than 5 seeds (quick: 2)."""
+    p = {
+        "rates": RATES,
+        "orders": ORDERS,
+        "random_rates": RANDOM_RATES,
+        "random_seeds": RANDOM_SEEDS,
+        "calibration_samples": CALIBRATION_SAMPLES,
+        "limit": None,
+        "model_plan": None,
+    }
+    if quick:
+        p.update(rates=(0.0, 0.25), orders=("dissimilar", "random"), random_seeds=2, calibration_samples=10, limit=5)
+    elif model in FULL_PLANS:
+        values, why = FULL_PLANS[model]
+        p.update(values, model_plan=why)
+    if random_seeds is not None:
+        p["random_seeds"] = random_seeds
+    least = 2 if quick else 5
+    if "random" in p["orders"] and p["random_seeds"] < least:
+        raise ValueError(f"random_seeds={p['random_seeds']}: random is a distribution; use at least {least} seeds")
+    return p
+
+
 def layers_text(num_shared: int, layers: int) -> str:
     """A rate as the exact fraction of layers: '8/30 (26.7%)'."""
     return f"{num_shared}/{layers} ({100 * num_shared / layers:.1f}%)"
@@ -130,7 +164,7 @@ def compression_runs(
     if heldout is not None:
         from ..evaluation import resolve_tasks
 
-        tasks = [t for t in resolve_tasks(suite, tasks) if t.kind != "perplexity"]
+        tasks = [t for t in resolve_tasks(suite, tasks, model=model_name(evaluator.model)) if t.kind != "perplexity"]
     cells = []
     for label, strategy in strategies.items():
         order = strategy.metadata.get("order", label)
@@ -432,6 +466,27 @@ def without_scores(rows) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # the screen and the split
 # ------------------------------------------------------------------------------------------------
+def suite_specs(suite: str, tasks, model: str) -> tuple[list, dict]:
+    """The tasks notebook 03 evaluates and where they come from: `model`'s own offline suite (the tasks its
+    committed screen keeps, `kvshare.tasks.screening.suite_for`) or the `tasks` given."""
+    from ..evaluation import resolve_tasks
+    from ..tasks.screening import suite_for
+
+    if suite == "offline" and tasks is None:
+        return suite_for(model)
+    return resolve_tasks(suite, tasks, model=model), {"model": model, "source": "given" if tasks else suite}
+
+
+def needs_screen(suite: str, tasks, model: str, source: dict, quick: bool) -> bool:
+    """Whether notebook 03 screens every candidate before it evaluates: a full run of the offline suite on a model
+    that has no screen of its own (its results must not rest on another model's choice of tasks)."""
+    from ..models import DEFAULT_MODEL
+
+    return (
+        suite == "offline" and tasks is None and not quick and model != DEFAULT_MODEL and source["source"] != "screen"
+    )
+
+
 def split_records(suite: str = "offline", tasks=None, limit: int | None = None) -> list[dict]:
     """Per task of the evaluated suite: the screen / test split (sizes, rule, ids; kvshare.tasks.offline)."""
     from ..evaluation import resolve_tasks
@@ -445,14 +500,14 @@ def split_records(suite: str = "offline", tasks=None, limit: int | None = None) 
 def screen(evaluator: Evaluator, which: str = "kept", limit: int | None = None) -> list[dict]:
     """Rerun the screen on the screen part only (the full model): per candidate (task, prompt) and metric (acc,
     acc_norm), the score, chance, n and z = (score − chance) / stderr; `chosen` marks each candidate's metric
-    of larger z. `which`: "kept" (the suite's tasks; data already local) or "all" (every candidate of
+    of larger z. `which`: "kept" (the evaluated model's suite; data already local) or "all" (every candidate of
     kvshare.tasks.SCREEN, one download of the BIG-bench sdist on first use). `limit`: screen examples per
-    candidate (None: kvshare.tasks.SCREEN_LIMIT)."""
+    candidate (None: kvshare.tasks.SCREEN_LIMIT). Multiple-choice requests never use a chat template."""
     from ..data import ensure_bigbench_tasks
     from ..tasks import SCREEN_LIMIT, screen_tasks
 
-    specs = screen_tasks(which, SCREEN_LIMIT if limit is None else limit)
-    ensure_bigbench_tasks(sorted({s.source for s in specs}))
+    specs = screen_tasks(which, SCREEN_LIMIT if limit is None else limit, model=model_name(evaluator.model))
+    ensure_bigbench_tasks(sorted({s.source for s in specs if not s.source.endswith(".json")}))  # local files: as is
     result = evaluator.evaluate(None, suite="offline", tasks=specs, label="screen")
     out = []
     for spec in specs:
@@ -478,3 +533,47 @@ def screen(evaluator: Evaluator, which: str = "kept", limit: int | None = None) 
         for x in mine:
             x["chosen"] = x is best
     return out
+
+
+def choose_suite(evaluator: Evaluator, out=None, limit: int | None = None, progress: bool = True) -> dict:
+    """Screen every candidate (`screen(evaluator, "all")`) for the evaluator's model, measure what each costs in
+    its tokenizer and apply the keep rule (`kvshare.tasks.screening`); write the screen file to `out` (None: the
+    model's place in this checkout, `screening.screen_path`) and return its record. `kvshare.tasks.offline_tasks`
+    (and so notebook 03 and `kvshare eval`) read the suite back from that file. `limit`: screen examples per
+    candidate (None: SCREEN_LIMIT; anything else is a smoke run, flagged in the record)."""
+    import time
+
+    from ..io import write_json
+    from ..tasks import SCREEN_LIMIT, screen_tasks
+    from ..tasks.screening import decisions_table, request_tokens, screen_path, screen_record
+
+    name = model_name(evaluator.model)
+    n = SCREEN_LIMIT if limit is None else limit
+    if n != SCREEN_LIMIT and out is None:
+        raise ValueError(
+            f"a screen of {n} examples per candidate is a smoke run: give it its own out=..., not the "
+            f"model's screen file (that one screens {SCREEN_LIMIT})"
+        )
+    t0 = time.perf_counter()
+    rows = screen(evaluator, "all", n)
+    seconds = time.perf_counter() - t0
+    costs = {spec.source: round(request_tokens(spec, evaluator.tokenizer, n), 2) for spec in screen_tasks("all", n)}
+    record = screen_record(
+        name,
+        rows,
+        costs,
+        chat_template=evaluator.chat(),
+        examples_per_candidate=n,
+        smoke=n != SCREEN_LIMIT,
+        seconds=round(seconds, 1),
+        environment=common.environment_info(),
+    )
+    path = Path(out) if out is not None else screen_path(name)
+    if path is None:
+        raise ValueError("not inside a kvshare checkout: say where the screen file goes (out=...)")
+    write_json(path, record)
+    record["path"] = str(path)
+    if progress:
+        print(decisions_table(record["decisions"]))
+        print(f"kept: {', '.join(record['kept']) or 'none'}; screen {seconds:.0f} s; wrote {path}")
+    return record

@@ -42,6 +42,18 @@ def c_grid(num_layers_: int, max_fraction: float = 0.4, step: int = 2) -> list[i
     return grid
 
 
+def curve_grid(cfg: Settings, num_layers_: int) -> list[int]:
+    """The C points of notebook 01's curves: `cfg.c_points` (with C = 0) when set, else `c_grid`."""
+    if cfg.c_points:
+        points = sorted({0, *(int(c) for c in cfg.c_points)})
+        if points[-1] >= num_layers_:
+            raise ValueError(
+                f"c_points {cfg.c_points}: a model with {num_layers_} layers shares at most {num_layers_ - 1}"
+            )
+        return points
+    return c_grid(num_layers_, cfg.max_fraction, cfg.c_step)
+
+
 def matrix_rows(matrices: dict[str, np.ndarray]) -> list[dict]:
     """Long-format rows (metric, layer_a, layer_b, distance) for CSV."""
     return [
@@ -75,7 +87,7 @@ def ppl_curves(model, tokenizer, cfg: Settings, scorer: HeldOutScorer, progress:
     Returns (rows, runs): one row per (set, order, seed, C) with perplexity and per-window NLLs.
     """
     L = num_layers(model)
-    grid = c_grid(L, cfg.max_fraction, cfg.c_step)
+    grid = curve_grid(cfg, L)
     plan = [(k, o, s) for k in range(cfg.calibration_sets) for o, s in order_runs(cfg, k)]
     points = sum(len(c_values(o, grid, cfg)) for _, o, _ in plan)
     bar = Progress(points, f"ppl curves ({len(plan)} searches, {points} points)", enabled=progress)

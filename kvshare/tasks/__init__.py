@@ -9,10 +9,12 @@ from __future__ import annotations
 from .offline import MCTask, PerplexityTask, SummarizationTask
 from .online import ONLINE_DEFAULT, ONLINE_TASKS, LMEvalTask
 
-# The offline suite. Each multiple-choice task was kept because the default model (SmolLM2-135M)
+# The default model's offline suite. Each multiple-choice task was kept because the default model (SmolLM2-135M)
 # scores measurably above chance on it with this prompt (docs/evaluation.md lists the screen). The screen
 # sees only each task's `screen` part and the suite evaluates only its disjoint `test` part
 # (kvshare.tasks.offline: SCREEN_FRACTION, example_id), so choosing the suite does not bias its scores.
+# Another model's suite is what the same keep rule keeps on that model's own screen (kvshare.tasks.screening:
+# `offline_tasks(model)`); a model never screened gets this one, with a warning.
 OFFLINE_TASKS = [
     MCTask("goal_step_wikihow/step_inference", "reasoning", prompt="raw", limit=48),
     MCTask("similarities_abstraction", "reasoning", prompt="native", metric="acc_norm", limit=30),
@@ -56,12 +58,43 @@ SCREEN = [
 ]
 SCREEN_LIMIT = 40  # screen examples scored per candidate (the first of its screen part)
 
+# each candidate's category among the paper's (reasoning, language, knowledge, understanding): the kept tasks' as in
+# OFFLINE_TASKS; the keep rule spreads a suite over them (kvshare.tasks.screening.MAX_PER_CATEGORY)
+SCREEN_CATEGORIES = {
+    "unit_conversion/unit_identification": "reasoning",
+    "metaphor_understanding/lit2met": "understanding",
+    "similarities_abstraction": "reasoning",
+    "movie_recommendation": "knowledge",
+    "general_knowledge": "knowledge",
+    "phrase_relatedness": "language",
+    "metaphor_understanding/met2lit": "understanding",
+    "goal_step_wikihow/step_inference": "reasoning",
+    "conceptual_combinations/emergent_properties": "language",
+    "emoji_movie": "understanding",
+    "human_organs_senses": "knowledge",
+    "social_iqa": "reasoning",
+    "riddle_sense": "reasoning",
+    "logical_sequence": "reasoning",
+    "hindu_knowledge": "knowledge",
+    "odd_one_out": "language",
+    "goal_step_wikihow/goal_inference": "reasoning",
+    "known_unknowns": "knowledge",
+    "date_understanding": "reasoning",
+    "cause_and_effect/one_sentence": "reasoning",
+    "identify_odd_metaphor": "understanding",
+    "crass_ai": "reasoning",
+    "simple_ethical_questions": "understanding",
+    "common_morpheme": "language",
+    "english_proverbs": "understanding",
+}
 
-def screen_tasks(which: str = "all", limit: int | None = SCREEN_LIMIT) -> list[MCTask]:
+
+def screen_tasks(which: str = "all", limit: int | None = SCREEN_LIMIT, model: str | None = None) -> list[MCTask]:
     """The screen's candidates as tasks on their `screen` part: `which="all"` (every candidate of SCREEN; their
-    BIG-bench data comes with one download of the sdist) or `"kept"` (the suite's own tasks and prompts)."""
+    BIG-bench data comes with one download of the sdist) or `"kept"` (the suite's own tasks and prompts: `model`'s
+    suite, `offline_tasks`)."""
     if which == "kept":
-        pairs = [(t.source, t.prompt) for t in OFFLINE_TASKS if t.kind == "multiple_choice"]
+        pairs = [(t.source, t.prompt) for t in offline_tasks(model, warn=False) if t.kind == "multiple_choice"]
     elif which == "all":
         pairs = SCREEN
     else:
@@ -69,17 +102,28 @@ def screen_tasks(which: str = "all", limit: int | None = SCREEN_LIMIT) -> list[M
     return [MCTask(source, "screen", prompt=prompt, limit=limit, split="screen") for source, prompt in pairs]
 
 
-def suite_tasks(suite: str) -> dict:
-    """{task name: spec} of a suite."""
+def offline_tasks(model: str | None = None, warn: bool = True) -> list:
+    """The offline suite of `model` (None: the default model's, OFFLINE_TASKS): see
+    `kvshare.tasks.screening.suite_for`, which also says where the suite comes from."""
+    from .screening import suite_for
+
+    return suite_for(model, warn=warn)[0]
+
+
+def suite_tasks(suite: str, model: str | None = None) -> dict:
+    """{task name: spec} of a suite (offline: `model`'s suite, then the default suite's other tasks by name)."""
     if suite == "offline":
-        return {t.name: t for t in OFFLINE_TASKS}
+        return {t.name: t for t in OFFLINE_TASKS} | {t.name: t for t in offline_tasks(model, warn=False)}
     if suite == "online":
         return {t.name: t for t in ONLINE_TASKS}
     raise ValueError(f"unknown suite {suite!r}; use offline or online")
 
 
-def default_tasks(suite: str) -> list[str]:
-    return list(OFFLINE_DEFAULT if suite == "offline" else ONLINE_DEFAULT)
+def default_tasks(suite: str, model: str | None = None) -> list[str]:
+    """The names of a suite's default tasks (offline: `model`'s suite)."""
+    if suite == "offline":
+        return [t.name for t in offline_tasks(model)]
+    return list(ONLINE_DEFAULT)
 
 
 __all__ = [
@@ -91,9 +135,11 @@ __all__ = [
     "ONLINE_TASKS",
     "PerplexityTask",
     "SCREEN",
+    "SCREEN_CATEGORIES",
     "SCREEN_LIMIT",
     "SummarizationTask",
     "default_tasks",
+    "offline_tasks",
     "screen_tasks",
     "suite_tasks",
 ]

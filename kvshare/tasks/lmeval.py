@@ -7,6 +7,8 @@ share KV (and evict or quantize it).
 Two scoring protocols for log-likelihoods (multiple choice, perplexity):
 - one pass (lm-eval's own): context and continuation in a single forward. Sharing and a quantized
   cache show in it; token eviction does not, since nothing is dropped before that forward ends.
+  `onepass_loglikelihoods` computes it as HFLM does, with the output layer only where a continuation
+  token is predicted (the same numbers, far less work on a large vocabulary).
 - decoding (`KVShareLM(decode=True)`): the context but its last token is prefilled into the cache
   (and compressed by the policy); its last token and the continuation are then fed one token at a
   time, and every continuation token is scored from the cache the policy left, as in generation.
@@ -56,7 +58,16 @@ def _lm_class():
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             if not self.decode:
-                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+                if self.backend != "causal":
+                    return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+                return onepass_loglikelihoods(
+                    self.model,
+                    requests,
+                    self.max_length,
+                    int(self.batch_size),
+                    progress=not disable_tqdm,
+                    cache_hook=self.cache_hook,
+                )
             return decode_loglikelihoods(
                 self.model,
                 requests,
@@ -69,6 +80,61 @@ def _lm_class():
 
     _LM_CLASS = KVShareLM
     return KVShareLM
+
+
+def onepass_loglikelihoods(
+    model, requests, max_length: int, batch_size: int, progress: bool = False, cache_hook=None
+) -> list[tuple[float, bool]]:
+    """(sum of log-probabilities, greedy?) of each request's continuation, in one forward per batch: what lm-eval's
+    HFLM computes (the same inputs, truncated and right-padded as it does them, longest first), with the output layer
+    and its log-softmax applied only at the positions that predict a continuation token. HFLM applies them at every
+    position of every request; on a large vocabulary (Gemma's 262,144) that is most of the cost of a multiple-choice
+    request, for positions whose scores it throws away. Each position's scores are computed as before (the same
+    hidden state through the same head), so the numbers agree with HFLM's to float rounding.
+
+    `requests` are lm-eval's `((context, continuation), context_ids, continuation_ids)`."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from ..adapter import base_model
+
+    device = next(model.parameters()).device
+    decoder = base_model(model)  # the decoder stack, where kvshare's sharing hooks sit
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    inputs, spans = [], []
+    for _, ctx, cont in requests:
+        if not cont:
+            raise ValueError("a log-likelihood request with an empty continuation")
+        whole = (list(ctx) + list(cont))[-(max_length + 1) :][:-1]  # as HFLM cuts it: the last token is not input
+        inputs.append(whole)
+        spans.append((len(whole) - len(cont), len(whole)))  # the positions whose next token is a continuation token
+    order = sorted(range(len(requests)), key=lambda i: (-len(inputs[i]), tuple(inputs[i])))
+    results: list = [None] * len(requests)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc="log-likelihoods", disable=not progress):
+            idx = order[start : start + batch_size]
+            width = max(len(inputs[i]) for i in idx)
+            batch = torch.zeros(len(idx), width, dtype=torch.long)
+            for row, i in enumerate(idx):
+                batch[row, : len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)  # right-padded, as HFLM
+            hidden = decoder(input_ids=batch.to(device)).last_hidden_state  # called as HFLM calls the model
+            picked = torch.cat([hidden[row, spans[i][0] : spans[i][1]] for row, i in enumerate(idx)])
+            logits = head(picked)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            at = 0
+            for i in idx:
+                cont = torch.tensor(list(requests[i][2]), dtype=torch.long, device=logprobs.device)
+                lp = logprobs[at : at + len(cont)]
+                at += len(cont)
+                answer = (float(lp.gather(-1, cont[:, None]).sum()), bool((lp.argmax(dim=-1) == cont).all()))
+                results[i] = answer
+                if cache_hook is not None and requests[i][0] is not None:
+                    cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+    return results
 
 
 def decode_loglikelihoods(

@@ -31,6 +31,10 @@ FEWSHOT_POOL = 5
 PREFIX = "kvshare_"  # lm-eval task names of the offline suite; avoids clashes with lm-eval's own `bigbench_*`
 FORMAT_VERSION = 2  # bump when the data or prompt construction changes (part of the results cache key)
 # 2: the screen / test split (multiple choice evaluates only `test`)
+# 2: a base model's XSum prompt ends "\nSummary:" (was "\n\nOne-sentence summary of the article:", after which
+# Gemma-3-270M starts with a blank line, so the "\n" stop left every summary empty); part of the results cache key of
+# XSum without a chat template only, so instruct models' cached results stand
+PLAIN_SUMMARY_VERSION = 2
 SCREEN_FRACTION = 0.3  # share of a multiple-choice task's examples (after the few-shot pool) in its screen part
 SPLITS = ("test", "screen")
 SPLIT_RULE = (
@@ -236,7 +240,7 @@ def summarization_rows(spec: SummarizationTask) -> list[dict]:
         rows.append(
             {
                 "query": f"Summarize this article in one sentence.\n\n{article}",  # a chat request (instruct models)
-                "query_plain": f"Article: {article}\n\nOne-sentence summary of the article:",  # base models
+                "query_plain": f"Article: {article}\nSummary:",  # base models (PLAIN_SUMMARY_VERSION)
                 "summary": a["summary"].strip(),
             }
         )
