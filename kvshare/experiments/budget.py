@@ -9,9 +9,12 @@ model (`UNIT_COSTS`, seconds on the 2-core machine with 2 torch threads, quiet):
   (`common.HeldOutStore`): a strategy 01 scored is free in 02;
 - `search_reference_s`: a greedy search's reference forward over its calibration texts (30 x 64 tokens);
 - `search_candidate_s`: one candidate that search visits (layers r..L-1 over the texts, r averaged). At the default
-  T = 0.5 every candidate passed on both models (SmolLM2: 255 of 258 in notebook 01's 21 searches), so a search to C
+  T = 0.5 nearly every candidate passed on SmolLM2 (255 of 258 in notebook 01's 21 searches), so a search to C
   visits C; a strict T walks down the list: the estimate takes every same-type pair for T >= STRICT_T (SmolLM2
-  visited 67 at T = 0.8 and 327 at 0.9);
+  visited 67 at T = 0.8 and 327 at 0.9). Gemma-3-270M rejects far more even at T = 0.5 (394 of the 464 candidates
+  its first full run of notebook 01 visited; its fixed orders ran out of pairs before C = 7): there the estimate's
+  search time is low, but searches are a small share of its run (01 took 29.5 min against 44 estimated, the held-out
+  scores ~79 s per strategy against 105);
 - `suite_s`: one evaluation of the offline suite at its default sizes, less its perplexity task (notebook 03 takes
   perplexity from the held-out store: its strategies are those of 01 and 02 where the C points and seeds agree);
 - `screen_kept_s`: notebook 03's screen rerun on its kept tasks' screen parts;

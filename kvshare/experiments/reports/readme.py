@@ -707,7 +707,7 @@ def side_by_side(r: Results) -> str:
         for model in FAMILIES:
             try:
                 f = found[model] = finding(r.for_model(model))
-                cells.append(f"{f.verdict}; {f.headline}")
+                cells.append(f"{f.verdict.rstrip('.')}; {f.headline}")
             except Missing as e:
                 found[model] = None
                 missing.append(e.path)
