@@ -245,6 +245,15 @@ class HeldOutProtocol:
     tokens: int = 16384  # 32 windows of 512
     window: int = 512
 
+    def windows(self) -> int:
+        """How many windows the protocol scores: each window after the first starts one token before the previous one
+        ended, so that its first scored token has context; 16,384 tokens make 32 windows of 512 and one of 32."""
+        return len(_windows(self.tokens, self.window, self.window))
+
+    def scored_tokens(self) -> int:
+        """Every token after the first is scored once."""
+        return self.tokens - 1
+
     def describe(self) -> str:
         return (
             f"{self.tokens:,} held-out {self.source} tokens (never in a calibration set), "

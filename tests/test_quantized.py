@@ -492,7 +492,9 @@ def test_quantized_runs_tables_and_conclusion():
     text = report.conclusion(rows, [], "m")
     assert "rises with C" in text and "K/V bytes equal" in text and "GPTQ weights" in text
     assert "a slice of the shared held-out protocol" in text  # 3 windows: a quick-mode slice
-    full = [dict(r, windows=32, tokens=32 * 511) for r in rows]
+    full = [dict(r, windows=33, tokens=16_383) for r in rows]  # what the full run scores: 32 x 511 + 31
+    slice_ = [dict(r, windows=32, tokens=32 * 511) for r in rows]  # 16,352 tokens: short of the protocol
+    assert "a slice of the shared held-out protocol" in report.protocol_line(slice_)
     assert "the shared held-out protocol (16,384 held-out" in report.protocol_line(full)
     assert f"perplexity {rows[0]['ppl']:.2f}" in report.protocol_line(full)  # the full model's baseline
     rows[0]["kv_bytes"] += 1
