@@ -335,3 +335,17 @@ def test_vllm_command_starts():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("0.32.0")
+
+
+def test_notebook_10_names_another_models_results(tiny_checkpoint, tmp_path):
+    """Notebook 10 on a model other than the one measured: one line whose results they are, and whether the plugin
+    can serve this model at all (a Mistral layout cannot; a Llama one can, with the proof script's MODEL changed)."""
+    from kvshare.serving import report
+
+    r = {"model": "smollm2-135m"}
+    assert report.other_model_note(r, "smollm2-135m") is None
+    mistral = _checkpoint(tmp_path / "mistral", "mistral")
+    note = report.other_model_note(r, str(mistral))
+    assert "smollm2-135m's, not" in note and "MistralForCausalLM" in note and "no serving result" in note
+    note = report.other_model_note(r, str(tiny_checkpoint))
+    assert "set it to" in note and "no serving result" not in note

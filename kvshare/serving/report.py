@@ -19,6 +19,30 @@ def load_results(path) -> dict:
     return json.loads(path.read_text())
 
 
+def other_model_note(r: dict, model: str) -> str | None:
+    """None when the results `r` were measured with `model`; otherwise one line saying whose they are and how
+    `model`'s would be measured, or that kvshare's vLLM plugin cannot serve its architecture (read from its
+    config; an embedded model is converted once if it is not yet)."""
+    if r["model"] == model:
+        return None
+    from .export import resolve_checkpoint
+    from .mapping import ARCHITECTURES
+
+    try:
+        archs = json.loads((resolve_checkpoint(model) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        archs = []
+    arch = archs[0] if archs else None
+    if arch is not None and arch not in ARCHITECTURES:
+        how = (
+            f"kvshare's vLLM plugin serves {', '.join(ARCHITECTURES)}, not {model}'s {arch}, so there is no "
+            f"serving result for {model}"
+        )
+    else:
+        how = f"scripts/vllm_proof.py measures {r['model']} (its MODEL); set it to {model} to measure that one"
+    return f"these results are {r['model']}'s, not {model}'s: {how}"
+
+
 def expected_ratio(r: dict) -> float:
     return r["num_layers"] / (r["num_layers"] - r["num_shared"])
 
