@@ -89,6 +89,34 @@ def make_tiny_model(arch: str = "llama", attn_implementation: str = "sdpa", seed
     return model
 
 
+def byte_llama(tokenizer, num_layers: int = 4, max_positions: int = 256, scale: float = 1.0):
+    """A tiny random Llama over `tokenizer`'s vocabulary (the byte tokenizer: pad 0, BOS 1, EOS 2), seed 0, sdpa,
+    eval mode; `scale` multiplies its matrices (4.0: the layers, and sharing, change the outputs visibly)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.mul_(scale)
+    return model
+
+
 def random_strategies(num_layers: int, count: int, seed: int):
     """`count` random valid mappings {replaced r > 0: random earlier layer}, seeded."""
     rng = random.Random(seed)

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import byte_llama
 
 import kvshare
 from kvshare.evaluation import ROW_COLUMNS, Evaluator, resolve_tasks, write_results
@@ -28,26 +28,7 @@ NUM_LAYERS = 4
 
 @pytest.fixture(scope="module")
 def tiny_model(byte_tokenizer):
-    config = LlamaConfig(
-        vocab_size=len(byte_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # larger weights: layers (and sharing) change the outputs visibly
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
-    return model
+    return byte_llama(byte_tokenizer, NUM_LAYERS, max_positions=512, scale=4.0)  # larger weights: sharing shows
 
 
 @pytest.fixture

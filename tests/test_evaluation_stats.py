@@ -11,8 +11,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import byte_llama
 
 from kvshare.evaluation import Evaluator
 from kvshare.experiments import evaluation as ev
@@ -84,20 +83,7 @@ def test_evaluation_never_sees_screen_examples(task_file, byte_tokenizer):
     screened = (root / "data" / (spec.name + "_screen") / "test.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in screened] == [r["id"] for r in parts["screen"]]
 
-    config = LlamaConfig(
-        vocab_size=len(byte_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = byte_llama(byte_tokenizer, 4)
     evaluator = Evaluator(model, byte_tokenizer, batch_size=8, cache=False, progress=False)
     rows = evaluator.evaluate(None, tasks=[spec])["rows"]
     acc = next(r for r in rows if r["metric"] == "acc")

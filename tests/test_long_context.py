@@ -11,8 +11,7 @@ import json
 import sys
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import byte_llama
 
 from kvshare.evaluation import Evaluator, resolve_tasks, write_results
 from kvshare.strategy import Strategy
@@ -23,21 +22,7 @@ LENGTH = 1024  # the smallest context RULER's NIAH generator fills with byte tok
 
 @pytest.fixture(scope="module")
 def tiny_model(byte_tokenizer):
-    config = LlamaConfig(
-        vocab_size=len(byte_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return byte_llama(byte_tokenizer, 4, max_positions=2048)
 
 
 @pytest.fixture

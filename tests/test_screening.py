@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import byte_llama
 
 from kvshare import models
 from kvshare.evaluation import Evaluator, resolve_tasks
@@ -216,20 +216,7 @@ def local_candidates(tmp_path, monkeypatch):
 
 
 def test_choose_suite_screens_on_the_screen_part_and_writes_the_file(local_candidates, byte_tokenizer, tmp_path):
-    config = LlamaConfig(
-        vocab_size=len(byte_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = byte_llama(byte_tokenizer, 2)
     model.kvshare_name = "tiny-screened"
     out = tmp_path / "figures" / "tiny-screened" / scr.SCREEN_FILE
     evaluator = Evaluator(model, byte_tokenizer, batch_size=8, cache=False, progress=False)
