@@ -592,13 +592,17 @@ def suite_points(rows: list[dict], pts: list[Point], cfg: Settings) -> list[Poin
     ]
 
 
-def suite_task_names(cfg: Settings) -> list[str]:
+def suite_specs(cfg: Settings) -> list:
     """The suite's tasks: `cfg.suite_tasks`, or the offline defaults without the perplexity task."""
     from ..evaluation import resolve_tasks
 
     if cfg.suite_tasks:
-        return [s.name for s in resolve_tasks("offline", cfg.suite_tasks)]
-    return [s.name for s in resolve_tasks("offline") if s.kind != "perplexity"]
+        return resolve_tasks("offline", cfg.suite_tasks)
+    return [s for s in resolve_tasks("offline") if s.kind != "perplexity"]
+
+
+def suite_task_names(cfg: Settings) -> list[str]:
+    return [s.name for s in suite_specs(cfg)]
 
 
 def run_suite(
@@ -608,15 +612,18 @@ def run_suite(
     KVSharer as the strategy, the other methods as the cache policy (scored by decoding when lossy after the
     prefill). One unit per point in `cache`. Returns one record per point: its description and the rows (with
     per-example scores)."""
-    from ..evaluation import Evaluator
+    from ..evaluation import Evaluator, task_key
 
     tasks = suite_task_names(cfg)
+    # a task's identity (its prompt, its examples' split, the offline format), not its name alone: a cached point
+    # scored on other examples of a task of the same name is scored again
+    task_keys = [task_key(s) for s in suite_specs(cfg)]
     evaluator = Evaluator(model, tokenizer, progress=False)
     out = []
     t_all = time.perf_counter()
     for i, p in enumerate(pts):
         name = f"suite_{p.name}"
-        key = ResultCache.key(cfg.model, tasks, cfg.suite_limit, p.describe())
+        key = ResultCache.key(cfg.model, task_keys, cfg.suite_limit, p.describe())
         hit = None if cache is None else cache.get(name, key)
         if hit is None:
             strategy = next((a for a in p.applied if isinstance(a, Strategy)), None)
