@@ -253,6 +253,15 @@ def test_ppl_curves_reuse_one_search_per_order(tiny_setup):
     assert "tiny" in text and "distinct strategies" in text
     visited = sum(len(r.trace) for r in runs)
     assert f"candidates the {len(runs)} searches visited" in text and f"of the {visited} candidates" in text
+    short = [r for r in runs if r.strategy.num_shared < r.strategy.metadata["target_num_shared"]]
+    assert (f"{len(short)} of the {len(runs)} searches ran out of candidates" in text) == bool(short)
+    # a search that stops short is said, with where it stopped
+    first = runs[0]
+    stopped = replace(first, strategy=first.strategy.prefix(1))  # a fresh metadata dict: the run's is untouched
+    stopped.strategy.metadata["target_num_shared"] = 2
+    said = obs_report.observation_conclusion(rows, NUM_LAYERS, "tiny", runs=[stopped])
+    assert "1 of the 1 searches ran out of candidates above the threshold before their target C = 2" in said
+    assert "they stopped at C = 1" in said
     summary = obs.curve_summary(rows)
     comps = obs.paired_comparisons(rows)
     for fig in (

@@ -405,6 +405,15 @@ def observation_conclusion(
                 else "."
             )
         )
+        short = [r for r in runs if r.strategy.num_shared < r.strategy.metadata.get("target_num_shared", 0)]
+        if short:
+            reached = sorted({r.strategy.num_shared for r in short})
+            targets = sorted({r.strategy.metadata["target_num_shared"] for r in short})
+            lines.append(
+                f"{len(short)} of the {len(runs)} searches ran out of candidates above the threshold before their "
+                f"target C = {'/'.join(map(str, targets))}: they stopped at C = {'/'.join(map(str, reached))}, so "
+                "their curves end there and the larger C points are missing."
+            )
     if scoring:
         lines.append(
             f"Scoring: {scoring['distinct_strategies']} distinct strategies, {scoring['fresh']} evaluated in this run "
