@@ -12,13 +12,6 @@ import numpy as np
 from .. import ablations as ab
 from .common import COLORS, MARKERS
 
-try:  # seaborn's styling when it is installed; plain matplotlib otherwise
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="notebook")
-except ImportError:  # pragma: no cover - depends on the environment
-    sns = None
-
 ORDER_COLORS = {**COLORS, "best": "#2ca02c"}
 ORDER_MARKERS = {**MARKERS, "best": "D"}
 METRIC_COLORS = {"euclidean": "#d62728", "cosine": "#1f77b4", "normalized": "#9467bd"}
