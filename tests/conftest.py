@@ -81,10 +81,7 @@ def make_tiny_model(arch: str = "llama", attn_implementation: str = "sdpa", seed
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()
     # random init gives near-uniform logits; larger weights make the layers (and sharing) matter
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
+    scale_matrices(model, 4.0)
     assert model.config._attn_implementation == attn_implementation
     return model
 
@@ -110,11 +107,16 @@ def byte_llama(tokenizer, num_layers: int = 4, max_positions: int = 256, scale: 
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     if scale != 1.0:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() > 1:
-                    p.mul_(scale)
+        scale_matrices(model, scale)
     return model
+
+
+@torch.no_grad()
+def scale_matrices(model, factor: float) -> None:
+    """Multiply every weight matrix (not the norms' vectors) of `model` by `factor`, in place."""
+    for p in model.parameters():
+        if p.dim() > 1:
+            p.mul_(factor)
 
 
 def random_strategies(num_layers: int, count: int, seed: int):
