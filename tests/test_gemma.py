@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COMMON, NUM_LAYERS, PAD_ID, VOCAB
+from conftest import COMMON, NUM_LAYERS, PAD_ID, VOCAB, scale_matrices
 from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
 
 import kvshare
@@ -57,10 +57,7 @@ def make_gemma(impl: str = "sdpa", seed: int = 0, **overrides) -> Gemma3ForCausa
     config._attn_implementation = impl
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config).to(torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
+    scale_matrices(model, 4.0)
     return model
 
 
