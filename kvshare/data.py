@@ -1,82 +1,83 @@
-"""Calibration and evaluation text.
+"""Calibration and evaluation data, read from the repository's `data/` folder (nothing is downloaded).
 
-Offline default ("bbc"): the BBC articles of BIG-bench's `gem/xsum` task, taken from the
-`bigbench==1.0.0` source distribution on PyPI (downloaded with `pip download --no-deps`; only the
-needed task files are extracted into the kvshare cache, the package is never installed).
-The 1001 articles are shuffled once with a fixed seed and split: the first 300 form the
-calibration pool (10 disjoint sets of 30), the remaining 701 are held out for evaluation.
+`data/` holds compressed JSONL files and `data/MANIFEST.json` (their sources, SHA-256 and item counts);
+`python -m kvshare data build` rebuilds them byte for byte from pinned archives on PyPI (kvshare.data_build).
+Every file is checked against the manifest the first time it is read: a missing or corrupt file stops with one
+line that names it and the command that rebuilds it.
 
-Online option ("wikitext2"): WikiText-2 through `datasets` (train split for calibration, test split
-for evaluation).
+- `prose.jsonl.gz`: calibration texts in 10 disjoint sets of 30 per domain ("news": ABC news articles;
+  "wikipedia": Wikipedia paragraphs) and the held-out text (CoQA's CNN and Wikipedia stories), which shares no
+  sentence with any calibration text;
+- `long.jsonl.gz`: long documents (public-domain books in consecutive parts, long Wikipedia articles), each in the
+  calibration or the held-out part;
+- `tasks/<task>.jsonl.gz`: multiple-choice questions (query, choices, gold) of standard benchmarks.
+
+Online option ("wikitext2"): WikiText-2 through `datasets` (train split for calibration, test split for
+evaluation).
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
-import random
-import tarfile
+import os
 from functools import lru_cache
 from pathlib import Path
 
-from .pypi_files import kvshare_home, pip_download, scratch_dir
-
-BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
-SOURCES = ("bbc", "wikitext2")
-CALIBRATION_POOL = 300
-SPLIT_SEED = 1234
+SOURCES = ("offline", "wikitext2")
+DEFAULT_SOURCE = "offline"
+DOMAINS = ("news", "wikipedia")  # the offline calibration pools
+REBUILD = "python -m kvshare data build"
 
 
-def bigbench_dir() -> Path:
-    return kvshare_home() / "bigbench"
+class DataError(RuntimeError):
+    """A data file is missing or differs from data/MANIFEST.json (the message says how to rebuild it)."""
 
 
-def ensure_bigbench_tasks(tasks) -> Path:
-    """Make sure `<cache>/bigbench/<task>/task.json` exists for every task; return the folder."""
-    root = bigbench_dir()
-    missing = [t for t in tasks if not (root / t / "task.json").is_file()]
-    if not missing:
-        return root
-    with scratch_dir(kvshare_home()) as tmp:
-        try:
-            sdist = pip_download(BIGBENCH_REQUIREMENT, Path(tmp))
-        except RuntimeError as e:
-            raise RuntimeError(
-                f"the offline data is not cached and could not be fetched: {e} "
-                f"Alternatively extract bigbench/benchmark_tasks/<task>/task.json for {', '.join(missing)} "
-                f"into {root}/<task>/, or use the online source (source='wikitext2')."
-            ) from None
-        wanted = {f"/bigbench/benchmark_tasks/{t}/task.json": t for t in missing}
-        with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar:
-                task = next((t for suffix, t in wanted.items() if member.name.endswith(suffix)), None)
-                if task is None:
-                    continue
-                target = root / task / "task.json"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                part = target.with_suffix(".part")
-                with tar.extractfile(member) as src, open(part, "wb") as dst:
-                    dst.write(src.read())
-                part.replace(target)
-    still = [t for t in missing if not (root / t / "task.json").is_file()]
-    if still:
-        raise RuntimeError(f"{BIGBENCH_REQUIREMENT} has no task(s) named {', '.join(still)}")
-    return root
+def data_dir() -> Path:
+    """The data folder: $KVSHARE_DATA, else `data/` beside the package (the repository's)."""
+    return Path(os.environ.get("KVSHARE_DATA") or Path(__file__).resolve().parents[1] / "data")
+
+
+@lru_cache(maxsize=4)
+def manifest(root: str | None = None) -> dict:
+    path = Path(root or data_dir()) / "MANIFEST.json"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: rebuild the data with `{REBUILD}` (or check out the repository's data/)")
+    return json.loads(path.read_text())
+
+
+def _verified_bytes(name: str) -> bytes:
+    root = data_dir()
+    entry = manifest(str(root))["files"].get(name)
+    if entry is None:
+        raise DataError(f"data/MANIFEST.json lists no file {name}: rebuild the data with `{REBUILD}`")
+    path = root / name
+    if not path.is_file():
+        raise DataError(f"{path} is missing: rebuild it with `{REBUILD}`")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise DataError(f"{path} is corrupt (its SHA-256 differs from data/MANIFEST.json): rebuild it with `{REBUILD}`")
+    return data
 
 
 @lru_cache(maxsize=32)
-def bigbench_task(name: str) -> dict:
-    """A BIG-bench task's JSON (examples and metadata)."""
-    root = ensure_bigbench_tasks([name])
-    return json.loads((root / name / "task.json").read_text())
+def read_rows(name: str) -> tuple[dict, ...]:
+    """The rows of data file `name` (e.g. "prose.jsonl.gz", "tasks/arc_easy.jsonl.gz"), checked once."""
+    text = gzip.decompress(_verified_bytes(name)).decode("utf-8")
+    return tuple(json.loads(line) for line in text.splitlines() if line)
 
 
-@lru_cache(maxsize=1)
-def _bbc_split() -> tuple[list[dict], list[dict]]:
-    examples = [e for e in bigbench_task("gem/xsum")["examples"] if e["input"].strip()]
-    order = list(range(len(examples)))
-    random.Random(SPLIT_SEED).shuffle(order)
-    shuffled = [examples[i] for i in order]
-    return shuffled[:CALIBRATION_POOL], shuffled[CALIBRATION_POOL:]
+def task_rows(task: str) -> list[dict]:
+    """A multiple-choice task's questions: {id, query, choices, gold} in the file's order."""
+    name = f"tasks/{task}.jsonl.gz"
+    if name not in manifest(str(data_dir()))["files"]:
+        known = sorted(
+            n[len("tasks/") : -len(".jsonl.gz")] for n in manifest(str(data_dir()))["files"] if "tasks/" in n
+        )
+        raise ValueError(f"no offline task {task!r}; data/ has {', '.join(known)}")
+    return [dict(r) for r in read_rows(name)]
 
 
 def _check_source(source: str) -> None:
@@ -84,15 +85,20 @@ def _check_source(source: str) -> None:
         raise ValueError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
 
 
-def calibration_texts(n: int = 30, source: str = "bbc", set_index: int = 0) -> list[str]:
-    """`n` calibration texts; different `set_index` values give disjoint sets."""
+def calibration_pool(domain: str = "news") -> list[str]:
+    """Every calibration text of `domain`, set by set (set 0's 30 texts first)."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown calibration domain {domain!r}; use one of {', '.join(DOMAINS)}")
+    rows = [r for r in read_rows("prose.jsonl.gz") if r["part"] == "calibration" and r["domain"] == domain]
+    return [r["text"] for r in sorted(rows, key=lambda r: r["set"])]  # sorted() is stable: file order within a set
+
+
+def calibration_texts(n: int = 30, source: str = DEFAULT_SOURCE, set_index: int = 0, domain: str = "news") -> list[str]:
+    """`n` calibration texts; different `set_index` values give disjoint sets (offline: of `domain`)."""
     _check_source(source)
     if n < 1 or set_index < 0:
         raise ValueError("n must be >= 1 and set_index >= 0")
-    if source == "bbc":
-        pool = [e["input"] for e in _bbc_split()[0]]
-    else:
-        pool = _wikitext("train", min_chars=400)
+    pool = calibration_pool(domain) if source == "offline" else _wikitext("train", min_chars=400)
     lo, hi = set_index * n, (set_index + 1) * n
     if hi > len(pool):
         raise ValueError(
@@ -101,23 +107,24 @@ def calibration_texts(n: int = 30, source: str = "bbc", set_index: int = 0) -> l
     return pool[lo:hi]
 
 
-def eval_articles(source: str = "bbc") -> list[dict]:
-    """Held-out articles (never used for calibration) with their one-line summaries."""
-    _check_source(source)
-    if source != "bbc":
-        raise ValueError("held-out articles with summaries exist only for the 'bbc' source")
-    return [
-        {"article": e["input"], "summary": e["target"] if isinstance(e["target"], str) else e["target"][0]}
-        for e in _bbc_split()[1]
-    ]
+def heldout_texts() -> list[str]:
+    """The held-out texts (CoQA's CNN and Wikipedia stories, in the file's fixed order): never calibrated on."""
+    return [r["text"] for r in read_rows("prose.jsonl.gz") if r["part"] == "heldout"]
 
 
-def eval_text(source: str = "bbc") -> str:
+def eval_text(source: str = DEFAULT_SOURCE) -> str:
     """The held-out evaluation text (for perplexity), disjoint from every calibration set."""
     _check_source(source)
-    if source == "bbc":
-        return "\n\n".join(e["input"].strip() for e in _bbc_split()[1])
+    if source == "offline":
+        return "\n\n".join(t.strip() for t in heldout_texts())
     return "\n\n".join(_wikitext("test", min_chars=1))
+
+
+def long_documents(part: str = "heldout") -> list[dict]:
+    """Long documents of `part` ("heldout" or "calibration"): {id, source, title, text, words}."""
+    if part not in ("heldout", "calibration"):
+        raise ValueError(f"part must be heldout or calibration, got {part!r}")
+    return [dict(r) for r in read_rows("long.jsonl.gz") if r["part"] == part]
 
 
 @lru_cache(maxsize=2)
@@ -130,6 +137,6 @@ def _wikitext(split: str, min_chars: int) -> list[str]:
         ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
     except Exception as e:  # offline, hub unreachable, ...
         raise RuntimeError(
-            f"could not load WikiText-2 from the hub ({type(e).__name__}); use the offline default source='bbc'"
+            f"could not load WikiText-2 from the hub ({type(e).__name__}); use the offline default source='offline'"
         ) from None
     return [t.strip() for t in ds["text"] if len(t.strip()) >= min_chars and not t.strip().startswith("=")]

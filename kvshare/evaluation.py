@@ -56,14 +56,16 @@ def resolve_tasks(suite: str = "offline", tasks=None, lengths=None, model: str |
         return long_tasks(tasks, lengths)
     if lengths is not None:
         raise ValueError("context lengths apply to the long suite (suite='long')")
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if tasks and all(not isinstance(t, str) for t in tasks):
+        return list(tasks)  # spec objects: nothing to look up (a model's screen must not need its suite)
     available = suite_tasks(suite, model)
     if tasks is None:
         return [available[n] for n in default_tasks(suite, model)]
-    if isinstance(tasks, str):
-        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     out = []
     for t in tasks:
-        if not isinstance(t, str):  # a spec object (MCTask, SummarizationTask, PerplexityTask, LMEvalTask)
+        if not isinstance(t, str):  # a spec object (MCTask, PerplexityTask, LMEvalTask)
             out.append(t)
             continue
         spec = available.get(t) or available.get("kvshare_" + t)
@@ -84,19 +86,17 @@ def task_key(spec) -> str:
     d = asdict(spec)
     d.pop("limit", None)
     d.pop("category", None)
-    if d.get("source", "").endswith(".json"):  # a local file: its contents define the task
+    if d.get("source", "").endswith((".jsonl", ".jsonl.gz")):  # a local file: its contents define the task
         d["source_sha"] = hashlib.sha256(Path(d["source"]).read_bytes()).hexdigest()[:16]
     return json.dumps({"spec": d, "format": FORMAT_VERSION}, sort_keys=True)
 
 
 def prepare_offline() -> Path:
-    """Fetch the offline suite's data (one download of the BIG-bench sdist, with gem/xsum) and write its
-    lm-eval configs, so that evaluation needs no network afterwards (scripts/setup.sh calls this)."""
-    from .data import ensure_bigbench_tasks
+    """Write the offline suite's lm-eval files from data/ (checked against its manifest), so that a first evaluation
+    finds them ready (scripts/setup.sh calls this); nothing is downloaded."""
     from .tasks import OFFLINE_TASKS
     from .tasks.offline import prepare
 
-    ensure_bigbench_tasks(sorted({"gem/xsum"} | {t.source for t in OFFLINE_TASKS if t.kind == "multiple_choice"}))
     return prepare(OFFLINE_TASKS)
 
 
@@ -215,7 +215,7 @@ class Evaluator:
         return self._fingerprint
 
     def chat(self) -> bool:
-        """Whether requests that may be chat requests (XSum, the long suite) use the chat template: an instruct model
+        """Whether requests that may be chat requests (the long suite) use the chat template: an instruct model
         with one; never a base model (`kvshare.models.KIND`)."""
         from .models import uses_chat_template
 
@@ -224,10 +224,6 @@ class Evaluator:
     # -- cache -----------------------------------------------------------------------------
     def _cache_path(self, strategy, spec, limit, policy=None, decode: bool = False) -> Path:
         text = task_key(spec) + f"|chat={self.chat()}|v{CACHE_VERSION}"
-        if spec.kind == "summarization" and not (spec.chat and self.chat()):  # the plain prompt's version
-            from .tasks.offline import PLAIN_SUMMARY_VERSION
-
-            text += f"|plain={PLAIN_SUMMARY_VERSION}"
         key = hashlib.sha256(text.encode()).hexdigest()[:10]
         name = f"{safe_name(spec.name)}-limit{limit if limit is not None else 'all'}-{key}.json"
         where = strategy_key(strategy)
@@ -346,19 +342,18 @@ class Evaluator:
                 yield (*item, {"rows": rows, "seconds": round(time.perf_counter() - t0, 2)})
                 continue
             online = spec.kind == "lm_eval"
-            chat = spec.kind == "summarization" and spec.chat and self.chat()
             # offline tasks of any size share one lm-eval call (per-task example indices); online ones share a limit
-            groups.setdefault((online, chat, n if online else None), []).append(item)
-        offline = [i[0] for i in todo if i[0].kind in ("multiple_choice", "summarization")]
+            groups.setdefault((online, n if online else None), []).append(item)
+        offline = [i[0] for i in todo if i[0].kind == "multiple_choice"]
         if offline:
             from .tasks.offline import prepare
 
-            root = prepare(offline, chat=self.chat())
-        for (online, chat, n), items in groups.items():
+            root = prepare(offline)
+        for (online, n), items in groups.items():
             t0 = time.perf_counter()
             specs = [i[0] for i in items]
             if online:
-                results = run_lm_eval(self.lm, self._task_manager(), specs, limit=n, chat=chat)
+                results = run_lm_eval(self.lm, self._task_manager(), specs, limit=n)
             else:
                 from .tasks.offline import test_size
 
@@ -367,7 +362,7 @@ class Evaluator:
                 samples = {
                     s.name: list(range(test_size(s) if m is None else min(m, test_size(s)))) for s, m, _ in items
                 }
-                results = run_lm_eval(self.lm, tm, specs, samples=samples, chat=chat)
+                results = run_lm_eval(self.lm, tm, specs, samples=samples)
             seconds = round(time.perf_counter() - t0, 2)
             for item in items:
                 yield (

@@ -41,8 +41,8 @@ GPTQ_MODELS = {
         "base": "smollm2-135m",
         "bits": 4,
         "group_size": 128,
-        "calibration_samples": 128,  # texts of the bbc calibration pool (the first 128; disjoint from the eval text)
-        "calibration_source": "bbc",
+        "calibration_samples": 128,  # texts of the news calibration pool (the first 128; disjoint from the eval text)
+        "calibration_source": "offline",
         "description": "SmolLM2-135M-Instruct re-quantized with GPTQ (4-bit, group size 128) by GPTQModel",
     },
 }

@@ -241,7 +241,7 @@ class HeldOutProtocol:
     held-out text of `source` (never in any calibration pool: kvshare.data splits them), scored in
     non-overlapping windows of `window` tokens, one forward each; windows are the paired units."""
 
-    source: str = "bbc"
+    source: str = "offline"
     tokens: int = 16384  # 32 windows of 512
     window: int = 512
 

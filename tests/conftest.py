@@ -119,6 +119,19 @@ def scale_matrices(model, factor: float) -> None:
             p.mul_(factor)
 
 
+def write_mc_task(path, questions) -> str:
+    """A local multiple-choice task file (kvshare.tasks.offline's JSONL format) from (query, choices, gold) triples;
+    returns its path as the MCTask source."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"query": q, "choices": list(c), "gold": g} for q, c, g in questions]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
 def random_strategies(num_layers: int, count: int, seed: int):
     """`count` random valid mappings {replaced r > 0: random earlier layer}, seeded."""
     rng = random.Random(seed)

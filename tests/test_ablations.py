@@ -29,11 +29,11 @@ def tiny(monkeypatch, tiny_llama, char_tokenizer, tmp_path):
     """A tiny model, synthetic calibration texts for every domain and set, a held-out text, a quick config."""
 
     def texts_for(domain, n, set_index=0):
-        shift = {"bbc": 0, "wikihow": 3}[domain] + set_index
+        shift = {"news": 0, "wikipedia": 3}[domain] + set_index
         return [TEXTS[(i + shift) % len(TEXTS)] + f" {domain} {i}" for i in range(n)]
 
     monkeypatch.setattr(ab, "texts_for", texts_for)
-    monkeypatch.setattr("kvshare.data.eval_text", lambda source="bbc": " ".join(TEXTS) * 3)
+    monkeypatch.setattr("kvshare.data.eval_text", lambda source="offline": " ".join(TEXTS) * 3)
     cfg = ab.settings(
         "tiny",
         quick=True,
@@ -129,7 +129,7 @@ def test_calibration_and_cost_sections_end_to_end(tiny):
     assert len(runs) == len(ab.calibration_conditions(cfg)) * len(cfg.calibration_orders)
     heldout = ab.score_all(score, ab.calibration_strategies(runs, cfg), "calibration", progress=False)
     rows = ab.calibration_table(runs, heldout, cfg)
-    ref = [r for r in rows if r["domain"] == "bbc" and r["texts"] == cfg.samples and r["tokens"] == cfg.max_tokens]
+    ref = [r for r in rows if r["domain"] == "news" and r["texts"] == cfg.samples and r["tokens"] == cfg.max_tokens]
     assert ref and all(r["jaccard_vs_reference"] == 1.0 for r in ref)
     v = ab.calibration_verdict(rows)
     assert "Verdict (calibration)" in "\n".join(ab.calibration_sentences(v, cfg))

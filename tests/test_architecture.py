@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kvshare"
 # bottom to top; a module may import its own layer and the layers below it
 LAYERS = [
     ("base", ["io", "pypi_files", "progress", "generation"]),
-    ("model adapter and data", ["adapter", "data", "models", "gptq"]),
+    ("model adapter and data", ["adapter", "data", "data_build", "models", "gptq"]),
     (
         "strategy, calibration, search, cache methods",
         [

@@ -266,7 +266,7 @@ def test_best_on_mixed_layer_types(char_tokenizer, texts):
 def test_kvsharer_method_with_best_order(tiny_llama, char_tokenizer, texts, monkeypatch):
     import kvshare.data
 
-    monkeypatch.setattr(kvshare.data, "calibration_texts", lambda n, source="bbc", set_index=0: texts)
+    monkeypatch.setattr(kvshare.data, "calibration_texts", lambda n, source="offline", set_index=0: texts)
     tiny_llama.kvshare_tokenizer = char_tokenizer
     method = kvshare.methods.make("kvsharer", num_shared=2, order="best", max_tokens=MAX_TOKENS, threshold=-1.0)
     strategy = quiet(method.strategy_for, tiny_llama)
@@ -278,7 +278,7 @@ def test_cli_search_order_best(tiny_llama, char_tokenizer, texts, tmp_path, monk
     from kvshare import cli
 
     monkeypatch.setattr(cli, "_load", lambda args: (tiny_llama, char_tokenizer))
-    monkeypatch.setattr(kvshare.data, "calibration_texts", lambda n, source="bbc", set_index=0: texts)
+    monkeypatch.setattr(kvshare.data, "calibration_texts", lambda n, source="offline", set_index=0: texts)
     out = tmp_path / "s.json"
     code = quiet(
         cli.main,

@@ -2,7 +2,7 @@
 
 Everything here is offline and small: a byte-level tokenizer built in memory, a 4-layer Llama with
 random weights, a 12-example multiple-choice task in BIG-bench's JSON format written to a temporary
-folder, and stand-in articles for the summarization and perplexity paths. KVSHARE_HOME points at a
+folder, and stand-in text for the perplexity path. KVSHARE_HOME points at a
 temporary folder, so the generated task configs and the results cache never touch the real cache.
 """
 
@@ -13,14 +13,14 @@ import json
 
 import pytest
 import torch
-from conftest import byte_llama
+from conftest import byte_llama, write_mc_task
 
 import kvshare
 from kvshare.evaluation import ROW_COLUMNS, Evaluator, resolve_tasks, write_results
 from kvshare.experiments import evaluation as compression_table
 from kvshare.experiments.reports import evaluation as compression_report
 from kvshare.sharing import active_strategy
-from kvshare.tasks import MCTask, PerplexityTask, SummarizationTask
+from kvshare.tasks import MCTask, PerplexityTask
 from kvshare.tasks.offline import FEWSHOT_POOL, mc_parts
 
 NUM_LAYERS = 4
@@ -37,37 +37,22 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
-ARTICLES = [
-    {
-        "article": "The council approved a new bridge over the river. Work starts in May and ends next year.",
-        "summary": "A new bridge over the river has been approved.",
-    },
-    {
-        "article": "A local school won a national science prize for a robot that sorts waste.",
-        "summary": "A school's waste-sorting robot won a science prize.",
-    },
-    {
-        "article": "Heavy rain closed several roads in the north on Sunday, police said.",
-        "summary": "Roads in the north were closed by heavy rain.",
-    },
+TEXTS = [
+    "The council approved a new bridge over the river. Work starts in May and ends next year.",
+    "A local school won a national science prize for a robot that sorts waste.",
+    "Heavy rain closed several roads in the north on Sunday, police said.",
 ]
 
 
 @pytest.fixture
 def local_tasks(home, monkeypatch):
-    """A 12-example multiple-choice task file, plus summarization and perplexity on stand-in text."""
-    examples = [
-        {"input": f"What is {a} plus {b}?", "target_scores": {str(a + b): 1, str(a + b + 1): 0, str(a * b + 7): 0}}
-        for a, b in [(1, 2), (2, 2), (3, 1), (4, 4), (5, 2), (6, 1), (2, 7), (3, 3), (8, 1), (9, 2), (4, 5), (6, 6)]
-    ]
-    path = home / "tiny_arith" / "task.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"name": "tiny_arith", "examples": examples}))
-    monkeypatch.setattr("kvshare.tasks.offline.eval_articles", lambda source="bbc": ARTICLES)
-    monkeypatch.setattr("kvshare.data.eval_text", lambda source="bbc": " ".join(a["article"] for a in ARTICLES) * 3)
+    """A 12-example multiple-choice task file, plus perplexity on stand-in text."""
+    pairs = [(1, 2), (2, 2), (3, 1), (4, 4), (5, 2), (6, 1), (2, 7), (3, 3), (8, 1), (9, 2), (4, 5), (6, 6)]
+    questions = [(f"What is {a} plus {b}?", (str(a + b), str(a + b + 1), str(a * b + 7)), 0) for a, b in pairs]
+    path = write_mc_task(home / "tiny_arith" / "task.jsonl", questions)
+    monkeypatch.setattr("kvshare.data.eval_text", lambda source="offline": " ".join(TEXTS) * 3)
     return [
-        MCTask(str(path), "reasoning", prompt="qa", num_fewshot=1),
-        SummarizationTask(limit=3),
+        MCTask(path, "reasoning", prompt="qa", num_fewshot=1),
         PerplexityTask(window=64, limit=None),
     ]
 
@@ -86,7 +71,7 @@ def test_local_task_end_to_end_with_and_without_sharing(tiny_model, byte_tokeniz
         seen.clear()
         strategy = kvshare.Strategy({2: 1, 3: 1}, NUM_LAYERS)
         shared = ev.evaluate(strategy, tasks=local_tasks)
-        assert seen and all(s is strategy for s in seen)  # every forward (scoring and generation) shared KV
+        assert seen and all(s is strategy for s in seen)  # every scoring forward shared KV
     finally:
         hook.remove()
     assert getattr(tiny_model, "_kvshare", None) is None  # sharing is switched off again afterwards
@@ -102,8 +87,6 @@ def test_local_task_end_to_end_with_and_without_sharing(tiny_model, byte_tokeniz
         assert mc["chance"] == pytest.approx(1 / 3) and mc["primary"]
         assert len(mc["scores"]) == mc["n"]
         assert ("kvshare_tiny_arith", "acc_norm") in by
-        rouge = by[("kvshare_xsum", "rougeL")]
-        assert rouge["n"] == 3 and 0 <= rouge["value"] <= 1 and rouge["chance"] is not None
         ppl = by[("kvshare_ppl", "ppl")]
         assert ppl["value"] > 1 and not ppl["higher_is_better"]
     assert shared["num_shared"] == 2 and full["num_shared"] == 0
@@ -146,11 +129,11 @@ def test_results_are_cached_per_strategy(tiny_model, byte_tokenizer, local_tasks
 
 
 def test_missing_task_lists_available_ones():
-    with pytest.raises(ValueError, match="unknown offline task 'nope'; available: .*kvshare_general_knowledge"):
-        resolve_tasks("offline", "general_knowledge,nope")
+    with pytest.raises(ValueError, match="unknown offline task 'nope'; available: .*kvshare_sciq"):
+        resolve_tasks("offline", "sciq,nope")
     with pytest.raises(ValueError, match="available: .*hellaswag"):
         resolve_tasks("online", ["not_a_task"])
-    assert [t.name for t in resolve_tasks("offline", "general_knowledge")] == ["kvshare_general_knowledge"]
+    assert [t.name for t in resolve_tasks("offline", "sciq")] == ["kvshare_sciq"]
 
 
 def test_cli_missing_task_is_one_line_exit_2(tmp_path, capsys):
@@ -262,7 +245,7 @@ def test_decoding_protocol_equals_one_pass_without_eviction(tiny_model, byte_tok
 
 def test_evaluate_with_policy_scores_by_decoding(tiny_model, byte_tokenizer, local_tasks):
     ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, progress=False)
-    tasks = [local_tasks[0], local_tasks[2]]
+    tasks = local_tasks
     one_pass = ev.evaluate(None, tasks=tasks)
     decoded = ev.evaluate(None, tasks=tasks, decode=True)
     assert decoded["protocol"] == "decode" and one_pass["protocol"] == "one-pass" and decoded["cached_tasks"] == []
@@ -290,7 +273,7 @@ def test_evaluate_with_quantized_kv(tiny_model, byte_tokenizer, local_tasks):
     from kvshare.quantized_kv import QuantizedKV
 
     ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, cache=False, progress=False)
-    tasks = [local_tasks[2]]
+    tasks = [local_tasks[1]]
     full = ev.evaluate(None, tasks=tasks)
     q4 = ev.evaluate(None, tasks=tasks, policy=QuantizedKV(bits=4))
     q8 = ev.evaluate(kvshare.Strategy({}, NUM_LAYERS), tasks=tasks, policy=QuantizedKV(bits=8))
@@ -338,4 +321,4 @@ def test_compression_table_takes_perplexity_from_the_shared_heldout_scorer(tiny_
         (2, 22.0, 16384, "heldout"),
     ]
     assert scored == [None, {2: 1, 3: 1}]
-    assert {r["task"] for r in rows} == {"kvshare_tiny_arith", "kvshare_xsum", "kvshare_ppl"}
+    assert {r["task"] for r in rows} == {"kvshare_tiny_arith", "kvshare_ppl"}

@@ -11,12 +11,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import byte_llama
+from conftest import byte_llama, write_mc_task
 
 from kvshare.evaluation import Evaluator
 from kvshare.experiments import evaluation as ev
 from kvshare.experiments.reports import evaluation as report
-from kvshare.tasks import MCTask, screen_tasks
+from kvshare.tasks import SCREEN, MCTask, screen_tasks
 from kvshare.tasks.offline import FEWSHOT_POOL, SCREEN_FRACTION, in_screen, mc_parts, prepare, split_record
 
 
@@ -28,15 +28,12 @@ def home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def task_file(home):
-    """A 40-example multiple-choice task in BIG-bench's format."""
-    examples = [
-        {"input": f"What is {a} plus {b}?", "target_scores": {str(a + b): 1, str(a + b + 100): 0, str(a * b + 7): 0}}
+    """A 40-example multiple-choice task (a local JSONL file)."""
+    questions = [
+        (f"What is {a} plus {b}?", (str(a + b), str(a + b + 100), str(a * b + 7)), 0)
         for a, b in [(a, b) for a in range(1, 9) for b in range(1, 6)]
     ]
-    path = home / "tiny_sums" / "task.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"name": "tiny_sums", "examples": examples}))
-    return path
+    return write_mc_task(home / "tiny_sums" / "task.jsonl", questions)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,13 +58,13 @@ def test_split_is_deterministic_and_disjoint(task_file):
 
 def test_split_does_not_depend_on_the_prompt(task_file):
     """The screen compares prompts: every prompt of a task must screen the same examples."""
-    parts = [mc_parts(MCTask(str(task_file), "reasoning", prompt=p)) for p in ("qa", "raw", "native")]
+    parts = [mc_parts(MCTask(str(task_file), "reasoning", prompt=p)) for p in ("qa", "raw")]
     assert len({tuple(r["id"] for r in p["screen"]) for p in parts}) == 1
 
 
 def test_screen_tasks_are_on_the_screen_part():
     specs = screen_tasks("all")
-    assert len(specs) == 25 and all(s.split == "screen" and s.name.endswith("_screen") for s in specs)
+    assert len(specs) == len(SCREEN) == 9 and all(s.split == "screen" and s.name.endswith("_screen") for s in specs)
     kept = screen_tasks("kept")
     assert {s.source for s in kept} < {s.source for s in specs}
     with pytest.raises(ValueError, match="split"):

@@ -34,7 +34,7 @@ def test_store_hits_only_the_same_model_protocol_and_strategy(tmp_path):
     assert store.get("other", PROTO, "3:1,5:2") is None  # nor another model
     assert store.get("m", PROTO, "3:1") is None and store.get("m", PROTO, "full") is None
     # the protocol as a dict (as results record it) is the same key as the dataclass
-    assert store.get("m", {"window": 32, "tokens": 96, "source": "bbc"}, "3:1,5:2") is not None
+    assert store.get("m", {"window": 32, "tokens": 96, "source": "offline"}, "3:1,5:2") is not None
     again = common.HeldOutStore(store.path)  # read back from the file
     assert again.get("m", PROTO, "3:1,5:2") == _result(10.0)
 
@@ -46,7 +46,8 @@ def test_store_writes_atomically_and_keeps_others_entries(tmp_path, monkeypatch)
     b.put("m", PROTO, "3:1", _result(6.0))  # merged with a's entry, not written over it
     data = json.loads(a.path.read_text())
     assert len(data["entries"]) == 2 and "about" in data
-    assert [p.name for p in tmp_path.iterdir()] == ["heldout_scores.json"]  # no temporary file left
+    files = ["heldout_baseline.json", "heldout_scores.json"]  # the full model's entry is the recorded baseline
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # no temporary file left
     before = a.path.read_text()
 
     import kvshare.io
@@ -58,7 +59,7 @@ def test_store_writes_atomically_and_keeps_others_entries(tmp_path, monkeypatch)
     with pytest.raises(OSError):
         a.put("m", PROTO, "4:0", _result(7.0))
     assert a.path.read_text() == before  # a failed write leaves the previous file whole
-    assert [p.name for p in tmp_path.iterdir()] == ["heldout_scores.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
 
 
 def test_mapping_key_is_canonical():
@@ -68,6 +69,31 @@ def test_mapping_key_is_canonical():
     assert common.mapping_key(st) == bs.mapping_key(st)  # notebook 11's key: the store is shared
 
 
+def test_the_full_models_entry_is_the_one_recorded_baseline(tmp_path):
+    from dataclasses import asdict
+
+    store = common.HeldOutStore.beside(tmp_path)
+    store.put("m", PROTO, "3:1", _result(10.0))
+    assert not (tmp_path / common.BASELINE_NAME).exists()  # a strategy is no baseline
+    store.put("m", PROTO, "full", _result(7.0))
+    store.put("m", replace(PROTO, tokens=64), "full", _result(8.0))  # another protocol: its own baseline
+    recorded = json.loads((tmp_path / common.BASELINE_NAME).read_text())["baselines"]
+    assert {(b["protocol"]["tokens"], b["ppl"]) for b in recorded} == {(96, 7.0), (64, 8.0)}
+    assert all(b["model"] == "m" and set(b["protocol"]) == set(asdict(PROTO)) for b in recorded)
+
+
+def test_committed_results_agree_with_the_recorded_baselines():
+    """Every committed store's full-model entry is its baseline file's number: one baseline per protocol."""
+    from pathlib import Path
+
+    figures = Path(__file__).resolve().parents[1] / "figures"
+    for path in figures.glob(f"**/{common.BASELINE_NAME}"):
+        recorded = json.loads(path.read_text())["baselines"]
+        keys = [(b["model"], json.dumps(b["protocol"], sort_keys=True)) for b in recorded]
+        assert len(keys) == len(set(keys)), f"{path}: two baselines for one protocol"
+        assert recorded == common.HeldOutStore(path.with_name(common.STORE_NAME)).baselines(), path
+
+
 # -- the scorer, on a tiny model ---------------------------------------------------------------------------------
 def test_two_scorers_share_the_store(tiny_llama, char_tokenizer, tmp_path):
     st = Strategy({3: 1, 5: 2}, NUM_LAYERS)
@@ -75,7 +101,7 @@ def test_two_scorers_share_the_store(tiny_llama, char_tokenizer, tmp_path):
     full, shared = first(None), first(st)
     assert first(Strategy({3: 1, 5: 2}, NUM_LAYERS)) is shared  # once per session
     assert (first.fresh, first.from_store, first.evaluations) == (2, 0, 2)
-    assert shared["protocol"] == {"source": "bbc", "tokens": 96, "window": 32} and shared["seconds"] >= 0
+    assert shared["protocol"] == {"source": "offline", "tokens": 96, "window": 32} and shared["seconds"] >= 0
     assert full["ppl"] != shared["ppl"]
 
     # another notebook (a new process: a new store object on the same file) evaluates nothing again

@@ -27,13 +27,7 @@ def tiny_model(byte_tokenizer):
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    from kvshare.pypi_files import kvshare_home
-
-    data = kvshare_home() / "bigbench"  # the offline data scripts/setup.sh extracted: calibration texts, no download
-    monkeypatch.setenv("KVSHARE_HOME", str(tmp_path / "home"))
-    if data.is_dir():
-        (tmp_path / "home").mkdir()
-        (tmp_path / "home" / "bigbench").symlink_to(data)
+    monkeypatch.setenv("KVSHARE_HOME", str(tmp_path / "home"))  # calibration texts come from data/: nothing to copy
     return tmp_path
 
 

@@ -195,7 +195,7 @@ def test_cli_method_flags(monkeypatch, capsys, char_tokenizer):
     model = make_tiny_model("llama", "sdpa")
     monkeypatch.setattr(cli, "_load", lambda args: (model, char_tokenizer))
     monkeypatch.setattr(
-        kvshare.data, "eval_text", lambda source="bbc": "the quick brown fox jumps over the lazy dog " * 4
+        kvshare.data, "eval_text", lambda source="offline": "the quick brown fox jumps over the lazy dog " * 4
     )
     base = ["ppl", "--window", "32", "--stride", "32", "--limit-tokens", "128"]
     assert cli.main([*base, "--method", "quantized", "--bits", "8"]) == 0

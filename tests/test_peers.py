@@ -445,31 +445,32 @@ def test_suite_points_are_the_full_model_and_each_familys_point_nearest_each_tar
 def test_suite_summary_pairs_per_example_scores_against_the_full_model():
     from kvshare.experiments import peers
 
-    def rows(acc_a, acc_b, rouge):
+    def rows(acc_a, acc_b):
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         return [
             {"task": "a", "metric": "acc", "value": mean(acc_a), "stderr": 0.1, "n": 4, "primary": True,
              "scores": acc_a},
+            {"task": "a", "metric": "acc_norm", "value": 0.9, "stderr": 0.1, "n": 4, "primary": False},
             {"task": "b", "metric": "acc", "value": mean(acc_b), "stderr": 0.2, "n": 4, "primary": True,
              "scores": None},
-            {"task": peers.XSUM, "metric": "rouge1", "value": 0.3, "stderr": 0.1, "n": 3, "primary": False},
-            {"task": peers.XSUM, "metric": "rougeL", "value": mean(rouge), "stderr": 0.05, "n": 3,
-             "primary": True, "scores": rouge},
         ]  # fmt: skip
 
     point = {"knob": "", "value": 0, "seed": None, "protocol": "one-pass"}
     records = [
-        {**point, "family": "full", "label": "full model", "rows": rows([1, 1, 0, 1], [1, 0, 0, 0], [0.2, 0.3, 0.4])},
-        {**point, "family": "h2o", "label": "H2O", "rows": rows([1, 0, 0, 1], [0, 0, 0, 0], [0.1, 0.3, 0.2])},
+        {**point, "family": "full", "label": "full model", "rows": rows([1, 1, 0, 1], [1, 0, 0, 0])},
+        {**point, "family": "h2o", "label": "H2O", "rows": rows([1, 0, 0, 1], [0, 0, 0, 0])},
     ]
     full, h2o = peers.suite_summary(records)
+    # primary metrics only: the non-primary acc_norm row is left out of the average
     assert full["average"] == pytest.approx((0.75 + 0.25) / 2) and full["average_n"] == 8
-    assert full["rougeL"] == pytest.approx(0.3) and full["rougeL_n"] == 3 and full["rougeL_se"] == 0.05
     # task a: per-example differences 0, -1, 0, 0 (mean -0.25, se 0.25); task b has no scores: -0.25 with stderrs
     assert h2o["average_diff_vs_full"] == pytest.approx(-0.25)
     assert h2o["average_diff_vs_full_se"] == pytest.approx(math.sqrt(0.25**2 + 0.2**2 + 0.2**2) / 2)
-    assert h2o["rougeL_diff_vs_full"] == pytest.approx(-0.1)  # differences -0.1, 0, -0.2
-    assert h2o["rougeL_diff_vs_full_se"] == pytest.approx(0.1 / math.sqrt(3))
+    from kvshare.experiments.reports import peers as report
+
+    text = "\n".join(report.suite_lines([full, h2o], {"suite_limit": 4}))
+    assert "**Offline suite** (2 multiple-choice tasks, the first 4 examples of each: 8 examples per point" in text
+    assert "- H2O: average 0.250 ± " in text and "(Δ -0.250 ± " in text
 
 
 def test_heldout_scores_are_cached_per_point_and_reused(tmp_path, monkeypatch):

@@ -504,7 +504,7 @@ def test_cli_ppl_with_policy(monkeypatch, capsys, char_tokenizer):
     model = make_tiny_model("llama", "sdpa")
     monkeypatch.setattr(cli, "_load", lambda args: (model, char_tokenizer))
     monkeypatch.setattr(
-        kvshare.data, "eval_text", lambda source="bbc": "the quick brown fox jumps over the lazy dog " * 4
+        kvshare.data, "eval_text", lambda source="offline": "the quick brown fox jumps over the lazy dog " * 4
     )
 
     def ppl(*extra):

@@ -1,4 +1,4 @@
-"""The offline suite per model (kvshare.tasks.screening): the keep rule on the default model's original screen, a
+"""The offline suite per model (kvshare.tasks.screening): the keep rule on the default model's committed screen, a
 model's suite read back from its screen file (never typed in), the fallback for an unscreened model, and base
 models never prompted through a chat template. Fast: no real model (a 4-layer random Llama for the screen's
 round trip)."""
@@ -7,52 +7,37 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import byte_llama
+from conftest import byte_llama, write_mc_task
 
 from kvshare import models
 from kvshare.evaluation import Evaluator, resolve_tasks
 from kvshare.experiments import evaluation as ev
-from kvshare.tasks import OFFLINE_TASKS, SCREEN, SCREEN_CATEGORIES, default_tasks, offline_tasks
+from kvshare.tasks import EVAL_LIMIT, OFFLINE_TASKS, SCREEN, SCREEN_CATEGORIES, default_tasks, offline_tasks
 from kvshare.tasks import screening as scr
 
-DEFAULT_SIX = {t.source for t in OFFLINE_TASKS if t.kind == "multiple_choice"}
+DEFAULT_SCREEN = Path(__file__).resolve().parents[1] / "figures" / scr.SCREEN_FILE
+DEFAULT_MC = [t for t in OFFLINE_TASKS if t.kind == "multiple_choice"]
 
-# The default model's original screen (README of commit 281ea85: n, chance, acc, acc_norm per candidate), the
-# screen the hand-chosen suite came from; request tokens per example in SmolLM2's tokenizer on the screen part.
-ORIGINAL = [  # source, prompt, n, chance, acc, acc_norm, request tokens
-    ("unit_conversion/unit_identification", "raw", 40, 0.333, 0.975, 1.000, 71),
-    ("metaphor_understanding/lit2met", "qa", 40, 0.250, 0.825, 0.825, 144),
-    ("similarities_abstraction", "native", 40, 0.240, 0.650, 0.725, 191),
-    ("movie_recommendation", "native", 40, 0.250, 0.400, 0.650, 120),
-    ("general_knowledge", "qa", 40, 0.148, 0.500, 0.325, 105),
-    ("phrase_relatedness", "qa", 40, 0.250, 0.350, 0.575, 37),
-    ("metaphor_understanding/met2lit", "qa", 40, 0.250, 0.450, 0.525, 138),
-    ("goal_step_wikihow/step_inference", "raw", 40, 0.250, 0.500, 0.475, 97),
-    ("conceptual_combinations/emergent_properties", "native", 35, 0.250, 0.457, 0.514, 117),
-    ("emoji_movie", "qa", 40, 0.200, 0.375, 0.275, 148),
-    ("human_organs_senses", "qa", 37, 0.250, 0.432, 0.297, 64),
-    ("social_iqa", "qa", 40, 0.333, 0.475, 0.475, 99),
-    ("riddle_sense", "qa", 40, 0.200, 0.325, 0.075, 168),
-    ("logical_sequence", "qa", 34, 0.252, 0.382, 0.382, 107),
-    ("hindu_knowledge", "qa", 40, 0.246, 0.350, 0.225, 113),
-    ("odd_one_out", "qa", 40, 0.208, 0.175, 0.275, 107),
-    ("goal_step_wikihow/goal_inference", "raw", 40, 0.250, 0.325, 0.300, 105),
-    ("known_unknowns", "qa", 40, 0.500, 0.575, 0.525, 44),
-    ("date_understanding", "qa", 40, 0.173, 0.225, 0.225, 341),
-    ("cause_and_effect/one_sentence", "raw", 40, 0.500, 0.550, 0.550, 28),
-    ("identify_odd_metaphor", "qa", 40, 0.234, 0.275, 0.275, 148),
-    ("crass_ai", "qa", 39, 0.250, 0.231, 0.282, 133),
-    ("simple_ethical_questions", "qa", 40, 0.250, 0.175, 0.275, 260),
-    ("common_morpheme", "qa", 40, 0.250, 0.275, 0.150, 126),
-    ("english_proverbs", "qa", 23, 0.247, 0.174, 0.217, 233),
+# A screen of made-up numbers over the real candidates: source, prompt, n, chance, acc, acc_norm, request tokens
+MADE_UP = [
+    ("sciq", "raw", 100, 0.25, 0.68, 0.60, 376),
+    ("arc_easy", "raw", 100, 0.25, 0.58, 0.50, 126),
+    ("openbookqa", "raw", 100, 0.25, 0.50, 0.45, 77),
+    ("piqa", "raw", 100, 0.50, 0.70, 0.68, 72),
+    ("hellaswag", "raw", 100, 0.25, 0.35, 0.40, 320),
+    ("socialiqa", "raw", 100, 0.33, 0.40, 0.44, 98),
+    ("csqa", "raw", 100, 0.20, 0.45, 0.40, 107),
+    ("boolq", "raw", 100, 0.50, 0.56, 0.56, 900),
+    ("arc_challenge", "raw", 100, 0.25, 0.30, 0.34, 161),
 ]
 
 
-def screen_rows(table=ORIGINAL) -> list[dict]:
+def screen_rows(table=MADE_UP) -> list[dict]:
     """Rows as kvshare.experiments.evaluation.screen writes them (stderr of a mean of 0/1 scores, ddof 1)."""
     rows = []
     for source, prompt, n, chance, acc, acc_norm, _ in table:
@@ -69,57 +54,58 @@ def screen_rows(table=ORIGINAL) -> list[dict]:
     return rows
 
 
-def costs(table=ORIGINAL) -> dict:
+def costs(table=MADE_UP) -> dict:
     return {row[0]: float(row[-1]) for row in table}
 
 
 def test_the_screen_candidates_all_have_a_category():
     assert {s for s, _ in SCREEN} == set(SCREEN_CATEGORIES)
-    assert set(SCREEN_CATEGORIES.values()) <= {"reasoning", "language", "knowledge", "understanding"}
-    for t in OFFLINE_TASKS:  # the default suite's categories are the screen's
-        if t.kind == "multiple_choice":
-            assert SCREEN_CATEGORIES[t.source] == t.category
+    assert set(SCREEN_CATEGORIES.values()) <= {"reasoning", "language", "knowledge", "examination", "understanding"}
+    for t in DEFAULT_MC:  # the default suite's categories are the screen's
+        assert SCREEN_CATEGORIES[t.source] == t.category
 
 
-def test_the_rule_on_the_default_models_original_screen():
-    """The rule keeps five of the six hand-chosen tasks; the sixth place goes to movie_recommendation, which the
-    hand choice dropped for a cost (120 tokens per example) below the kept similarities_abstraction's (191)."""
+def test_the_default_suite_is_what_the_rule_keeps_on_the_default_models_screen():
+    record = scr.read_screen(DEFAULT_SCREEN)
+    assert record["model"] == models.DEFAULT_MODEL and not record.get("smoke")
+    assert {r["source"] for r in record["rows"]} == set(SCREEN_CATEGORIES)  # every candidate was screened
+    assert scr.suite_from_screen(record) == OFFLINE_TASKS
+    assert all(t.limit == EVAL_LIMIT and t.split == "test" for t in DEFAULT_MC)
+
+
+def test_the_rule_on_a_made_up_screen():
     decisions = scr.decide(screen_rows(), costs(), SCREEN_CATEGORIES)
-    kept = {d["source"] for d in decisions if d["kept"]}
-    assert len(kept) == scr.MAX_TASKS
-    assert kept == DEFAULT_SIX - {"human_organs_senses"} | {"movie_recommendation"}
+    kept = [d["source"] for d in decisions if d["kept"]]
     why = {d["source"]: d["reason"] for d in decisions}
-    assert why["unit_conversion/unit_identification"].startswith("excluded")
-    assert "mirror" in why["metaphor_understanding/met2lit"]
-    assert "knowledge already has 2" in why["human_organs_senses"]
-    assert "above chance" in why["social_iqa"]  # z 1.8
-    assert "request tokens" in why["date_understanding"] or "above chance" in why["date_understanding"]
-    # in decreasing z, each with its chosen metric
-    zs = [d["z"] for d in decisions if d["z"] is not None]
+    assert "examination already has 2" in why["openbookqa"]  # sciq and arc_easy came first (larger z)
+    assert "request tokens" in why["boolq"] or "above chance" in why["boolq"]
+    assert "above chance" in why["arc_challenge"]
+    assert len(kept) <= scr.MAX_TASKS and "csqa" in kept and "piqa" in kept
+    zs = [d["z"] for d in decisions if d["z"] is not None]  # in decreasing z, each with its chosen metric
     assert zs == sorted(zs, reverse=True)
-    sim = next(d for d in decisions if d["source"] == "similarities_abstraction")
-    assert sim["metric"] == "acc_norm" and sim["kept"] and sim["category"] == "reasoning"
+    hs = next(d for d in decisions if d["source"] == "hellaswag")
+    assert hs["metric"] == "acc_norm" and hs["category"] == "reasoning"
 
 
 def test_each_condition_of_the_rule():
     table = [
-        ("general_knowledge", "qa", 40, 0.25, 0.97, 0.90, 50),  # saturated
-        ("social_iqa", "qa", 40, 0.25, 0.60, 0.50, 250),  # too costly
-        ("riddle_sense", "qa", 40, 0.25, 0.30, 0.30, 50),  # not above chance
-        ("logical_sequence", "qa", 40, 0.25, 0.70, 0.70, 50),  # kept
+        ("sciq", "raw", 40, 0.25, 0.97, 0.90, 50),  # saturated
+        ("socialiqa", "raw", 40, 0.25, 0.60, 0.50, 2500),  # too costly
+        ("boolq", "raw", 40, 0.50, 0.50, 0.50, 50),  # not above chance
+        ("piqa", "raw", 40, 0.25, 0.70, 0.70, 50),  # kept
     ]
     decisions = {d["source"]: d for d in scr.decide(screen_rows(table), costs(table), SCREEN_CATEGORIES)}
-    assert "saturated" in decisions["general_knowledge"]["reason"]
-    assert "request tokens" in decisions["social_iqa"]["reason"]
-    assert "above chance" in decisions["riddle_sense"]["reason"]
-    assert decisions["logical_sequence"]["kept"] and decisions["logical_sequence"]["reason"] is None
+    assert "saturated" in decisions["sciq"]["reason"]
+    assert "request tokens" in decisions["socialiqa"]["reason"]
+    assert "above chance" in decisions["boolq"]["reason"]
+    assert decisions["piqa"]["kept"] and decisions["piqa"]["reason"] is None
     missing = scr.decide(screen_rows(table[3:]), {}, SCREEN_CATEGORIES)
     assert not missing[0]["kept"] and "not measured" in missing[0]["reason"]
 
 
 @pytest.fixture
 def checkout(tmp_path, monkeypatch):
-    """A checkout with figures/ and one screened model, `fake-model` (the original screen's numbers)."""
+    """A checkout with figures/ and one screened model, `fake-model` (the made-up screen's numbers)."""
     (tmp_path / "figures" / "fake-model").mkdir(parents=True)
     record = scr.screen_record("fake-model", screen_rows(), costs(), chat_template=False)
     path = scr.screen_path("fake-model", tmp_path)
@@ -140,23 +126,22 @@ def test_a_models_suite_is_read_back_from_its_screen_file(checkout):
     mc = {t.source: t for t in tasks if t.kind == "multiple_choice"}
     record = json.loads(scr.screen_path("fake-model", checkout).read_text())
     assert list(mc) == record["kept"]  # the file's decision, rebuilt from its numbers
-    assert mc["similarities_abstraction"].metric == "acc_norm" and mc["general_knowledge"].metric == "acc"
-    assert mc["similarities_abstraction"].limit == 30  # the default suite's size for a task it has ...
-    assert mc["movie_recommendation"].limit == scr.NEW_TASK_LIMIT  # ... a new task's otherwise
+    assert mc["hellaswag"].metric == "acc_norm" and mc["sciq"].metric == "acc"
+    assert all(t.limit == EVAL_LIMIT for t in mc.values())
     assert all(t.split == "test" for t in mc.values())  # evaluated on the test part, never the screen part
-    assert [t.kind for t in tasks[-2:]] == ["summarization", "perplexity"]
+    assert tasks[-1].kind == "perplexity"  # after the multiple-choice tasks
     # the whole package follows: default names, name lookup, the evaluator's resolution
     names = default_tasks("offline", "fake-model")
-    assert "kvshare_movie_recommendation" in names and "kvshare_human_organs_senses" not in names
+    assert "kvshare_csqa" in names and "kvshare_openbookqa" not in names
     assert [t.name for t in resolve_tasks("offline", None, model="fake-model")] == names
-    assert resolve_tasks("offline", "human_organs_senses", model="fake-model")[0].source == "human_organs_senses"
+    assert resolve_tasks("offline", "sciq", model="fake-model")[0].source == "sciq"
     assert offline_tasks() == OFFLINE_TASKS and offline_tasks("smollm2-135m") == OFFLINE_TASKS
 
 
 def test_a_screen_file_the_rule_no_longer_gives_is_refused(checkout):
     path = scr.screen_path("fake-model", checkout)
     record = json.loads(path.read_text())
-    record["kept"] = sorted(DEFAULT_SIX)  # typed in by hand
+    record["kept"] = ["openbookqa"]  # typed in by hand
     path.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="rerun the screen"):
         scr.suite_for("fake-model")
@@ -195,19 +180,16 @@ def test_the_committed_screens_give_their_recorded_suites():
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture
 def local_candidates(tmp_path, monkeypatch):
-    """Two local multiple-choice tasks in BIG-bench's format as the screen's only candidates."""
+    """Two local multiple-choice tasks as the screen's only candidates."""
     monkeypatch.setenv("KVSHARE_HOME", str(tmp_path / "home"))
     paths = []
     for name, offset in (("tiny_sums", 100), ("tiny_more", 7)):
-        examples = [
-            {"input": f"What is {a} plus {b}?", "target_scores": {str(a + b): 1, str(a + b + offset): 0, "x": 0}}
+        questions = [
+            (f"What is {a} plus {b}?", (str(a + b), str(a + b + offset), "x"), 0)
             for a in range(1, 11)
             for b in range(1, 7)
         ]
-        path = tmp_path / name / "task.json"
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps({"name": name, "examples": examples}))
-        paths.append(str(path))
+        paths.append(write_mc_task(tmp_path / name / "task.jsonl", questions))
     import kvshare.tasks as tasks
 
     monkeypatch.setattr(tasks, "SCREEN", [(p, "qa") for p in paths])

@@ -7,7 +7,8 @@
    calibration sets: overlap of the chosen pairs (Jaccard) and perplexity, against the rebuttal's claim.
 3. Depth-matched control: for the layers the dissimilar order replaces, and for those the similar order replaces,
    the source chosen by the dissimilar rule, the similar rule and the nearest earlier layer (r - 1).
-4. Calibration sensitivity: number of texts, tokens per text and domain (BBC against wikiHow steps from BIG-bench).
+4. Calibration sensitivity: number of texts, tokens per text and domain (news against Wikipedia paragraphs:
+   kvshare.data.DOMAINS).
 5. Search cost: seconds and layer-forwards against C and the calibration size, from the searches above.
 
 Every held-out number is `kvshare.metrics.HELDOUT` (a slice in quick mode), scored once per distinct strategy through
@@ -28,7 +29,7 @@ import numpy as np
 from ..adapter import layer_types
 from ..calibration import distances_from_means, encode_calibration, kv_means, layer_norms, reference_forward
 from ..damage import DamageMap, damage_map
-from ..data import bigbench_task, calibration_texts
+from ..data import DOMAINS, calibration_texts
 from ..metrics import HELDOUT, paired_difference
 from ..progress import Progress
 from ..search import search
@@ -42,9 +43,6 @@ REBUTTAL_METRIC = {
     "model": "Llama-2-7B",
     "ppl": {4: {"cosine": 8.57, "euclidean": 8.96}, 12: {"cosine": 30.67, "euclidean": 42.81}},
 }
-DOMAINS = ("bbc", "wikihow")
-WIKIHOW_TASK = "goal_step_wikihow/step_inference"  # offline, in the bigbench sdist (the suite caches it too)
-WIKIHOW_STEPS_PER_TEXT = 12  # examples joined into one passage (~280 tokens, enough for 256-token calibration)
 
 
 @dataclass
@@ -190,30 +188,15 @@ def evaluation_plan(cfg: AblationSettings) -> dict:
 # ------------------------------------------------------------------------------------------------
 # calibration texts of any size, domain
 # ------------------------------------------------------------------------------------------------
-def wikihow_passages() -> list[str]:
-    """BIG-bench goal_step_wikihow (step inference): each example as "The most reasonable step of 'Goal' is Step.",
-    WIKIHOW_STEPS_PER_TEXT consecutive examples joined into one passage: instructional text, not news."""
-    examples = bigbench_task(WIKIHOW_TASK)["examples"]
-    sentences = [e["input"] + max(e["target_scores"], key=e["target_scores"].get) + "." for e in examples]
-    k = WIKIHOW_STEPS_PER_TEXT
-    return [" ".join(sentences[i : i + k]) for i in range(0, len(sentences) - k + 1, k)]
-
-
 def texts_for(domain: str, n: int, set_index: int = 0) -> list[str]:
-    """`n` calibration texts of `domain`; different `set_index` values give disjoint sets."""
-    if domain == "bbc":
-        return calibration_texts(n, set_index=set_index)
-    if domain == "wikihow":
-        pool = wikihow_passages()
-        if (set_index + 1) * n > len(pool):
-            raise ValueError(f"the wikihow pool holds {len(pool)} passages: {len(pool) // n} sets of {n} at most")
-        return pool[set_index * n : (set_index + 1) * n]
-    raise ValueError(f"unknown calibration domain {domain!r}; use {', '.join(DOMAINS)}")
+    """`n` calibration texts of `domain` (kvshare.data.DOMAINS: news or wikipedia); different `set_index` values
+    give disjoint sets."""
+    return calibration_texts(n, set_index=set_index, domain=domain)
 
 
 @dataclass(frozen=True)
 class Calibration:
-    domain: str = "bbc"
+    domain: str = "news"
     texts: int = 30
     tokens: int = 64
     set_index: int = 0
@@ -581,7 +564,7 @@ def metric_table(runs: list[dict], heldout: dict, cfg: AblationSettings) -> list
 def layer_norm_rows(model, tokenizer, cfg: AblationSettings, set_index: int = 0) -> list[dict]:
     """Per layer: the RMS norm of its mean K and V vectors on a calibration set (what the normalized metric divides
     by), and the Euclidean distance to its farthest and nearest earlier layer."""
-    texts = texts_for("bbc", cfg.samples, set_index)
+    texts = texts_for("news", cfg.samples, set_index)
     ids, _ = encode_calibration(tokenizer, texts, cfg.max_tokens)
     keys, values = kv_means(reference_forward(model, ids))
     nk, nv = layer_norms(keys).tolist(), layer_norms(values).tolist()
@@ -710,7 +693,7 @@ def depth_runs(model, tokenizer, cfg: AblationSettings, cache: ResultCache, prog
 
 def depth_cells(model, tokenizer, runs: dict[str, dict], cfg: AblationSettings) -> list[dict]:
     """Per C and layer set (the dissimilar search's replaced layers, the similar search's): one strategy per rule."""
-    texts = texts_for("bbc", cfg.samples, cfg.depth_set)
+    texts = texts_for("news", cfg.samples, cfg.depth_set)
     ids, _ = encode_calibration(tokenizer, texts, cfg.max_tokens)
     distances = distances_from_means(*kv_means(reference_forward(model, ids)), metric=cfg.metric)
     types = layer_types(model)
@@ -826,9 +809,9 @@ def depth_sentences(v: dict) -> list[str]:
 # 4. calibration sensitivity
 # ------------------------------------------------------------------------------------------------
 def calibration_conditions(cfg: AblationSettings) -> list[tuple[str, Calibration]]:
-    """(factor, calibration) of every condition; the reference (bbc, samples x max_tokens) appears once per factor."""
-    out = [("texts", Calibration("bbc", n, cfg.max_tokens)) for n in cfg.texts_grid]
-    out += [("tokens", Calibration("bbc", cfg.samples, t)) for t in cfg.tokens_grid]
+    """(factor, calibration) of every condition; the reference (news, samples x max_tokens) appears once per factor."""
+    out = [("texts", Calibration("news", n, cfg.max_tokens)) for n in cfg.texts_grid]
+    out += [("tokens", Calibration("news", cfg.samples, t)) for t in cfg.tokens_grid]
     out += [("domain", Calibration(d, cfg.samples, cfg.max_tokens)) for d in cfg.domains]
     return out
 
@@ -845,7 +828,7 @@ def calibration_runs(model, tokenizer, cfg: AblationSettings, cache: ResultCache
 
 
 def calibration_table(runs: list[dict], heldout: dict, cfg: AblationSettings) -> list[dict]:
-    reference = Calibration("bbc", cfg.samples, cfg.max_tokens)
+    reference = Calibration("news", cfg.samples, cfg.max_tokens)
     refs = {r["order"]: r for r in runs if Calibration(**r["calibration"]) == reference}
     rows = []
     for r in runs:
@@ -914,7 +897,7 @@ def calibration_sentences(v: dict, cfg: AblationSettings) -> list[str]:
         lines.insert(
             0,
             f"**Verdict (calibration).** The chosen strategy stays the same across a factor's conditions in "
-            f"{len(v['stable'])} of {n} (order, factor) groups (reference: bbc, {cfg.samples} texts x "
+            f"{len(v['stable'])} of {n} (order, factor) groups (reference: news, {cfg.samples} texts x "
             f"{cfg.max_tokens} tokens)" + (f": {', '.join(v['stable'])}." if v["stable"] else "."),
         )
     return lines
@@ -1002,7 +985,7 @@ def cost_verdict(costs: list[dict], by_c: list[dict], cfg: AblationSettings) -> 
         r["order"] == "dissimilar"
         and r["threshold"] == cfg.threshold
         and r["metric"] == cfg.metric
-        and r["domain"] == "bbc"
+        and r["domain"] == "news"
         and r["set_index"] == 0
         and r["target"] == cfg.calibration_c
     )

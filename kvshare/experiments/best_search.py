@@ -68,9 +68,9 @@ class BestSettings:
     target_c: int = 8  # the C of the "within 1.5x of the full model" claim
     target_ratio: float = 1.5
     # the offline benchmark suite at 25% (C = 8 of 30 = 26.7%): `best` against every fixed order (random: every
-    # seed) on one calibration set, paired per example. 8 examples per task (articles for XSum), the same ones for
-    # every strategy: 8 suite runs at the tasks' default sizes (~3-5 min each) do not fit the run's budget;
-    # None: each task's default size (kvshare.tasks)
+    # seed) on one calibration set, paired per example. 8 examples per task, the same ones for every strategy: 8 suite
+    # runs at the tasks' default sizes (~3-5 min each) do not fit the run's budget; None: each task's default size
+    # (kvshare.tasks)
     suite: bool = True
     suite_c: int = 8
     suite_set: int = 0
@@ -312,7 +312,7 @@ def run_searches(
                 progress=progress and order == "best",
                 **extra,
             )
-            strategy.metadata["calibration"].update(source="bbc", set_index=i)
+            strategy.metadata["calibration"].update(source="offline", set_index=i)
             hit = cache.put(
                 name, key, {"set": i, "order": order, "seed": seed, "strategy": strategy.to_dict(), "trace": trace}
             )

@@ -189,6 +189,7 @@ def mapping_key(strategy: Strategy | None) -> str:
 
 
 STORE_NAME = "heldout_scores.json"
+BASELINE_NAME = "heldout_baseline.json"  # the full model's held-out perplexity per protocol: the one number quoted
 
 
 class HeldOutStore:
@@ -230,7 +231,28 @@ class HeldOutStore:
     def put(self, model: str, protocol, mapping: str, result: dict) -> dict:
         self.entries = {**self._read(), **self.entries, self.key(model, protocol, mapping): result}
         write_json(self.path, {"about": self.ABOUT, "entries": self.entries})
+        if mapping == "full":
+            self.write_baselines()
         return result
+
+    def baselines(self) -> list[dict]:
+        """The full model's entry per (model, protocol): what `heldout_baseline.json` records."""
+        out = []
+        for key, result in sorted(self.entries.items()):
+            model, protocol, mapping = json.loads(key)
+            if mapping == "full":
+                keep = {k: result[k] for k in ("ppl", "ppl_se", "nll", "nll_se", "tokens") if k in result}
+                out.append({"model": model, "protocol": protocol, **keep})
+        return out
+
+    def write_baselines(self) -> Path:
+        """`heldout_baseline.json` beside the store: the one recorded baseline per model and protocol, which every
+        notebook quotes (a test checks that no committed result disagrees with it)."""
+        path = self.path.with_name(BASELINE_NAME)
+        record = json.loads(path.read_text()) if path.is_file() else {}  # other keys (a model's own script's) stay
+        record["about_baselines"] = "the full model's held-out perplexity per (model, protocol), from " + self.path.name
+        record["baselines"] = self.baselines()
+        return write_json(path, record)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -505,7 +527,7 @@ def run_search(
             max_tokens=cfg.max_tokens,
             progress=False,
         )
-    strategy.metadata["calibration"].update(source="bbc", set_index=calibration_set)
+    strategy.metadata["calibration"].update(source="offline", set_index=calibration_set)
     return SearchRun(calibration_set, order, seed, strategy, trace)
 
 

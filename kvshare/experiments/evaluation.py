@@ -501,13 +501,11 @@ def screen(evaluator: Evaluator, which: str = "kept", limit: int | None = None) 
     """Rerun the screen on the screen part only (the full model): per candidate (task, prompt) and metric (acc,
     acc_norm), the score, chance, n and z = (score − chance) / stderr; `chosen` marks each candidate's metric
     of larger z. `which`: "kept" (the evaluated model's suite; data already local) or "all" (every candidate of
-    kvshare.tasks.SCREEN, one download of the BIG-bench sdist on first use). `limit`: screen examples per
+    kvshare.tasks.SCREEN; all read from data/tasks). `limit`: screen examples per
     candidate (None: kvshare.tasks.SCREEN_LIMIT). Multiple-choice requests never use a chat template."""
-    from ..data import ensure_bigbench_tasks
     from ..tasks import SCREEN_LIMIT, screen_tasks
 
     specs = screen_tasks(which, SCREEN_LIMIT if limit is None else limit, model=model_name(evaluator.model))
-    ensure_bigbench_tasks(sorted({s.source for s in specs if not s.source.endswith(".json")}))  # local files: as is
     result = evaluator.evaluate(None, suite="offline", tasks=specs, label="screen")
     out = []
     for spec in specs:
@@ -562,7 +560,7 @@ def choose_suite(evaluator: Evaluator, out=None, limit: int | None = None, progr
         name,
         rows,
         costs,
-        chat_template=evaluator.chat(),
+        chat_template=False,  # multiple-choice requests never go through a chat template
         examples_per_candidate=n,
         smoke=n != SCREEN_LIMIT,
         seconds=round(seconds, 1),

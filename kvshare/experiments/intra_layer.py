@@ -7,11 +7,10 @@ usual one-pass perplexity is the same with or without a policy. Here each window
 held-out tokens is split (the shared protocol kvshare.metrics.HELDOUT: 16,384 tokens in 32 windows of 512):
 the first `context` tokens are prefilled (the policy compresses them), then the remaining tokens are fed one at
 a time, exactly like generation with teacher forcing, and every token predicted by a decoding step is scored.
-Beside it: ROUGE-L of XSum summaries generated from ~200-token prompts (eviction acts on the prompt before the
-summary is written), and a multiple-choice task whose question and answers are scored by decoding as well (its
-prompts are short, up to ~50 tokens: eviction can only matter at the smaller budget). The full model and sharing
-alone go through the same protocol, so every configuration is scored on the same tokens and examples, and compared
-by paired differences.
+Beside it: a multiple-choice task whose question and answers are scored by decoding as well (its prompts are
+short, up to ~50 tokens: eviction can only matter at the smaller budget). The full model and sharing alone go through
+the same protocol, so every configuration is scored on the same tokens and examples, and compared by paired
+differences.
 
 Cost protocol: `kvshare.bench.measure` with the configuration's strategy and policy (prompt of
 random tokens, greedy decoding): K/V bytes of the cache at the end, peak memory, decode tokens/s.
@@ -60,10 +59,7 @@ class Settings:
     context: int = 448  # prefilled tokens per window (the rest is decoded and scored)
     eval_windows: int = HELDOUT.tokens // HELDOUT.window
     eval_batch: int = 8  # windows decoded together (the Evaluator decodes at most 8 at once)
-    summaries: int = 20  # XSum articles summarized per cell (ROUGE-L)
-    mc_tasks: list = field(
-        default_factory=lambda: ["metaphor_understanding/lit2met"]
-    )  # offline suite names (or MCTask specs)
+    mc_tasks: list = field(default_factory=lambda: ["sciq"])  # offline suite names (or MCTask specs)
     mc_limit: int | None = None  # examples per multiple-choice task (None: the task's default)
     bench_batch: int = 4
     bench_prompt: int = 512
@@ -83,7 +79,6 @@ QUICK = dict(
     context=96,
     eval_windows=2,
     eval_batch=2,
-    summaries=2,
     mc_limit=4,
     bench_batch=1,
     bench_prompt=96,
@@ -152,14 +147,12 @@ def sharing_strategy(model, tokenizer, cfg: Settings) -> Strategy:
 # quality
 # ------------------------------------------------------------------------------------------------
 def quality_tasks(cfg: Settings) -> list:
-    """The evaluation tasks of the quality columns: decoded perplexity, XSum (ROUGE-L), multiple choice."""
+    """The evaluation tasks of the quality columns: decoded perplexity, multiple choice."""
     from dataclasses import replace
 
-    from ..tasks import OFFLINE_TASKS, PerplexityTask, SummarizationTask
+    from ..tasks import OFFLINE_TASKS, PerplexityTask
 
     tasks = [PerplexityTask(window=cfg.window, limit=cfg.eval_windows, context=cfg.context)]
-    if cfg.summaries:
-        tasks.append(SummarizationTask(limit=cfg.summaries))
     offline = {t.source: t for t in OFFLINE_TASKS if t.kind == "multiple_choice"}
     for name in cfg.mc_tasks:
         if isinstance(name, str) and name not in offline:
@@ -171,9 +164,9 @@ def quality_tasks(cfg: Settings) -> list:
 
 def quality(model, tokenizer, cfg: Settings, strategy: Strategy, progress: bool = True, evaluator=None) -> list[dict]:
     """Every cell through `kvshare.evaluation.Evaluator` (its strategy and policy, scored by decoding), on the
-    same windows and examples: one row per cell with the decoded perplexity (`ppl`, `ppl_se`, `window_nll`),
-    ROUGE-L of the summaries (`rougeL`, per-article `rougeL_scores`) and multiple-choice accuracy (`mc_acc`,
-    the mean over `cfg.mc_tasks`, per-example `mc_scores`), plus the evaluation's own rows (`eval_rows`)."""
+    same windows and examples: one row per cell with the decoded perplexity (`ppl`, `ppl_se`, `window_nll`) and
+    multiple-choice accuracy (`mc_acc`, the mean over `cfg.mc_tasks`, per-example `mc_scores`), plus the
+    evaluation's own rows (`eval_rows`)."""
     from ..evaluation import Evaluator
 
     ev = evaluator or Evaluator(model, tokenizer, batch_size=cfg.eval_batch, progress=progress)
@@ -202,9 +195,6 @@ def quality(model, tokenizer, cfg: Settings, strategy: Strategy, progress: bool 
             "context": cfg.context,
             "windows": len(nll["scores"]),
         }
-        summary = [by[(t.name, t.metric)] for t in tasks if t.kind == "summarization"]
-        if summary:
-            row.update(rougeL=summary[0]["value"], rougeL_se=summary[0]["stderr"], rougeL_scores=summary[0]["scores"])
         mc = [by[(t.name, t.metric)] for t in tasks if t.kind == "multiple_choice"]
         if mc:
             row.update(
@@ -219,12 +209,7 @@ def quality(model, tokenizer, cfg: Settings, strategy: Strategy, progress: bool 
         )
         rows.append(row)
         if progress:
-            extra = "".join(
-                [
-                    f", ROUGE-L {row['rougeL']:.3f}" if "rougeL" in row else "",
-                    f", MC acc {row['mc_acc']:.3f}" if "mc_acc" in row else "",
-                ]
-            )
+            extra = f", MC acc {row['mc_acc']:.3f}" if "mc_acc" in row else ""
             print(
                 f"{cell.label}: ppl {row['ppl']:.3f} ± {row['ppl_se']:.3f}{extra} ({row['seconds']:.0f} s)", flush=True
             )
@@ -288,7 +273,7 @@ def cost(cfg: Settings, strategy: Strategy, model=None, progress: bool = True) -
 # the table and what it says
 # ------------------------------------------------------------------------------------------------
 def paired(a: dict, b: dict, key: str = "window_nll") -> tuple[float, float]:
-    """Mean per-unit difference a - b of `key` (per-window NLLs, per-article ROUGE-L, ...) and its standard error."""
+    """Mean per-unit difference a - b of `key` (per-window NLLs, per-example accuracy) and its standard error."""
     if not a.get(key) or not b.get(key) or len(a[key]) != len(b[key]):
         return float("nan"), float("nan")
     d = np.asarray(a[key], dtype=float) - np.asarray(b[key], dtype=float)
@@ -314,7 +299,6 @@ def table(quality_rows: list[dict], cost_rows: list[dict]) -> list[dict]:
     for q in quality_rows:
         c = by_label[q["label"]]
         d, se = paired(q, full_q)
-        rouge_d, rouge_se = paired(q, full_q, "rougeL_scores")
         mc_d, mc_se = paired(q, full_q, "mc_scores")
         out.append(
             {
@@ -328,9 +312,6 @@ def table(quality_rows: list[dict], cost_rows: list[dict]) -> list[dict]:
                 "ppl_ratio": q["ppl"] / full_q["ppl"],
                 "nll_diff": d,
                 "nll_diff_se": se,
-                "rougeL": q.get("rougeL"),
-                "rougeL_diff": rouge_d,
-                "rougeL_diff_se": rouge_se,
                 "mc_acc": q.get("mc_acc"),
                 "mc_acc_diff": mc_d,
                 "mc_acc_diff_se": mc_se,

@@ -16,10 +16,10 @@ and KVSharer are causal (decoding equals one forward: tests/test_methods.py chec
 scored from one forward per window, with the same logits up to float noise. Windows are the paired units of
 every comparison (kvshare.metrics.paired_difference).
 
-Offline suite. The multiple-choice tasks and XSum (ROUGE-1/2/L) of kvshare's offline suite
-(kvshare.evaluation.Evaluator; its perplexity task is left out: the held-out perplexity above is the longer
-measurement) for the full model and, per method, its point nearest to each target byte ratio (`suite_points`),
-`suite_limit` examples per task. Lossy methods are scored by decoding there too (the Evaluator decides).
+Offline suite. The multiple-choice tasks of kvshare's offline suite (kvshare.evaluation.Evaluator; its perplexity
+task is left out: the held-out perplexity above is the longer measurement) for the full model and, per method, its
+point nearest to each target byte ratio (`suite_points`), `suite_limit` examples per task. Lossy methods are scored
+by decoding there too (the Evaluator decides).
 
 Cost. Decode speed and peak memory (kvshare.bench.measure) of the full model and the points at the targets, in
 this process with the loaded model, in alternating rounds (kvshare.bench.measure_rounds).
@@ -109,7 +109,7 @@ class Settings:
     targets: list = field(default_factory=lambda: [0.75, 0.5])  # byte ratios of the conclusion
     tolerance: float = 0.05  # a method's point counts at a target when its ratio is within this of it
     suite_tasks: list | None = None  # offline suite tasks (None: its defaults but the perplexity task)
-    suite_limit: int = 4  # examples per suite task (articles for XSum), the same ones at every point: what fits
+    suite_limit: int = 4  # examples per suite task, the same ones at every point: what fits
     suite_seeds: int = 5  # random KVSharer: the suite runs the first this many seeds' points
     bench_batch: int = 1
     bench_prompt: int = 448
@@ -153,7 +153,7 @@ QUICK = dict(
     evictions=["streamingllm", "h2o"],
     targets=[0.75],
     tolerance=0.1,
-    suite_tasks=["kvshare_general_knowledge", "kvshare_xsum"],
+    suite_tasks=["kvshare_sciq"],
     suite_limit=2,
     bench_batch=1,
     bench_prompt=64,
@@ -643,30 +643,23 @@ def run_suite(
             s = suite_scores(hit["rows"])
             print(
                 f"suite [{i + 1}/{len(pts)}] {p.label} ({hit['protocol']}): average {s['average']:.3f}, "
-                f"ROUGE-L {s['rougeL']:.3f}, {hit['seconds']:.0f} s ({time.perf_counter() - t_all:.0f} s so far)",
+                f"{hit['seconds']:.0f} s ({time.perf_counter() - t_all:.0f} s so far)",
                 flush=True,
             )
     return out
 
 
 def suite_scores(rows: list[dict]) -> dict:
-    """The multiple-choice average (mean of the tasks' primary accuracies, stderr from theirs) and XSum ROUGE-L
-    (with stderr and n) of one point's suite rows."""
-    mc = [r for r in rows if r.get("primary") and r.get("higher_is_better", True) and r["task"] != XSUM]
-    rouge = next((r for r in rows if r["task"] == XSUM and r["metric"] == "rougeL"), None)
+    """The multiple-choice average of one point's suite rows: the mean of the tasks' primary accuracies, its stderr
+    from theirs, and the examples and tasks it covers."""
+    mc = [r for r in rows if r.get("primary") and r.get("higher_is_better", True)]
     nan = float("nan")
     return {
         "average": float(np.mean([r["value"] for r in mc])) if mc else nan,
         "average_se": math.sqrt(sum((r["stderr"] or 0.0) ** 2 for r in mc)) / len(mc) if mc else nan,
         "average_n": sum(r["n"] or 0 for r in mc),
         "average_tasks": len(mc),
-        "rougeL": rouge["value"] if rouge else nan,
-        "rougeL_se": (rouge["stderr"] if rouge and rouge["stderr"] is not None else nan),
-        "rougeL_n": rouge["n"] if rouge else 0,
     }
-
-
-XSUM = "kvshare_xsum"
 
 
 def _paired(a: list | None, b: list | None) -> tuple[float, float] | None:
@@ -678,9 +671,9 @@ def _paired(a: list | None, b: list | None) -> tuple[float, float] | None:
 
 
 def suite_summary(records: list[dict]) -> list[dict]:
-    """One row per suite point: multiple-choice average and ROUGE-L (stderr, n), and their paired differences
-    against the full model from the per-example scores (the average's: per task the mean per-example difference,
-    averaged over tasks, variances added; a task without per-example scores adds both stderrs squared)."""
+    """One row per suite point: the multiple-choice average (stderr, n) and its paired difference against the full
+    model from the per-example scores (per task the mean per-example difference, averaged over tasks, variances
+    added; a task without per-example scores adds both stderrs squared)."""
     full = next(r for r in records if r["family"] == "full")
     full_rows = {(r["task"], r["metric"]): r for r in full["rows"]}
     out = []
@@ -689,7 +682,7 @@ def suite_summary(records: list[dict]) -> list[dict]:
         row = {k: rec[k] for k in ("family", "label", "knob", "value", "seed")}
         row.update(s, protocol=rec["protocol"])
         if rec is not full:
-            mc = [r for r in rec["rows"] if r.get("primary") and r.get("higher_is_better", True) and r["task"] != XSUM]
+            mc = [r for r in rec["rows"] if r.get("primary") and r.get("higher_is_better", True)]
             diffs, var = [], 0.0
             for r in mc:
                 f = full_rows.get((r["task"], r["metric"]))
@@ -704,11 +697,6 @@ def suite_summary(records: list[dict]) -> list[dict]:
                     var += paired[1] ** 2
             row["average_diff_vs_full"] = float(np.mean(diffs)) if diffs else float("nan")
             row["average_diff_vs_full_se"] = math.sqrt(var) / len(diffs) if diffs else float("nan")
-            rouge = next((r for r in rec["rows"] if r["task"] == XSUM and r["metric"] == "rougeL"), None)
-            f = full_rows.get((XSUM, "rougeL"))
-            paired = None if rouge is None or f is None else _paired(rouge.get("scores"), f.get("scores"))
-            row["rougeL_diff_vs_full"] = paired[0] if paired else float("nan")
-            row["rougeL_diff_vs_full_se"] = paired[1] if paired else float("nan")
         out.append(row)
     return out
 
@@ -848,8 +836,6 @@ def table(curves: list[dict], cost_rows: list[dict], suite_rows: list[dict] | No
                 "decoded": c["decoded"],
                 "suite_average": st.get("average"),
                 "suite_average_se": st.get("average_se"),
-                "rougeL": st.get("rougeL"),
-                "rougeL_se": st.get("rougeL_se"),
                 "decode_tps": b.get("decode_tps"),
                 "decode_tps_ratio": b.get("decode_tps_ratio"),
                 "peak_mib": None if b.get("peak_bytes") is None else b["peak_bytes"] / 2**20,

@@ -21,8 +21,6 @@ from __future__ import annotations
 import logging
 import math
 
-from .rouge import rouge_scores
-
 LOGGERS = ("lm_eval", "lm-eval")
 
 
@@ -223,15 +221,6 @@ def _scores(res: dict, name: str, metric: str) -> list[float] | None:
     return [float(s[metric]) for s in sorted(samples, key=lambda s: s["doc_id"])]
 
 
-def summary_chance(spec, n: int | None) -> dict[str, float]:
-    """ROUGE of a wrong but fluent summary: each article scored against the next article's reference."""
-    from .offline import summarization_rows
-
-    refs = [r["summary"] for r in summarization_rows(spec)][: n or None]
-    pairs = [rouge_scores(refs[i], refs[(i + 1) % len(refs)]) for i in range(len(refs))]
-    return {m: sum(p[m] for p in pairs) / len(pairs) for m in pairs[0]}
-
-
 def rows_from_results(res: dict, spec) -> list[dict]:
     from .offline import chance_level, mc_rows
 
@@ -240,8 +229,6 @@ def rows_from_results(res: dict, spec) -> list[dict]:
     if spec.kind == "multiple_choice":
         test = mc_rows(spec)[1]
         chance = {m: chance_level(spec, test[: n or None]) for m in ("acc", "acc_norm")}
-    elif spec.kind == "summarization":
-        chance = summary_chance(spec, n)
     else:
         chance = {spec.metric: spec.chance}
     rows = []
@@ -285,7 +272,7 @@ def run_lm_eval(
         samples=samples,
         task_manager=task_manager,
         log_samples=True,  # per-example scores, for paired comparisons across strategies
-        bootstrap_iters=1000,  # mean metrics get their closed-form stderr; ROUGE means too
+        bootstrap_iters=1000,  # mean metrics get their closed-form stderr
         apply_chat_template=chat,
         verbosity="ERROR",
     )

@@ -1,10 +1,7 @@
 """Which multiple-choice tasks a model's offline suite keeps: the screen's keep rule, per model.
 
-The default model's suite (`kvshare.tasks.OFFLINE_TASKS`) was chosen by hand on a screen of the 25 candidates of
-`kvshare.tasks.SCREEN` (docs/evaluation.md; its scores are in the README of commit 281ea85): kept were tasks
-clearly above chance, cheap enough for the time budget, spread over the paper's categories, less one saturated task
-and one mirror of a kept task. `decide` writes that choice down as a rule, so that another model's suite is the
-candidates that pass the same rule on that model's own screen:
+Every candidate of `kvshare.tasks.SCREEN` (the standard tasks of data/tasks) is screened on the model, and `decide`
+keeps the candidates that pass one rule, the same for every model:
 
 1. each candidate is scored zero-shot, without a chat template, on the first `SCREEN_LIMIT` examples of its
    `screen` part (disjoint from the `test` part that is evaluated: `kvshare.tasks.offline`); its metric is the one
@@ -14,17 +11,13 @@ candidates that pass the same rule on that model's own screen:
    example costs more than `MAX_REQUEST_TOKENS` tokens in the model's tokenizer (the context once per choice plus
    the choice: what lm-eval scores), its mirror is already kept (`MIRRORS`), its category already has
    `MAX_PER_CATEGORY` tasks, or the suite already has `MAX_TASKS`;
-3. a kept task keeps the default suite's size (`limit`) when the default suite has it, else `NEW_TASK_LIMIT`.
+3. a kept task evaluates `kvshare.tasks.EVAL_LIMIT` questions of its test part (all of them where it has fewer).
 
-On the default model's original screen the rule keeps five of the six hand-chosen tasks; the sixth place goes to
-movie_recommendation (z 5.1, 120 request tokens per example) instead of human_organs_senses (z 2.2): the hand choice
-dropped movie_recommendation for its cost, while it kept similarities_abstraction at 191 tokens per example
-(tests/test_screening.py holds that screen and checks this). The default model keeps its hand-chosen suite, which
-its committed results were made with.
-
-A model's screen is one command (`python -m kvshare screen --model NAME`, or notebook 03 run for a model without
-one), written to `<checkout>/figures/<model folder>/03_evaluation_screen.json` with every measured number; the suite
-is rebuilt from those numbers by `decide` whenever it is needed, never typed in (`suite_for`).
+The default model's suite (`kvshare.tasks.OFFLINE_TASKS`) is what the rule keeps on the default model's committed
+screen (figures/03_evaluation_screen.json; a test checks it). A model's screen is one command
+(`python -m kvshare screen --model NAME`, or notebook 03 run for a model without one), written to
+`<checkout>/figures/<model folder>/03_evaluation_screen.json` with every measured number; the suite is rebuilt from
+those numbers by `decide` whenever it is needed, never typed in (`suite_for`).
 """
 
 from __future__ import annotations
@@ -36,33 +29,25 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from .offline import MCTask, mc_description, mc_rows
+from .offline import MCTask, mc_rows
 
 SCREEN_FILE = "03_evaluation_screen.json"
 FORMAT = 1  # of the screen file
 
-# the rule (see the module docstring); the numbers are the default model's original screen's
-Z_KEEP = 2.0  # kept there: z >= 2.2 (human_organs_senses); not kept: z <= 1.8 (social_iqa and below)
-SATURATED = 0.95  # unit_identification was dropped at 97.5%: a score at the ceiling cannot show what sharing costs
-MAX_REQUEST_TOKENS = 200  # similarities_abstraction, the costliest kept task: 191 tokens per example (SmolLM2)
-MAX_PER_CATEGORY = 2  # the kept six: reasoning 2, knowledge 2, language 1, understanding 1
-MAX_TASKS = 6  # the size of the default suite's multiple-choice part (its evaluation time budget)
-NEW_TASK_LIMIT = 48  # test examples evaluated of a kept task the default suite does not have (its largest limit)
-EXCLUDED = {
-    "unit_conversion/unit_identification": "the answer repeats the unit named in the question (saturated at 97.5% "
-    "on the default model's screen)",
-}
-MIRRORS = {  # a task and its mirror image: at most one of them is kept (the one of larger z)
-    "metaphor_understanding/met2lit": "metaphor_understanding/lit2met",
-    "metaphor_understanding/lit2met": "metaphor_understanding/met2lit",
-}
+# the rule (see the module docstring)
+Z_KEEP = 2.0  # clearly above chance: two standard errors
+SATURATED = 0.95  # a score at the ceiling cannot show what sharing costs
+MAX_REQUEST_TOKENS = 600  # tokens lm-eval scores per question (context once per choice): the time budget of a suite
+MAX_PER_CATEGORY = 2  # spread over the paper's categories
+MAX_TASKS = 6  # the size of the suite's multiple-choice part (its evaluation time budget)
+EXCLUDED: dict[str, str] = {}  # a task excluded for its content: {task: why}
+MIRRORS: dict[str, str] = {}  # a task and its mirror image: at most one of them is kept (the one of larger z)
 RULE = {
     "z_keep": Z_KEEP,
     "saturated": SATURATED,
     "max_request_tokens": MAX_REQUEST_TOKENS,
     "max_per_category": MAX_PER_CATEGORY,
     "max_tasks": MAX_TASKS,
-    "new_task_limit": NEW_TASK_LIMIT,
     "excluded": EXCLUDED,
     "mirrors": MIRRORS,
     "text": (
@@ -90,10 +75,9 @@ def request_tokens(spec: MCTask, tokenizer, limit: int | None = None) -> float:
     rows = rows if limit is None else rows[:limit]
     if not rows:
         return 0.0
-    description = mc_description(spec)
     total = 0
     for r in rows:
-        context = len(tokenizer(description + r["query"])["input_ids"])
+        context = len(tokenizer(r["query"])["input_ids"])
         total += sum(context + len(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in r["choices"])
     return total / len(rows)
 
@@ -157,26 +141,28 @@ def decide(rows: list[dict], costs: dict[str, float], categories: dict[str, str]
 
 
 def kept_tasks(decisions: list[dict]) -> list[MCTask]:
-    """The kept candidates as the suite's MCTasks (test part): the screen's prompt and chosen metric; the default
-    suite's size for a task it has, else NEW_TASK_LIMIT."""
-    from . import OFFLINE_TASKS
+    """The kept candidates as the suite's MCTasks (test part): the screen's prompt and chosen metric, EVAL_LIMIT
+    questions each."""
+    from . import EVAL_LIMIT
 
-    default = {(t.source, t.prompt): t for t in OFFLINE_TASKS if t.kind == "multiple_choice"}
-    out = []
-    for e in decisions:
-        if not e["kept"]:
-            continue
-        known = default.get((e["source"], e["prompt"]))
-        limit = known.limit if known is not None else NEW_TASK_LIMIT
-        out.append(MCTask(e["source"], e["category"], prompt=e["prompt"], metric=e["metric"], limit=limit))
-    return out
+    return [
+        MCTask(e["source"], e["category"], prompt=e["prompt"], metric=e["metric"], limit=EVAL_LIMIT)
+        for e in decisions
+        if e["kept"]
+    ]
 
 
 def suite_from_screen(record: dict) -> list:
     """The offline suite a screen file gives: its kept multiple-choice tasks (rebuilt by `decide` from the measured
-    rows and costs), then XSum and perplexity as in the default suite."""
+    rows and costs), then perplexity as in the default suite."""
     from . import OFFLINE_TASKS, SCREEN_CATEGORIES
 
+    unknown = sorted({r["source"] for r in record["rows"]} - set(SCREEN_CATEGORIES))
+    if unknown:
+        raise ValueError(
+            f"the screen of {record.get('model')} scored tasks that are no longer candidates ({', '.join(unknown)}): "
+            f"rerun it with `python -m kvshare screen --model {record.get('model')}`"
+        )
     decisions = decide(record["rows"], record["request_tokens"], SCREEN_CATEGORIES)
     recorded = record.get("kept")
     now = [e["source"] for e in decisions if e["kept"]]
@@ -238,10 +224,10 @@ _WARNED: set = set()  # models told once per process that they have no screen of
 def suite_for(model: str | None, root: str | os.PathLike | None = None, warn: bool = True) -> tuple[list, dict]:
     """(the offline suite's tasks, where they come from) for `model`.
 
-    The default model (or None): its hand-chosen suite, OFFLINE_TASKS. Another model: the tasks its own committed
-    screen keeps (`suite_from_screen`). A model that has not been screened gets the default model's suite, said in
-    the provenance (`source: "default"`) and in a warning: fine for a quick look, not for results about that model
-    (notebook 03 screens such a model first in a full run)."""
+    The default model (or None): its suite, OFFLINE_TASKS (what the rule keeps on its committed screen). Another
+    model: the tasks its own committed screen keeps (`suite_from_screen`). A model that has not been screened gets
+    the default model's suite, said in the provenance (`source: "default"`) and in a warning: fine for a quick look,
+    not for results about that model (notebook 03 screens such a model first in a full run)."""
     from ..models import DEFAULT_MODEL
     from . import OFFLINE_TASKS
 

@@ -178,7 +178,7 @@ def cost_figure(by_c: list[dict], costs: list[dict], cfg, title: str = ""):
         if r["order"] == "dissimilar"
         and r["threshold"] == cfg.threshold
         and r["metric"] == cfg.metric
-        and r["domain"] == "bbc"
+        and r["domain"] == "news"
         and r["target"] == cfg.calibration_c
         and r["set_index"] == 0
     ]

@@ -13,6 +13,26 @@ from ...strategy import Strategy
 from ..intra_layer import POLICY_LABELS, pareto_front
 
 
+def accuracy_line(rows: list[dict], full: dict, z_crit: float = 2.0) -> str | None:
+    """Markdown bullet: which configurations lose multiple-choice accuracy against the full model (paired); None
+    without accuracy columns (no multiple-choice task in the settings)."""
+    scored = [r for r in rows if r.get("mc_acc") is not None and r.get("mc_acc_diff") == r.get("mc_acc_diff")]
+    if not scored:
+        return None
+    hurt = [r for r in scored if r["mc_acc_diff_se"] and r["mc_acc_diff"] < -z_crit * r["mc_acc_diff_se"]]
+    worst = min(scored, key=lambda r: r["mc_acc_diff"])
+    return (
+        f"- **Multiple-choice accuracy** (full model {full['mc_acc']:.3f}): "
+        + (
+            f"{len(hurt)} of {len(scored) - 1} configurations lose significantly (paired, > {z_crit:g} s.e.): "
+            + ", ".join(f"{r['label']} ({r['mc_acc_diff']:+.3f})" for r in hurt)
+            if hurt
+            else f"no configuration loses significantly (paired, {z_crit:g} s.e.)"
+        )
+        + f"; the largest drop is {worst['mc_acc_diff']:+.3f} ({worst['label']})."
+    )
+
+
 def conclusion(
     rows: list[dict],
     adds: list[dict],
@@ -83,22 +103,9 @@ def conclusion(
             + "; ".join(better)
             + "."
         )
-    for key, name in (("rougeL", "ROUGE-L of the summaries"), ("mc_acc", "multiple-choice accuracy")):
-        scored = [r for r in rows if r.get(key) is not None and r.get(f"{key}_diff") == r.get(f"{key}_diff")]
-        if not scored:
-            continue
-        hurt = [r for r in scored if r[f"{key}_diff_se"] and r[f"{key}_diff"] < -z_crit * r[f"{key}_diff_se"]]
-        worst = min(scored, key=lambda r: r[f"{key}_diff"])
-        lines.append(
-            f"- **{name[0].upper() + name[1:]}** (full model {full[key]:.3f}): "
-            + (
-                f"{len(hurt)} of {len(scored) - 1} configurations lose significantly (paired, > {z_crit:g} s.e.): "
-                + ", ".join(f"{r['label']} ({r[f'{key}_diff']:+.3f})" for r in hurt)
-                if hurt
-                else f"no configuration loses significantly (paired, {z_crit:g} s.e.)"
-            )
-            + f"; the largest drop is {worst[f'{key}_diff']:+.3f} ({worst['label']})."
-        )
+    accuracy = accuracy_line(rows, full, z_crit)
+    if accuracy:
+        lines.append(accuracy)
     combos = [lbl for lbl in front if "+ sharing" in lbl]
     lines.append(
         f"- Pareto front (K/V bytes vs perplexity): {', '.join(front)}. "
@@ -267,10 +274,9 @@ def spread_errors(rows: list[dict], key: str):
 def markdown_table(rows: list[dict]) -> str:
     """The comparison as a Markdown table (ratios against the full model)."""
     head = (
-        "| configuration | ppl (± s.e.) | ppl / full | ROUGE-L (Δ "
-        "vs full) | MC acc (Δ vs full) | K/V MiB | K/V / full | "
+        "| configuration | ppl (± s.e.) | ppl / full | MC acc (Δ vs full) | K/V MiB | K/V / full | "
         "peak MiB | peak / full | decode-phase peak − full, MiB | decode tok/s | tok/s / full |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
 
@@ -284,7 +290,7 @@ def markdown_table(rows: list[dict]) -> str:
         dp = r.get("decode_peak_minus_full_mib")
         lines.append(
             f"| {r['label']} | {r['ppl']:.2f} ± {r['ppl_se']:.2f} | {r['ppl_ratio']:.3f} | "
-            f"{score(r, 'rougeL')} | {score(r, 'mc_acc')} | "
+            f"{score(r, 'mc_acc')} | "
             f"{r['kv_bytes'] / 2**20:.2f} | {r['kv_ratio']:.3f} | {r['peak_bytes'] / 2**20:.0f} | "
             f"{r['peak_ratio']:.3f} | {'' if dp is None else f'{dp:+.0f}'} | "
             f"{r['decode_tps']:.1f} | {r['decode_tps_ratio']:.3f} |"

@@ -59,10 +59,10 @@ def _xy_err(rows: list[dict], ratio_of: dict, key: str) -> tuple[list, list, lis
 def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[dict] | None = None, title: str = ""):
     """Top left: decoded perplexity relative to the full model (paired per window) against measured KV bytes
     (fraction of the full cache), every family a line; bars one paired standard error (random KVSharer: mean of
-    the seeds, bars spanning the seeds' min..max). Top middle and right: the offline suite's multiple-choice
-    average and XSum ROUGE-L at the evaluated points (bars: one standard error). Bottom: decode speed and the peak
-    memory the run added, of the points the cost step measured."""
-    fig, axes = plt.subplots(2, 3, figsize=(17, 10), gridspec_kw={"width_ratios": [1.5, 1, 1]})
+    the seeds, bars spanning the seeds' min..max). Top middle: the offline suite's multiple-choice average at the
+    evaluated points (bars: one standard error). Bottom: decode speed and the peak memory the run added, of the points
+    the cost step measured. Right: the legend."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 10), gridspec_kw={"width_ratios": [1.5, 1, 0.6]})  # right: the legend
     ax = axes[0, 0]
     handles = []
     for fam, (color, marker) in STYLE.items():
@@ -100,26 +100,22 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[di
     ax.set_title("held-out decoded perplexity vs memory (lower is better)")
     ratio_of = {(c["family"], c["value"]): c["kv_ratio"] for c in curves}
     suite_rows = [r for r in suite_rows or [] if (r["family"], r["value"]) in ratio_of]
-    for ax, key, ylabel in (
-        (axes[0, 1], "average", "multiple-choice average (primary metric)"),
-        (axes[0, 2], "rougeL", "XSum ROUGE-L"),
-    ):
-        for fam, (color, marker) in STYLE.items():
-            mine = [r for r in suite_rows if r["family"] == fam]
-            if not mine:
-                continue
-            x, y, e = _xy_err(mine, ratio_of, key)
-            ax.errorbar(x, y, yerr=e, color=color, marker=marker, ms=6 if fam != "full" else 11, capsize=3, lw=1.2)
-        full = next((r for r in suite_rows if r["family"] == "full"), None)
-        if full is not None:
-            ax.axhline(full[key], color="k", lw=0.6, ls=":")
-        ax.set_xlabel("measured KV bytes / full cache")
-        ax.set_ylabel(ylabel)
-        ax.invert_xaxis()
-        ax.grid(alpha=0.3)
+    ax = axes[0, 1]
+    for fam, (color, marker) in STYLE.items():
+        mine = [r for r in suite_rows if r["family"] == fam]
+        if not mine:
+            continue
+        x, y, e = _xy_err(mine, ratio_of, "average")
+        ax.errorbar(x, y, yerr=e, color=color, marker=marker, ms=6 if fam != "full" else 11, capsize=3, lw=1.2)
+    full = next((r for r in suite_rows if r["family"] == "full"), None)
+    if full is not None:
+        ax.axhline(full["average"], color="k", lw=0.6, ls=":")
+    ax.set_xlabel("measured KV bytes / full cache")
+    ax.set_ylabel("multiple-choice average (primary metric)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
     n = suite_rows[0]["average_n"] if suite_rows else 0
-    axes[0, 1].set_title(f"offline suite ({n} examples per point)")
-    axes[0, 2].set_title(f"XSum ({suite_rows[0]['rougeL_n'] if suite_rows else 0} articles per point)")
+    ax.set_title(f"offline suite ({n} examples per point)")
     by_key = {(r["family"], r["value"]): r for r in cost_rows}
     for ax, key, ylabel in (
         (axes[1, 0], "decode_tps", "decode tokens/s"),
@@ -162,8 +158,12 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[di
         ax.grid(alpha=0.3)
     axes[1, 0].set_title("decode speed (bars: the decode's four quarters)")
     axes[1, 1].set_title("peak memory (above the process's resident set before the run)")
-    axes[1, 2].axis("off")
-    axes[1, 2].legend(handles=handles, loc="center", fontsize=9, frameon=False)
+    # the right column holds only the legend, over both rows
+    for a in axes[:, 2]:
+        a.remove()
+    legend_ax = fig.add_subplot(axes[0, 0].get_gridspec()[:, 2])
+    legend_ax.axis("off")
+    legend_ax.legend(handles=handles, loc="center", fontsize=9, frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -312,41 +312,7 @@ def conclusion(
         )
     lines.append("")
     if suite_rows:
-        full_s = next(r for r in suite_rows if r["family"] == "full")
-        lines.append(
-            f"**Offline suite** ({full_s['average_tasks']} multiple-choice tasks and XSum, the first "
-            f"{cfg['suite_limit']} examples of each: {full_s['average_n']} multiple-choice examples and "
-            f"{full_s['rougeL_n']} articles per point, the same at every point; the full model and, per method, its "
-            "point nearest to each target byte ratio"
-            + (f", random KVSharer at its first {cfg['suite_seeds']} seed(s)" if cfg.get("suite_seeds") else "")
-            + "; lossy methods scored by decoding). Average = mean of the tasks' primary accuracies. "
-            f"Full model: average {full_s['average']:.3f} ± {full_s['average_se']:.3f}, ROUGE-L "
-            f"{full_s['rougeL']:.3f} ± {full_s['rougeL_se']:.3f}. Paired differences against the full model "
-            "(per-example scores):"
-        )
-        for r in suite_rows:
-            if r is full_s:
-                continue
-            name = r["label"]
-            lines.append(
-                f"- {name}: average {r['average']:.3f} ± {r['average_se']:.3f} (Δ {r['average_diff_vs_full']:+.3f} ± "
-                f"{r['average_diff_vs_full_se']:.3f}), ROUGE-L {r['rougeL']:.3f} ± {r['rougeL_se']:.3f} "
-                f"(Δ {r['rougeL_diff_vs_full']:+.3f} ± {r['rougeL_diff_vs_full_se']:.3f})"
-            )
-        for value in dict.fromkeys(r["value"] for r in suite_rows if r["family"] == "kvsharer-random"):
-            seeds = [r for r in suite_rows if r["family"] == "kvsharer-random" and r["value"] == value]
-            if len(seeds) > 1:
-                avg, rouge = [r["average"] for r in seeds], [r["rougeL"] for r in seeds]
-                lines.append(
-                    f"- KVSharer (random) C={value:g} over its {len(seeds)} seeds: average {sum(avg) / len(avg):.3f} "
-                    f"(seeds {min(avg):.3f}..{max(avg):.3f}), ROUGE-L {sum(rouge) / len(rouge):.3f} "
-                    f"(seeds {min(rouge):.3f}..{max(rouge):.3f})"
-                )
-        lines.append(
-            f"With {full_s['average_n']} multiple-choice examples and {full_s['rougeL_n']} articles the suite "
-            "separates only large losses; the held-out perplexity above is the precise comparison."
-        )
-        lines.append("")
+        lines += suite_lines(suite_rows, cfg) + [""]
     full_cost = next((r for r in cost_rows if r["family"] == "full"), None)
     if full_cost is not None:
         fastest = max(cost_rows, key=lambda r: r["decode_tps"])
@@ -379,11 +345,45 @@ def conclusion(
     return "\n".join(lines) + "\n"
 
 
+def suite_lines(suite_rows: list[dict], cfg: dict) -> list[str]:
+    """Markdown: the offline suite's multiple-choice average at the evaluated points, with paired differences against
+    the full model and, for random KVSharer, the spread over its seeds."""
+    full_s = next(r for r in suite_rows if r["family"] == "full")
+    lines = [
+        f"**Offline suite** ({full_s['average_tasks']} multiple-choice tasks, the first {cfg['suite_limit']} "
+        f"examples of each: {full_s['average_n']} examples per point, the same at every point; the full model and, "
+        "per method, its point nearest to each target byte ratio"
+        + (f", random KVSharer at its first {cfg['suite_seeds']} seed(s)" if cfg.get("suite_seeds") else "")
+        + "; lossy methods scored by decoding). Average = mean of the tasks' primary accuracies. "
+        f"Full model: average {full_s['average']:.3f} ± {full_s['average_se']:.3f}. Paired differences against the "
+        "full model (per-example scores):"
+    ]
+    for r in suite_rows:
+        if r is full_s:
+            continue
+        lines.append(
+            f"- {r['label']}: average {r['average']:.3f} ± {r['average_se']:.3f} "
+            f"(Δ {r['average_diff_vs_full']:+.3f} ± {r['average_diff_vs_full_se']:.3f})"
+        )
+    for value in dict.fromkeys(r["value"] for r in suite_rows if r["family"] == "kvsharer-random"):
+        avg = [r["average"] for r in suite_rows if r["family"] == "kvsharer-random" and r["value"] == value]
+        if len(avg) > 1:
+            lines.append(
+                f"- KVSharer (random) C={value:g} over its {len(avg)} seeds: average {sum(avg) / len(avg):.3f} "
+                f"(seeds {min(avg):.3f}..{max(avg):.3f})"
+            )
+    lines.append(
+        f"With {full_s['average_n']} multiple-choice examples the suite separates only large losses; the held-out "
+        "perplexity above is the precise comparison."
+    )
+    return lines
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The table as Markdown."""
     head = (
-        "| method | knob | bytes | bytes (batched) | perplexity | ppl / full | suite average | ROUGE-L | "
-        "decode tok/s | peak +MiB |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| method | knob | bytes | bytes (batched) | perplexity | ppl / full | suite average | "
+        "decode tok/s | peak +MiB |\n|---|---|---|---|---|---|---|---|---|"
     )
     out = [head]
 
@@ -398,8 +398,7 @@ def markdown_table(rows: list[dict]) -> str:
         out.append(
             f"| {r['label']} | {knob} | {100 * r['kv_ratio']:.1f}% | {100 * r['kv_ratio_batched']:.1f}% | "
             f"{r['ppl']:.3f} ± {r['ppl_se']:.3f}{spread} | {r['ppl_ratio_vs_full']:.3f} | "
-            f"{num(r.get('suite_average'), '.3f', r.get('suite_average_se'))} | "
-            f"{num(r.get('rougeL'), '.3f', r.get('rougeL_se'))} | {num(r['decode_tps'], '.1f')} | "
+            f"{num(r.get('suite_average'), '.3f', r.get('suite_average_se'))} | {num(r['decode_tps'], '.1f')} | "
             f"{num(r.get('peak_above_baseline_mib'), '.0f')} |"
         )
     return "\n".join(out)
