@@ -1,10 +1,7 @@
 """kvshare: layer-wise KV-cache sharing (KVSharer) on Hugging Face transformers, beside the other KV-cache methods
 of its registry (kvshare.methods)."""
 
-from . import (
-    methods,  # kvshare.methods.available(), kvshare.methods.make("h2o", budget=128)
-    policies,  # wave-1 name: kvshare.policies.make_policy("h2o", budget=128)
-)
+from . import methods  # kvshare.methods.available(), kvshare.methods.make("h2o", budget=128)
 from .accounting import cache_bytes, num_shared_for, predicted_cache_bytes
 from .calibration import layer_distances
 from .combine import apply, compression, sharing
@@ -32,7 +29,6 @@ __all__ = [
     "methods",
     "num_shared_for",
     "perplexity",
-    "policies",
     "predicted_cache_bytes",
     "search",
     "sharing",

@@ -21,7 +21,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -233,11 +233,10 @@ class Config:
     repeats: int = 3
     warmup: int = 1
     seed: int = 0
-    policy: str | None = None  # token eviction on the shared rows (kvshare.policies name), with `budget`
-    budget: int | None = None
     strategy: dict | None = None  # a strategy's to_dict() to use instead of the evenly spread one
-    kv_bits: int | None = None  # KV-cache quantization on the shared rows (the `quantized` method: 8 or 4 bits)
-    method: dict | None = None  # any registered method on the shared rows, as its to_dict() (kvshare.methods)
+    # the cache methods of the shared rows (eviction, quantization, any registered method or a composition of them),
+    # as their to_dict() (kvshare.methods); None: the shared rows only share layers
+    method: dict | None = None
     compile: bool = False  # decode steps through torch.compile (static cache only, as transformers' generate does)
     warmup_prompt_len: int | None = None  # the warm-up's prompt (None: the prompt; shorter: a cheaper warm-up)
 
@@ -486,41 +485,20 @@ def measure(config: Config, model=None) -> dict:
         if config.mode == "plain"
         else (Strategy.from_dict(config.strategy) if config.strategy else spread_strategy(L, C, layer_types(model)))
     )
-    policy = cache_method(config)
+    method = cache_method(config)
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(config.seed)
     prompt = torch.randint(0, vocab, (config.batch, config.prompt_len), generator=gen).to(device)
     if device.type == "cpu":
         _reset_peak()  # like reset_peak_memory_stats below: the peak of the run, not of loading the model
     rss_before = _rss_bytes()
+    base_allocated = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base_allocated = torch.cuda.memory_allocated(device)
-    with compression(model, strategy, policy), LoadMeter() as load:
-        step = compiled_decode(model, config.cache) if config.compile else None
-        t_warm = time.perf_counter()
-        full_len = config.prompt_len + config.new_tokens
-        for _ in range(config.warmup):  # with --compile: compiles here, so the timed runs reuse the graph
-            warm = prompt[:, : config.warmup_prompt_len] if config.warmup_prompt_len else prompt
-            run_once(model, warm, min(config.new_tokens, 8), config.cache, step=step, max_len=full_len)
-        warmup_s = time.perf_counter() - t_warm
-        prefill, decode, kv, phases, step_times = [], [], 0, {}, []
-        for i in range(config.repeats):
-            last = i == config.repeats - 1
-            p, d, cache = run_once(
-                model,
-                prompt,
-                config.new_tokens,
-                config.cache,
-                phases if last else None,
-                step,
-                step_times=step_times if last and device.type == "cpu" else None,  # no extra CUDA syncs
-            )
-            prefill.append(p)
-            decode.append(d)
-            kv = cache_bytes(cache)
-            del cache
+    with compression(model, strategy, method), LoadMeter() as load:
+        timed = _timed_runs(model, config, prompt, device)
     row = asdict(config)
     row.update(
         model=model_name(model),
@@ -530,20 +508,63 @@ def measure(config: Config, model=None) -> dict:
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         num_layers=L,
         num_shared=0 if strategy is None else strategy.num_shared,
-        kv_bytes=kv,
-        prefill_s=statistics.median(prefill),
-        decode_s=statistics.median(decode),
-        decode_tps=config.batch * config.new_tokens / statistics.median(decode),
+        kv_bytes=timed["kv_bytes"],
+        prefill_s=statistics.median(timed["prefill"]),
+        decode_s=statistics.median(timed["decode"]),
+        decode_tps=config.batch * config.new_tokens / statistics.median(timed["decode"]),
         transformers=_transformers_version(),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         load_avg_1min=_load_avg(),  # other work on the machine during the run shows here
-        warmup_s=warmup_s,
-        decode_tps_quarters=quarter_rates(step_times, config.batch),
+        warmup_s=timed["warmup_s"],
+        decode_tps_quarters=quarter_rates(timed["step_times"], config.batch),
         **load.result(),  # load averages before/after, other processes' busy cores, under_load (LOAD_LIMIT_PER_CORE)
     )
     if config.compile:
         row["compile_graph_breaks"] = _graph_breaks()
+    _record_peaks(row, device, rss_before, base_allocated, timed["phases"])
+    _record_accounting(row, model, config, strategy, method)
+    return row
+
+
+def _timed_runs(model, config: Config, prompt, device) -> dict:
+    """The warm-up (with --compile: the compilation, so the timed runs reuse the graph), then `repeats` timed runs;
+    the last one records the phases' peaks and, on CPU, every decode step's end time."""
+    step = compiled_decode(model, config.cache) if config.compile else None
+    t_warm = time.perf_counter()
+    full_len = config.prompt_len + config.new_tokens
+    for _ in range(config.warmup):
+        warm = prompt[:, : config.warmup_prompt_len] if config.warmup_prompt_len else prompt
+        run_once(model, warm, min(config.new_tokens, 8), config.cache, step=step, max_len=full_len)
+    warmup_s = time.perf_counter() - t_warm
+    prefill, decode, kv, phases, step_times = [], [], 0, {}, []
+    for i in range(config.repeats):
+        last = i == config.repeats - 1
+        p, d, cache = run_once(
+            model,
+            prompt,
+            config.new_tokens,
+            config.cache,
+            phases if last else None,
+            step,
+            step_times=step_times if last and device.type == "cpu" else None,  # no extra CUDA syncs
+        )
+        prefill.append(p)
+        decode.append(d)
+        kv = cache_bytes(cache)
+        del cache
+    return {
+        "warmup_s": warmup_s,
+        "prefill": prefill,
+        "decode": decode,
+        "kv_bytes": kv,
+        "phases": phases,
+        "step_times": step_times,
+    }
+
+
+def _record_peaks(row: dict, device, rss_before: int, base_allocated: int | None, phases: dict):
+    """The run's peak memory and what it started from: CUDA's allocator, or the process's peak resident set."""
     if device.type == "cuda":
         row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
@@ -560,6 +581,11 @@ def measure(config: Config, model=None) -> dict:
             row["peak_reserved_bytes"] = max(
                 row["peak_reserved_bytes"], phases["before_decode"][1], phases["decode"][1]
             )
+
+
+def _record_accounting(row: dict, model, config: Config, strategy, method):
+    """What the shapes say the run moved and stored (`analysis`), and the cache bytes sharing and the methods
+    predict together."""
     row.update(
         analysis(
             model.config.get_text_config(),
@@ -574,11 +600,10 @@ def measure(config: Config, model=None) -> dict:
     if config.cache == "dynamic":  # what sharing and the methods predict together, from the shapes
         elem = next(model.parameters()).element_size()
         row["kv_bytes_predicted"] = predicted_cache_bytes(
-            model.config, policy, config.batch, [config.prompt_len] + [1] * config.new_tokens, elem, strategy=strategy
+            model.config, method, config.batch, [config.prompt_len] + [1] * config.new_tokens, elem, strategy=strategy
         )
-    if policy is not None:  # the analysis counts full-length caches: not what an evicting cache copies or reads
+    if method is not None:  # the analysis counts full-length caches: not what an evicting cache copies or reads
         row.update(cache_copy_bytes=None, attn_read_bytes=None)
-    return row
 
 
 def quarter_rates(step_times: list[float], batch: int) -> list[float] | None:
@@ -596,20 +621,13 @@ def quarter_rates(step_times: list[float], batch: int) -> list[float] | None:
 
 
 def cache_method(config: Config):
-    """The cache methods of a shared row (eviction `policy`/`budget`, `kv_bits`, any registered `method`) as one
-    composition, or None; plain rows are untouched transformers."""
-    wanted = []
-    if config.policy:
-        wanted.append(methods.make(config.policy, budget=config.budget))
-    if config.kv_bits:
-        wanted.append(methods.make("quantized", bits=config.kv_bits))  # with a policy: its kept tokens, as codes
-    if config.method:
-        wanted.append(methods.from_dict(config.method))
-    if not wanted:
+    """The cache methods of a shared row (`config.method`, a to_dict()) as one composition, or None; plain rows are
+    untouched transformers."""
+    if not config.method:
         return None
     if config.mode == "plain" or config.cache != "dynamic":
         raise ValueError("cache methods apply to 'shared' rows with a dynamic cache (plain is untouched transformers)")
-    return methods.Composition(*wanted)
+    return methods.Composition(methods.from_dict(config.method))
 
 
 def analysis(cfg, num_shared: int, batch: int, prompt_len: int, new_tokens: int, cache: str, elem: int) -> dict:
@@ -732,11 +750,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             continue
         r["kv_bytes_ratio"] = r["kv_bytes"] / b["kv_bytes"] if b["kv_bytes"] else float("nan")
         r["kv_bytes_expected_ratio"] = (r["num_layers"] - r["num_shared"]) / r["num_layers"]
-        if (
-            (r.get("policy") or r.get("kv_bits") or r.get("method"))
-            and r.get("kv_bytes_predicted") is not None
-            and b["kv_bytes"]
-        ):
+        if r.get("method") and r.get("kv_bytes_predicted") is not None and b["kv_bytes"]:
             r["kv_bytes_expected_ratio"] = r["kv_bytes_predicted"] / b["kv_bytes"]
         r["peak_ratio"] = r["peak_bytes"] / b["peak_bytes"]
         r["peak_above_baseline_ratio"] = (r["peak_bytes"] - r["baseline_bytes"]) / max(
@@ -762,9 +776,6 @@ def bench(
     isolate: bool | None = None,
     progress: bool = True,
     seed: int = 0,
-    policy: str | None = None,
-    budget: int | None = None,
-    kv_bits: int | None = None,
     rounds: int = 1,
     strategy=None,
     method=None,
@@ -779,20 +790,14 @@ def bench(
     `rounds` > 1 measures every configuration that many times, in alternating order (see `measure_rounds`):
     on a shared machine a burst of other work then cannot make one configuration look fast or slow.
 
-    With `policy` (a kvshare.policies name) and `budget`, every shared row also evicts tokens (rate 0:
-    the policy alone); with `kv_bits` (8 or 4) every shared row quantizes its KV cache (with a policy too:
-    the policy's kept tokens held as codes); `method` (a kvshare.methods method, or its to_dict()) adds any
-    registered method to every shared row. `strategy` (a Strategy or a strategy file) replaces the evenly spread
-    strategy of the shared rows (its own C; `rates` then only says which rows use it: every rate > 0). The plain
-    rows stay untouched transformers."""
+    `method` (a kvshare.methods method or composition, or its to_dict(): `methods.make("h2o", budget=128)`,
+    `methods.make("quantized", bits=8)`, both composed) applies to every shared row (rate 0: the method alone; an
+    eviction method with a quantized cache: its kept tokens held as codes). `strategy` (a Strategy or a strategy
+    file) replaces the evenly spread strategy of the shared rows (its own C; `rates` then only says which rows use
+    it: every rate > 0). The plain rows stay untouched transformers."""
     from .models import resolve_device
 
-    if cache not in CACHES:
-        raise ValueError(f"unknown cache kind {cache!r}; use one of {', '.join(CACHES)}")
-    if compile and cache != "static":
-        check_compile(None, cache)
-    for rate in rates:
-        num_shared_for(rate, 2)  # validates the range
+    _check_bench_arguments(cache, compile, rates)
     dev = resolve_device(device)
     check_fits(model, random_weights, max(batches), prompt_len, new_tokens, device, dtype)
     if isolate is None:
@@ -815,22 +820,7 @@ def bench(
         seed=seed,
         compile=compile,
     )
-    configs = [Config(mode="plain", rate=0.0, batch=b, **common) for b in batches]
-    configs += [
-        Config(
-            mode="shared",
-            rate=float(rate),
-            batch=b,
-            policy=policy,
-            budget=budget,
-            strategy=strategy.to_dict() if strategy is not None and rate > 0 else None,
-            kv_bits=kv_bits,
-            method=method,
-            **common,
-        )
-        for b in batches
-        for rate in rates
-    ]
+    configs = _bench_configs(common, rates, batches, strategy, method)
     shared_model = None
 
     def run(config):
@@ -842,6 +832,34 @@ def bench(
         return measure(config, shared_model)
 
     return add_ratios(measure_rounds(configs, run, rounds, progress=progress))
+
+
+def _check_bench_arguments(cache: str, compile: bool, rates):
+    if cache not in CACHES:
+        raise ValueError(f"unknown cache kind {cache!r}; use one of {', '.join(CACHES)}")
+    if compile and cache != "static":
+        check_compile(None, cache)
+    for rate in rates:
+        num_shared_for(rate, 2)  # validates the range
+
+
+def _bench_configs(common: dict, rates, batches, strategy: Strategy | None, method: dict | None) -> list[Config]:
+    """The plain row of every batch, then the shared rows (every batch at every rate) with the strategy and
+    cache methods; `common` holds what they all share."""
+    configs = [Config(mode="plain", rate=0.0, batch=b, **common) for b in batches]
+    configs += [
+        Config(
+            mode="shared",
+            rate=float(rate),
+            batch=b,
+            strategy=strategy.to_dict() if strategy is not None and rate > 0 else None,
+            method=method,
+            **common,
+        )
+        for b in batches
+        for rate in rates
+    ]
+    return configs
 
 
 ROUND_LOAD_KEYS = ("load_avg_1min", "load_avg_before", "load_avg_after", "other_busy_cores", "cpu_count", "under_load")
@@ -958,37 +976,17 @@ def max_batch_within(
     Bounded: at most `max_probes` full runs, and none is started once the runs so far plus the next one's predicted
     time (the last run's, scaled by the batch) would pass `time_limit_s`. `largest_proven` says whether batch + 1
     was measured not to fit (or batch is `limit`); `probes` lists every run (batch, peak, fits, seconds)."""
-    from .models import resolve_device, resolve_dtype
-
     mode = "plain" if rate == 0 else "shared"
     t0 = time.perf_counter()
     cfg = shape_config(model_name, model)
-    L = cfg.num_hidden_layers
-    C = num_shared_for(rate, L)
-    elem = (
-        next(model.parameters()).element_size()
-        if model is not None
-        else torch.tensor([], dtype=resolve_dtype(dtype, resolve_device(device))).element_size()
-    )
+    C = num_shared_for(rate, cfg.num_hidden_layers)
+    elem = _element_size(model, device, dtype)
     per_seq = sequence_bytes(cfg, C, prompt_len, new_tokens, elem)
+    probe = Config(model_name, mode, rate, 1, prompt_len, new_tokens, cache, random_weights, device, dtype, seed=seed)
+    probe.warmup_prompt_len = min(prompt_len, BUDGET_WARMUP_PROMPT)  # a short warm-up: it only wakes the kernels
 
     def run(b, tokens, reps, warmup):
-        config = Config(
-            model_name,
-            mode,
-            rate,
-            b,
-            prompt_len,
-            tokens,
-            cache,
-            random_weights,
-            device,
-            dtype,
-            repeats=reps,
-            warmup=warmup,
-            seed=seed,
-            warmup_prompt_len=min(prompt_len, BUDGET_WARMUP_PROMPT),
-        )
+        config = replace(probe, batch=b, new_tokens=tokens, repeats=reps, warmup=warmup)
         return measure(config, model) if model is not None else measure_isolated(config)
 
     # (batch, peak) pairs the line is fitted to: the plain model's measured peaks less the K/V of the C layers this
@@ -997,60 +995,102 @@ def max_batch_within(
     points: list[tuple[int, int]] = [(b, p - b * kv_left_out) for b, p in plain_points or []]
     if not points and fixed_bytes is None:
         points = line_probe(run, min(new_tokens, probe_tokens))
-    line_points = list(points)
     if fixed_bytes is None:
         fixed_bytes = int(fit_line(points, per_seq)[1])
-    probes: list[dict] = []
-    lower, upper, best, last_s = 0, limit + 1, None, None
+    search = _BudgetSearch(budget_bytes, per_seq, fixed_bytes, points, limit, started=t0)
+    search.run_probes(run, new_tokens, repeats, max_probes, time_limit_s)
+    asked = dict(mode=mode, rate=rate, num_layers=cfg.num_hidden_layers, num_shared=C, budget_bytes=budget_bytes)
+    return search.result({**asked, "prompt_len": prompt_len, "new_tokens": new_tokens}, new_tokens)
 
-    def predicted_batch() -> int:
-        slope, intercept = fit_line(points, per_seq) if points else (per_seq, fixed_bytes)
-        return int((budget_bytes - intercept) // slope)
 
-    first_guess = None
-    while lower + 1 < upper and len(probes) < max_probes:
-        b = min(max(predicted_batch(), lower + 1), upper - 1)
-        first_guess = b if first_guess is None else first_guess
-        spent = time.perf_counter() - t0
-        if time_limit_s is not None and probes and spent + last_s * b / probes[-1]["batch"] > time_limit_s:
-            break
-        t = time.perf_counter()
-        row = run(b, new_tokens, repeats, 1)
-        last_s = time.perf_counter() - t
-        fits = row["peak_bytes"] <= budget_bytes
-        points.append((b, row["peak_bytes"]))
-        probes.append({"batch": b, "peak_bytes": row["peak_bytes"], "fits": fits, "seconds": round(last_s, 2)})
-        if fits:
-            lower, best = b, row
-        else:
-            upper = b
-    search = {
-        "mode": mode,
-        "rate": rate,
-        "num_layers": L,
-        "num_shared": C,
-        "budget_bytes": budget_bytes,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "predicted_batch": first_guess,
-        "predicted_sequence_bytes": per_seq,
-        "fixed_bytes": fixed_bytes,
-        "line_points": line_points,
-        "probes": probes,
-        "search_s": round(time.perf_counter() - t0, 2),
-        "largest_proven": best is not None and (upper == lower + 1 or lower == limit),
-    }
-    if best is None:
-        return {**search, "batch": 0, "fits": False}
-    row = dict(best)
-    row.update(search)
-    row.update(
-        fits=True,
-        per_sequence_peak_bytes=(row["peak_bytes"] - fixed_bytes) / row["batch"],
-        throughput_tps=row["decode_tps"],
-        e2e_tps=row["batch"] * new_tokens / (row["prefill_s"] + row["decode_s"]),  # prefill included
-    )
-    return row
+def _element_size(model, device, dtype) -> int:
+    """Bytes per weight element: the loaded model's, else those of the dtype the benchmark would load."""
+    from .models import resolve_device, resolve_dtype
+
+    if model is not None:
+        return next(model.parameters()).element_size()
+    return torch.tensor([], dtype=resolve_dtype(dtype, resolve_device(device))).element_size()
+
+
+@dataclass
+class _BudgetSearch:
+    """One mode's search for the largest batch within `budget_bytes`: the line of peak memory against the batch,
+    fitted to the measured (batch, peak) `points` (or the accounting's bytes per sequence through `fixed_bytes`),
+    the largest batch known to fit (`lower`, its row `best`), the smallest known not to (`upper`), and every full
+    run (`probes`)."""
+
+    budget_bytes: int
+    per_sequence: int
+    fixed_bytes: int
+    points: list
+    limit: int
+    started: float
+    line_points: list = field(init=False)  # the points before any full run
+    lower: int = 0
+    upper: int = field(init=False)
+    best: dict | None = None
+    first_guess: int | None = None
+    probes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.line_points = list(self.points)
+        self.upper = self.limit + 1
+
+    def predicted_batch(self) -> int:
+        slope, intercept = (
+            fit_line(self.points, self.per_sequence) if self.points else (self.per_sequence, self.fixed_bytes)
+        )
+        return int((self.budget_bytes - intercept) // slope)
+
+    def run_probes(self, run, new_tokens: int, repeats: int, max_probes: int, time_limit_s: float | None):
+        """Full timed runs at the predicted batch, kept strictly between `lower` and `upper`, until they meet or a
+        bound stops the search."""
+        last_s = None
+        while self.lower + 1 < self.upper and len(self.probes) < max_probes:
+            b = min(max(self.predicted_batch(), self.lower + 1), self.upper - 1)
+            self.first_guess = b if self.first_guess is None else self.first_guess
+            spent = time.perf_counter() - self.started
+            if (
+                time_limit_s is not None
+                and self.probes
+                and spent + last_s * b / self.probes[-1]["batch"] > time_limit_s
+            ):
+                break
+            t = time.perf_counter()
+            row = run(b, new_tokens, repeats, 1)
+            last_s = time.perf_counter() - t
+            fits = row["peak_bytes"] <= self.budget_bytes
+            self.points.append((b, row["peak_bytes"]))
+            self.probes.append({"batch": b, "peak_bytes": row["peak_bytes"], "fits": fits, "seconds": round(last_s, 2)})
+            if fits:
+                self.lower, self.best = b, row
+            else:
+                self.upper = b
+
+    def result(self, head: dict, new_tokens: int) -> dict:
+        """The row of the largest batch that fits (its measured row, the search's record and the throughput), or
+        the record alone with batch 0 when none does."""
+        search = {
+            **head,
+            "predicted_batch": self.first_guess,
+            "predicted_sequence_bytes": self.per_sequence,
+            "fixed_bytes": self.fixed_bytes,
+            "line_points": self.line_points,
+            "probes": self.probes,
+            "search_s": round(time.perf_counter() - self.started, 2),
+            "largest_proven": self.best is not None and (self.upper == self.lower + 1 or self.lower == self.limit),
+        }
+        if self.best is None:
+            return {**search, "batch": 0, "fits": False}
+        row = dict(self.best)
+        row.update(search)
+        row.update(
+            fits=True,
+            per_sequence_peak_bytes=(row["peak_bytes"] - self.fixed_bytes) / row["batch"],
+            throughput_tps=row["decode_tps"],
+            e2e_tps=row["batch"] * new_tokens / (row["prefill_s"] + row["decode_s"]),  # prefill included
+        )
+        return row
 
 
 def fit_line(points: list[tuple[int, int]], slope: float) -> tuple[float, float]:

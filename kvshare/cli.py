@@ -33,20 +33,6 @@ def _add_strategy(p):
     p.add_argument("--force", action="store_true", help="apply a strategy searched on a differently named model")
 
 
-def _add_policy(p):
-    from .methods import REGISTRY
-
-    eviction = [name for name, cls in REGISTRY.items() if cls.role == "eviction" and "budget" in cls.setting_names()]
-    p.add_argument(
-        "--policy",
-        default=None,
-        choices=eviction,
-        help="token eviction in every kept layer, with or without --strategy (needs --budget); "
-        "the same as --method NAME --budget N",
-    )
-    _add_methods(p)
-
-
 def _setting_type(field):
     """The argparse type of a settings dataclass field: from its default, else from its annotation."""
     if isinstance(field.default, (int, float)) and not isinstance(field.default, bool):
@@ -91,15 +77,11 @@ def _add_methods(p):
 
 
 def _read_methods(args) -> list:
-    """The methods of --method / --policy with the settings given as flags; one-line errors for the rest."""
+    """The methods of --method with the settings given as flags; one-line errors for the rest."""
     from . import methods
 
     names = [n.strip() for n in (args.method or "").split(",") if n.strip()]
-    if args.policy:
-        names.append(args.policy)
     given = {dest: getattr(args, dest) for dest in args.method_flags if getattr(args, dest, None) is not None}
-    if args.policy and "budget" not in given:
-        raise CLIError("--policy and --budget go together")
     built, used = [], set()
     for name in names:
         try:
@@ -126,24 +108,11 @@ def _read_methods(args) -> list:
     return built
 
 
-def _add_kv_bits(p):
-    p.add_argument(
-        "--kv-bits",
-        type=int,
-        default=None,
-        choices=[8, 4],
-        help="quantize the KV cache of every kept layer to int8 or int4 (kvshare.quantized_kv), "
-        "with or without --strategy and --policy; a replaced layer reads its source's quantized cache",
-    )
-
-
-def _cache_policy(args):
-    """The cache methods of --method/--policy/--budget and --kv-bits as one composition, or None."""
-    from .methods import Composition, make
+def _cache_method(args):
+    """The methods of --method and their settings as one method (a composition of several), or None."""
+    from .methods import Composition
 
     built = _read_methods(args)
-    if args.kv_bits is not None:
-        built.append(make("quantized", bits=args.kv_bits))  # with --policy: the policy's kept tokens, held as codes
     if not built:
         return None
     try:
@@ -155,7 +124,19 @@ def _cache_policy(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvshare", description="Layer-wise KV-cache sharing (KVSharer)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_search_command(sub)
+    _add_generate_command(sub)
+    _add_ppl_command(sub)
+    _add_bench_command(sub)
+    _add_eval_command(sub)
+    _add_screen_command(sub)
+    _add_data_command(sub)
+    add_export_parser(sub)  # export-vllm: kvshare.serving.export
+    return parser
 
+
+def _add_search_command(sub):
+    """kvshare search: a sharing strategy, written with its trace as JSON."""
     s = sub.add_parser("search", help="search a sharing strategy and write it (with its trace) as JSON")
     _add_model(s)
     s.add_argument("--num-shared", type=int, required=True, help="number of layers to replace (C)")
@@ -170,15 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="strategy JSON path (the trace goes beside it as *.trace.json)")
 
+
+def _add_generate_command(sub):
+    """kvshare generate: one completion, with or without sharing and cache methods."""
     g = sub.add_parser("generate", help="print a completion, with or without sharing")
     _add_model(g)
     _add_strategy(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
-    _add_policy(g)
-    _add_kv_bits(g)
+    _add_methods(g)
 
+
+def _add_ppl_command(sub):
+    """kvshare ppl: held-out perplexity, as one JSON line."""
     p = sub.add_parser("ppl", help="perplexity on the held-out evaluation text, as one JSON line")
     _add_model(p)
     _add_strategy(p)
@@ -186,17 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--source", default="offline", choices=["offline", "wikitext2"], help="evaluation data")
-    _add_policy(p)
-    _add_kv_bits(p)
+    _add_methods(p)
     p.add_argument(
         "--decode",
         action="store_true",
-        help="score by decoding (always on with --policy): prefill --context tokens of each window, then "
+        help="score by decoding (always on with an eviction --method): prefill --context tokens of each window, then "
         "feed the rest one token at a time and score those; eviction only shows this way",
     )
     p.add_argument(
         "--context", type=int, default=None, help="prefilled tokens per window when decoding (default: half)"
     )
+
+
+def _add_bench_command(sub):
+    """kvshare bench: memory and speed of plain transformers next to the shared model."""
     b = sub.add_parser("bench", help="memory and speed: plain transformers next to the shared model")
     _add_model(b)
     b.add_argument(
@@ -244,8 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "by operator, a Python-level view per module type, the sharing hooks and cache), each measured ratio "
         "beside the ratio predicted from FLOPs and bytes moved; JSON to --out, a table on stdout",
     )
-    _add_policy(b)
-    _add_kv_bits(b)
+    _add_methods(b)
     b.add_argument(
         "--memory-budget-gb",
         type=float,
@@ -253,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also find the largest batch within this peak memory, plain and shared, and compare throughput",
     )
     b.add_argument("--out", required=True, help="results JSON (a CSV goes beside it)")
+
+
+def _add_eval_command(sub):
+    """kvshare eval: the benchmark table of a model, with or without sharing."""
     e = sub.add_parser("eval", help="benchmark table (lm-eval tasks + perplexity) of a model, with or without sharing")
     _add_model(e)
     _add_strategy(e)
@@ -272,15 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="examples per task (perplexity: 512-token windows)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--no-cache", action="store_true", help="recompute even what the results cache holds")
-    _add_policy(e)
-    _add_kv_bits(e)
+    _add_methods(e)
     e.add_argument(
         "--decode",
         action="store_true",
-        help="score log-likelihoods and perplexity by decoding (always on with --policy: eviction only "
-        "shows this way); use it for the full model to compare with --policy under one protocol",
+        help="score log-likelihoods and perplexity by decoding (always on with an eviction --method: eviction "
+        "only shows this way); use it for the full model to compare with eviction under one protocol",
     )
     e.add_argument("--out", required=True, help="results JSON (the table goes beside it as CSV)")
+
+
+def _add_screen_command(sub):
+    """kvshare screen: the offline suite's candidate tasks screened on a model."""
     sc = sub.add_parser(
         "screen",
         help="screen the offline suite's candidate tasks on a model (their screen part only) and keep those that "
@@ -291,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--limit", type=int, default=None, help="screen examples per candidate (default 40: the rule's)")
     sc.add_argument("--batch-size", type=int, default=32)
     sc.add_argument("--out", default=None, help="the screen file (default: the model's, in this checkout)")
+
+
+def _add_data_command(sub):
+    """kvshare data: check or rebuild the datasets in data/."""
     d = sub.add_parser("data", help="the datasets in data/: check them against data/MANIFEST.json, or rebuild them")
     d.add_argument(
         "action",
@@ -300,8 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", default=None, help="build into this folder instead of the repository's data/")
     d.add_argument("--cache", default=None, help="where the downloaded archives are kept (default: the kvshare cache)")
-    add_export_parser(sub)  # export-vllm: kvshare.serving.export
-    return parser
 
 
 def _numbers(text: str, kind, name: str):
@@ -386,10 +383,10 @@ def cmd_generate(args):
     from .generation import generate_text
 
     strategy = _read_strategy(args)
-    policy = _cache_policy(args)  # --method / --policy / --kv-bits, refused here before the model loads
+    method = _cache_method(args)  # a bad --method or setting is refused here, before the model loads
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)
-    with compression(model, strategy, policy):
+    with compression(model, strategy, method):
         print(
             generate_text(
                 model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat_template
@@ -403,15 +400,15 @@ def cmd_ppl(args):
     from .metrics import perplexity_with_error
 
     strategy = _read_strategy(args)
-    policy = _cache_policy(args)
+    method = _cache_method(args)
     # eviction (a method lossy after the prefill) only shows when decoding; a quantized cache shows in one pass
-    decode = args.decode or (policy is not None and policy.scored_by_decoding)
+    decode = args.decode or (method is not None and method.scored_by_decoding)
     if args.context is not None and not decode:
-        raise CLIError("--context applies to decoding: add --decode (or --policy)")
+        raise CLIError("--context applies to decoding: add --decode (or an eviction --method)")
     text = eval_text(args.source)
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)
-    with compression(model, strategy, policy):
+    with compression(model, strategy, method):
         if decode:
             from .metrics import decode_perplexity
 
@@ -436,10 +433,10 @@ def cmd_ppl(args):
             )
     # bytes of the KV cache after the first scored window of the same text, under the same protocol, with the
     # methods and without anything (kvshare.cache_bytes: what the cache really holds)
-    from .experiments.peers import window_cache_bytes
+    from .metrics import window_cache_bytes
 
     context = result.get("context") if decode else None
-    kv_bytes = window_cache_bytes(model, tokenizer, text, args.window, context, strategy, policy)
+    kv_bytes = window_cache_bytes(model, tokenizer, text, args.window, context, strategy, method)
     kv_bytes_full = window_cache_bytes(model, tokenizer, text, args.window, context)
     line = {
         "ppl": result["ppl"],
@@ -451,15 +448,9 @@ def cmd_ppl(args):
         "kv_bytes_ratio": kv_bytes / kv_bytes_full,
     }
     if decode:
-        line.update(
-            protocol=f"decode: prefill {result['context']} of every {result['window']} tokens, score the rest",
-            policy=args.policy,
-            budget=args.budget,
-        )
-    if policy is not None:
-        line.update(method=policy.to_dict())
-    if args.kv_bits is not None:
-        line.update(kv_bits=args.kv_bits)
+        line.update(protocol=f"decode: prefill {result['context']} of every {result['window']} tokens, score the rest")
+    if method is not None:
+        line.update(method=method.to_dict())
     print(json.dumps(line))
 
 
@@ -471,23 +462,16 @@ def cmd_bench(args):
     batches = _numbers(args.batch, int, "--batch")
     if args.model in PRESETS and not args.random_weights:
         raise CLIError(f"'{args.model}' is a shape preset: add --random-weights")
-    built = _read_methods(args)  # validates --method/--policy/--budget/--kv-bits before any model is built
-    _cache_policy(args)
-    extra = built[:-1] if args.policy else built  # --policy travels as its own column; other methods as `method`
-    from .methods import Composition
-
-    method = None if not extra else (extra[0] if len(extra) == 1 else Composition(*extra))
+    method = _cache_method(args)  # validates --method and its settings before any model is built
     strategy = _read_strategy(args)
-    if args.policy and args.cache != "dynamic":
-        raise CLIError("--policy evicts tokens from a dynamic cache: drop --cache static")
-    if args.kv_bits and args.cache != "dynamic":
-        raise CLIError("--kv-bits quantizes a dynamic cache: drop --cache static")
+    if method is not None and args.cache != "dynamic":
+        raise CLIError(f"--method {args.method} works on a dynamic cache: drop --cache static")
     if args.compile and args.cache != "static":
         raise CLIError("--compile needs --cache static (transformers compiles decoding over a static cache)")
     if args.rounds < 1:
         raise CLIError("--rounds must be >= 1")
     if args.profile:
-        if built or args.memory_budget_gb or args.compile:
+        if method is not None or args.memory_budget_gb or args.compile:
             raise CLIError(
                 "--profile compares the plain and the shared model alone: drop the cache methods, "
                 "--memory-budget-gb and --compile"
@@ -497,9 +481,6 @@ def cmd_bench(args):
         args.model,
         **_bench_arguments(args, rates, batches, strategy),
         repeats=args.repeats,
-        policy=args.policy,
-        budget=args.budget,
-        kv_bits=args.kv_bits,
         method=method,
         compile=args.compile,
     )
@@ -567,13 +548,13 @@ def cmd_eval(args):
     specs = resolve_tasks(args.suite, args.tasks, lengths, model=args.model)
     if args.limit is not None and args.limit < 1:
         raise CLIError("--limit must be >= 1")
-    policy = _cache_policy(args)  # a bad --policy/--budget is refused here, before the model loads
+    method = _cache_method(args)  # a bad --method or setting is refused here, before the model loads
     strategy = _read_strategy(args)
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)
     evaluator = Evaluator(model, tokenizer, batch_size=args.batch_size, cache=not args.no_cache)
     result = evaluator.evaluate(
-        strategy, suite=args.suite, tasks=specs, limit=args.limit, policy=policy, decode=True if args.decode else None
+        strategy, suite=args.suite, tasks=specs, limit=args.limit, method=method, decode=True if args.decode else None
     )
     json_path, csv_path = write_results(result, args.out)
     print(format_rows(result["rows"]))
@@ -581,7 +562,7 @@ def cmd_eval(args):
         x
         for x in (
             f"{result['num_shared']} layers shared" if result["num_shared"] else "",
-            repr(policy) if policy is not None else "",
+            repr(method) if method is not None else "",
             "scored by decoding" if result["protocol"] == "decode" else "",
         )
         if x
@@ -594,7 +575,7 @@ def cmd_eval(args):
 
 def cmd_screen(args):
     from .evaluation import Evaluator
-    from .experiments.evaluation import choose_suite
+    from .tasks.screening import choose_suite
 
     if args.limit is not None and args.limit < 1:
         raise CLIError("--limit must be >= 1")
@@ -625,7 +606,39 @@ COMMANDS["data"] = cmd_data
 COMMANDS["export-vllm"] = cmd_export_vllm
 
 
+def _gone_flags(argv: list[str]) -> str | None:
+    """One line for `--policy` and `--kv-bits`, which the CLI spells `--method NAME` with the method's settings
+    (`--method h2o --budget 128`, `--method quantized --bits 8`), naming that spelling; None without them. Read
+    before argparse, which would print its usage instead."""
+    given: dict[str, str | None] = {}
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        flag, has_value, inline = arg.partition("=")
+        if flag in ("--policy", "--kv-bits", "--method", "--budget"):
+            following = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
+            given[flag] = inline if has_value else following
+    gone = [flag for flag in ("--policy", "--kv-bits") if flag in given]
+    if not gone:
+        return None
+    names = [given[f] or ("NAME" if f == "--policy" else "") for f in ("--method", "--policy") if f in given]
+    settings = []
+    if "--policy" in given or "--budget" in given:
+        settings.append(f"--budget {given.get('--budget') or 'N'}")
+    if "--kv-bits" in given:
+        names.append("quantized")
+        settings.append(f"--bits {given['--kv-bits'] or 'N'}")
+    verb = "is" if len(gone) == 1 else "are"
+    return f"{' and '.join(gone)} {verb} gone: use --method {','.join(n for n in names if n)} {' '.join(settings)}"
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    gone = _gone_flags(argv)
+    if gone:
+        command = next((a for a in argv if not a.startswith("-")), None)
+        print(f"kvshare{' ' + command if command in COMMANDS else ''}: error: {gone}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("default")
     try:

@@ -15,7 +15,7 @@ import contextlib
 
 from .adapter import num_layers
 from .methods.compose import Composition
-from .sharing import active_policy, active_strategy, disable_sharing, enable_sharing
+from .sharing import active_method, active_strategy, disable_sharing, enable_sharing
 from .strategy import Strategy
 
 
@@ -27,9 +27,9 @@ def apply(model, *methods) -> Composition:
     disable_sharing(model)
     cache_members = combined.cache_members
     if strategy.mapping or cache_members:
-        # one cache method: pass it as it is (active_policy(model) is then the object the caller made)
-        policy = None if not cache_members else cache_members[0] if len(cache_members) == 1 else combined
-        enable_sharing(model, strategy, policy)
+        # one cache method: pass it as it is (active_method(model) is then the object the caller made)
+        method = None if not cache_members else cache_members[0] if len(cache_members) == 1 else combined
+        enable_sharing(model, strategy, method)
     return combined
 
 
@@ -42,7 +42,7 @@ def compression(model, *methods):
     reads its source's cache as the source's methods left it. Whatever was enabled before is restored
     on exit.
     """
-    previous = (active_strategy(model), active_policy(model))
+    previous = (active_strategy(model), active_method(model))
     apply(model, *methods)
     try:
         yield model

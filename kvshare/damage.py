@@ -31,7 +31,7 @@ from .adapter import cache_kwarg_name, check_supported, decoder_layers, final_no
 from .calibration import METRICS, distances_from_means, encode_calibration, kv_means, reference_forward
 from .progress import Progress
 from .sharing import (
-    active_policy,
+    active_method,
     active_strategy,
     disable_sharing,
     enable_sharing,
@@ -194,7 +194,7 @@ def damage_map(
     exactly as it was (any sharing enabled before is re-enabled).
     """
     check_supported(model)
-    previous = active_strategy(model), active_policy(model)
+    previous = active_strategy(model), active_method(model)
     disable_sharing(model)
     t0 = time.perf_counter()
     ids, description = encode_calibration(tokenizer, texts, max_tokens)

@@ -11,13 +11,13 @@ Rows have the columns ROW_COLUMNS: task, metric, value, stderr, n (examples; sco
 perplexity), category, chance (uniform-guess score, where defined), primary (the task's headline
 metric, averaged in the compression table), scores (per-example values, kept in the JSON only).
 
-With a cache method (`policy=`: any kvshare.methods method beside the strategy: eviction, quantization),
-sharing and the policy are applied together through `kvshare.compression`. Token eviction only shows
-when tokens are scored by decoding, so with an evicting policy log-likelihoods and perplexity are
+With a cache method (`method=`: any kvshare.methods method beside the strategy: eviction, quantization),
+sharing and the method are applied together through `kvshare.compression`. Token eviction only shows
+when tokens are scored by decoding, so with an evicting method log-likelihoods and perplexity are
 scored by decoding (`decode=True`, see kvshare.tasks.lmeval); pass `decode=True` for the full model
 too to compare under the same protocol. A quantized cache shows in the usual one-pass scoring.
 
-Results are cached per (model fingerprint, strategy, policy, protocol, task definition, limit) under
+Results are cached per (model fingerprint, strategy, method, protocol, task definition, limit) under
 `<kvshare cache>/eval_cache`, so re-running a notebook recomputes nothing that is done.
 """
 
@@ -127,40 +127,40 @@ def strategy_key(strategy: Strategy | None) -> str:
     return f"c{strategy.num_shared}-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def policy_description(policy) -> dict | None:
+def method_description(method) -> dict | None:
     """What defines a cache method's effect: its name and settings, flat (None: no method). A composition's
     name joins its members' names (`h2o+quantized`) and its settings are theirs, merged."""
-    if policy is None:
+    if method is None:
         return None
-    d = policy.to_dict()
+    d = method.to_dict()
     if "members" in d:
         settings = {k: v for m in d["members"] for k, v in m.items() if k != "method"}
-        return {"policy": d["method"], **settings}
-    return {"policy": d["method"], **{k: v for k, v in d.items() if k != "method"}}
+        return {"method": d["method"], **settings}
+    return dict(d)
 
 
-def policy_key(policy, decode: bool = False) -> str:
+def method_key(method, decode: bool = False) -> str:
     """'none' (or 'decode': the full cache scored by decoding), else name + settings (+ '-decode')."""
-    d = policy_description(policy)
+    d = method_description(method)
     base = (
         "none"
         if d is None
-        else "-".join([safe_name(str(d.get("policy")))] + [f"{k}{v}" for k, v in sorted(d.items()) if k != "policy"])
+        else "-".join([safe_name(str(d.get("method")))] + [f"{k}{v}" for k, v in sorted(d.items()) if k != "method"])
     )
     return ("decode" if d is None else base + "-decode") if decode else base
 
 
-def evicts(policy) -> bool:
-    """Is `policy` lossy after the prefill (tokens dropped or merged), so that only scoring by decoding shows it?"""
-    return policy is not None and policy.scored_by_decoding
+def evicts(method) -> bool:
+    """Is `method` lossy after the prefill (tokens dropped or merged), so that only scoring by decoding shows it?"""
+    return method is not None and method.scored_by_decoding
 
 
-def split_methods(model, strategy, policy):
-    """(strategy, cache method) of what an evaluation is given: `policy` may be any method or composition from
+def split_methods(model, strategy, method):
+    """(strategy, cache method) of what an evaluation is given: `method` may be any method or composition from
     kvshare.methods, a sharing one (`kvsharer`) included; its strategy then joins (or is) `strategy`."""
-    if policy is None:
+    if method is None:
         return strategy, None
-    combined = Composition(strategy, policy)
+    combined = Composition(strategy, method)
     members = combined.cache_members
     cache_method = None if not members else members[0] if len(members) == 1 else Composition(*members)
     return combined.strategy_for(model), cache_method
@@ -222,13 +222,13 @@ class Evaluator:
         return uses_chat_template(self.model, self.tokenizer)
 
     # -- cache -----------------------------------------------------------------------------
-    def _cache_path(self, strategy, spec, limit, policy=None, decode: bool = False) -> Path:
+    def _cache_path(self, strategy, spec, limit, method=None, decode: bool = False) -> Path:
         text = task_key(spec) + f"|chat={self.chat()}|v{CACHE_VERSION}"
         key = hashlib.sha256(text.encode()).hexdigest()[:10]
         name = f"{safe_name(spec.name)}-limit{limit if limit is not None else 'all'}-{key}.json"
         where = strategy_key(strategy)
-        if policy is not None or decode:
-            where += "/" + policy_key(policy, decode)
+        if method is not None or decode:
+            where += "/" + method_key(method, decode)
         return self.cache_dir / f"{safe_name(model_name(self.model))}-{self.fingerprint}" / where / name
 
     def _cached(self, path: Path):
@@ -247,36 +247,36 @@ class Evaluator:
         tasks=None,
         limit: int | None = None,
         label: str | None = None,
-        policy=None,
+        method=None,
         decode: bool | None = None,
         lengths=None,
     ) -> dict:
-        """Evaluate the model under `strategy` (None: no sharing) and cache `policy` (None: none) on a suite;
+        """Evaluate the model under `strategy` (None: no sharing) and cache `method` (None: none) on a suite;
         returns the results dict.
 
         `limit` caps the examples of every task (for perplexity: 512-token windows); None uses each
         task's default size (the offline suite's defaults fit the 5-minute budget on 2 CPU cores).
         `decode` scores log-likelihoods and perplexity by decoding (module docstring); None: on exactly
-        when `policy` evicts tokens. An evicting policy with `decode=False` is refused: it would
+        when `method` evicts tokens. An evicting method with `decode=False` is refused: it would
         measure nothing. `lengths`: the long suite's context lengths (default 1k, 2k, 4k; its answers are generated,
         so eviction shows under either protocol).
         """
         specs = resolve_tasks(suite, tasks, lengths, model=model_name(self.model))
-        strategy, policy = split_methods(self.model, strategy, policy)
+        strategy, method = split_methods(self.model, strategy, method)
         if strategy is not None:
             strategy.check_model(self.model)
         if decode is None:
-            decode = evicts(policy)
-        elif not decode and evicts(policy):
+            decode = evicts(method)
+        elif not decode and evicts(method):
             raise ValueError(
-                f"{policy!r} drops tokens only after a forward: one-pass scoring would not see it; "
+                f"{method!r} drops tokens only after a forward: one-pass scoring would not see it; "
                 "score by decoding (decode=True, or leave decode unset)"
             )
         t0 = time.perf_counter()
         entries, todo = {}, []
         for spec in specs:
             n = limit if limit is not None else spec.limit
-            path = self._cache_path(strategy, spec, n, policy, decode)
+            path = self._cache_path(strategy, spec, n, method, decode)
             hit = self._cached(path)
             if hit is not None:
                 entries[spec.name] = hit
@@ -287,7 +287,7 @@ class Evaluator:
             t1 = time.perf_counter()
             self._decode = decode
             try:
-                with compression(self.model, strategy, policy):
+                with compression(self.model, strategy, method):
                     for spec, _n, path, entry in self._run(todo):
                         entries[spec.name] = entry
                         if self.cache:
@@ -304,7 +304,7 @@ class Evaluator:
             "limit": limit,
             "strategy": None if strategy is None else strategy.to_dict(),
             "num_shared": 0 if strategy is None else strategy.num_shared,
-            "policy": policy_description(policy),
+            "method": method_description(method),
             "protocol": "decode" if decode else "one-pass",
             "tasks": [s.name for s in specs],
             "cached_tasks": [s.name for s in specs if s.name not in {t[0].name for t in todo}],
@@ -389,14 +389,14 @@ def evaluate(
     suite: str = "offline",
     tasks=None,
     limit: int | None = None,
-    policy=None,
+    method=None,
     decode: bool | None = None,
     lengths=None,
     **kwargs,
 ) -> dict:
-    """One-off evaluation (see `Evaluator` to reuse the model across strategies and policies)."""
+    """One-off evaluation (see `Evaluator` to reuse the model across strategies and methods)."""
     return Evaluator(model, tokenizer, **kwargs).evaluate(
-        strategy, suite=suite, tasks=tasks, limit=limit, policy=policy, decode=decode, lengths=lengths
+        strategy, suite=suite, tasks=tasks, limit=limit, method=method, decode=decode, lengths=lengths
     )
 
 

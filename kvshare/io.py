@@ -1,11 +1,14 @@
-"""Atomic result files: a crash never leaves half a JSON or CSV behind."""
+"""Atomic result files (a crash never leaves half a JSON or CSV behind), and the software and machine every
+results file records (`environment_info`)."""
 
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import io
 import json
 import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -42,6 +45,25 @@ def write_csv(path, rows: list[dict]) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
+
+
+def environment_info() -> dict:
+    """The versions and the machine a result was measured with (saved beside every notebook's settings)."""
+    import torch
+    import transformers
+
+    try:
+        kvshare_version = importlib.metadata.version("kvshare")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never pip-installed
+        kvshare_version = "not installed"
+    return {
+        "kvshare": kvshare_version,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
 
 
 def _jsonable(x):

@@ -1,10 +1,10 @@
-"""Quality metrics: perplexity over held-out text (with whatever sharing or cache policy is enabled on the model).
+"""Quality metrics: perplexity over held-out text (with whatever sharing or cache method is enabled on the model).
 
 Two protocols. One pass (`perplexity`, `window_nlls`): every window in one forward, the usual
 perplexity; sharing and a quantized cache show in it. By decoding (`decode_perplexity`): each window's
 first `context` tokens are prefilled, the rest fed one at a time (generation with teacher forcing)
 and scored. Token eviction only shows this way: a single forward attends over the whole window
-before anything is dropped, so one-pass perplexity is the same with or without an eviction policy.
+before anything is dropped, so one-pass perplexity is the same with or without an eviction method.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def decode_nlls(
     progress=None,
 ) -> list[torch.Tensor]:
     """Per-window NLLs (float64, CPU) of tokens context+1 .. window-1 of each window, each predicted by a
-    decoding step after `context` prefilled tokens, with whatever sharing/policy is enabled on `model`."""
+    decoding step after `context` prefilled tokens, with whatever sharing/method is enabled on `model`."""
     from transformers import DynamicCache
 
     from .adapter import model_cache_kwarg
@@ -283,6 +283,30 @@ def heldout_perplexity(
     )
     out["protocol"] = asdict(protocol)
     return out
+
+
+@torch.no_grad()
+def window_cache_bytes(model, tokenizer, text: str, window: int, context: int | None = None, *applied) -> int:
+    """Bytes the KV cache holds after the first `window`-token window of `text` (`window - 1` tokens fed, as
+    when every token of the window is scored), with `applied` (Strategy / methods / None) on the model:
+    `context` tokens prefilled and the rest decoded one at a time, or (context None) one forward (`kvshare ppl`'s
+    kv_bytes)."""
+    from transformers import DynamicCache
+
+    from .accounting import cache_bytes
+    from .adapter import model_cache_kwarg
+    from .combine import compression
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][:, : window - 1]
+    ids = ids.to(next(model.parameters()).device)
+    with compression(model, *applied):
+        cache = DynamicCache(config=model.config)
+        kw = {model_cache_kwarg(model): cache}
+        first = ids.shape[1] if context is None else min(context, ids.shape[1])
+        model(input_ids=ids[:, :first], use_cache=True, logits_to_keep=1, **kw)
+        for t in range(first, ids.shape[1]):
+            model(input_ids=ids[:, t : t + 1], use_cache=True, **kw)
+    return cache_bytes(cache)
 
 
 def paired_difference(a: dict, b: dict) -> dict:

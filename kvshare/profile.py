@@ -339,18 +339,67 @@ def profile_pair(
 ) -> dict:
     """Plain and shared (`num_shared` layers, or `rate`, or `strategy`) on the same prompt: wall times, the
     Python-level view, the operator profile and the cost model's predicted ratios."""
-    L = num_layers(model)
-    if strategy is not None and not isinstance(strategy, Strategy):
-        strategy = Strategy.load(strategy) if not isinstance(strategy, dict) else Strategy.from_dict(strategy)
-    if strategy is None:
-        C = num_shared if num_shared is not None else num_shared_for(rate or 0.0, L)
-        strategy = spread_strategy(L, C, layer_types(model))
+    strategy = _strategy_to_profile(model, num_shared, rate, strategy)
     device = next(model.parameters()).device
-    elem = next(model.parameters()).element_size()
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
     modes = {"plain": None, "shared": strategy}
+    walls, views, load = _timed_runs(model, modes, prompt, new_tokens, cache, rounds)
+    result = {"modes": {}}
+    for mode in modes:
+        with compression(model, modes[mode]):
+            ops = _profiler_ops(model, prompt, new_tokens, cache)
+        result["modes"][mode] = {
+            ph: {
+                "wall_s": min(walls[mode][ph]),
+                "wall_runs_s": walls[mode][ph],
+                "modules": _fastest(views[mode], ph),
+                "ops": dict(list(ops[ph].items())[:top_ops]),
+                "op_calls": {op: v["calls"] for op, v in ops[ph].items()},
+            }
+            for ph in PHASES
+        }
+    elem = next(model.parameters()).element_size()
+    plain_cost = cost_model(model.config, 0, batch, prompt_len, new_tokens, cache, elem)
+    shared_cost = cost_model(model.config, strategy.num_shared, batch, prompt_len, new_tokens, cache, elem)
+    result.update(
+        settings=dict(
+            batch=batch,
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            cache=cache,
+            num_layers=num_layers(model),
+            num_shared=strategy.num_shared,
+            strategy=strategy.to_dict(),
+            rounds=rounds,
+            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+            device=str(device),
+            threads=torch.get_num_threads(),
+        ),
+        cost_model={"plain": plain_cost, "shared": shared_cost},
+        predicted=predicted_ratios(plain_cost, shared_cost),
+        comparison=comparison(result["modes"], predicted_ratios(plain_cost, shared_cost)),
+        **load.result(),
+    )
+    return result
+
+
+def _strategy_to_profile(model, num_shared: int | None, rate: float | None, strategy) -> Strategy:
+    """The shared side: `strategy` (a Strategy, its to_dict() or a file), else C layers (`num_shared`, or `rate`
+    of them) spread evenly."""
+    if strategy is not None and not isinstance(strategy, Strategy):
+        strategy = Strategy.load(strategy) if not isinstance(strategy, dict) else Strategy.from_dict(strategy)
+    if strategy is None:
+        L = num_layers(model)
+        C = num_shared if num_shared is not None else num_shared_for(rate or 0.0, L)
+        strategy = spread_strategy(L, C, layer_types(model))
+    return strategy
+
+
+def _timed_runs(model, modes: dict, prompt, new_tokens: int, cache: str, rounds: int):
+    """A warm-up per mode, then `rounds` clean runs and `rounds` hooked runs (the Python-level view), plain and
+    shared alternating; returns each mode's wall times and views per phase, and the load meter around them."""
 
     def run(mode, **kw):
         with compression(model, modes[mode]):
@@ -374,43 +423,7 @@ def profile_pair(
                     finally:
                         view.remove()
                 views[mode].append({ph: view.parts(ph) for ph in PHASES})
-    result = {"modes": {}}
-    for mode in modes:
-        with compression(model, modes[mode]):
-            ops = _profiler_ops(model, prompt, new_tokens, cache)
-        result["modes"][mode] = {
-            ph: {
-                "wall_s": min(walls[mode][ph]),
-                "wall_runs_s": walls[mode][ph],
-                "modules": _fastest(views[mode], ph),
-                "ops": dict(list(ops[ph].items())[:top_ops]),
-                "op_calls": {op: v["calls"] for op, v in ops[ph].items()},
-            }
-            for ph in PHASES
-        }
-    cfg = model.config
-    plain_cost = cost_model(cfg, 0, batch, prompt_len, new_tokens, cache, elem)
-    shared_cost = cost_model(cfg, strategy.num_shared, batch, prompt_len, new_tokens, cache, elem)
-    result.update(
-        settings=dict(
-            batch=batch,
-            prompt_len=prompt_len,
-            new_tokens=new_tokens,
-            cache=cache,
-            num_layers=L,
-            num_shared=strategy.num_shared,
-            strategy=strategy.to_dict(),
-            rounds=rounds,
-            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-            device=str(device),
-            threads=torch.get_num_threads(),
-        ),
-        cost_model={"plain": plain_cost, "shared": shared_cost},
-        predicted=predicted_ratios(plain_cost, shared_cost),
-        comparison=comparison(result["modes"], predicted_ratios(plain_cost, shared_cost)),
-        **load.result(),
-    )
-    return result
+    return walls, views, load
 
 
 def _fastest(runs: list[dict], phase: str) -> dict:

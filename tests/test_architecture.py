@@ -1,14 +1,20 @@
-"""The package's layers, checked from its source: a lower layer never imports a higher one, there are no import
-cycles, and no module imports another module's `_private` names. CONTRIBUTING.md describes the same layers.
+"""The package's layers, checked from its source: a lower layer never imports a higher one, the core never imports
+the notebooks' logic (kvshare.experiments) nor matplotlib, there are no import cycles, and no module imports another
+module's `_private` names. CONTRIBUTING.md describes the same layers.
 
 Every import is read from the source with `ast`, imports inside functions included (a lazy import is still a
-dependency).
+dependency), and a package's `__init__` is a module of its own (`from . import NAME` in kvshare/tasks/screening.py
+imports kvshare/tasks/__init__.py).
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kvshare"
 
@@ -27,8 +33,6 @@ LAYERS = [
             "search",
             "damage",
             "combine",
-            "policies",
-            "quantized_kv",
         ],
     ),
     ("evaluation and bench", ["metrics", "evaluation", "tasks", "bench", "profile", "serving"]),
@@ -56,7 +60,10 @@ def top(module: str) -> str:
 def imports(module: str, path: Path) -> list[tuple[str, list[str]]]:
     """(imported kvshare module, names taken from it) for every import of `module`."""
     tree = ast.parse(path.read_text())
-    package = module.split(".")[:-1] if not path.name == "__init__.py" else module.split(".")
+    if module == "__init__":  # kvshare/__init__.py: its package is kvshare itself
+        package = []
+    else:
+        package = module.split(".")[:-1] if not path.name == "__init__.py" else module.split(".")
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -76,6 +83,8 @@ def imports(module: str, path: Path) -> list[tuple[str, list[str]]]:
             for a in node.names:
                 if a.name.startswith("kvshare."):
                     out.append((a.name[len("kvshare.") :], []))
+                elif a.name == "kvshare":
+                    out.append(("__init__", []))
     return out
 
 
@@ -105,34 +114,107 @@ def test_no_private_names_across_modules():
     assert not bad, "\n".join(bad)
 
 
-def test_no_import_cycles():
+def import_graph() -> dict[str, set[str]]:
+    """{module: the kvshare modules it imports}. A name taken from a package (`from . import NAME`, `from kvshare
+    import NAME`) is an edge to the package's `__init__`, which is a module like any other."""
     mods = modules()
-    graph = {m: set() for m in mods}
+    graph: dict[str, set[str]] = {m: set() for m in mods}
     for module, path in mods.items():
         for target, _ in imports(module, path):
-            target = (
-                target if target in mods else target.rsplit(".", 1)[0] if target.rsplit(".", 1)[0] in mods else None
-            )
-            if target and target != module and not target.endswith("__init__") and target != "__init__":
-                # a package's __init__ re-exports its modules: importing the package is not a cycle through them
-                if not (module in mods and mods[module].name == "__init__.py" and target.startswith(module + ".")):
-                    graph[module].add(target)
-    state: dict[str, int] = {}
-    stack: list[str] = []
+            if target not in mods:  # `from .x import name` resolved to "x.name", or a name of kvshare/__init__.py
+                target = target.rsplit(".", 1)[0] if "." in target else "__init__"
+            if target in mods and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (its modules in import order, the first one again at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
 
     def visit(m):
         state[m] = 1
-        stack.append(m)
+        path.append(m)
         for t in sorted(graph[m]):
-            if mods[t].name == "__init__.py" and m.startswith(t + "."):
-                continue  # a module of a package importing its package's face
             if state.get(t) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(t) :] + [t]))
-            if t not in state:
-                visit(t)
-        stack.pop()
+                return path[path.index(t) :] + [t]
+            if t not in state and (cycle := visit(t)):
+                return cycle
+        path.pop()
         state[m] = 2
+        return None
 
     for m in sorted(graph):
-        if m not in state:
-            visit(m)
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle (package __init__s and imports inside functions count): " + " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_a_package_importing_its_own_module_back():
+    """kvshare.tasks re-exports kvshare.tasks.screening; screening taking a name from kvshare.tasks closes a cycle."""
+    graph = {"tasks": {"tasks.screening"}, "tasks.screening": {"tasks.offline"}, "tasks.offline": set()}
+    assert find_cycle(graph) is None
+    graph["tasks.screening"].add("tasks")
+    assert find_cycle(graph) == ["tasks", "tasks.screening", "tasks"]
+
+
+def test_the_core_never_imports_the_experiments():
+    """kvshare.experiments is the notebooks' logic: the core (everything else, the CLI included) is a library that
+    works without it."""
+    bad = [
+        f"{module} imports {target}"
+        for module, path in modules().items()
+        if top(module) != "experiments"
+        for target, _ in imports(module, path)
+        if top(target) == "experiments"
+    ]
+    assert not bad, "the core imports kvshare.experiments; move what it needs into the core:\n" + "\n".join(bad)
+
+
+def test_the_core_imports_matplotlib_only_lazily_to_draw():
+    """`pip install kvshare` has no matplotlib (it comes with the notebooks extra): outside kvshare.experiments it is
+    imported only inside a drawing function, whose module names the extra in its error."""
+    bad = []
+    for module, path in modules().items():
+        if top(module) == "experiments":
+            continue
+        tree = ast.parse(path.read_text())
+        lazy = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            if not any(n == "matplotlib" or n.startswith("matplotlib.") for n in names):
+                continue
+            if id(node) not in lazy:
+                bad.append(f"{module} imports matplotlib at import time (line {node.lineno})")
+            elif "kvshare[notebooks]" not in path.read_text():
+                bad.append(f"{module} imports matplotlib without saying `pip install 'kvshare[notebooks]'` when absent")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.slow
+def test_the_package_and_the_cli_work_without_matplotlib():
+    """With matplotlib missing: `import kvshare`, `import kvshare.cli` and `python -m kvshare --help` work, and the
+    core's one figure says which extra to install."""
+    code = """
+import runpy, sys
+sys.modules["matplotlib"] = None  # as if it were not installed
+import kvshare, kvshare.cli, kvshare.evaluation, kvshare.metrics, kvshare.tasks, kvshare.serving.report
+try:
+    kvshare.serving.report.figure({})
+except ImportError as e:
+    assert "kvshare[notebooks]" in str(e), e
+else:
+    raise AssertionError("the serving figure drew without matplotlib")
+sys.argv = ["kvshare", "--help"]
+runpy.run_module("kvshare", run_name="__main__")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage:" in proc.stdout

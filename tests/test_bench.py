@@ -89,11 +89,13 @@ def test_spread_strategy_is_valid():
             assert s.num_shared == C and 0 not in s.mapping
 
 
+@pytest.mark.slow
 def test_isolated_process_reports_peak(tiny_dir):
     row = B.measure_isolated(B.Config(tiny_dir, "plain", 0.0, 1, 4, 2, random_weights=True, repeats=1, warmup=0))
     assert row["peak_bytes"] >= row["baseline_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_cli_bench_writes_json_and_csv(tiny_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(

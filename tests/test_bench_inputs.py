@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kvshare import bench as B
 from kvshare import methods
 from kvshare.cli import main
@@ -54,6 +56,7 @@ def test_bench_runs_any_registered_method(tiny_dir):
     assert shared["kv_bytes"] == shared["kv_bytes_predicted"]
 
 
+@pytest.mark.slow  # the benchmark measures in a subprocess
 def test_cli_bench_strategy_flag(tiny_dir, tmp_path, capsys):
     path = Strategy({7: 6}, 8).save(tmp_path / "s.json")
     out = tmp_path / "b.json"

@@ -140,6 +140,7 @@ def speed_notebooks(tmp_path):
     return tmp_path, env
 
 
+@pytest.mark.slow
 def test_run_all_refuses_speed_notebooks_on_a_loaded_machine(speed_notebooks):
     tmp_path, env = speed_notebooks
     env["RUN_ALL_LOAD"] = "1.9"
@@ -150,6 +151,7 @@ def test_run_all_refuses_speed_notebooks_on_a_loaded_machine(speed_notebooks):
     assert not (tmp_path / "ran_01").exists() and not (tmp_path / "ran_04").exists()  # refused before any ran
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, ran", [(["--only", "01"], "ran_01"), (["--only", "04", "--force"], "ran_04")])
 def test_run_all_guard_spares_other_notebooks_and_yields_to_force(speed_notebooks, args, ran):
     tmp_path, env = speed_notebooks

@@ -1,6 +1,7 @@
-"""Model-aware full runs of notebooks 01-03 (kvshare.experiments.budget, common.MODEL_FULL, evaluation.FULL_PLANS):
-the default model's plans are unchanged, Gemma's keep every statistical requirement and fit the 90-minute budget
-by the measured unit costs, quick runs ignore them, and notebook 01's C points drive its curves. No real model."""
+"""Model-aware full runs of notebooks 01-03 (kvshare.experiments.budget, common.Settings.MODEL_FULL,
+evaluation.FULL_PLANS): the default model's plans are unchanged, Gemma's keep every statistical requirement and fit
+the 90-minute budget by the measured unit costs, quick runs ignore them, and notebook 01's C points drive its curves.
+No real model."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def test_the_default_models_full_runs_are_unchanged():
 def test_quick_runs_ignore_the_model_aware_plans(model):
     quick = common.settings(model, True, 0)
     assert quick.model_plan is None and quick.c_points is None
-    assert {k: getattr(quick, k) for k in common.QUICK} == common.QUICK
+    assert {k: getattr(quick, k) for k in common.Settings.QUICK} == common.Settings.QUICK
     p = ev.plan(model, True)
     assert p["rates"] == (0.0, 0.25) and p["random_seeds"] == 2 and p["limit"] == 5 and p["model_plan"] is None
 

@@ -114,6 +114,7 @@ def test_binder_reads_the_top_level_files():
     assert "load_model()" in text and "calibration_texts(" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["postBuild", "run_all.sh"])
 def test_scripts_parse(script):
     import subprocess
@@ -122,6 +123,7 @@ def test_scripts_parse(script):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_set_repository_points_every_link_at_a_fork(tmp_path):
     """scripts/set_repository.py rewrites the badges, the notebooks' Colab default and pyproject's URL."""
     import json

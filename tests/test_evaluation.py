@@ -146,6 +146,7 @@ def test_cli_missing_task_is_one_line_exit_2(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_online_tasks_exist_in_lm_eval():
     from lm_eval.tasks import TaskManager
 
@@ -193,7 +194,7 @@ def test_summary_and_conclusion_arithmetic():
 
 
 # --------------------------------------------------------------------------------------------
-# cache policies (token eviction, quantized KV) through the evaluation entry point
+# cache methods (token eviction, quantized KV) through the evaluation entry point
 # --------------------------------------------------------------------------------------------
 def _requests(tokenizer):
     """lm-eval's ((context, continuation), context ids, continuation ids): shared contexts, uneven continuations."""
@@ -231,9 +232,9 @@ def test_decoding_protocol_equals_one_pass_without_eviction(tiny_model, byte_tok
         got = decode_loglikelihoods(tiny_model, requests, max_length=512, batch_size=batch)
         assert [g[1] for g in got] == [r[1] for r in ref]
         assert [g[0] for g in got] == pytest.approx([r[0] for r in ref], abs=1e-4)
-    # a budget above every length: the policy changes nothing; a small one changes the scores
-    big = kvshare.policies.make_policy("h2o", budget=200)
-    small = kvshare.policies.make_policy("streamingllm", budget=8)
+    # a budget above every length: the method changes nothing; a small one changes the scores
+    big = kvshare.methods.make("h2o", budget=200)
+    small = kvshare.methods.make("streamingllm", budget=8)
     with kvshare.compression(tiny_model, None, big):
         same = decode_loglikelihoods(tiny_model, requests, max_length=512, batch_size=4)
     with kvshare.compression(tiny_model, None, small):
@@ -243,7 +244,8 @@ def test_decoding_protocol_equals_one_pass_without_eviction(tiny_model, byte_tok
     assert any(abs(evicted[i][0] - ref[i][0]) > 1e-3 for i in long_ctx)
 
 
-def test_evaluate_with_policy_scores_by_decoding(tiny_model, byte_tokenizer, local_tasks):
+@pytest.mark.slow
+def test_evaluate_with_eviction_scores_by_decoding(tiny_model, byte_tokenizer, local_tasks):
     ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, progress=False)
     tasks = local_tasks
     one_pass = ev.evaluate(None, tasks=tasks)
@@ -252,51 +254,51 @@ def test_evaluate_with_policy_scores_by_decoding(tiny_model, byte_tokenizer, loc
     by = lambda res: {(r["task"], r["metric"]): r for r in res["rows"]}  # noqa: E731
     # multiple choice: the same log-likelihoods, hence the same per-example scores
     assert by(decoded)[("kvshare_tiny_arith", "acc")]["scores"] == by(one_pass)[("kvshare_tiny_arith", "acc")]["scores"]
-    wide = kvshare.policies.make_policy("h2o", budget=10_000)
-    same = ev.evaluate(None, tasks=tasks, policy=wide)
-    assert same["policy"] == {"policy": "h2o", "budget": 10_000, "recent_ratio": 0.5} and same["protocol"] == "decode"
-    assert same["cached_tasks"] == []  # another policy is another cache entry
+    wide = kvshare.methods.make("h2o", budget=10_000)
+    same = ev.evaluate(None, tasks=tasks, method=wide)
+    assert same["method"] == {"method": "h2o", "budget": 10_000, "recent_ratio": 0.5} and same["protocol"] == "decode"
+    assert same["cached_tasks"] == []  # another method is another cache entry
     assert by(same)[("kvshare_ppl", "ppl")]["value"] == pytest.approx(
         by(decoded)[("kvshare_ppl", "ppl")]["value"], rel=1e-6
     )
     tight = ev.evaluate(
-        kvshare.Strategy({3: 1}, NUM_LAYERS), tasks=tasks, policy=kvshare.policies.make_policy("streamingllm", budget=8)
+        kvshare.Strategy({3: 1}, NUM_LAYERS), tasks=tasks, method=kvshare.methods.make("streamingllm", budget=8)
     )
     assert tight["num_shared"] == 1
     assert by(tight)[("kvshare_ppl", "ppl")]["value"] != by(decoded)[("kvshare_ppl", "ppl")]["value"]
     assert getattr(tiny_model, "_kvshare", None) is None  # everything switched off afterwards
     with pytest.raises(ValueError, match="score by decoding"):
-        ev.evaluate(None, tasks=tasks, policy=wide, decode=False)
+        ev.evaluate(None, tasks=tasks, method=wide, decode=False)
 
 
 def test_evaluate_with_quantized_kv(tiny_model, byte_tokenizer, local_tasks):
-    from kvshare.quantized_kv import QuantizedKV
+    from kvshare.methods.quantized import QuantizedKV
 
     ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, cache=False, progress=False)
     tasks = [local_tasks[1]]
     full = ev.evaluate(None, tasks=tasks)
-    q4 = ev.evaluate(None, tasks=tasks, policy=QuantizedKV(bits=4))
-    q8 = ev.evaluate(kvshare.Strategy({}, NUM_LAYERS), tasks=tasks, policy=QuantizedKV(bits=8))
-    assert q4["protocol"] == "one-pass" and q4["policy"]["bits"] == 4
+    q4 = ev.evaluate(None, tasks=tasks, method=QuantizedKV(bits=4))
+    q8 = ev.evaluate(kvshare.Strategy({}, NUM_LAYERS), tasks=tasks, method=QuantizedKV(bits=8))
+    assert q4["protocol"] == "one-pass" and q4["method"]["bits"] == 4
     ppl = lambda res: [r["value"] for r in res["rows"] if r["metric"] == "ppl"][0]  # noqa: E731
     # the one-pass forward reads the quantized cache: int4 moves perplexity more than int8
     assert ppl(q4) != ppl(full)
     assert abs(ppl(q8) - ppl(full)) < abs(ppl(q4) - ppl(full))
 
 
-def test_cli_eval_accepts_policy_and_kv_bits(tmp_path, capsys):
+def test_cli_eval_accepts_methods(tmp_path, capsys):
     from kvshare.cli import main
 
     p = tmp_path / "r.json"
-    for extra in (["--policy", "h2o"], ["--budget", "8"], ["--policy", "h2o", "--budget", "0"]):
+    for extra in (["--method", "h2o"], ["--budget", "8"], ["--method", "h2o", "--budget", "0"]):
         assert main(["eval", "--tasks", "ppl", "--out", str(p), *extra]) == 2
         assert "error" in capsys.readouterr().err
     args = (
         __import__("kvshare.cli", fromlist=["build_parser"])
         .build_parser()
-        .parse_args(["eval", "--tasks", "ppl", "--out", str(p), "--kv-bits", "8", "--decode"])
+        .parse_args(["eval", "--tasks", "ppl", "--out", str(p), "--method", "quantized", "--bits", "8", "--decode"])
     )
-    assert args.kv_bits == 8 and args.decode
+    assert args.method == "quantized" and args.bits == 8 and args.decode
 
 
 def test_compression_table_takes_perplexity_from_the_shared_heldout_scorer(tiny_model, byte_tokenizer, local_tasks):

@@ -13,6 +13,7 @@ from conftest import NUM_LAYERS
 from kvshare.experiments import best_search as bs
 from kvshare.experiments import common
 from kvshare.experiments import observation as obs
+from kvshare.experiments.scaffold import ResultCache
 from kvshare.metrics import HELDOUT
 from kvshare.strategy import Strategy
 
@@ -99,7 +100,7 @@ def test_two_scorers_share_the_store(tiny_llama, char_tokenizer, tmp_path):
     st = Strategy({3: 1, 5: 2}, NUM_LAYERS)
     first = common.HeldOutScorer(tiny_llama, char_tokenizer, "tiny", PROTO, common.HeldOutStore.beside(tmp_path))
     full, shared = first(None), first(st)
-    assert first(Strategy({3: 1, 5: 2}, NUM_LAYERS)) is shared  # once per session
+    assert first(Strategy({3: 1, 5: 2}, NUM_LAYERS)) is shared  # once per scorer
     assert (first.fresh, first.from_store, first.evaluations) == (2, 0, 2)
     assert shared["protocol"] == {"source": "offline", "tokens": 96, "window": 32} and shared["seconds"] >= 0
     assert full["ppl"] != shared["ppl"]
@@ -124,7 +125,7 @@ def test_best_search_evaluate_reads_and_writes_the_shared_store(tiny_llama, char
     cfg = bs.settings("tiny", True, 0, c_values=[1, 2], random_c_values=[1], heldout_tokens=96)
     st = Strategy({3: 1, 5: 2}, NUM_LAYERS, {"accepted_pairs": [[5, 2], [3, 1]]})
     runs = [{"set": 0, "order": "dissimilar", "seed": 0, "strategy": st.to_dict()}]
-    cache = bs.ResultCache(tmp_path / "11_best_search_results.json")
+    cache = ResultCache(tmp_path / "11_best_search_results.json")
     got = bs.evaluate(tiny_llama, char_tokenizer, runs, cfg, cache, progress=False)
     assert set(got) == {"full", "5:2", "3:1,5:2"}
     assert "heldout" not in cache.data  # no private copy any more

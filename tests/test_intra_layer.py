@@ -16,7 +16,7 @@ from kvshare.experiments import intra_layer as il  # noqa: E402
 from kvshare.experiments.reports import intra_layer as report  # noqa: E402
 from kvshare.tasks.offline import mc_parts  # noqa: E402
 
-BIG = 10_000  # tokens per layer: more than any sequence here, so the policy drops nothing
+BIG = 10_000  # tokens per layer: more than any sequence here, so the method drops nothing
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def quality_rows(tiny_model, byte_tokenizer, local_tasks):
         "tiny",
         quick=False,
         budgets=[6, BIG],
-        policies=["streamingllm", "h2o"],
+        methods=["streamingllm", "h2o"],
         window=40,
         context=20,
         eval_windows=2,
@@ -36,6 +36,7 @@ def quality_rows(tiny_model, byte_tokenizer, local_tasks):
     return cfg, strategy, il.quality(tiny_model, byte_tokenizer, cfg, strategy, progress=False)
 
 
+@pytest.mark.slow
 def test_quality_goes_through_the_evaluation_entry_point(quality_rows, tiny_model):
     cfg, strategy, rows = quality_rows
     t = {r["label"]: r for r in rows}
@@ -77,6 +78,7 @@ def _costs(rows, strategy):
     return out
 
 
+@pytest.mark.slow
 def test_table_additivity_conclusion_and_figure(quality_rows):
     cfg, strategy, q = quality_rows
     rows = il.table(q, _costs(q, strategy))

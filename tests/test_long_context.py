@@ -89,6 +89,7 @@ def test_variable_tracking_too_short_is_refused(byte_tokenizer):
         long_suite.check_length("ruler_vt", LENGTH, byte_tokenizer)
 
 
+@pytest.mark.slow
 def test_long_suite_end_to_end(tiny_model, byte_tokenizer, home):
     ev = Evaluator(tiny_model, byte_tokenizer, batch_size=4, progress=False)
     result = ev.evaluate(None, suite="long", tasks="niah_single_1", lengths=[LENGTH], limit=2)
@@ -112,11 +113,12 @@ def test_long_suite_end_to_end(tiny_model, byte_tokenizer, home):
     from kvshare import methods
 
     evicted = ev.evaluate(
-        None, suite="long", tasks="niah_single_1", lengths=[LENGTH], limit=2, policy=methods.make("h2o", budget=64)
+        None, suite="long", tasks="niah_single_1", lengths=[LENGTH], limit=2, method=methods.make("h2o", budget=64)
     )
-    assert evicted["policy"]["policy"] == "h2o" and evicted["rows"][0]["n"] == 2
+    assert evicted["method"]["method"] == "h2o" and evicted["rows"][0]["n"] == 2
 
 
+@pytest.mark.slow
 def test_cli_long_suite(tiny_model, byte_tokenizer, home, capsys):
     from kvshare.cli import main
 
@@ -127,7 +129,7 @@ def test_cli_long_suite(tiny_model, byte_tokenizer, home, capsys):
     args = ["eval", "--suite", "long", "--model", str(folder), "--tasks", "niah_single_1", "--lengths", str(LENGTH)]
     assert main([*args, "--limit", "1", "--method", "streamingllm", "--budget", "32", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["suite"] == "long" and result["rows"][0]["n"] == 1 and result["policy"]["policy"] == "streamingllm"
+    assert result["suite"] == "long" and result["rows"][0]["n"] == 1 and result["method"]["method"] == "streamingllm"
     assert main([*args, "--lengths", "4096", "--limit", "1", "--out", str(out)]) == 2  # beyond the model's context
     assert "exceeds the model's" in capsys.readouterr().err
 
@@ -237,10 +239,11 @@ def test_budgets_and_rate_to_bytes():
     assert lc.eviction_budget(1024, 0.75) == round(0.75 * (1024 - 128))
 
 
+@pytest.mark.slow
 def test_notebook_logic_on_a_tiny_model(tiny_model, byte_tokenizer, home):
     """points -> screen -> accuracy -> cost -> verdict, at one length with one example (what the notebook runs)."""
     from kvshare.experiments import long_context as lc
-    from kvshare.experiments.best_search import ResultCache
+    from kvshare.experiments.scaffold import ResultCache
 
     tiny_model.kvshare_tokenizer = byte_tokenizer  # what KVSharer's search encodes with
     cfg = lc.settings(

@@ -144,6 +144,7 @@ def test_settings_default_to_five_rounds_and_the_estimate_adds_up():
     assert ms.predicted_budget_batches(cfg, 20 * 2**30, (0.5,), 2048, 32, 2)[0.5] >= 1
 
 
+@pytest.mark.slow
 def test_figures_start_at_zero_and_carry_spreads(tiny_dir, fake_peaks):
     import matplotlib
 

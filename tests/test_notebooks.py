@@ -162,12 +162,14 @@ def test_figures_are_named_after_the_notebook(path):
 
 
 # -- run_all.sh ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_run_all_rejects_unknown_options():
     proc = subprocess.run([str(ROOT / "run_all.sh"), "--bogus"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "unknown option" in proc.stderr
 
 
+@pytest.mark.slow
 def test_run_all_help():
     proc = subprocess.run([str(ROOT / "run_all.sh"), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
@@ -201,6 +203,7 @@ def _notebook_with(tmp_path, name, source):
     return path
 
 
+@pytest.mark.slow
 def test_run_all_names_the_failing_notebook_and_cell(tmp_path):
     """A failing cell stops the run with a non-zero exit status and names the notebook and cell."""
     nbdir = tmp_path / "notebooks"
@@ -222,6 +225,7 @@ def test_run_all_names_the_failing_notebook_and_cell(tmp_path):
     assert f"fine True {tmp_path / 'runs' / 'quick' / 'figures'}" in printed
 
 
+@pytest.mark.slow
 def test_run_all_only_selects_notebooks(tmp_path):
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()

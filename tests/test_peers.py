@@ -475,6 +475,7 @@ def test_suite_summary_pairs_per_example_scores_against_the_full_model():
 
 def test_heldout_scores_are_cached_per_point_and_reused(tmp_path, monkeypatch):
     from kvshare.experiments import peers
+    from kvshare.experiments.scaffold import ResultCache
 
     model = make_tiny_model("llama", "sdpa")
 
@@ -488,7 +489,7 @@ def test_heldout_scores_are_cached_per_point_and_reused(tmp_path, monkeypatch):
         peers.Point("full", "", 0, ()),
         peers.Point("streamingllm", "budget", 12, (methods.make("streamingllm", budget=12),)),
     ]
-    cache = peers.ResultCache(tmp_path / "07_peers_results.json")
+    cache = ResultCache(tmp_path / "07_peers_results.json")
     first = peers.evaluate(model, Tok(), pts, cfg, progress=False, cache=cache)
     assert first[1]["decoded"] and first[1]["scored_tokens"] == 2 * (24 - 1 - 16)
     assert first[1]["kv_ratio"] < 1 and first[0]["kv_ratio"] == 1
@@ -497,7 +498,7 @@ def test_heldout_scores_are_cached_per_point_and_reused(tmp_path, monkeypatch):
         raise AssertionError("a cached point was scored again")
 
     monkeypatch.setattr(peers, "score", fail)
-    again = peers.evaluate(model, Tok(), pts, cfg, progress=False, cache=peers.ResultCache(cache.path))
+    again = peers.evaluate(model, Tok(), pts, cfg, progress=False, cache=ResultCache(cache.path))
     assert [r["window_nll"] for r in again] == [r["window_nll"] for r in first]
     # a changed protocol is a different unit
     with pytest.raises(AssertionError, match="scored again"):

@@ -19,12 +19,12 @@ import torch
 from conftest import ARCHITECTURES, NUM_LAYERS, make_tiny_model
 
 import kvshare
-from kvshare.quantized_kv import (
+from kvshare.methods import Composition, make
+from kvshare.methods.quantized import (
     QuantizedKV,
     QuantizedKVLayer,
     dequantize,
     error_bound,
-    make_policy,
     plain_cache_bytes,
     quantize,
 )
@@ -34,13 +34,13 @@ sharing_mod = importlib.import_module("kvshare.sharing")  # the module (kvshare.
 
 
 @torch.no_grad()
-def run(model, ids, policy=None, strategy=None, prompt=None, cache=None):
+def run(model, ids, method=None, strategy=None, prompt=None, cache=None):
     """Prefill `prompt` tokens, then decode the rest one at a time; logits of every position."""
     T = ids.shape[1]
     prompt = T if prompt is None else prompt
     outs = []
-    with kvshare.compression(model, strategy, policy):
-        cache = cache if cache is not None else (policy.make_cache(model.config) if policy is not None else None)
+    with kvshare.compression(model, strategy, method):
+        cache = cache if cache is not None else (method.make_cache(model.config) if method is not None else None)
         if cache is None:
             from transformers import DynamicCache
 
@@ -85,8 +85,9 @@ def test_quantizer_edge_cases():
         quantize(x, 8, 3)
     with pytest.raises(ValueError, match="bits"):
         QuantizedKV(bits=5)
-    assert make_policy(None) is None and make_policy(16) is None
-    assert make_policy(4).bits == 4
+    from kvshare.experiments.quantized import kv_method
+
+    assert kv_method(None) is None and kv_method(4).bits == 4
 
 
 def test_int8_is_closer_than_int4():
@@ -106,9 +107,9 @@ def test_quantized_cache_is_causal_and_close(arch, bits):
     int8 stays close to the unquantized model (masks, sliding windows and GQA handled)."""
     model = make_tiny_model(arch, "sdpa")
     ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(1))
-    policy = QuantizedKV(bits=bits, group_size=8)
-    one_pass, c1 = run(model, ids, policy)
-    stepwise, c2 = run(model, ids, policy, prompt=6)
+    method = QuantizedKV(bits=bits, group_size=8)
+    one_pass, c1 = run(model, ids, method)
+    stepwise, c2 = run(model, ids, method, prompt=6)
     # the same codes either way; float noise between a batched and a one-token projection can move a
     # value across a rounding boundary, so a rare code of layer 0 differs by one step (and deeper
     # layers then see slightly different inputs)
@@ -120,7 +121,7 @@ def test_quantized_cache_is_causal_and_close(arch, bits):
     assert (
         kvshare.cache_bytes(c1)
         == kvshare.cache_bytes(c2)
-        == kvshare.predicted_cache_bytes(model.config, policy, 2, [20], 4)
+        == kvshare.predicted_cache_bytes(model.config, method, 2, [20], 4)
     )
     full, plain = run(model, ids)
     assert kvshare.cache_bytes(plain) == plain_cache_bytes(model.config, None, 2, 20, 4)
@@ -128,7 +129,7 @@ def test_quantized_cache_is_causal_and_close(arch, bits):
         rel = (one_pass - full).abs().max() / full.abs().max()
         assert rel < 0.02, rel
     # bytes per element: bits / 8 for the code plus two float32 numbers per group of 8 channels
-    assert kvshare.cache_bytes(c1) / kvshare.cache_bytes(plain) == policy.compression_ratio(16, 4) == (bits / 8 + 1) / 4
+    assert kvshare.cache_bytes(c1) / kvshare.cache_bytes(plain) == method.compression_ratio(16, 4) == (bits / 8 + 1) / 4
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -136,22 +137,22 @@ def test_quantized_cache_is_causal_and_close(arch, bits):
 def test_c0_sharing_with_quantized_cache_is_the_quantized_cache_alone(impl, bits):
     model = make_tiny_model("llama", impl)
     ids = torch.randint(3, 100, (2, 18), generator=torch.Generator().manual_seed(2))
-    policy = QuantizedKV(bits=bits, group_size=16)
+    method = QuantizedKV(bits=bits, group_size=16)
     # alone: the quantized cache handed to the untouched model, no kvshare hooks at all
     with torch.no_grad():
-        cache = policy.make_cache(model.config)
+        cache = method.make_cache(model.config)
         alone = [model(input_ids=ids[:, :10], cache=cache, use_cache=True).logits]
         for t in range(10, 18):
             alone.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     alone = torch.cat(alone, 1)
-    c0, c0_cache = run(model, ids, policy, Strategy({}, NUM_LAYERS), prompt=10, cache=None)
+    c0, c0_cache = run(model, ids, method, Strategy({}, NUM_LAYERS), prompt=10, cache=None)
     assert torch.equal(c0, alone)
     assert kvshare.cache_bytes(c0_cache) == kvshare.cache_bytes(cache)
-    # and through a fresh DynamicCache, whose slots prepare_cache turns into policy slots
+    # and through a fresh DynamicCache, whose slots prepare_cache turns into method slots
     from transformers import DynamicCache
 
     fresh, fresh_cache = run(
-        model, ids, policy, Strategy({}, NUM_LAYERS), prompt=10, cache=DynamicCache(config=model.config)
+        model, ids, method, Strategy({}, NUM_LAYERS), prompt=10, cache=DynamicCache(config=model.config)
     )
     assert torch.equal(fresh, alone)
     assert all(isinstance(layer, QuantizedKVLayer) for layer in fresh_cache.layers)
@@ -162,7 +163,7 @@ def test_c0_sharing_with_quantized_cache_is_the_quantized_cache_alone(impl, bits
 def test_replaced_layer_reads_its_sources_quantized_slot(arch, bits, monkeypatch):
     model = make_tiny_model(arch, "sdpa")
     strategy = Strategy({2: 0, 4: 1, 5: 3}, NUM_LAYERS)
-    policy = QuantizedKV(bits=bits, group_size=8)
+    method = QuantizedKV(bits=bits, group_size=8)
     ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(3))
     seen = []
     original = sharing_mod.source_kv
@@ -178,15 +179,15 @@ def test_replaced_layer_reads_its_sources_quantized_slot(arch, bits, monkeypatch
         return k, v
 
     monkeypatch.setattr(sharing_mod, "source_kv", spy)
-    _, cache = run(model, ids, policy, strategy, prompt=9)
+    _, cache = run(model, ids, method, strategy, prompt=9)
     assert seen and all(ok for _, ok, _ in seen)
     assert {s for s, _, _ in seen} == set(strategy.mapping.values())
     # replaced slots hold nothing; bytes are what sharing and quantization predict together
     for r in strategy.mapping:
         assert sharing_mod.layer_bytes(cache.layers[r]) == 0
     L, C = NUM_LAYERS, strategy.num_shared
-    alone_bytes = kvshare.predicted_cache_bytes(model.config, policy, 2, [16], 4)
-    together = kvshare.predicted_cache_bytes(model.config, policy, 2, [16], 4, strategy=strategy)
+    alone_bytes = kvshare.predicted_cache_bytes(model.config, method, 2, [16], 4)
+    together = kvshare.predicted_cache_bytes(model.config, method, 2, [16], 4, strategy=strategy)
     assert kvshare.cache_bytes(cache) == together
     if arch != "mistral_sliding":
         assert together * L == alone_bytes * (L - C)
@@ -282,162 +283,49 @@ def test_gptq_default_model_loads_through_transformers_and_scores():
 def test_bench_measures_quantized_sharing_bytes():
     from kvshare.bench import Config, add_ratios, measure
 
+    def q(bits):
+        return make("quantized", bits=bits).to_dict()
+
     model = make_tiny_model("llama", "sdpa")
     common = dict(model="tiny", batch=2, prompt_len=12, new_tokens=3, repeats=1, warmup=1)
     plain = measure(Config(mode="plain", rate=0.0, **common), model)
     rows = [plain]
     for bits in (8, 4):
-        row = measure(Config(mode="shared", rate=2 / NUM_LAYERS, kv_bits=bits, **common), model)
-        assert row["num_shared"] == 2 and row["kv_bits"] == bits
+        row = measure(Config(mode="shared", rate=2 / NUM_LAYERS, method=q(bits), **common), model)
+        assert row["num_shared"] == 2 and row["method"]["bits"] == bits
         assert row["kv_bytes"] == row["kv_bytes_predicted"]
         rows.append(row)
     add_ratios(rows)
     for row in rows[1:]:
-        ratio = QuantizedKV(row["kv_bits"]).compression_ratio(16, 4) * (NUM_LAYERS - 2) / NUM_LAYERS
+        ratio = QuantizedKV(row["method"]["bits"]).compression_ratio(16, 4) * (NUM_LAYERS - 2) / NUM_LAYERS
         assert row["kv_bytes_expected_ratio"] == pytest.approx(ratio)
         assert row["kv_bytes_ratio"] == pytest.approx(ratio)
-    # eviction and quantization together: the policy's kept tokens at the quantizer's bytes per token
-    both = measure(Config(mode="shared", rate=2 / NUM_LAYERS, kv_bits=8, policy="h2o", budget=4, **common), model)
+    # eviction and quantization together: the eviction method's kept tokens at the quantizer's bytes per token
+    h2o8 = Composition(make("h2o", budget=4), make("quantized", bits=8)).to_dict()
+    both = measure(Config(mode="shared", rate=2 / NUM_LAYERS, method=h2o8, **common), model)
     assert both["kv_bytes"] == both["kv_bytes_predicted"]
     per_token = QuantizedKV(8).token_bytes(2, 16, 4)  # tiny llama: 2 KV heads of 16 channels, float32
     assert both["kv_bytes"] == 2 * (NUM_LAYERS - 2) * 4 * per_token  # batch 2, 4 tokens kept in each kept layer
     with pytest.raises(ValueError, match="dynamic cache"):
-        measure(Config(mode="shared", rate=0.0, kv_bits=8, cache="static", **common), model)
+        measure(Config(mode="shared", rate=0.0, method=q(8), cache="static", **common), model)
 
 
-def test_cli_ppl_with_kv_bits(monkeypatch, capsys, char_tokenizer):
-    import json
-
+def test_cli_ppl_with_the_quantized_cache(cli_ppl):
     import kvshare.cli as cli
-    import kvshare.data
 
-    model = make_tiny_model("llama", "sdpa")
-    monkeypatch.setattr(cli, "_load", lambda args: (model, char_tokenizer))
-    monkeypatch.setattr(
-        kvshare.data, "eval_text", lambda source="offline": "the quick brown fox jumps over the lazy dog " * 4
-    )
-
-    def ppl(*extra):
-        assert cli.main(["ppl", "--window", "32", "--limit-tokens", "128", *extra]) == 0
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-
-    full, q8, q4 = (ppl("--stride", "32", *kv) for kv in ((), ("--kv-bits", "8"), ("--kv-bits", "4")))
+    ppl = cli_ppl
+    q = ("--method", "quantized", "--bits")
+    full, q8, q4 = (ppl("--stride", "32", *kv) for kv in ((), (*q, "8"), (*q, "4")))
     assert full["tokens"] == q8["tokens"] == q4["tokens"]
-    assert q8["kv_bits"] == 8 and "kv_bits" not in full
+    assert q8["method"] == {"method": "quantized", "bits": 8, "group_size": 32} and "method" not in full
     assert full["ppl"] != q8["ppl"] and abs(q8["ppl"] - full["ppl"]) < abs(q4["ppl"] - full["ppl"])
-    decoded = ppl("--kv-bits", "8", "--decode", "--context", "16")
-    assert decoded["kv_bits"] == 8 and decoded["tokens"] == 4 * 15
-    both = ppl("--kv-bits", "8", "--policy", "h2o", "--budget", "8", "--context", "16")  # scored by decoding
-    evicted = ppl("--policy", "h2o", "--budget", "8", "--context", "16")
-    assert both["kv_bits"] == 8 and both["policy"] == "h2o" and both["tokens"] == evicted["tokens"] == 4 * 15
+    decoded = ppl(*q, "8", "--decode", "--context", "16")
+    assert decoded["method"]["bits"] == 8 and decoded["tokens"] == 4 * 15
+    both = ppl("--method", "h2o,quantized", "--bits", "8", "--budget", "8", "--context", "16")  # scored by decoding
+    evicted = ppl("--method", "h2o", "--budget", "8", "--context", "16")
+    assert both["method"]["method"] == "h2o+quantized" and both["tokens"] == evicted["tokens"] == 4 * 15
     assert both["ppl"] != evicted["ppl"] and abs(both["ppl"] - evicted["ppl"]) / evicted["ppl"] < 0.1
-    with pytest.raises(SystemExit):  # argparse: only 8 or 4
-        cli.main(["ppl", "--kv-bits", "3"])
-
-
-def test_cli_bench_with_kv_bits(tmp_path, monkeypatch):
-    import json
-
-    from transformers import LlamaConfig
-
-    import kvshare.bench
-    from kvshare.cli import main
-
-    in_process = kvshare.bench.bench  # spawning a process per row costs seconds each: measure here
-    monkeypatch.setattr(kvshare.bench, "bench", lambda *a, **kw: in_process(*a, **{**kw, "isolate": False}))
-    LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    ).save_pretrained(tmp_path / "tiny")
-    out = tmp_path / "b.json"
-    rc = main(
-        [
-            "bench",
-            "--model",
-            str(tmp_path / "tiny"),
-            "--random-weights",
-            "--rates",
-            "0,0.25",
-            "--batch",
-            "2",
-            "--prompt-len",
-            "12",
-            "--new-tokens",
-            "3",
-            "--repeats",
-            "1",
-            "--kv-bits",
-            "4",
-            "--out",
-            str(out),
-        ]
-    )
-    assert rc == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["mode"], r["kv_bits"], r["num_shared"]) for r in rows] == [
-        ("plain", None, 0),
-        ("shared", 4, 0),
-        ("shared", 4, 2),
-    ]
-    for r in rows:
-        assert r["kv_bytes"] == r["kv_bytes_predicted"]
-        assert r["kv_bytes_ratio"] == pytest.approx(r["kv_bytes_expected_ratio"])
-    # int4 with groups of 8 float32 channels: (0.5 + 8 / 8) / 4 of the bytes, times (L - C) / L
-    assert rows[1]["kv_bytes_ratio"] == pytest.approx(0.375)
-    assert rows[2]["kv_bytes_ratio"] == pytest.approx(0.375 * 6 / 8)
-    assert (
-        main(
-            [
-                "bench",
-                "--model",
-                str(tmp_path / "tiny"),
-                "--random-weights",
-                "--kv-bits",
-                "8",
-                "--cache",
-                "static",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
-    assert (
-        main(
-            [
-                "bench",
-                "--model",
-                str(tmp_path / "tiny"),
-                "--random-weights",
-                "--kv-bits",
-                "8",
-                "--policy",
-                "h2o",
-                "--budget",
-                "4",
-                "--rates",
-                "0.25",
-                "--batch",
-                "1",
-                "--prompt-len",
-                "12",
-                "--new-tokens",
-                "3",
-                "--repeats",
-                "1",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    both = json.loads(out.read_text())["rows"][-1]
-    assert both["policy"] == "h2o" and both["kv_bits"] == 8 and both["kv_bytes"] == both["kv_bytes_predicted"]
+    assert cli.main(["ppl", *q, "3"]) == 2  # 2, 4 or 8 bits
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,14 +420,13 @@ EVICTION = ["streamingllm", "h2o", "pyramidinfer"]
 @pytest.mark.parametrize("name", EVICTION)
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_quantized_eviction_with_a_budget_above_the_length_is_the_quantized_cache(name, impl):
-    from kvshare.policies import make_policy
-    from kvshare.quantized_kv import quantized
+    from kvshare.methods.quantized import quantized
 
     model = make_tiny_model("llama", impl)
     ids = torch.randint(3, 100, (2, 18), generator=torch.Generator().manual_seed(6))
     for strategy in (None, Strategy({3: 1, 5: 2}, NUM_LAYERS)):
         alone, alone_cache = run(model, ids, QuantizedKV(bits=4, group_size=16), strategy, prompt=10)
-        combined = quantized(make_policy(name, budget=1000), bits=4, group_size=16)
+        combined = quantized(make(name, budget=1000), bits=4, group_size=16)
         both, both_cache = run(
             model,
             ids,
@@ -553,27 +440,25 @@ def test_quantized_eviction_with_a_budget_above_the_length_is_the_quantized_cach
 
 
 @pytest.mark.parametrize("name", EVICTION)
-def test_quantized_eviction_keeps_the_policys_tokens_as_codes(name):
+def test_quantized_eviction_keeps_the_eviction_methods_tokens_as_codes(name):
     from transformers import DynamicCache
 
-    from kvshare.policies import make_policy, predicted_cache_bytes
-    from kvshare.quantized_kv import quantized
+    from kvshare.methods.quantized import quantized
 
     model = make_tiny_model("llama", "sdpa")
     ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(7))
     strategy = Strategy({3: 1, 5: 2}, NUM_LAYERS)
-    plain_policy = make_policy(name, budget=8)
-    combined = quantized(make_policy(name, budget=8), bits=8, group_size=16)
+    eviction = make(name, budget=8)
+    combined = quantized(make(name, budget=8), bits=8, group_size=16)
     assert combined.to_dict()["method"] == f"{name}+quantized"
     assert combined.member("storage").bits == 8 and combined.member("eviction").budget == 8
-    evicted, evicted_cache = run(model, ids, plain_policy, strategy, prompt=12, cache=DynamicCache(config=model.config))
+    evicted, evicted_cache = run(model, ids, eviction, strategy, prompt=12, cache=DynamicCache(config=model.config))
     both, both_cache = run(model, ids, combined, strategy, prompt=12, cache=DynamicCache(config=model.config))
     lengths = [12] + [1] * 12
     elem = 4
-    assert kvshare.cache_bytes(both_cache) == predicted_cache_bytes(model.config, strategy, combined, 2, lengths, elem)
-    assert kvshare.cache_bytes(evicted_cache) == predicted_cache_bytes(
-        model.config, strategy, plain_policy, 2, lengths, elem
-    )
+    predicted = kvshare.predicted_cache_bytes
+    assert kvshare.cache_bytes(both_cache) == predicted(model.config, combined, 2, lengths, elem, strategy=strategy)
+    assert kvshare.cache_bytes(evicted_cache) == predicted(model.config, eviction, 2, lengths, elem, strategy=strategy)
     ratio = combined.member("storage").token_bytes(1, 16, elem) / (2 * 16 * elem)
     assert kvshare.cache_bytes(both_cache) == pytest.approx(kvshare.cache_bytes(evicted_cache) * ratio)
     for i, layer in enumerate(both_cache.layers):
@@ -591,12 +476,12 @@ def test_quantized_eviction_keeps_the_policys_tokens_as_codes(name):
 
 
 def test_quantized_eviction_rejects_what_it_cannot_combine():
-    from kvshare.quantized_kv import quantized_eviction
+    from kvshare.methods.quantized import quantized_eviction
 
     with pytest.raises(TypeError, match="eviction method"):
         quantized_eviction(QuantizedKV(8), QuantizedKV(4))
     with pytest.raises(TypeError, match="QuantizedKV"):
-        quantized_eviction(kvshare.policies.make_policy("h2o", budget=8), 4)
+        quantized_eviction(make("h2o", budget=8), 4)
 
 
 @pytest.mark.parametrize("bits", [None, 8])
@@ -606,7 +491,7 @@ def test_quantized_runs_cost_cell_bytes_are_the_prediction(bits):
 
     model = make_tiny_model("llama", "sdpa")
     cfg = qr.settings("tiny", quick=True, bench_prompt=8, bench_new_tokens=3, bench_repeats=1)
-    policy = None if bits is None else QuantizedKV(bits=bits, group_size=16)
+    method = None if bits is None else QuantizedKV(bits=bits, group_size=16)
     for strategy in (None, Strategy({3: 1, 5: 2}, NUM_LAYERS)):
-        cell = qr.cost_cell(model, strategy, policy, cfg)
+        cell = qr.cost_cell(model, strategy, method, cfg)
         assert cell["kv_bytes"] == cell["kv_bytes_predicted"]

@@ -16,7 +16,6 @@ from conftest import byte_llama, write_mc_task
 
 from kvshare import models
 from kvshare.evaluation import Evaluator, resolve_tasks
-from kvshare.experiments import evaluation as ev
 from kvshare.tasks import EVAL_LIMIT, OFFLINE_TASKS, SCREEN, SCREEN_CATEGORIES, default_tasks, offline_tasks
 from kvshare.tasks import screening as scr
 
@@ -38,7 +37,7 @@ MADE_UP = [
 
 
 def screen_rows(table=MADE_UP) -> list[dict]:
-    """Rows as kvshare.experiments.evaluation.screen writes them (stderr of a mean of 0/1 scores, ddof 1)."""
+    """Rows as kvshare.tasks.screening.screen writes them (stderr of a mean of 0/1 scores, ddof 1)."""
     rows = []
     for source, prompt, n, chance, acc, acc_norm, _ in table:
         mine = []
@@ -190,10 +189,10 @@ def local_candidates(tmp_path, monkeypatch):
             for b in range(1, 7)
         ]
         paths.append(write_mc_task(tmp_path / name / "task.jsonl", questions))
-    import kvshare.tasks as tasks
+    from kvshare.tasks import suite
 
-    monkeypatch.setattr(tasks, "SCREEN", [(p, "qa") for p in paths])
-    monkeypatch.setattr(tasks, "SCREEN_CATEGORIES", {paths[0]: "reasoning", paths[1]: "reasoning"})
+    monkeypatch.setattr(suite, "SCREEN", [(p, "qa") for p in paths])
+    monkeypatch.setattr(suite, "SCREEN_CATEGORIES", {paths[0]: "reasoning", paths[1]: "reasoning"})
     return paths
 
 
@@ -203,8 +202,8 @@ def test_choose_suite_screens_on_the_screen_part_and_writes_the_file(local_candi
     out = tmp_path / "figures" / "tiny-screened" / scr.SCREEN_FILE
     evaluator = Evaluator(model, byte_tokenizer, batch_size=8, cache=False, progress=False)
     with pytest.raises(ValueError, match="smoke"):
-        ev.choose_suite(evaluator, limit=3, progress=False)  # a smoke screen never lands in the model's file
-    record = ev.choose_suite(evaluator, out=out, limit=5, progress=False)
+        scr.choose_suite(evaluator, limit=3, progress=False)  # a smoke screen never lands in the model's file
+    record = scr.choose_suite(evaluator, out=out, limit=5, progress=False)
     assert out.is_file() and record["smoke"] and record["chat_template"] is False
     assert {r["source"] for r in record["rows"]} == set(local_candidates)
     assert all(r["n"] == 5 for r in record["rows"])

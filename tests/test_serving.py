@@ -31,10 +31,17 @@ from kvshare.serving.mapping import (
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-needs_vllm = pytest.mark.skipif(
+skip_without_vllm = pytest.mark.skipif(
     not (VLLM_PYTHON.exists() and os.environ.get("KVSHARE_VLLM_TESTS") == "1"),
     reason="vLLM tests: run scripts/test_vllm.sh (needs .venv-vllm from scripts/setup_vllm.sh)",
 )
+
+
+def needs_vllm(test):
+    """A vLLM test: slow (vLLM runs in a subprocess) and skipped unless scripts/test_vllm.sh runs it."""
+    return pytest.mark.slow(skip_without_vllm(test))
+
+
 STRATEGY = Strategy({3: 2, 5: 1}, NUM_LAYERS, {"model": "tiny-llama"})
 
 

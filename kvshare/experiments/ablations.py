@@ -34,8 +34,9 @@ from ..metrics import HELDOUT, paired_difference
 from ..progress import Progress
 from ..search import search
 from ..strategy import Strategy, apply_pair
-from .best_search import ResultCache, prefix_cost
-from .common import HeldOutScorer, HeldOutStore, ci95, heldout_protocol, make_settings, mapping_key, random_seeds
+from .best_search import prefix_cost
+from .common import HeldOutScorer, HeldOutStore, ci95, heldout_protocol, mapping_key, random_seeds
+from .scaffold import ResultCache, RunSettings
 
 FIXED = ("dissimilar", "similar", "random")
 # the rebuttal's numbers (Llama-2-7B, KVSharer with cosine vs Euclidean distance): perplexity at C shared layers
@@ -46,12 +47,9 @@ REBUTTAL_METRIC = {
 
 
 @dataclass
-class AblationSettings:
+class AblationSettings(RunSettings):
     """Everything notebook 08's numbers depend on (saved beside its figures)."""
 
-    model: str
-    quick: bool
-    seed: int
     samples: int = 30  # calibration texts (the default calibration of notebooks 01, 02, 11)
     max_tokens: int = 64
     threshold: float = 0.5  # the default T (sections 2-4)
@@ -95,42 +93,37 @@ class AblationSettings:
     heldout_window: int = HELDOUT.window
     seconds_per_strategy: float = 39.0  # held-out scoring on 2 idle cores (notebook 11's full run)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    QUICK = dict(
+        samples=4,
+        max_tokens=16,
+        thresholds=[0.5, 0.9],
+        fixed_thresholds=[0.5, 0.9],
+        # without `best`: its damage map of 435 pairs is most of a quick run's time (tests/test_ablations.py runs it)
+        threshold_orders=["dissimilar", "similar"],
+        random_seeds=2,
+        calibration_orders=["dissimilar", "similar"],
+        random_thresholds=[0.5],
+        threshold_c=2,
+        shortlist=4,
+        screen_texts=2,
+        metric_c_values=[1, 2],
+        metric_sets=2,
+        depth_c_values=[2],
+        calibration_c=2,
+        texts_grid=[2, 4],
+        tokens_grid=[16, 32],
+        heldout_tokens=1024,
+    )
+
+    def __post_init__(self):
+        for name in ("thresholds", "fixed_thresholds", "random_thresholds"):
+            setattr(self, name, sorted(float(t) for t in getattr(self, name)))
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown:
+            raise ValueError(f"unknown calibration domain(s) {unknown}; use {', '.join(DOMAINS)}")
 
 
-QUICK = dict(
-    samples=4,
-    max_tokens=16,
-    thresholds=[0.5, 0.9],
-    fixed_thresholds=[0.5, 0.9],
-    # without `best`: its damage map of 435 pairs is most of a quick run's time (tests/test_ablations.py runs it)
-    threshold_orders=["dissimilar", "similar"],
-    random_seeds=2,
-    calibration_orders=["dissimilar", "similar"],
-    random_thresholds=[0.5],
-    threshold_c=2,
-    shortlist=4,
-    screen_texts=2,
-    metric_c_values=[1, 2],
-    metric_sets=2,
-    depth_c_values=[2],
-    calibration_c=2,
-    texts_grid=[2, 4],
-    tokens_grid=[16, 32],
-    heldout_tokens=1024,
-)
-
-
-def settings(model: str, quick: bool, seed: int = 0, **overrides) -> AblationSettings:
-    """Notebook 08's settings: the full run, or QUICK over it (a few minutes on 2 cores, every code path)."""
-    cfg = make_settings(AblationSettings, QUICK, model, quick, seed, **overrides)
-    for name in ("thresholds", "fixed_thresholds", "random_thresholds"):
-        setattr(cfg, name, sorted(float(t) for t in getattr(cfg, name)))
-    unknown = [d for d in cfg.domains if d not in DOMAINS]
-    if unknown:
-        raise ValueError(f"unknown calibration domain(s) {unknown}; use {', '.join(DOMAINS)}")
-    return cfg
+settings = AblationSettings.for_run  # notebook 08: settings(model, quick, seed, **overrides)
 
 
 def evaluation_plan(cfg: AblationSettings) -> dict:

@@ -15,13 +15,10 @@ Figures and the conclusion: `kvshare.experiments.reports.best_search`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -31,33 +28,23 @@ from ..calibration import METRICS
 from ..combine import sharing
 from ..damage import DamageMap, damage_map, same_type_pairs
 from ..data import calibration_texts
-from ..io import write_json
 from ..metrics import HELDOUT, heldout_perplexity, paired_difference
 from ..progress import Progress, format_seconds
 from ..search import search
 from ..strategy import Strategy
-from .common import HeldOutStore, make_settings, random_seeds  # random_seeds: the seed rule 01, 02 and 11 share
+from .common import HeldOutStore, SearchSettings, random_seeds  # random_seeds: the seed rule 01, 02 and 11 share
+from .scaffold import ResultCache
 
 FIXED = ("dissimilar", "similar", "random")
 ORDERS = ("best", *FIXED)
 
 
 @dataclass
-class BestSettings:
-    """Everything notebook 11's numbers depend on (saved beside its figures)."""
+class BestSettings(SearchSettings):
+    """Everything notebook 11's numbers depend on (saved beside its figures): the searches' settings (those of
+    notebooks 01 and 02) and the best-first search's own."""
 
-    model: str
-    quick: bool
-    seed: int
-    samples: int = 30  # calibration texts per set
-    max_tokens: int = 64  # tokens per calibration text
-    calibration_sets: int = 3
-    threshold: float = 0.5
-    metric: str = "euclidean"  # the fixed orders' distance
     c_values: list = field(default_factory=lambda: [2, 4, 6, 8, 10, 12])
-    random_seeds: int = 5  # random-order searches per calibration set, seeds drawn per set
-    random_c_values: list = field(default_factory=lambda: [4, 8, 12])  # C points where the random seeds are scored
-    heldout_tokens: int = HELDOUT.tokens  # quick mode scores a slice
     criterion: str = "kl"
     shortlist: int = 24
     screen_texts: int = 4
@@ -76,30 +63,24 @@ class BestSettings:
     suite_set: int = 0
     suite_limit: int | None = 8
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    QUICK = dict(
+        samples=4,
+        max_tokens=16,
+        calibration_sets=2,
+        c_values=[1, 2],
+        random_seeds=2,
+        random_c_values=[2],
+        heldout_tokens=1024,
+        shortlist=4,
+        screen_texts=2,
+        target_c=2,
+        check_from=27,
+        suite_c=2,
+        suite_limit=2,
+    )
 
 
-QUICK = dict(
-    samples=4,
-    max_tokens=16,
-    calibration_sets=2,
-    c_values=[1, 2],
-    random_seeds=2,
-    random_c_values=[2],
-    heldout_tokens=1024,
-    shortlist=4,
-    screen_texts=2,
-    target_c=2,
-    check_from=27,
-    suite_c=2,
-    suite_limit=2,
-)
-
-
-def settings(model: str, quick: bool, seed: int = 0, **overrides) -> BestSettings:
-    """Notebook 11's settings: the full run, or QUICK over it (a minute or two on 2 cores, every code path)."""
-    return make_settings(BestSettings, QUICK, model, quick, seed, **overrides)
+settings = BestSettings.for_run  # notebook 11: settings(model, quick, seed, **overrides)
 
 
 def use_all_cores() -> int:
@@ -111,30 +92,6 @@ def use_all_cores() -> int:
 
 def protocol(cfg: BestSettings):
     return replace(HELDOUT, tokens=cfg.heldout_tokens)
-
-
-# ------------------------------------------------------------------------------------------------
-# the results cache
-# ------------------------------------------------------------------------------------------------
-class ResultCache:
-    """A JSON file of named results, each stored with a key of what it depends on; written after every put."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    @staticmethod
-    def key(*parts) -> str:
-        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    def get(self, name: str, key: str):
-        item = self.data.get(name)
-        return item["value"] if item is not None and item.get("key") == key else None
-
-    def put(self, name: str, key: str, value):
-        self.data[name] = {"key": key, "value": value}
-        write_json(self.path, self.data)
-        return value
 
 
 # ------------------------------------------------------------------------------------------------

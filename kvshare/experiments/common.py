@@ -34,6 +34,7 @@ from ..metrics import HELDOUT, HeldOutProtocol, heldout_perplexity
 from ..progress import Progress, format_seconds
 from ..search import search
 from ..strategy import Strategy
+from .scaffold import RunSettings
 
 ORDER_LABELS = {
     "dissimilar": "dissimilar (KVSharer)",
@@ -72,94 +73,73 @@ def resolve_out_dir(out_dir, quick: bool) -> Path:
 
 
 @dataclass
-class Settings:
-    """Everything a notebook's numbers depend on (saved beside its figures)."""
+class SearchSettings(RunSettings):
+    """What a KVSharer search and its held-out scoring depend on (notebooks 01, 02 and 11 search the same orders on
+    the same calibration sets)."""
 
-    model: str
-    quick: bool
-    seed: int
     samples: int = 30  # calibration texts per set
     max_tokens: int = 64  # tokens per calibration text
     calibration_sets: int = 3
     threshold: float = 0.5
-    metric: str = "euclidean"
-    max_fraction: float = 0.4
-    c_step: int = 2
+    metric: str = "euclidean"  # the fixed orders' distance
     random_seeds: int = 5  # random-order searches per calibration set, seeds drawn per set (`random_seeds`)
     # C points where the random seeds are scored: every strategy costs ~39 s on 2 cores under HELDOUT, and 5 seeds
     # x 3 sets at every C of the grid would be 90 strategies (about an hour); these are notebook 11's points
     random_c_values: list = field(default_factory=lambda: [4, 8, 12])
-    c_points: list | None = None  # notebook 01's C points (None: 0, c_step, ... up to max_fraction of the layers)
     heldout_tokens: int = HELDOUT.tokens  # the held-out protocol (`heldout_protocol`); quick mode scores a slice
+
+
+@dataclass
+class Settings(SearchSettings):
+    """Everything notebooks 01 and 02's numbers depend on (saved beside their figures)."""
+
+    max_fraction: float = 0.4
+    c_step: int = 2
+    c_points: list | None = None  # notebook 01's C points (None: 0, c_step, ... up to max_fraction of the layers)
     heldout_window: int = HELDOUT.window
     thresholds: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     sweep_fraction: float = 0.25
     max_new_tokens: int = 48
     model_plan: str | None = None  # why a model's full run differs from the default's (MODEL_FULL), else None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    QUICK = dict(
+        samples=6,
+        calibration_sets=2,
+        max_fraction=4 / 30,
+        random_seeds=2,
+        random_c_values=[2, 4],
+        heldout_tokens=1024,  # a slice of HELDOUT (notebook 11's quick slice: their quick runs share the store too)
+        thresholds=[0.3, 0.6, 0.9],
+        sweep_fraction=0.1,
+        max_new_tokens=16,
+    )
 
-
-QUICK = dict(
-    samples=6,
-    calibration_sets=2,
-    max_fraction=4 / 30,
-    random_seeds=2,
-    random_c_values=[2, 4],
-    heldout_tokens=1024,  # a slice of HELDOUT (notebook 11's quick slice: their quick runs share the store too)
-    thresholds=[0.3, 0.6, 0.9],
-    sweep_fraction=0.1,
-    max_new_tokens=16,
-)
-
-
-# Model-aware full runs of notebooks 01 and 02: a model whose units cost more than the default model's gets full
-# settings that keep notebooks 01-03 within kvshare.experiments.budget.BUDGET_MIN on 2 cores and keep every
-# statistical requirement: 16,384 held-out tokens never in calibration, at least 5 random seeds at a C point, paired
-# per-window intervals. {model: (values over the full-run defaults, why)}; see budget.estimate for the arithmetic.
-MODEL_FULL = {
-    "gemma3-270m": (
-        dict(
-            calibration_sets=2,
-            c_points=[2, 5, 7],
-            random_c_values=[5],
-            thresholds=[0.3, 0.5, 0.7, 0.9],
+    # Model-aware full runs of notebooks 01 and 02: a model whose units cost more than the default model's gets
+    # full settings that keep notebooks 01-03 within kvshare.experiments.budget.BUDGET_MIN on 2 cores and keep every
+    # statistical requirement: 16,384 held-out tokens never in calibration, at least 5 random seeds at a C point,
+    # paired per-window intervals. {model: (values over the full-run defaults, why)}; see budget.estimate for the
+    # arithmetic.
+    MODEL_FULL = {
+        "gemma3-270m": (
+            dict(
+                calibration_sets=2,
+                c_points=[2, 5, 7],
+                random_c_values=[5],
+                thresholds=[0.3, 0.5, 0.7, 0.9],
+            ),
+            "Gemma-3-270M scores a strategy on the 16,384 held-out tokens in ~100 s on 2 cores (SmolLM2: ~40 s; its "
+            "262,144-word output layer is most of it), and the default model's full settings would score 55 "
+            "strategies in notebook 01 alone (~100 min; 01-03 ~170 min, kvshare.experiments.budget). Its full run "
+            "scores the curves at C = 2, 5 and 7 (12.5%, 25% and 37.5% of its 18 layers: notebook 03's rates, so 03 "
+            "reads every perplexity from the store) on 2 calibration sets instead of 3, the 5 random seeds per set at "
+            "C = 5 only (25%: the claim's rate and notebook 02's random controls), and a threshold sweep of 4 values "
+            "(0.3, 0.5, 0.7, 0.9) instead of 7: ~84 min for 01-03 at most. The held-out protocol (16,384 tokens never "
+            "in calibration), the 5 random seeds and the paired per-window intervals are the default model's.",
         ),
-        "Gemma-3-270M scores a strategy on the 16,384 held-out tokens in ~100 s on 2 cores (SmolLM2: ~40 s; its "
-        "262,144-word output layer is most of it), and the default model's full settings would score 55 strategies "
-        "in notebook 01 alone (~100 min; 01-03 ~170 min, kvshare.experiments.budget). Its full run scores the curves "
-        "at C = 2, 5 and 7 (12.5%, 25% and 37.5% of its 18 layers: notebook 03's rates, so 03 reads every "
-        "perplexity from the store) on 2 calibration sets instead of 3, the 5 random seeds per set at C = 5 only "
-        "(25%: the claim's rate and notebook 02's random controls), and a threshold sweep of 4 values (0.3, 0.5, "
-        "0.7, 0.9) instead of 7: ~84 min for 01-03 at most. The held-out protocol (16,384 tokens never in "
-        "calibration), the 5 random seeds and the paired per-window intervals are the default model's.",
-    ),
-}
+    }
 
 
-def make_settings(cls, quick_values: dict, model: str, quick: bool, seed: int = 0, model_full=None, **overrides):
-    """A notebook's settings dataclass `cls`: full-run defaults (with `model_full[model]`'s values over them, when
-    the model has them), or `quick_values` over them in quick mode (minutes on 2 cores, every code path); then
-    `overrides`, where None means the default."""
-    base = cls(model=model, quick=bool(quick), seed=int(seed))
-    values = dict(quick_values) if quick else {}
-    if not quick and model_full and model in model_full:
-        plan, why = model_full[model]
-        values.update(plan)
-        if hasattr(base, "model_plan"):
-            values["model_plan"] = why
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    for k, v in values.items():
-        if not hasattr(base, k):
-            raise ValueError(f"unknown setting {k!r}")
-        setattr(base, k, v)
-    return base
-
-
-def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
-    """Notebooks 01 and 02's settings (see `make_settings`; a model of MODEL_FULL gets its full settings)."""
-    return make_settings(Settings, QUICK, model, quick, seed, model_full=MODEL_FULL, **overrides)
+settings = Settings.for_run  # notebooks 01 and 02: settings(model, quick, seed, **overrides)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,7 +240,7 @@ class HeldOutStore:
 
 class HeldOutScorer:
     """Held-out perplexity of strategies under one protocol (`heldout_protocol`), each distinct strategy once: from
-    this session, else from the `store`, else computed (and put into the store).
+    this scorer's own results, else from the `store`, else computed (and put into the store).
 
     Counts what it did: `fresh` strategies computed in `seconds`, `from_store` strategies read from the store
     (`stored_seconds`: what they cost when they were computed). The benchmark runner is `kvshare.evaluation.Evaluator`.
@@ -304,7 +284,7 @@ class HeldOutScorer:
 
     @property
     def evaluations(self) -> int:
-        """Distinct strategies scored in this session (fresh or from the store)."""
+        """Distinct strategies this scorer has scored (fresh or from the store)."""
         return len(self.results)
 
     def accounting(self) -> dict:
@@ -570,23 +550,6 @@ def generations(
 # ------------------------------------------------------------------------------------------------
 def strategy_json(strategy: Strategy) -> dict:
     return strategy.to_dict()
-
-
-def environment_info() -> dict:
-    import platform
-
-    import transformers
-
-    import kvshare
-
-    return {
-        "kvshare": kvshare.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-    }
 
 
 def timing_line(t_start: float, cpu_start: float) -> str:

@@ -7,7 +7,7 @@ version get paired bootstrap 95% intervals (examples resampled within each task,
 model and the method; for random the seeds are resampled too), and the claim's verdict reads the interval.
 Rates are reported as the exact fraction of layers (`kvshare.accounting.num_shared_for`: 25% -> 8/30 = 26.7%).
 The multiple-choice tasks evaluate only their `test` part, disjoint from the `screen` part that chose them
-(`kvshare.tasks.offline`; `screen` below reruns that choice on the screen part alone).
+(`kvshare.tasks.offline`; `kvshare.tasks.screening.screen` reruns that choice on the screen part alone).
 
 Figure and conclusion: `kvshare.experiments.reports.evaluation`.
 """
@@ -41,7 +41,7 @@ THRESHOLD_PCT = 90.0
 
 CALIBRATION_SAMPLES = 30
 
-# Model-aware full runs (see common.MODEL_FULL and kvshare.experiments.budget): {model: (plan values, why)}
+# Model-aware full runs (see common.Settings.MODEL_FULL and kvshare.experiments.budget): {model: (plan values, why)}
 FULL_PLANS: dict = {}  # gemma3-270m runs the default plan: its strategies are notebook 01's (held-out scores from
 # the store) and its multiple-choice requests are scored by the one-pass scorer (kvshare.tasks.lmeval)
 
@@ -335,71 +335,22 @@ def summarize(rows, iters: int = BOOTSTRAP_ITERS, seed: int = 0) -> list[dict]:
     full_rows = {r["task"]: r for r in primary if r["num_shared"] == 0}
     full = {t: r["scores"] for t, r in full_rows.items()}
     chance = {t: r.get("chance") for t, r in full_rows.items()}
-    cells = sorted({(r["order"], r["num_shared"]) for r in rows}, key=_cell_order)
     out = []
-    for order, c in cells:
-        here = [r for r in primary if (r["order"], r["num_shared"]) == (order, c)]
-        labels = list(dict.fromkeys(r.get("label", order) for r in here))
-        per_arm = []
-        for label in labels:
-            mine = {r["task"]: r for r in here if r.get("label", order) == label}
-            if set(mine) == set(full):
-                per_arm.append((label, mine))
+    for order, c in sorted({(r["order"], r["num_shared"]) for r in rows}, key=_cell_order):
+        per_arm = _complete_arms([r for r in primary if (r["order"], r["num_shared"]) == (order, c)], order, full)
         if not per_arm:
             continue
         stats = paired_bootstrap(
             full, [{t: r["scores"] for t, r in m.items()} for _, m in per_arm], chance, iters, seed
         )
-        # paired stderr of the drop (pooled over arms): per task the per-example differences of the arms' mean
-        var = 0.0
-        for t, f in full.items():
-            d = [np.mean([m[t]["scores"][i] for _, m in per_arm]) - f[i] for i in range(len(f))]
-            if len(d) > 1:
-                var += float(np.var(d, ddof=1)) / len(d)
+        entry = _cell_entry(order, c, per_arm, full, stats)
+        arms = {label for label, _ in per_arm}
         ppl_rows = [
             x
             for x in rows
-            if (x["order"], x["num_shared"]) == (order, c)
-            and x["metric"] == "ppl"
-            and x.get("label", order) in {lab for lab, _ in per_arm}
+            if (x["order"], x["num_shared"]) == (order, c) and x["metric"] == "ppl" and x.get("label", order) in arms
         ]
-        first = per_arm[0][1][next(iter(full))]
-        L = first.get("num_layers")
-        entry = {
-            "order": order,
-            "rate": first["rate"],
-            "num_shared": c,
-            "num_layers": L,
-            "fraction": c / L if L else None,
-            "layers": layers_text(c, L) if L else str(c),
-            "seeds": [m[next(iter(full))].get("seed") for _, m in per_arm],
-            "average": stats["average"],
-            "average_lo": stats["average_lo"],
-            "average_hi": stats["average_hi"],
-            "kept_pct": stats["kept_pct"],
-            "kept_lo": stats["kept_lo"],
-            "kept_hi": stats["kept_hi"],
-            "above_chance_kept_pct": stats["above_chance_kept_pct"],
-            "above_chance_lo": stats["above_chance_lo"],
-            "above_chance_hi": stats["above_chance_hi"],
-            "drop": stats["drop"],
-            "drop_lo": stats["drop_lo"],
-            "drop_hi": stats["drop_hi"],
-            "drop_stderr": math.sqrt(var) / len(full),
-            "ppl": None,
-            "ppl_lo": None,
-            "ppl_hi": None,
-            "interval": "paired bootstrap 95%, examples resampled within each task"
-            + (f", seeds resampled ({len(per_arm)} seeds)" if len(per_arm) > 1 else ""),
-        }
-        if ppl_rows:
-            values = [x["value"] for x in ppl_rows]
-            entry["ppl"] = mean_or_nan(values)
-            if len(values) > 1:
-                entry["ppl_lo"], entry["ppl_hi"] = t_interval(values)
-            else:
-                se = ppl_rows[0].get("stderr") or 0.0
-                entry["ppl_lo"], entry["ppl_hi"] = values[0] - 1.96 * se, values[0] + 1.96 * se
+        entry.update(_perplexity_interval(ppl_rows))
         if len(per_arm) > 1:
             entry["per_seed"] = [
                 {"seed": m[next(iter(full))].get("seed"), "average": a, "kept_pct": 100 * a / stats["full_average"]}
@@ -407,6 +358,72 @@ def summarize(rows, iters: int = BOOTSTRAP_ITERS, seed: int = 0) -> list[dict]:
             ]
         out.append(entry)
     return out
+
+
+def _complete_arms(here: list[dict], order: str, full: dict) -> list[tuple[str, dict]]:
+    """The arms (seeds) of one cell as (label, {task: row}), those scored on every task the full model was."""
+    per_arm = []
+    for label in dict.fromkeys(r.get("label", order) for r in here):
+        mine = {r["task"]: r for r in here if r.get("label", order) == label}
+        if set(mine) == set(full):
+            per_arm.append((label, mine))
+    return per_arm
+
+
+def _paired_drop_stderr(full: dict, per_arm: list[tuple[str, dict]]) -> float:
+    """Paired stderr of the drop, pooled over arms: per task, the per-example differences of the arms' mean."""
+    var = 0.0
+    for t, f in full.items():
+        d = [np.mean([m[t]["scores"][i] for _, m in per_arm]) - f[i] for i in range(len(f))]
+        if len(d) > 1:
+            var += float(np.var(d, ddof=1)) / len(d)
+    return math.sqrt(var) / len(full)
+
+
+def _cell_entry(order: str, c: int, per_arm: list[tuple[str, dict]], full: dict, stats: dict) -> dict:
+    """One summary row: the cell, its arms' seeds and the bootstrap's numbers (perplexity filled in later)."""
+    first = per_arm[0][1][next(iter(full))]
+    L = first.get("num_layers")
+    return {
+        "order": order,
+        "rate": first["rate"],
+        "num_shared": c,
+        "num_layers": L,
+        "fraction": c / L if L else None,
+        "layers": layers_text(c, L) if L else str(c),
+        "seeds": [m[next(iter(full))].get("seed") for _, m in per_arm],
+        "average": stats["average"],
+        "average_lo": stats["average_lo"],
+        "average_hi": stats["average_hi"],
+        "kept_pct": stats["kept_pct"],
+        "kept_lo": stats["kept_lo"],
+        "kept_hi": stats["kept_hi"],
+        "above_chance_kept_pct": stats["above_chance_kept_pct"],
+        "above_chance_lo": stats["above_chance_lo"],
+        "above_chance_hi": stats["above_chance_hi"],
+        "drop": stats["drop"],
+        "drop_lo": stats["drop_lo"],
+        "drop_hi": stats["drop_hi"],
+        "drop_stderr": _paired_drop_stderr(full, per_arm),
+        "ppl": None,
+        "ppl_lo": None,
+        "ppl_hi": None,
+        "interval": "paired bootstrap 95%, examples resampled within each task"
+        + (f", seeds resampled ({len(per_arm)} seeds)" if len(per_arm) > 1 else ""),
+    }
+
+
+def _perplexity_interval(ppl_rows: list[dict]) -> dict:
+    """The cell's perplexity: over several seeds their mean with a t interval, for one ± 1.96 stderr; {} if none."""
+    if not ppl_rows:
+        return {}
+    values = [x["value"] for x in ppl_rows]
+    if len(values) > 1:
+        lo, hi = t_interval(values)
+    else:
+        se = ppl_rows[0].get("stderr") or 0.0
+        lo, hi = values[0] - 1.96 * se, values[0] + 1.96 * se
+    return {"ppl": mean_or_nan(values), "ppl_lo": lo, "ppl_hi": hi}
 
 
 def column_label(order: str, num_shared: int, layers: int | None, seeds: int = 1) -> str:
@@ -495,83 +512,3 @@ def split_records(suite: str = "offline", tasks=None, limit: int | None = None) 
     if suite != "offline":
         return []
     return [split_record(spec, limit) for spec in resolve_tasks(suite, tasks)]
-
-
-def screen(evaluator: Evaluator, which: str = "kept", limit: int | None = None) -> list[dict]:
-    """Rerun the screen on the screen part only (the full model): per candidate (task, prompt) and metric (acc,
-    acc_norm), the score, chance, n and z = (score − chance) / stderr; `chosen` marks each candidate's metric
-    of larger z. `which`: "kept" (the evaluated model's suite; data already local) or "all" (every candidate of
-    kvshare.tasks.SCREEN; all read from data/tasks). `limit`: screen examples per
-    candidate (None: kvshare.tasks.SCREEN_LIMIT). Multiple-choice requests never use a chat template."""
-    from ..tasks import SCREEN_LIMIT, screen_tasks
-
-    specs = screen_tasks(which, SCREEN_LIMIT if limit is None else limit, model=model_name(evaluator.model))
-    result = evaluator.evaluate(None, suite="offline", tasks=specs, label="screen")
-    out = []
-    for spec in specs:
-        mine = [r for r in result["rows"] if r["task"] == spec.name and r["metric"] in ("acc", "acc_norm")]
-        for r in mine:
-            se = r.get("stderr")
-            z = (r["value"] - r["chance"]) / se if se and r.get("chance") is not None else None
-            out.append(
-                {
-                    "source": spec.source,
-                    "prompt": spec.prompt,
-                    "metric": r["metric"],
-                    "value": r["value"],
-                    "stderr": se,
-                    "chance": r.get("chance"),
-                    "n": r["n"],
-                    "z": z,
-                }
-            )
-    for spec in specs:
-        mine = [x for x in out if x["source"] == spec.source and x["prompt"] == spec.prompt]
-        best = max(mine, key=lambda x: -math.inf if x["z"] is None else x["z"], default=None)
-        for x in mine:
-            x["chosen"] = x is best
-    return out
-
-
-def choose_suite(evaluator: Evaluator, out=None, limit: int | None = None, progress: bool = True) -> dict:
-    """Screen every candidate (`screen(evaluator, "all")`) for the evaluator's model, measure what each costs in
-    its tokenizer and apply the keep rule (`kvshare.tasks.screening`); write the screen file to `out` (None: the
-    model's place in this checkout, `screening.screen_path`) and return its record. `kvshare.tasks.offline_tasks`
-    (and so notebook 03 and `kvshare eval`) read the suite back from that file. `limit`: screen examples per
-    candidate (None: SCREEN_LIMIT; anything else is a smoke run, flagged in the record)."""
-    import time
-
-    from ..io import write_json
-    from ..tasks import SCREEN_LIMIT, screen_tasks
-    from ..tasks.screening import decisions_table, request_tokens, screen_path, screen_record
-
-    name = model_name(evaluator.model)
-    n = SCREEN_LIMIT if limit is None else limit
-    if n != SCREEN_LIMIT and out is None:
-        raise ValueError(
-            f"a screen of {n} examples per candidate is a smoke run: give it its own out=..., not the "
-            f"model's screen file (that one screens {SCREEN_LIMIT})"
-        )
-    t0 = time.perf_counter()
-    rows = screen(evaluator, "all", n)
-    seconds = time.perf_counter() - t0
-    costs = {spec.source: round(request_tokens(spec, evaluator.tokenizer, n), 2) for spec in screen_tasks("all", n)}
-    record = screen_record(
-        name,
-        rows,
-        costs,
-        chat_template=False,  # multiple-choice requests never go through a chat template
-        examples_per_candidate=n,
-        smoke=n != SCREEN_LIMIT,
-        seconds=round(seconds, 1),
-        environment=common.environment_info(),
-    )
-    path = Path(out) if out is not None else screen_path(name)
-    if path is None:
-        raise ValueError("not inside a kvshare checkout: say where the screen file goes (out=...)")
-    write_json(path, record)
-    record["path"] = str(path)
-    if progress:
-        print(decisions_table(record["decisions"]))
-        print(f"kept: {', '.join(record['kept']) or 'none'}; screen {seconds:.0f} s; wrote {path}")
-    return record

@@ -1,55 +1,60 @@
 """Intra-layer compression (token eviction) next to and combined with KV sharing: notebook 05.
 
 Quality protocol, through the evaluation entry point (`kvshare.evaluation.Evaluator` with the
-cell's strategy and policy, scored by decoding). Eviction only acts on what later tokens can see,
+cell's strategy and eviction method, scored by decoding). Eviction only acts on what later tokens can see,
 and a single forward over a window attends over the whole window before anything is dropped, so the
-usual one-pass perplexity is the same with or without a policy. Here each window of `window`
+usual one-pass perplexity is the same with or without eviction. Here each window of `window`
 held-out tokens is split (the shared protocol kvshare.metrics.HELDOUT: 16,384 tokens in 32 windows of 512):
-the first `context` tokens are prefilled (the policy compresses them), then the remaining tokens are fed one at
+the first `context` tokens are prefilled (the method compresses them), then the remaining tokens are fed one at
 a time, exactly like generation with teacher forcing, and every token predicted by a decoding step is scored.
 Beside it: a multiple-choice task whose question and answers are scored by decoding as well (its prompts are
 short, up to ~50 tokens: eviction can only matter at the smaller budget). The full model and sharing alone go through
 the same protocol, so every configuration is scored on the same tokens and examples, and compared by paired
 differences.
 
-Cost protocol: `kvshare.bench.measure` with the configuration's strategy and policy (prompt of
+Cost protocol: `kvshare.bench.measure` with the configuration's strategy and method (prompt of
 random tokens, greedy decoding): K/V bytes of the cache at the end, peak memory, decode tokens/s.
 
-Table, figure and conclusion text: `kvshare.experiments.reports.intra_layer`.
+Table, figure and conclusion text: `kvshare.experiments.reports.intra_layer`. Results files name a cell's eviction
+method in their `policy` column (and `kv_ratio_policy`, `nll_diff_policy`, `ppl_policy`): the committed figures are
+read back by those names.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .. import methods
 from ..accounting import num_shared_for
 from ..adapter import model_cache_kwarg, num_layers
 from ..combine import compression
 from ..methods.eviction import timing
 from ..metrics import HELDOUT
-from ..policies import POLICIES, make_policy
 from ..strategy import Strategy
+from .scaffold import RunSettings
 
-POLICY_LABELS = {"h2o": "H2O", "pyramidinfer": "PyramidInfer", "streamingllm": "StreamingLLM"}
+METHOD_LABELS = {"h2o": "H2O", "pyramidinfer": "PyramidInfer", "streamingllm": "StreamingLLM"}
+
+
+def budget_methods() -> list[str]:
+    """The registered eviction methods that keep a token budget (kvshare.methods), in registry order."""
+    return [n for n, c in methods.REGISTRY.items() if c.role == "eviction" and "budget" in c.setting_names()]
 
 
 # ------------------------------------------------------------------------------------------------
 # the configurations
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class Settings:
+class Settings(RunSettings):
     """Everything notebook 05's numbers depend on (saved beside its figures)."""
 
-    model: str
-    quick: bool
-    seed: int
     budgets: list = field(default_factory=lambda: [32, 96])  # tokens per layer (PyramidInfer: average)
-    policies: list = field(default_factory=lambda: ["h2o", "pyramidinfer", "streamingllm"])
+    methods: list = field(default_factory=lambda: ["h2o", "pyramidinfer", "streamingllm"])  # eviction, by name
     share_fraction: float = 0.25  # sharing at 25% of the layers
     samples: int = 30  # calibration texts of the sharing search
     # the shared held-out protocol (kvshare.metrics.HELDOUT), all of it: 32 windows of 512 = 16,384 tokens, as in
@@ -68,62 +73,54 @@ class Settings:
     bench_rounds: int = 5  # passes over all cells (forward, then reverse order): best speed per cell
     bench_isolate: bool = True  # each cell's cost in a fresh process (CPU peak memory is then its own)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    QUICK = dict(
+        budgets=[16, 48],
+        samples=6,
+        window=160,
+        context=96,
+        eval_windows=2,
+        eval_batch=2,
+        mc_limit=4,
+        bench_batch=1,
+        bench_prompt=96,
+        bench_new_tokens=8,
+        bench_repeats=1,
+        bench_rounds=1,
+        bench_isolate=False,
+    )
 
 
-QUICK = dict(
-    budgets=[16, 48],
-    samples=6,
-    window=160,
-    context=96,
-    eval_windows=2,
-    eval_batch=2,
-    mc_limit=4,
-    bench_batch=1,
-    bench_prompt=96,
-    bench_new_tokens=8,
-    bench_repeats=1,
-    bench_rounds=1,
-    bench_isolate=False,
-)
-
-
-def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
-    """Notebook 05's settings (see `kvshare.experiments.common.make_settings`)."""
-    from .common import make_settings
-
-    return make_settings(Settings, QUICK, model, quick, seed, **overrides)
+settings = Settings.for_run  # notebook 05: settings(model, quick, seed, **overrides)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One configuration: sharing or not, and a policy at a budget or none."""
+    """One configuration: sharing or not, and an eviction method at a budget or none."""
 
-    policy: str | None = None
+    method: str | None = None
     budget: int | None = None
     shared: bool = False
 
     @property
     def label(self) -> str:
         parts = []
-        if self.policy:
-            parts.append(f"{POLICY_LABELS.get(self.policy, self.policy)} {self.budget}")
+        if self.method:
+            parts.append(f"{METHOD_LABELS.get(self.method, self.method)} {self.budget}")
         if self.shared:
             parts.append("sharing")
         return " + ".join(parts) if parts else "full"
 
-    def make_policy(self):
-        return None if self.policy is None else make_policy(self.policy, budget=self.budget)
+    def make_method(self):
+        return None if self.method is None else methods.make(self.method, budget=self.budget)
 
 
 def cells(cfg: Settings) -> list[Cell]:
-    """full; sharing; each policy at each budget; each of those with sharing."""
+    """full; sharing; each eviction method at each budget; each of those with sharing."""
     out = [Cell(), Cell(shared=True)]
     for shared in (False, True):
-        for p in cfg.policies:
-            if p not in POLICIES:
-                raise ValueError(f"unknown policy {p!r}; use one of {', '.join(POLICIES)}")
+        for p in cfg.methods:
+            if p not in budget_methods():
+                raise ValueError(f"unknown eviction method {p!r}; use one of {', '.join(budget_methods())}")
             for b in cfg.budgets:
                 out.append(Cell(p, int(b), shared))
     return out
@@ -163,7 +160,7 @@ def quality_tasks(cfg: Settings) -> list:
 
 
 def quality(model, tokenizer, cfg: Settings, strategy: Strategy, progress: bool = True, evaluator=None) -> list[dict]:
-    """Every cell through `kvshare.evaluation.Evaluator` (its strategy and policy, scored by decoding), on the
+    """Every cell through `kvshare.evaluation.Evaluator` (its strategy and method, scored by decoding), on the
     same windows and examples: one row per cell with the decoded perplexity (`ppl`, `ppl_se`, `window_nll`) and
     multiple-choice accuracy (`mc_acc`, the mean over `cfg.mc_tasks`, per-example `mc_scores`), plus the
     evaluation's own rows (`eval_rows`)."""
@@ -175,13 +172,13 @@ def quality(model, tokenizer, cfg: Settings, strategy: Strategy, progress: bool 
     for cell in cells(cfg):
         t0 = time.perf_counter()
         result = ev.evaluate(
-            strategy if cell.shared else None, tasks=tasks, policy=cell.make_policy(), decode=True, label=cell.label
+            strategy if cell.shared else None, tasks=tasks, method=cell.make_method(), decode=True, label=cell.label
         )
         by = {(r["task"], r["metric"]): r for r in result["rows"]}
         ppl, nll = by[(tasks[0].name, "ppl")], by[(tasks[0].name, "nll")]
         row = {
             "label": cell.label,
-            "policy": cell.policy,
+            "policy": cell.method,
             "budget": cell.budget,
             "shared": cell.shared,
             "num_shared": strategy.num_shared if cell.shared else 0,
@@ -236,16 +233,15 @@ def cost(cfg: Settings, strategy: Strategy, model=None, progress: bool = True) -
             cell,
             Config(
                 cfg.model,
-                "shared" if (cell.shared or cell.policy) else "plain",
+                "shared" if (cell.shared or cell.method) else "plain",
                 strategy.num_shared / strategy.num_layers if cell.shared else 0.0,
                 cfg.bench_batch,
                 cfg.bench_prompt,
                 cfg.bench_new_tokens,
                 repeats=cfg.bench_repeats,
                 seed=cfg.seed,
-                policy=cell.policy,
-                budget=cell.budget,
                 strategy=strategy.to_dict() if cell.shared else None,
+                method=None if cell.method is None else cell.make_method().to_dict(),
             ),
         )
         for cell in order
@@ -356,10 +352,11 @@ def pareto_front(rows: list[dict], x: str = "kv_ratio", y: str = "ppl") -> list[
 
 
 def additivity(rows: list[dict], quality_rows: list[dict]) -> list[dict]:
-    """For each policy and budget: do memory savings multiply and quality costs add when combined with sharing?
+    """For each eviction method and budget: do memory savings multiply and quality costs add when combined with
+    sharing?
 
-    - memory: combined K/V ratio against (policy ratio x sharing ratio);
-    - quality: interaction = dNLL(combined) - dNLL(policy) - dNLL(sharing), every dNLL against the
+    - memory: combined K/V ratio against (method ratio x sharing ratio);
+    - quality: interaction = dNLL(combined) - dNLL(method) - dNLL(sharing), every dNLL against the
       full model, paired per window (0 = the costs add up exactly; > 0 = worse together than the sum).
     """
     q = {r["label"]: r for r in quality_rows}
@@ -404,9 +401,9 @@ def additivity(rows: list[dict], quality_rows: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "eager"), repeats: int = 1) -> list[dict]:
-    """Prefill and decode time of the full model and each policy, under sdpa (H2O/PyramidInfer recompute
+    """Prefill and decode time of the full model and each eviction method, under sdpa (H2O/PyramidInfer recompute
     the probabilities they need from the query and kept keys) and eager (the probabilities come with the
-    attention); `score_s` / `evict_s`: the policies' own time, scoring and dropping (in-process, CPU)."""
+    attention); `score_s` / `evict_s`: the methods' own time, scoring and dropping (in-process, CPU)."""
     from transformers import DynamicCache
 
     from ..bench import last_logits_only
@@ -424,9 +421,9 @@ def overhead(model, cfg: Settings, budget: int | None = None, impls=("sdpa", "ea
         for _ in range(repeats):  # rounds over every configuration, so load drift hits them alike
             for impl in impls:
                 model.set_attn_implementation(impl)
-                for name in [None, *cfg.policies]:
-                    policy = None if name is None else make_policy(name, budget=budget)
-                    with compression(model, None, policy), timing() as t:
+                for name in [None, *cfg.methods]:
+                    method = None if name is None else methods.make(name, budget=budget)
+                    with compression(model, None, method), timing() as t:
                         cache = DynamicCache(config=model.config)
                         t0 = time.perf_counter()
                         token = (

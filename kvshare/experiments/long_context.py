@@ -1,5 +1,5 @@
 """Notebook 09: does layer-wise sharing survive long inputs? RULER accuracy against context length for KVSharer, the
-eviction policies and the cross-layer peers at comparable KV bytes, and their cost at length.
+eviction methods and the cross-layer peers at comparable KV bytes, and their cost at length.
 
 Accuracy: kvshare.evaluation's long suite (lm-eval's generated RULER tasks in the model's own tokens, answers
 generated greedily from the compressed cache, scored by RULER's string match), every point on the same examples,
@@ -7,7 +7,7 @@ so differences to the full model are paired per example. Results are cached per 
 by the evaluator's results cache, so an interrupted run resumes where it stopped.
 
 Points. KVSharer replaces C = num_shared_for(rate) layers (dissimilar and similar orders, and the best-first search),
-which keeps (L - C) / L of the bytes at any length. The eviction policies and the peers are placed at the bytes of
+which keeps (L - C) / L of the bytes at any length. The eviction methods and the peers are placed at the bytes of
 KVSharer at `target_rate`: a token budget of that share of each length's prompt (StreamingLLM, H2O, PyramidInfer),
 the MiniCache start layer whose predicted bytes come closest (kvshare.accounting), the SimLayerKV threshold set on
 calibration text (never RULER's) so that the share of lazy layers aims at it. KV bytes are measured at every length
@@ -32,7 +32,7 @@ from ..accounting import num_shared_for, predicted_cache_bytes
 from ..adapter import num_layers
 from ..evaluation import Evaluator
 from ..strategy import Strategy
-from .best_search import ResultCache
+from .scaffold import ResultCache, RunSettings
 
 FAMILIES = (
     "full",
@@ -65,12 +65,9 @@ GEN_ALLOWANCE = 128  # RULER's NIAH length includes 128 generated tokens: the pr
 
 
 @dataclass
-class Settings:
+class Settings(RunSettings):
     """Everything notebook 09's numbers depend on (saved beside its figures)."""
 
-    model: str
-    quick: bool
-    seed: int
     lengths: list = field(default_factory=lambda: [1024, 2048, 4096])
     samples: list = field(default_factory=lambda: [4, 2, 2])  # examples per task at each length (fits 45 min)
     tasks: list = field(default_factory=lambda: ["niah_single_1"])  # the sweep's tasks (every point)
@@ -95,33 +92,26 @@ class Settings:
     bench_new_tokens: int = 16
     alpha: float = 0.05  # a loss is significant when the paired sign test's two-sided p is below this
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    QUICK = dict(
+        lengths=[512, 1024],
+        samples=[2, 1],
+        screen_tasks=["niah_single_1", "ruler_vt"],
+        screen_samples=1,
+        search_samples=4,
+        evictions=["streamingllm", "h2o"],
+        recent=16,
+        query_window=8,
+        calibration_context=128,
+        bench_new_tokens=4,
+        orders=["dissimilar", "similar"],  # the best-first search takes ~4 min even on 4 texts
+    )
+
+    def __post_init__(self):
+        if len(self.samples) != len(self.lengths):
+            raise ValueError(f"samples ({self.samples}) needs one count per length ({self.lengths})")
 
 
-QUICK = dict(
-    lengths=[512, 1024],
-    samples=[2, 1],
-    screen_tasks=["niah_single_1", "ruler_vt"],
-    screen_samples=1,
-    search_samples=4,
-    evictions=["streamingllm", "h2o"],
-    recent=16,
-    query_window=8,
-    calibration_context=128,
-    bench_new_tokens=4,
-    orders=["dissimilar", "similar"],  # the best-first search takes ~4 min even on 4 texts
-)
-
-
-def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
-    """Notebook 09's settings (see `kvshare.experiments.common.make_settings`)."""
-    from .common import make_settings
-
-    cfg = make_settings(Settings, QUICK, model, quick, seed, **overrides)
-    if len(cfg.samples) != len(cfg.lengths):
-        raise ValueError(f"samples ({cfg.samples}) needs one count per length ({cfg.lengths})")
-    return cfg
+settings = Settings.for_run  # notebook 09: settings(model, quick, seed, **overrides)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,7 +252,7 @@ def accuracy(evaluator: Evaluator, pts: list[Point], cfg: Settings, progress: bo
     for p in pts:
         for length, n in zip(cfg.lengths, cfg.samples):
             strategy, method = p.build(length)
-            r = evaluator.evaluate(strategy, suite="long", tasks=cfg.tasks, lengths=[length], limit=n, policy=method)
+            r = evaluator.evaluate(strategy, suite="long", tasks=cfg.tasks, lengths=[length], limit=n, method=method)
             for row in r["rows"]:
                 rows.append(
                     {

@@ -11,6 +11,8 @@ Figures and the conclusion: `kvshare.experiments.reports.memory_speed`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from transformers import LlamaConfig
 
 from ..accounting import kv_token_bytes, num_shared_for
@@ -24,6 +26,7 @@ from ..bench import (
     load_note,
     param_count,
 )
+from .scaffold import RunSettings
 
 PAPER = {
     "model": "llama2-13b",
@@ -36,6 +39,60 @@ PAPER = {
 }
 #: The paper's peak-memory claim as a ratio (shared over plain): 37,049 / 51,639 MB = 71.7%, "72%".
 PAPER_PEAK_RATIO = PAPER["peak_mb"][1] / PAPER["peak_mb"][0]
+
+
+@dataclass
+class Settings(RunSettings):
+    """Everything notebook 04's numbers depend on (saved beside its figures, by `plan`, with what it predicts)."""
+
+    prompt_len: int = 256
+    new_tokens: int = 64
+    rates: tuple = (0.0, 0.25, 0.5)
+    batches: tuple = (4,)  # batch 4 only: the quoted configuration (the run stays under 20 min)
+    lengths: tuple = (64, 128)  # the length equal to new_tokens is the rate sweep's rows
+    repeats: int = 1  # timed runs per configuration and round: the rounds give the spread
+    rounds: int = SPEED_ROUNDS  # every sweep measured 5 times, in alternating order: the fastest run is kept
+    isolate: bool = True  # CPU peak memory needs a process per configuration
+    compile_rounds: int = 1  # rounds of the torch.compile rows: compiling takes minutes per process
+    budget_gib: float = 2.0  # section 4's budget
+    budget: str = "the whole process's peak memory"  # what budget_gib bounds
+    budget_prompt_len: int = 2048
+    budget_new_tokens: int = 32
+    budget_rates: tuple = (0.25, 0.5)
+    budget_limit: int = 256  # largest batch tried
+    budget_time_limit_s: int = 200  # no budget probe starts past this (the whole search)
+    budget_max_probes: int = 4  # full runs per search (plain, 25%, 50%)
+
+    QUICK = dict(
+        prompt_len=64,
+        new_tokens=16,
+        batches=(1, 2),
+        lengths=(8, 16, 32),
+        rounds=1,
+        isolate=False,  # quick mode skips the spawns
+        compile_rounds=0,
+        budget_gib=1.1,
+        budget_prompt_len=128,
+        budget_new_tokens=8,
+        budget_limit=8,
+        budget_time_limit_s=120,
+        budget_max_probes=3,
+    )
+
+
+settings = Settings.for_run  # notebook 04: settings(model, quick, seed, **overrides)
+
+
+def plan(cfg: Settings, config, elem: int) -> dict:
+    """Notebook 04's settings file: `cfg`, the largest batch per rate the accounting predicts for section 4
+    (`budget_predicted_batches`) and each section's estimated seconds (`estimated_s`), for the model's `config`
+    with `elem` bytes per element."""
+    out = cfg.to_dict()
+    out["budget_predicted_batches"] = predicted_budget_batches(
+        config, int(cfg.budget_gib * 2**30), cfg.budget_rates, cfg.budget_prompt_len, cfg.budget_new_tokens, elem
+    )
+    out["estimated_s"] = estimate_seconds(config, out)
+    return out
 
 
 def rate_sweep(

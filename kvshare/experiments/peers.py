@@ -53,7 +53,7 @@ from ..data import calibration_texts, eval_text
 from ..methods.simlayerkv import SimLayerKVLayer
 from ..metrics import HELDOUT, decode_windows, paired_difference
 from ..strategy import Strategy
-from .best_search import ResultCache
+from .scaffold import ResultCache, RunSettings
 
 FAMILIES = (
     "full",
@@ -82,12 +82,9 @@ LABELS = {
 
 
 @dataclass
-class Settings:
+class Settings(RunSettings):
     """Everything notebook 07's numbers depend on (saved beside its figures)."""
 
-    model: str
-    quick: bool
-    seed: int
     window: int = HELDOUT.window
     windows: int = HELDOUT.tokens // HELDOUT.window  # 32 x 512 = 16,384 held-out tokens: the whole protocol
     context: int = 448  # prefilled tokens per window; the last window - 1 - context (63) are decoded and scored
@@ -119,6 +116,31 @@ class Settings:
     # allocator reuses freed memory and a run adds ~0 to the resident set); False: in this process, speed only
     bench_isolate: bool = True
 
+    QUICK = dict(
+        window=128,
+        windows=2,
+        context=96,
+        batch=2,
+        num_shared=[8],
+        random_seeds=2,
+        samples=6,
+        start_layers=[10],
+        lazy_targets=[0.75],
+        recent=16,
+        query_window=8,
+        budget_ratios=[0.75],
+        evictions=["streamingllm", "h2o"],
+        targets=[0.75],
+        tolerance=0.1,
+        suite_tasks=["kvshare_sciq"],
+        suite_limit=2,
+        bench_batch=1,
+        bench_prompt=64,
+        bench_new_tokens=8,
+        bench_rounds=1,
+        bench_isolate=False,
+    )
+
     @property
     def scored_per_window(self) -> int:
         """Tokens scored in each window: those after the prefilled `context` (the first token has no prediction)."""
@@ -137,61 +159,12 @@ class Settings:
         }
 
 
-QUICK = dict(
-    window=128,
-    windows=2,
-    context=96,
-    batch=2,
-    num_shared=[8],
-    random_seeds=2,
-    samples=6,
-    start_layers=[10],
-    lazy_targets=[0.75],
-    recent=16,
-    query_window=8,
-    budget_ratios=[0.75],
-    evictions=["streamingllm", "h2o"],
-    targets=[0.75],
-    tolerance=0.1,
-    suite_tasks=["kvshare_sciq"],
-    suite_limit=2,
-    bench_batch=1,
-    bench_prompt=64,
-    bench_new_tokens=8,
-    bench_rounds=1,
-    bench_isolate=False,
-)
-
-
-def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
-    """Notebook 07's settings (see `kvshare.experiments.common.make_settings`)."""
-    from .common import make_settings
-
-    return make_settings(Settings, QUICK, model, quick, seed, **overrides)
+settings = Settings.for_run  # notebook 07: settings(model, quick, seed, **overrides)
 
 
 # ------------------------------------------------------------------------------------------------
-# bytes of one window (also `kvshare ppl`'s kv_bytes)
+# bytes per sequence
 # ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def window_cache_bytes(model, tokenizer, text: str, window: int, context: int | None = None, *applied) -> int:
-    """Bytes the KV cache holds after the first `window`-token window of `text` (`window - 1` tokens fed, as
-    when every token of the window is scored), with `applied` (Strategy / methods / None) on the model:
-    `context` tokens prefilled and the rest decoded one at a time, or (context None) one forward."""
-    from transformers import DynamicCache
-
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][:, : window - 1]
-    ids = ids.to(next(model.parameters()).device)
-    with compression(model, *applied):
-        cache = DynamicCache(config=model.config)
-        kw = {model_cache_kwarg(model): cache}
-        first = ids.shape[1] if context is None else min(context, ids.shape[1])
-        model(input_ids=ids[:, :first], use_cache=True, logits_to_keep=1, **kw)
-        for t in range(first, ids.shape[1]):
-            model(input_ids=ids[:, t : t + 1], use_cache=True, **kw)
-    return cache_bytes(cache)
-
-
 def sequence_bytes(cache, config, dtype_bytes: int) -> list[int]:
     """Per sequence of a batch: the K/V bytes of the tokens it really keeps -- a slot's own bytes split evenly
     over the rows, except SimLayerKV slots, where a row lazy in a layer lazy for only some rows holds its kept
@@ -609,7 +582,7 @@ def run_suite(
     model, tokenizer, pts: list[Point], cfg: Settings, cache: ResultCache | None = None, progress: bool = True
 ) -> list[dict]:
     """The offline suite (kvshare.evaluation.Evaluator, `suite_limit` examples per task) at every point of `pts`:
-    KVSharer as the strategy, the other methods as the cache policy (scored by decoding when lossy after the
+    KVSharer as the strategy, the other methods as the cache method (scored by decoding when lossy after the
     prefill). One unit per point in `cache`. Returns one record per point: its description and the rows (with
     per-example scores)."""
     from ..evaluation import Evaluator, task_key
@@ -629,7 +602,7 @@ def run_suite(
             strategy = next((a for a in p.applied if isinstance(a, Strategy)), None)
             method = next((a for a in p.applied if a is not None and not isinstance(a, Strategy)), None)
             t0 = time.perf_counter()
-            result = evaluator.evaluate(strategy, tasks=tasks, limit=cfg.suite_limit, label=p.label, policy=method)
+            result = evaluator.evaluate(strategy, tasks=tasks, limit=cfg.suite_limit, label=p.label, method=method)
             hit = {
                 **p.describe(),
                 "protocol": result["protocol"],
@@ -737,6 +710,13 @@ def bench_config(p: Point, cfg: Settings):
     )
 
 
+def cost_key(config) -> dict:
+    """What the cost unit is keyed by for one configuration: its fields, plus `policy`, `budget` and `kv_bits` as None.
+    The committed unit (figures/07_peers_results.json) was keyed with those three fields of the configuration, always
+    None here (`method` says what they said); keeping them keeps that unit valid, so a re-run reuses it."""
+    return {**asdict(config), "policy": None, "budget": None, "kv_bits": None}
+
+
 def cost(
     cfg: Settings,
     pts: list[Point],
@@ -756,7 +736,7 @@ def cost(
 
     chosen = cost_points(pts)
     configs = [bench_config(p, cfg) for p in chosen]
-    key = ResultCache.key([asdict(c) for c in configs], cfg.bench_rounds, cfg.bench_isolate or model is None)
+    key = ResultCache.key([cost_key(c) for c in configs], cfg.bench_rounds, cfg.bench_isolate or model is None)
     hit = None if cache is None else cache.get("cost", key)
     if hit is not None:
         return hit

@@ -4,7 +4,8 @@ The rebuttal's claim: KVSharer on Llama-2-7B-Chat-GPTQ gives perplexity 8.61 / 1
 with 0 / 4 / 8 / 12 shared layers. Here the same rows are measured for every combination of
 - weights: the embedded default (SmolLM2-135M-Instruct, itself GGUF Q4_1, held in float32) and its
   GPTQ re-quantization (4-bit, group size 128, GPTQModel, made once; `kvshare.gptq`);
-- KV cache: unquantized, int8 and int4 (`kvshare.quantized_kv.QuantizedKV`, per-token group-wise);
+- KV cache: unquantized, int8 and int4 (the method `quantized`, `kvshare.methods.quantized.QuantizedKV`:
+  per-token group-wise);
 - shared layers C = 0, 4, 8, 12: ONE KVSharer search per weight set to the largest C, smaller C as its
   prefixes (`Strategy.prefix`), the search run on the weights it is applied to.
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from ..combine import compression
 from ..methods.quantized import QuantizedKV
 from ..metrics import HELDOUT
 from ..strategy import Strategy
+from .scaffold import RunSettings
 
 # the rebuttal's numbers (Llama-2-7B-Chat-GPTQ, 32 layers; perplexity by shared layers)
 REBUTTAL = {"model": "Llama-2-7B-Chat-GPTQ", "num_layers": 32, "ppl": {0: 8.61, 4: 10.40, 8: 16.68, 12: 25.89}}
@@ -42,12 +44,9 @@ KV_LABELS = {None: "unquantized", 8: "int8", 4: "int4"}
 
 
 @dataclass
-class Settings:
+class Settings(RunSettings):
     """Everything notebook 06's numbers depend on (saved beside its figures)."""
 
-    model: str
-    quick: bool
-    seed: int
     gptq_model: str | None = None  # None: "<model>-gptq" when kvshare knows how to make it
     gptq: str = "auto"  # "auto": make it if missing (quick: only if already made); "skip"; "require"
     num_shared: list = field(default_factory=lambda: [0, 4, 8, 12])
@@ -67,26 +66,19 @@ class Settings:
     bench_repeats: int = 2
     threads: int | None = None  # torch threads (None: torch's default); 1 is steadier on a shared machine
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    QUICK = dict(
+        num_shared=[0, 4], samples=6, eval_tokens=256, window=128, bench_prompt=64, bench_new_tokens=4, bench_repeats=1
+    )
+
+    def __post_init__(self):
+        if self.gptq not in ("auto", "skip", "require"):
+            raise ValueError(f"gptq must be 'auto', 'skip' or 'require', got {self.gptq!r}")
 
 
-QUICK = dict(
-    num_shared=[0, 4], samples=6, eval_tokens=256, window=128, bench_prompt=64, bench_new_tokens=4, bench_repeats=1
-)
+settings = Settings.for_run  # notebook 06: settings(model, quick, seed, **overrides)
 
 
-def settings(model: str, quick: bool, seed: int = 0, **overrides) -> Settings:
-    """Notebook 06's settings (see `kvshare.experiments.common.make_settings`)."""
-    from .common import make_settings
-
-    base = make_settings(Settings, QUICK, model, quick, seed, **overrides)
-    if base.gptq not in ("auto", "skip", "require"):
-        raise ValueError(f"gptq must be 'auto', 'skip' or 'require', got {base.gptq!r}")
-    return base
-
-
-def kv_policy(bits, group_size: int = 32) -> QuantizedKV | None:
+def kv_method(bits, group_size: int = 32) -> QuantizedKV | None:
     return None if bits is None else QuantizedKV(bits=int(bits), group_size=group_size)
 
 
@@ -177,11 +169,11 @@ def eval_prefix(tokenizer, text: str, tokens: int) -> str:
 # ------------------------------------------------------------------------------------------------
 # quality and cost of one cell
 # ------------------------------------------------------------------------------------------------
-def perplexity_cell(model, tokenizer, text: str, strategy, policy, cfg: Settings) -> dict:
+def perplexity_cell(model, tokenizer, text: str, strategy, method, cfg: Settings) -> dict:
     from ..metrics import window_nlls
 
     t0 = time.perf_counter()
-    with compression(model, strategy if strategy is not None and strategy.mapping else None, policy):
+    with compression(model, strategy if strategy is not None and strategy.mapping else None, method):
         chunks = window_nlls(
             model,
             tokenizer,
@@ -208,7 +200,7 @@ def perplexity_cell(model, tokenizer, text: str, strategy, policy, cfg: Settings
 
 
 @torch.no_grad()
-def cost_cell(model, strategy, policy, cfg: Settings) -> dict:
+def cost_cell(model, strategy, method, cfg: Settings) -> dict:
     """K/V bytes after prefill + decode, the bytes predicted from the shapes, decode tokens/s."""
     from ..bench import run_once
 
@@ -217,7 +209,7 @@ def cost_cell(model, strategy, policy, cfg: Settings) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(0, vocab, (cfg.bench_batch, cfg.bench_prompt), generator=gen).to(device)
     decode, prefill, kv = [], [], None
-    with compression(model, strategy if strategy is not None and strategy.mapping else None, policy):
+    with compression(model, strategy if strategy is not None and strategy.mapping else None, method):
         run_once(model, prompt, min(cfg.bench_new_tokens, 2), "dynamic")  # warm-up
         for _ in range(cfg.bench_repeats):
             p, d, cache = run_once(model, prompt, cfg.bench_new_tokens, "dynamic")
@@ -228,7 +220,7 @@ def cost_cell(model, strategy, policy, cfg: Settings) -> dict:
     tokens = cfg.bench_prompt + cfg.bench_new_tokens
     elem = next(p for p in model.parameters() if p.is_floating_point()).element_size()
     strat = strategy if strategy is not None and strategy.mapping else None
-    predicted = predicted_cache_bytes(model.config, policy, cfg.bench_batch, [tokens], elem, strategy=strat)
+    predicted = predicted_cache_bytes(model.config, method, cfg.bench_batch, [tokens], elem, strategy=strat)
     best = min(decode)
     return {
         "kv_bytes": kv,
@@ -272,9 +264,9 @@ def run_weight_set(label: str, name: str, cfg: Settings, text: str, progress: bo
                 )
             continue
         for bits in cfg.kv_bits:
-            policy = kv_policy(bits, cfg.group_size)
-            q = perplexity_cell(model, tokenizer, text, strategies[c], policy, cfg)
-            k = cost_cell(model, strategies[c], policy, cfg)
+            method = kv_method(bits, cfg.group_size)
+            q = perplexity_cell(model, tokenizer, text, strategies[c], method, cfg)
+            k = cost_cell(model, strategies[c], method, cfg)
             row = {
                 "weights": label,
                 "model": name,
@@ -282,7 +274,7 @@ def run_weight_set(label: str, name: str, cfg: Settings, text: str, progress: bo
                 "num_layers": num_layers(model),
                 "kv_bits": bits,
                 "kv": KV_LABELS.get(bits, f"int{bits}"),
-                "kv_quant_ratio": 1.0 if policy is None else policy.compression_ratio(head_dim(text_cfg), elem),
+                "kv_quant_ratio": 1.0 if method is None else method.compression_ratio(head_dim(text_cfg), elem),
                 **info,
                 **q,
                 **k,

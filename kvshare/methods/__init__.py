@@ -1,40 +1,36 @@
-"""The registry of KV-cache methods: one file per method, one line here.
+"""The registry of KV-cache methods: one file per method, registered where it is defined.
 
     import kvshare
-    kvshare.methods.available()                       # ['kvsharer', 'streamingllm', 'h2o', 'pyramidinfer', 'quantized']
+    kvshare.methods.available()                       # ['kvsharer', 'streamingllm', 'h2o', 'pyramidinfer', ...]
     h2o = kvshare.methods.make("h2o", budget=128)
     q4 = kvshare.methods.make("quantized", bits=4)
     with kvshare.compression(model, strategy, h2o, q4):  # sharing x eviction x quantization
         model.generate(...)
 
 Every method is a `KVMethod` (kvshare.methods.base: the interface, documented once) with a settings
-dataclass. The CLI (`--method NAME` and its settings as flags), the evaluator, the benchmark, the
-notebooks and the shared test matrix (tests/test_methods.py) all read `REGISTRY`; adding a method is
-one file plus one line below (see CONTRIBUTING.md).
+dataclass, and carries `@register` in its own file. The CLI (`--method NAME` and its settings as flags), the
+evaluator, the benchmark, the notebooks and the shared test matrix (tests/test_methods.py) all read `REGISTRY`;
+adding a method is one file plus its module's name in `METHOD_MODULES` below (see CONTRIBUTING.md). Every
+registered class and its settings class can be imported from here (`from kvshare.methods import H2O`).
 """
 
 from __future__ import annotations
 
-from .base import ROLES, KVMethod, MethodSettings
-from .compose import Composition
-from .eviction import EvictingLayer, EvictionPolicy, PolicySettings
-from .h2o import H2O, H2OSettings
-from .kvsharer import KVSharer, KVSharerSettings
-from .minicache import MiniCache, MiniCacheSettings
-from .pyramidinfer import PyramidInfer, PyramidInferSettings
-from .quantized import QuantizedKV, QuantizedSettings
-from .simlayerkv import SimLayerKV, SimLayerKVSettings
-from .streamingllm import StreamingLLM, StreamingLLMSettings
+from importlib import import_module
 
-REGISTRY: dict[str, type[KVMethod]] = {
-    "kvsharer": KVSharer,
-    "streamingllm": StreamingLLM,
-    "h2o": H2O,
-    "pyramidinfer": PyramidInfer,
-    "quantized": QuantizedKV,
-    "simlayerkv": SimLayerKV,
-    "minicache": MiniCache,
-}
+from .base import REGISTRY, ROLES, KVMethod, MethodSettings, register
+from .compose import Composition
+from .eviction import EvictingLayer, EvictionMethod, EvictionSettings
+
+# The method modules, imported in this order: the registry's order, which the CLI's help, the test matrix and the
+# notebooks list methods in. Each module registers its class with @register.
+METHOD_MODULES = ("kvsharer", "streamingllm", "h2o", "pyramidinfer", "quantized", "simlayerkv", "minicache")
+for _module in METHOD_MODULES:
+    import_module(f"{__name__}.{_module}")
+for _cls in REGISTRY.values():  # `from kvshare.methods import H2O, H2OSettings`
+    globals()[_cls.__name__] = _cls
+    globals()[_cls.settings_class.__name__] = _cls.settings_class
+del _module, _cls
 
 
 def available() -> list[str]:
@@ -78,30 +74,20 @@ def from_dict(data: dict) -> KVMethod:
 
 
 __all__ = [
+    "METHOD_MODULES",
     "REGISTRY",
     "ROLES",
     "Composition",
     "EvictingLayer",
-    "EvictionPolicy",
-    "H2O",
-    "H2OSettings",
+    "EvictionMethod",
+    "EvictionSettings",
     "KVMethod",
-    "KVSharer",
-    "KVSharerSettings",
     "MethodSettings",
-    "MiniCache",
-    "MiniCacheSettings",
-    "PolicySettings",
-    "PyramidInfer",
-    "PyramidInferSettings",
-    "QuantizedKV",
-    "QuantizedSettings",
-    "SimLayerKV",
-    "SimLayerKVSettings",
-    "StreamingLLM",
-    "StreamingLLMSettings",
     "available",
     "from_dict",
     "get",
     "make",
+    "register",
+    *(cls.__name__ for cls in REGISTRY.values()),
+    *(cls.settings_class.__name__ for cls in REGISTRY.values()),
 ]

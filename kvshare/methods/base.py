@@ -37,6 +37,21 @@ from ..adapter import layer_window
 
 ROLES = ("sharing", "eviction", "storage", "cache")
 
+#: every registered method class by its name, in registration order (kvshare.methods imports the method modules
+#: in the order listings show them); `@register` on a class in its own file is what adds it
+REGISTRY: dict[str, type["KVMethod"]] = {}
+
+
+def register(cls: type["KVMethod"]) -> type["KVMethod"]:
+    """Class decorator: add a `KVMethod` subclass to `REGISTRY` under its `name` (the CLI's `--method NAME`, the
+    shared test matrix, `kvshare.methods.make(name)` and the notebooks then find it)."""
+    if not cls.name or cls.role not in ROLES:
+        raise ValueError(f"{cls.__name__} needs a name and a role of {', '.join(ROLES)} to be registered")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two methods named {cls.name!r}: {REGISTRY[cls.name].__name__} and {cls.__name__}")
+    REGISTRY[cls.name] = cls
+    return cls
+
 
 @dataclass
 class MethodSettings:

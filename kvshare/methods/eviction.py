@@ -2,7 +2,7 @@
 
 How eviction fits transformers (nothing in a modeling file is copied or changed):
 
-- Positions. A policy slot's `get_seq_length()` is the number of tokens it has *seen*, not the
+- Positions. An evicting slot's `get_seq_length()` is the number of tokens it has *seen*, not the
   number it holds, so `position_ids` (and `q_offset` of the mask) stay the true positions. Keys are
   cached after RoPE, so an evicted cache keeps correct keys.
 - Masks. `get_mask_sizes(q)` is `(seen + q, 0)`: the model builds its one mask (causal, padding,
@@ -11,10 +11,10 @@ How eviction fits transformers (nothing in a modeling file is copied or changed)
   the kept positions (followed by the new tokens): causality, left padding and sliding windows come
   out exactly as the model defines them, per layer and per head. While nothing has been evicted the
   model's mask is passed through untouched (and `None`, sdpa's all-visible/`is_causal` fast path,
-  stays `None` where it is still right), so with a budget above the length a policy is the full
-  model, bit for bit.
+  stays `None` where it is still right), so with a budget above the length an eviction method is the
+  full model, bit for bit.
 - Eviction. The attention of a forward runs over the kept tokens plus the new ones (`update`
-  returns exactly those); a post-hook on the attention then lets the policy score and drop tokens,
+  returns exactly those); a post-hook on the attention then lets the method score and drop tokens,
   so between forwards a slot holds at most its budget (PyramidInfer: see its module).
 - Attention weights (H2O, PyramidInfer) come from the layer's own query and kept keys, computed in
   that post-hook only for the layers whose slot needs them: the query is taken from a hook on
@@ -23,7 +23,7 @@ How eviction fits transformers (nothing in a modeling file is copied or changed)
   from sdpa. With eager attention the weights the layer returns are used instead (nothing recomputed).
 - Sharing. A replaced layer reads its source's slot: its attention gets the K/V the source's
   `update` returned in the same forward (kvshare.sharing's tap) and the mask computed for them,
-  i.e. the source's kept tokens as the source's policy left them. Replaced layers do not score.
+  i.e. the source's kept tokens as the source's method left them. Replaced layers do not score.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ TIMING = {"enabled": False, "score_s": 0.0, "evict_s": 0.0, "forwards": 0}
 
 @contextlib.contextmanager
 def timing():
-    """`with timing() as t: ...` then t["score_s"], t["evict_s"]: where a policy's own time goes."""
+    """`with timing() as t: ...` then t["score_s"], t["evict_s"]: where an eviction method's own time goes."""
     TIMING.update(enabled=True, score_s=0.0, evict_s=0.0, forwards=0)
     try:
         yield TIMING
@@ -58,7 +58,7 @@ def timing():
 
 
 @dataclass
-class PolicySettings(MethodSettings):
+class EvictionSettings(MethodSettings):
     """Common settings: `budget` is the number of tokens a layer keeps (H2O, StreamingLLM) or the
     average over layers (PyramidInfer)."""
 
@@ -76,18 +76,18 @@ layer_kind = layer_window  # the sliding window of a layer (None: full attention
 # the cache layer
 # --------------------------------------------------------------------------------------------
 class EvictingLayer(DynamicLayer):
-    """A dynamic cache layer whose policy drops tokens after each forward.
+    """A dynamic cache layer whose eviction method drops tokens after each forward.
 
     State besides `keys`/`values` ([batch, kv_heads, kept, head_dim]):
-    `positions` [batch, P, kept] (stream index of each kept token; P = kv_heads when the policy
+    `positions` [batch, P, kept] (stream index of each kept token; P = kv_heads when the method
     keeps different tokens per head, else 1), `valid` [batch, P, kept] (False for padding),
     `seen` (tokens seen). Subclasses implement `priority` (and `observe` to collect attention).
     """
 
-    kvshare_policy = True
+    kvshare_method_slot = True
     is_croppable = False
-    needs_attention = False  # does the policy need attention probabilities?
-    per_head = False  # does the policy keep different tokens in different KV heads?
+    needs_attention = False  # does the method need attention probabilities?
+    per_head = False  # does the method keep different tokens in different KV heads?
 
     def __init__(self, settings, layer_idx: int, config, budget: int | None = None, storage=None):
         super().__init__()
@@ -278,7 +278,7 @@ class EvictingLayer(DynamicLayer):
 
     @torch.no_grad()
     def end(self, query=None, weights=None, scaling: float | None = None) -> None:
-        """After the layer's attention: let the policy observe it, then drop tokens."""
+        """After the layer's attention: let the method observe it, then drop tokens."""
         if self._pending is None:
             return
         new_pos, new_valid = self._pending
@@ -400,7 +400,7 @@ class EvictingLayer(DynamicLayer):
             mask[..., max(0, held - count) :] = True
         return mask
 
-    # -- what a policy defines ---------------------------------------------------------------
+    # -- what an eviction method defines -----------------------------------------------------
     score_names: tuple = ()
 
     def _reset_scores(self) -> None:
@@ -438,17 +438,17 @@ class EvictingLayer(DynamicLayer):
 
 
 # --------------------------------------------------------------------------------------------
-# the policy object (kvshare's cache-policy extension point) and its hooks
+# the eviction method (a kvshare.methods KVMethod) and its hooks
 # --------------------------------------------------------------------------------------------
-class EvictionPolicy(KVMethod):
+class EvictionMethod(KVMethod):
     """Token eviction as a kvshare method (role `eviction`): `make_layer(i, config)` gives kept layer i its
     evicting slot; `attach(model)` adds the hooks that feed masks, padding and attention to the slots;
     `detach(model)` removes them. With a storage method in the same composition, the slot holds that
     storage (e.g. codes) for its kept tokens."""
 
-    name = "policy"
+    name = "eviction"
     role = "eviction"
-    settings_class = PolicySettings
+    settings_class = EvictionSettings
     layer_class = EvictingLayer
     scored_by_decoding = True  # tokens are dropped after each forward: one-pass perplexity would not see it
     causal = False  # what a decode step sees depends on what earlier forwards dropped: decoding is the semantics
@@ -485,11 +485,11 @@ class EvictionPolicy(KVMethod):
 
     # -- the shared test matrix ----------------------------------------------------------------
     @classmethod
-    def examples(cls, config) -> list["EvictionPolicy"]:
+    def examples(cls, config) -> list["EvictionMethod"]:
         return [cls(budget=6)]
 
     @classmethod
-    def identity(cls, config, max_length: int) -> "EvictionPolicy":
+    def identity(cls, config, max_length: int) -> "EvictionMethod":
         return cls(budget=max_length + 1)
 
     # -- hooks -------------------------------------------------------------------------------
@@ -518,7 +518,7 @@ def _slot(cache, idx):
     if cache is None or not hasattr(cache, "layers") or idx >= len(cache.layers):
         return None
     layer = cache.layers[idx]
-    return layer if getattr(layer, "kvshare_policy", False) and isinstance(layer, EvictingLayer) else None
+    return layer if getattr(layer, "kvshare_method_slot", False) and isinstance(layer, EvictingLayer) else None
 
 
 def _record_padding(ctx):
@@ -573,7 +573,7 @@ def _after_attention(ctx):
             else:
                 projected = ctx["queries"].pop(module.layer_idx, None)
                 if projected is None:
-                    raise RuntimeError(f"layer {module.layer_idx}: the policy needs the query but q_proj was not seen")
+                    raise RuntimeError(f"layer {module.layer_idx}: the method needs the query but q_proj was not seen")
                 query = query_states(module, projected, kwargs["position_embeddings"])
         ctx["queries"].pop(module.layer_idx, None)
         slot.end(query=query, weights=weights, scaling=module.scaling)

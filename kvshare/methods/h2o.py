@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .eviction import EvictingLayer, EvictionPolicy, PolicySettings
+from .base import register
+from .eviction import EvictingLayer, EvictionMethod, EvictionSettings
 
 
 @dataclass
-class H2OSettings(PolicySettings):
+class H2OSettings(EvictionSettings):
     budget: int
     recent_ratio: float = 0.5  # share of the budget kept as the recent window (the paper's 50/50)
 
@@ -44,7 +45,8 @@ class H2OLayer(EvictingLayer):
         return self.scores.to(torch.float64).masked_fill(recent, float("inf"))
 
 
-class H2O(EvictionPolicy):
+@register
+class H2O(EvictionMethod):
     """`H2O(budget=256, recent_ratio=0.5)`: heavy hitters + recent window, `budget` tokens per layer."""
 
     name = "h2o"

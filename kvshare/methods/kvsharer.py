@@ -19,7 +19,7 @@ from typing import Any
 
 from ..adapter import layer_types
 from ..strategy import Strategy, spread_strategy
-from .base import KVMethod, MethodSettings
+from .base import KVMethod, MethodSettings, register
 
 ORDERS = ("dissimilar", "similar", "random", "spread", "best")
 
@@ -57,6 +57,7 @@ class KVSharerSettings(MethodSettings):
         return out
 
 
+@register
 class KVSharer(KVMethod):
     """Layer-wise KV sharing (role `sharing`): `KVSharer(strategy=s)` or `KVSharer(num_shared=8, order=...)`."""
 

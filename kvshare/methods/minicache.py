@@ -47,7 +47,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..accounting import full_tokens, kv_token_bytes
 from ..adapter import base_model, head_dim, kv_heads, layer_types, layer_window, num_layers
-from .base import KVMethod, MethodSettings
+from .base import KVMethod, MethodSettings, register
 
 
 @dataclass
@@ -320,7 +320,7 @@ class MiniCacheLayer(DynamicLayer):
     """The slot of one layer of a merged pair: `which` 0 (first) or 1 (second); both hold the same `MergedPair`.
     Batch operations and bytes go through the first layer only (the second would repeat them)."""
 
-    kvshare_policy = True
+    kvshare_method_slot = True
     is_croppable = False
 
     def __init__(self, pair: MergedPair, which: int, layer_idx: int, sliding_window: int | None, context: dict):
@@ -406,6 +406,7 @@ class MiniCacheLayer(DynamicLayer):
             self.pair.map(lambda t: t[indices, ...])
 
 
+@register
 class MiniCache(KVMethod):
     """`MiniCache(start_layer=None, slerp_t=0.5, retain=0.05, merge_interval=16)`: cross-layer merged K/V (role
     `cache`: it owns the kept layers' slots and combines with layer sharing only)."""

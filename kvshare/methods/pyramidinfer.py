@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .eviction import EvictingLayer, EvictionPolicy, PolicySettings
+from .base import register
+from .eviction import EvictingLayer, EvictionMethod, EvictionSettings
 
 
 @dataclass
-class PyramidInferSettings(PolicySettings):
+class PyramidInferSettings(EvictionSettings):
     budget: int  # average tokens kept per layer
     ratio: float = 0.5  # last layer's budget / first layer's
     window: int = 16  # recent queries whose attention ranks the prompt; recent tokens always kept
@@ -101,7 +102,8 @@ class PyramidInferLayer(EvictingLayer):
         return held
 
 
-class PyramidInfer(EvictionPolicy):
+@register
+class PyramidInfer(EvictionMethod):
     """`PyramidInfer(budget=256, ratio=0.5, window=16, interval=8)`: `budget` is the average over layers."""
 
     name = "pyramidinfer"

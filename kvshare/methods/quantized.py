@@ -1,7 +1,7 @@
-"""A quantized KV cache (int8 / int4 / int2) as a kvshare cache policy, so it composes with sharing.
+"""A quantized KV cache (int8 / int4 / int2) as a kvshare method (`quantized`), so it composes with sharing.
 
-    policy = kvshare.quantized_kv.QuantizedKV(bits=4)
-    with kvshare.compression(model, strategy, policy):   # sharing and a quantized cache together
+    q4 = kvshare.methods.make("quantized", bits=4)    # = kvshare.methods.quantized.QuantizedKV(bits=4)
+    with kvshare.compression(model, strategy, q4):   # sharing and a quantized cache together
         model.generate(...)
 
 The quantizer
@@ -32,9 +32,9 @@ quantized cache. `nbytes()` counts what is stored (packed codes + scales + zeros
 `window - 1` tokens, as transformers' `DynamicSlidingWindowLayer` does.
 
 Composition with token eviction: `kvshare.compression(model, H2O(budget=64), QuantizedKV(bits=4))` (or
-`quantized(policy, bits)`) gives every kept layer an evicting slot that selects and drops tokens exactly
-as the policy does, but holds a `QuantizedStorage` object for the kept tokens: the bytes are the
-policy's kept tokens times the quantizer's bytes per token. H2O/PyramidInfer score tokens with the keys as
+`quantized(eviction, bits)`) gives every kept layer an evicting slot that selects and drops tokens exactly
+as the eviction method does, but holds a `QuantizedStorage` object for the kept tokens: the bytes are the
+eviction method's kept tokens times the quantizer's bytes per token. H2O/PyramidInfer score tokens with the keys as
 attention reads them (dequantized). Since codes are per token, dropping tokens never re-quantizes
 anything: the evicting cache holds exactly the codes the quantized cache alone would hold for them.
 """
@@ -50,7 +50,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..accounting import full_tokens, predicted_cache_bytes
 from ..adapter import head_dim, kv_heads, layer_window, num_layers
-from .base import KVMethod, MethodSettings
+from .base import KVMethod, MethodSettings, register
 
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -237,7 +237,7 @@ class QuantizedKVLayer(DynamicLayer):
     (a `QuantizedStorage`; `qkeys` / `qvalues` are its tensors).
     """
 
-    kvshare_policy = True
+    kvshare_method_slot = True
 
     def __init__(self, bits: int = 8, group_size: int = 32, sliding_window: int | None = None, layer_idx=None):
         super().__init__()
@@ -340,6 +340,7 @@ class QuantizedSettings(MethodSettings):
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
 
 
+@register
 class QuantizedKV(KVMethod):
     """KV-cache quantization: every kept layer's slot stores its K/V as `bits`-bit per-token group-wise codes
     (see the module docstring). `QuantizedKV(bits=4)`; positional `QuantizedKV(4)` works too."""
@@ -405,24 +406,24 @@ def _sliding_window(config, layer_idx: int) -> int | None:
     return None if config is None else layer_window(config, layer_idx)
 
 
-def quantized(policy, bits: int, group_size: int = 32):
-    """`policy` with a `bits`-bit KV cache: an eviction method -> the composition of both (its slots keep the
-    policy's tokens as codes); None -> QuantizedKV."""
+def quantized(eviction, bits: int, group_size: int = 32):
+    """`eviction` with a `bits`-bit KV cache: an eviction method -> the composition of both (its slots keep the
+    method's tokens as codes); None -> QuantizedKV."""
     quantization = QuantizedKV(bits=bits, group_size=group_size)
-    if policy is None:
+    if eviction is None:
         return quantization
     from .compose import Composition
 
-    return Composition(policy, quantization)
+    return Composition(eviction, quantization)
 
 
 def quantized_eviction(eviction, quantization: QuantizedKV):
     """Token eviction and KV quantization together (`kvshare.compression(model, eviction, quantization)` does the
     same): the composition whose evicting slots hold their kept tokens as codes."""
     from .compose import Composition
-    from .eviction import EvictionPolicy
+    from .eviction import EvictionMethod
 
-    if not isinstance(eviction, EvictionPolicy):
+    if not isinstance(eviction, EvictionMethod):
         raise TypeError(
             f"quantized_eviction combines a kvshare eviction method with QuantizedKV, got {type(eviction).__name__}"
         )
@@ -443,13 +444,6 @@ def plain_cache_bytes(config, strategy=None, batch: int = 1, tokens: int = 0, dt
     return predicted_cache_bytes(config, None, batch, [tokens], dtype_bytes, strategy=strategy)
 
 
-def make_policy(kv_bits: int | None, group_size: int = 32) -> QuantizedKV | None:
-    """The method for `--kv-bits` (None or 16/32: no quantization)."""
-    if kv_bits in (None, 0, 16, 32):
-        return None
-    return QuantizedKV(bits=int(kv_bits), group_size=group_size)
-
-
 __all__ = [
     "QTensor",
     "QuantizedKV",
@@ -459,7 +453,6 @@ __all__ = [
     "SUPPORTED_BITS",
     "dequantize",
     "error_bound",
-    "make_policy",
     "plain_cache_bytes",
     "quantize",
     "quantized",

@@ -31,8 +31,8 @@ import torch
 
 from ..accounting import full_tokens
 from ..adapter import kv_heads, query_groups
-from .base import MethodSettings
-from .eviction import EvictionPolicy, layer_kind
+from .base import MethodSettings, register
+from .eviction import EvictionMethod, layer_kind
 from .streamingllm import StreamingLLMLayer
 
 
@@ -170,7 +170,8 @@ class SimLayerKVLayer(StreamingLLMLayer):
         self.hidden = None  # recomputed by `evict` for the tokens now held
 
 
-class SimLayerKV(EvictionPolicy):
+@register
+class SimLayerKV(EvictionMethod):
     """`SimLayerKV(threshold=0.9, sink=4, recent=1024, query_window=32)`: lazy layers keep sink + recent tokens."""
 
     name = "simlayerkv"

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .eviction import EvictingLayer, EvictionPolicy, PolicySettings
+from .base import register
+from .eviction import EvictingLayer, EvictionMethod, EvictionSettings
 
 
 @dataclass
-class StreamingLLMSettings(PolicySettings):
+class StreamingLLMSettings(EvictionSettings):
     budget: int
     sink: int = 4  # attention-sink tokens kept at the start of every sequence
 
@@ -37,7 +38,8 @@ class StreamingLLMLayer(EvictingLayer):
         return order + 1.0 * recent + 2.0 * sink
 
 
-class StreamingLLM(EvictionPolicy):
+@register
+class StreamingLLM(EvictionMethod):
     """`StreamingLLM(budget=256, sink=4)`: sinks + recent window, `budget` tokens per layer."""
 
     name = "streamingllm"

@@ -133,7 +133,10 @@ def summary_markdown(r: dict) -> str:
 
 def figure(r: dict):
     """Capacity, generation agreement and throughput, plain vs shared, with L/(L-C) marked."""
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # matplotlib comes with the notebooks extra only
+        raise ImportError("drawing the serving figure needs matplotlib: pip install 'kvshare[notebooks]'") from e
 
     cap, gen, thr = r["capacity"], r["generations"], r["throughput"]
     expected = expected_ratio(r)

@@ -10,8 +10,8 @@ Two scoring protocols for log-likelihoods (multiple choice, perplexity):
   `onepass_loglikelihoods` computes it as HFLM does, with the output layer only where a continuation
   token is predicted (the same numbers, far less work on a large vocabulary).
 - decoding (`KVShareLM(decode=True)`): the context but its last token is prefilled into the cache
-  (and compressed by the policy); its last token and the continuation are then fed one token at a
-  time, and every continuation token is scored from the cache the policy left, as in generation.
+  (and compressed by the method); its last token and the continuation are then fed one token at a
+  time, and every continuation token is scored from the cache the method left, as in generation.
   The choices of one question share a prefill (a batch of identical rows, so no padding).
 Generation tasks always decode (`generate`), so eviction shows in them under either protocol.
 """

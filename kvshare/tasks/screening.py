@@ -15,7 +15,7 @@ keeps the candidates that pass one rule, the same for every model:
 
 The default model's suite (`kvshare.tasks.OFFLINE_TASKS`) is what the rule keeps on the default model's committed
 screen (figures/03_evaluation_screen.json; a test checks it). A model's screen is one command
-(`python -m kvshare screen --model NAME`, or notebook 03 run for a model without one), written to
+(`python -m kvshare screen --model NAME`, or notebook 03 run for a model without one: `choose_suite`), written to
 `<checkout>/figures/<model folder>/03_evaluation_screen.json` with every measured number; the suite is rebuilt from
 those numbers by `decide` whenever it is needed, never typed in (`suite_for`).
 """
@@ -29,6 +29,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+from . import suite  # the suite's names are read as `suite.NAME` when used (a test swaps in its own candidates)
 from .offline import MCTask, mc_rows
 
 SCREEN_FILE = "03_evaluation_screen.json"
@@ -103,9 +104,9 @@ def candidates(rows: list[dict]) -> list[dict]:
 
 
 def decide(rows: list[dict], costs: dict[str, float], categories: dict[str, str]) -> list[dict]:
-    """The keep rule (module docstring) on a screen's rows (`kvshare.experiments.evaluation.screen`), the request
-    tokens per example of each candidate (`costs`: {source: tokens}) and their categories: one entry per candidate,
-    in decreasing z, with `kept` and the `reason` it was not kept (None when kept)."""
+    """The keep rule (module docstring) on a screen's rows (`screen`), the request tokens per example of each
+    candidate (`costs`: {source: tokens}) and their categories: one entry per candidate, in decreasing z, with
+    `kept` and the `reason` it was not kept (None when kept)."""
     entries = sorted(candidates(rows), key=lambda e: -_z(e))
     kept: list[dict] = []
     per_category: Counter = Counter()
@@ -143,10 +144,8 @@ def decide(rows: list[dict], costs: dict[str, float], categories: dict[str, str]
 def kept_tasks(decisions: list[dict]) -> list[MCTask]:
     """The kept candidates as the suite's MCTasks (test part): the screen's prompt and chosen metric, EVAL_LIMIT
     questions each."""
-    from . import EVAL_LIMIT
-
     return [
-        MCTask(e["source"], e["category"], prompt=e["prompt"], metric=e["metric"], limit=EVAL_LIMIT)
+        MCTask(e["source"], e["category"], prompt=e["prompt"], metric=e["metric"], limit=suite.EVAL_LIMIT)
         for e in decisions
         if e["kept"]
     ]
@@ -155,15 +154,13 @@ def kept_tasks(decisions: list[dict]) -> list[MCTask]:
 def suite_from_screen(record: dict) -> list:
     """The offline suite a screen file gives: its kept multiple-choice tasks (rebuilt by `decide` from the measured
     rows and costs), then perplexity as in the default suite."""
-    from . import OFFLINE_TASKS, SCREEN_CATEGORIES
-
-    unknown = sorted({r["source"] for r in record["rows"]} - set(SCREEN_CATEGORIES))
+    unknown = sorted({r["source"] for r in record["rows"]} - set(suite.SCREEN_CATEGORIES))
     if unknown:
         raise ValueError(
             f"the screen of {record.get('model')} scored tasks that are no longer candidates ({', '.join(unknown)}): "
             f"rerun it with `python -m kvshare screen --model {record.get('model')}`"
         )
-    decisions = decide(record["rows"], record["request_tokens"], SCREEN_CATEGORIES)
+    decisions = decide(record["rows"], record["request_tokens"], suite.SCREEN_CATEGORIES)
     recorded = record.get("kept")
     now = [e["source"] for e in decisions if e["kept"]]
     if recorded is not None and recorded != now:
@@ -171,7 +168,7 @@ def suite_from_screen(record: dict) -> list:
             f"the screen of {record.get('model')} kept {recorded} when it was run, the rule now keeps {now}: "
             "rerun the screen (python -m kvshare screen --model ...)"
         )
-    return kept_tasks(decisions) + [t for t in OFFLINE_TASKS if t.kind != "multiple_choice"]
+    return kept_tasks(decisions) + [t for t in suite.OFFLINE_TASKS if t.kind != "multiple_choice"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,10 +226,10 @@ def suite_for(model: str | None, root: str | os.PathLike | None = None, warn: bo
     the default model's suite, said in the provenance (`source: "default"`) and in a warning: fine for a quick look,
     not for results about that model (notebook 03 screens such a model first in a full run)."""
     from ..models import DEFAULT_MODEL
-    from . import OFFLINE_TASKS
 
     if model is None or model == DEFAULT_MODEL:
-        return list(OFFLINE_TASKS), {"model": model or DEFAULT_MODEL, "source": "default", "screened_on": DEFAULT_MODEL}
+        where = {"model": model or DEFAULT_MODEL, "source": "default", "screened_on": DEFAULT_MODEL}
+        return list(suite.OFFLINE_TASKS), where
     base = Path(root) if root is not None else checkout_root()
     path = None if base is None else screen_path(model, base)
     if path is not None and path.is_file():
@@ -247,22 +244,21 @@ def suite_for(model: str | None, root: str | os.PathLike | None = None, warn: bo
             f"model's ({DEFAULT_MODEL}'s screen); run `python -m kvshare screen --model {model}` to choose its own",
             stacklevel=2,
         )
-    return list(OFFLINE_TASKS), {"model": model, "source": "default", "screened_on": DEFAULT_MODEL}
+    return list(suite.OFFLINE_TASKS), {"model": model, "source": "default", "screened_on": DEFAULT_MODEL}
 
 
 def screen_record(model: str, rows: list[dict], costs: dict[str, float], chat_template: bool, **extra) -> dict:
     """The screen file's contents: every measured number, the rule, the decision per candidate and the kept list."""
-    from . import SCREEN_CATEGORIES, SCREEN_LIMIT
     from .offline import SCREEN_FRACTION, SPLIT_RULE
 
-    decisions = decide(rows, costs, SCREEN_CATEGORIES)
+    decisions = decide(rows, costs, suite.SCREEN_CATEGORIES)
     return {
         "format": FORMAT,
         "model": model,
         "what": "the offline suite's screen: every candidate of kvshare.tasks.SCREEN scored zero-shot on its screen "
         "part (disjoint from the evaluated test part), and which the keep rule keeps (kvshare.tasks.screening)",
         "chat_template": chat_template,
-        "screen_limit": SCREEN_LIMIT,
+        "screen_limit": suite.SCREEN_LIMIT,
         "split": {"fraction": SCREEN_FRACTION, "rule": SPLIT_RULE},
         "rule": RULE,
         "kept": [e["source"] for e in decisions if e["kept"]],
@@ -286,3 +282,97 @@ def decisions_table(decisions: list[dict]) -> str:
             f"{e['n'] or 0:3d} {z:>6} {tokens:>6}  {'KEPT' if e['kept'] else e['reason']}"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# the screen itself: the candidates scored on a model (`python -m kvshare screen`, notebook 03)
+# ------------------------------------------------------------------------------------------------
+def screen_tasks(which: str = "all", limit: int | None = suite.SCREEN_LIMIT, model: str | None = None) -> list[MCTask]:
+    """The screen's candidates as tasks on their `screen` part: `which="all"` (every candidate of SCREEN) or
+    `"kept"` (the suite's own tasks and prompts: `model`'s suite, `suite_for`)."""
+    if which == "kept":
+        pairs = [(t.source, t.prompt) for t in suite_for(model, warn=False)[0] if t.kind == "multiple_choice"]
+    elif which == "all":
+        pairs = suite.SCREEN
+    else:
+        raise ValueError(f"unknown screen {which!r}; use all or kept")
+    return [MCTask(source, "screen", prompt=prompt, limit=limit, split="screen") for source, prompt in pairs]
+
+
+def screen(evaluator, which: str = "kept", limit: int | None = None) -> list[dict]:
+    """Rerun the screen on the screen part only (the full model; `evaluator`: a `kvshare.evaluation.Evaluator`):
+    per candidate (task, prompt) and metric (acc, acc_norm), the score, chance, n and z = (score − chance) / stderr;
+    `chosen` marks each candidate's metric of larger z. `which`: "kept" (the evaluated model's suite; data already
+    local) or "all" (every candidate of kvshare.tasks.SCREEN; all read from data/tasks). `limit`: screen examples per
+    candidate (None: kvshare.tasks.SCREEN_LIMIT). Multiple-choice requests never use a chat template."""
+    from ..models import model_name
+
+    specs = screen_tasks(which, suite.SCREEN_LIMIT if limit is None else limit, model=model_name(evaluator.model))
+    result = evaluator.evaluate(None, suite="offline", tasks=specs, label="screen")
+    out = []
+    for spec in specs:
+        mine = [r for r in result["rows"] if r["task"] == spec.name and r["metric"] in ("acc", "acc_norm")]
+        for r in mine:
+            se = r.get("stderr")
+            z = (r["value"] - r["chance"]) / se if se and r.get("chance") is not None else None
+            out.append(
+                {
+                    "source": spec.source,
+                    "prompt": spec.prompt,
+                    "metric": r["metric"],
+                    "value": r["value"],
+                    "stderr": se,
+                    "chance": r.get("chance"),
+                    "n": r["n"],
+                    "z": z,
+                }
+            )
+    for spec in specs:
+        mine = [x for x in out if x["source"] == spec.source and x["prompt"] == spec.prompt]
+        best = max(mine, key=lambda x: -math.inf if x["z"] is None else x["z"], default=None)
+        for x in mine:
+            x["chosen"] = x is best
+    return out
+
+
+def choose_suite(evaluator, out=None, limit: int | None = None, progress: bool = True) -> dict:
+    """Screen every candidate (`screen(evaluator, "all")`) for the evaluator's model, measure what each costs in
+    its tokenizer and apply the keep rule; write the screen file to `out` (None: the model's place in this
+    checkout, `screen_path`) and return its record. `kvshare.tasks.offline_tasks` (and so notebook 03 and
+    `kvshare eval`) read the suite back from that file. `limit`: screen examples per candidate (None:
+    SCREEN_LIMIT; anything else is a smoke run, flagged in the record)."""
+    import time
+
+    from ..io import environment_info, write_json
+    from ..models import model_name
+
+    name = model_name(evaluator.model)
+    n = suite.SCREEN_LIMIT if limit is None else limit
+    if n != suite.SCREEN_LIMIT and out is None:
+        raise ValueError(
+            f"a screen of {n} examples per candidate is a smoke run: give it its own out=..., not the "
+            f"model's screen file (that one screens {suite.SCREEN_LIMIT})"
+        )
+    t0 = time.perf_counter()
+    rows = screen(evaluator, "all", n)
+    seconds = time.perf_counter() - t0
+    costs = {spec.source: round(request_tokens(spec, evaluator.tokenizer, n), 2) for spec in screen_tasks("all", n)}
+    record = screen_record(
+        name,
+        rows,
+        costs,
+        chat_template=False,  # multiple-choice requests never go through a chat template
+        examples_per_candidate=n,
+        smoke=n != suite.SCREEN_LIMIT,
+        seconds=round(seconds, 1),
+        environment=environment_info(),
+    )
+    path = Path(out) if out is not None else screen_path(name)
+    if path is None:
+        raise ValueError("not inside a kvshare checkout: say where the screen file goes (out=...)")
+    write_json(path, record)
+    record["path"] = str(path)
+    if progress:
+        print(decisions_table(record["decisions"]))
+        print(f"kept: {', '.join(record['kept']) or 'none'}; screen {seconds:.0f} s; wrote {path}")
+    return record

@@ -239,19 +239,35 @@ def conclusion(
         f"of {cfg['samples']} texts × {cfg['max_tokens']} tokens; perplexity on {protocol}).",
         "",
     ]
-    # --- claim 1: lower than every fixed order at every C ---
+    lines += _lower_everywhere_claim(verdict, rows, cfg)
+    lines += _target_claim(verdict, rows, cfg, num_layers)
+    if suite:
+        lines += suite_lines(suite)
+    lines += _cost_section(costs, c8_cost, damage_meta, checks, full_map_forwards, cfg)
+    lines += _shortcuts_section(checks)
+    lines += _distance_section(correlations)
+    for label, picked in picks.items():
+        if picked:
+            lines += _picks_section(label, picked, damage_meta["pairs"])
+    if evidence:
+        lines += _criterion_section(evidence, cfg)
+    return "\n".join(lines)
+
+
+def _lower_everywhere_claim(verdict: dict, rows: list[dict], cfg: dict) -> list[str]:
+    """Claim 1: `best` below every fixed order at every C, one table row per (set, C), and where it falls short."""
     per = verdict["per_point"]
     n_sets = len({p["set"] for p in per})
     clear_sets = verdict["sets_where_clear_at_every_C"]
     holds = verdict["claim_lower_everywhere_on_2_of_3_sets"]
-    lines.append(
+    lines = [
         f"**Claim 1 — `best` below every fixed order at every C (paired z < −2) on at least "
         f"{min(2, n_sets)} of {n_sets} calibration sets: {'HOLDS' if holds else 'DOES NOT HOLD'}** "
-        f"(sets where it holds at every C: {', '.join(map(str, clear_sets)) or 'none'})."
-    )
-    lines.append("")
-    lines.append("| set | C | rivals scored | clear wins | lower than all | closest rival | its ratio best/rival | z |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+        f"(sets where it holds at every C: {', '.join(map(str, clear_sets)) or 'none'}).",
+        "",
+        "| set | C | rivals scored | clear wins | lower than all | closest rival | its ratio best/rival | z |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for p in per:
         lower = "yes" if p["lower_than_all"] else "no"
         lines.append(
@@ -261,37 +277,35 @@ def conclusion(
     lines.append("")
     short = [p for p in per if not p["clear"]]
     if short:
-        lines.append(
-            "Where it falls short: "
-            + "; ".join(
-                f"set {p['set']}, C = {p['C']}: {p['closest_rival']} (best/rival {p['closest_ratio']:.3f}, "
-                f"z {_fmt_z(p['closest_z'])})"
-                for p in short
-            )
-            + "."
+        falls_short = "; ".join(
+            f"set {p['set']}, C = {p['C']}: {p['closest_rival']} (best/rival {p['closest_ratio']:.3f}, "
+            f"z {_fmt_z(p['closest_z'])})"
+            for p in short
         )
-        lines.append("")
-    rc = sorted({r["C"] for r in rows if r["order"] == "random"})
-    lines.append(
+        lines += [f"Where it falls short: {falls_short}.", ""]
+    random_cs = sorted({r["C"] for r in rows if r["order"] == "random"})
+    lines += [
         f"Random seeds ({cfg['random_seeds']} per set, drawn per set) are scored at C = "
-        f"{', '.join(map(str, rc))} only (the time budget); at the other C values `best` is compared with "
-        "dissimilar and similar."
-    )
-    lines.append("")
-    # --- claim 2: within 1.5x of the full model at C = 8 ---
-    tgt = verdict["target"]
+        f"{', '.join(map(str, random_cs))} only (the time budget); at the other C values `best` is compared with "
+        "dissimilar and similar.",
+        "",
+    ]
+    return lines
+
+
+def _target_claim(verdict: dict, rows: list[dict], cfg: dict, num_layers: int) -> list[str]:
+    """Claim 2: held-out perplexity within target_ratio x the full model's at C = target_c, on every set."""
     ok = verdict["claim_within_target_on_every_set"]
-    lines.append(
+    per_set = "; ".join(
+        f"set {t['set']}: {t['ppl']:.2f} = {t['ratio_to_full']:.3f}× "
+        f"(95% CI {t['ratio_ci95'][0]:.3f}–{t['ratio_ci95'][1]:.3f})"
+        for t in verdict["target"]
+    )
+    lines = [
         f"**Claim 2 — at C = {cfg['target_c']} of {num_layers}, held-out perplexity within "
         f"{verdict['target_ratio']}× the full model's ({verdict['full_ppl']:.2f}): "
-        f"{'HOLDS on every set' if ok else 'DOES NOT HOLD on every set'}** — "
-        + "; ".join(
-            f"set {t['set']}: {t['ppl']:.2f} = {t['ratio_to_full']:.3f}× "
-            f"(95% CI {t['ratio_ci95'][0]:.3f}–{t['ratio_ci95'][1]:.3f})"
-            for t in tgt
-        )
-        + "."
-    )
+        f"{'HOLDS on every set' if ok else 'DOES NOT HOLD on every set'}** — {per_set}."
+    ]
     fixed_at_target = [r for r in rows if r["C"] == cfg["target_c"] and r["order"] in ("dissimilar", "similar")]
     if fixed_at_target:
         lines.append(
@@ -300,33 +314,32 @@ def conclusion(
             + "."
         )
     lines.append("")
-    # --- claim 3: the offline suite at 25% ---
-    if suite:
-        lines.extend(suite_lines(suite))
-    # --- cost ---
-    lines.append(
-        "**Cost.** "
-        + "; ".join(
-            f"set {c['set']}: the search to C = {c['C']} took {c['search_seconds']:.0f} s, {c['layer_forwards']:,} "
-            f"layer-forwards ({c['screen_layer_forwards']:,} for the damage map on the first {cfg['screen_texts']} "
-            f"texts, {c['rescore_layer_forwards']:,} re-scoring {c['candidates_rescored']} candidates) against "
-            f"{c['exhaustive_layer_forwards']:,} for the exhaustive best-first greedy "
-            f"({c['fraction_of_exhaustive']:.1%})"
-            for c in costs
-        )
-        + "."
+    return lines
+
+
+def _cost_section(
+    costs: list[dict],
+    c8_cost: list[dict] | None,
+    damage_meta: dict,
+    checks: dict,
+    full_map_forwards: int | None,
+    cfg: dict,
+) -> list[str]:
+    """What the searches, the figures' damage map and (extrapolated) the full map on the wide batch cost."""
+    searches = "; ".join(
+        f"set {c['set']}: the search to C = {c['C']} took {c['search_seconds']:.0f} s, {c['layer_forwards']:,} "
+        f"layer-forwards ({c['screen_layer_forwards']:,} for the damage map on the first {cfg['screen_texts']} "
+        f"texts, {c['rescore_layer_forwards']:,} re-scoring {c['candidates_rescored']} candidates) against "
+        f"{c['exhaustive_layer_forwards']:,} for the exhaustive best-first greedy "
+        f"({c['fraction_of_exhaustive']:.1%})"
+        for c in costs
     )
+    lines = [f"**Cost.** {searches}."]
     if c8_cost:
-        lines.append(
-            "Up to C = "
-            + str(c8_cost[0]["C"])
-            + ": "
-            + "; ".join(
-                f"set {c['set']}: {c['layer_forwards']:,} layer-forwards, ~{c['seconds_estimate']:.0f} s"
-                for c in c8_cost
-            )
-            + " (seconds apportioned by layer-forwards)."
+        prefixes = "; ".join(
+            f"set {c['set']}: {c['layer_forwards']:,} layer-forwards, ~{c['seconds_estimate']:.0f} s" for c in c8_cost
         )
+        lines.append(f"Up to C = {c8_cost[0]['C']}: {prefixes} (seconds apportioned by layer-forwards).")
     cal = damage_meta["calibration"]
     lines.append(
         f"The damage map of the figures (the set-0 screen: {damage_meta['pairs']} pairs, "
@@ -347,7 +360,11 @@ def conclusion(
             "(extrapolated, not run)."
         )
     lines.append("")
-    # --- cheap maps rank like the full one ---
+    return lines
+
+
+def _shortcuts_section(checks: dict) -> list[str]:
+    """Cheap damage maps (a KL stride, fewer texts) rank the pairs like the expensive ones: the checks' numbers."""
     parts = []
     for name, what in (
         ("stride", "KL at every {k}th position against KL at every position"),
@@ -361,45 +378,42 @@ def conclusion(
             f"{label}: Spearman {c['spearman_kl']:.3f} over {c['pairs']} pairs, {c['top_overlap']} of the "
             f"{c['top']} least harmful pairs in common"
         )
-    if parts:
-        lines.append("**Shortcuts, checked.** " + "; ".join(parts) + ".")
-        lines.append("")
-    # --- does dissimilarity predict low damage? ---
-    lines.append(
-        "**Does dissimilarity predict low damage?** Spearman correlation over all pairs of the calibration "
-        "distance with the single-pair damage (the paper's premise needs it negative): "
-        + "; ".join(
-            f"{c['metric']}: {c['spearman_vs_kl']:+.2f} with KL, {c['spearman_vs_hidden_damage']:+.2f} with "
-            "1 − hidden cosine"
-            for c in correlations
-        )
-        + "."
+    return ["**Shortcuts, checked.** " + "; ".join(parts) + ".", ""] if parts else []
+
+
+def _distance_section(correlations: list[dict]) -> list[str]:
+    """The paper's premise: the more distant a pair on calibration, the less sharing it harms."""
+    per_metric = "; ".join(
+        f"{c['metric']}: {c['spearman_vs_kl']:+.2f} with KL, {c['spearman_vs_hidden_damage']:+.2f} with "
+        "1 − hidden cosine"
+        for c in correlations
     )
-    lines.append("")
-    # --- the Should item: the dissimilar order's first picks ---
-    for label, rows_ in picks.items():
-        if not rows_:
-            continue
-        n = damage_meta["pairs"]
-        lines.append(
-            f"**{label}**: "
-            + ", ".join(
-                f"{p['replaced']}→{p['source']} (KL {p['kl']:.3f}, rank {p['kl_rank'] + 1} of {n})" for p in rows_
-            )
-            + "."
-        )
-        med = float(np.median([p["kl_percentile"] for p in rows_]))
-        lines.append(
-            f"Median position of these picks on the damage map: the {ordinal(round(med))} percentile of harm "
-            "(0 = the least harmful pair)."
-        )
-        lines.append("")
-    # --- the criterion ---
-    if evidence:
-        lines.append(
-            f"**Criterion.** Over the {evidence['strategies']} distinct strategies of calibration set 0 "
-            f"scored here, the calibration KL ranks them as their held-out NLL increase does with Spearman "
-            f"{evidence['spearman_kl']:.3f}; 1 − hidden cosine with {evidence['spearman_hidden_damage']:.3f}. "
-            f"`best` selects by {cfg['criterion']}."
-        )
-    return "\n".join(lines)
+    return [
+        "**Does dissimilarity predict low damage?** Spearman correlation over all pairs of the calibration "
+        f"distance with the single-pair damage (the paper's premise needs it negative): {per_metric}.",
+        "",
+    ]
+
+
+def _picks_section(label: str, picked: list[dict], pairs: int) -> list[str]:
+    """Where an order's first picks sit on the damage map: each pick's KL and rank, and their median percentile."""
+    ranked = ", ".join(
+        f"{p['replaced']}→{p['source']} (KL {p['kl']:.3f}, rank {p['kl_rank'] + 1} of {pairs})" for p in picked
+    )
+    median = float(np.median([p["kl_percentile"] for p in picked]))
+    return [
+        f"**{label}**: {ranked}.",
+        f"Median position of these picks on the damage map: the {ordinal(round(median))} percentile of harm "
+        "(0 = the least harmful pair).",
+        "",
+    ]
+
+
+def _criterion_section(evidence: dict, cfg: dict) -> list[str]:
+    """How well each calibration criterion ranks strategies as their held-out damage does."""
+    return [
+        f"**Criterion.** Over the {evidence['strategies']} distinct strategies of calibration set 0 "
+        f"scored here, the calibration KL ranks them as their held-out NLL increase does with Spearman "
+        f"{evidence['spearman_kl']:.3f}; 1 − hidden cosine with {evidence['spearman_hidden_damage']:.3f}. "
+        f"`best` selects by {cfg['criterion']}."
+    ]

@@ -8,9 +8,9 @@ import math
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ...policies import POLICIES, make_policy
+from ... import methods
 from ...strategy import Strategy
-from ..intra_layer import POLICY_LABELS, pareto_front
+from ..intra_layer import METHOD_LABELS, budget_methods, pareto_front
 
 
 def accuracy_line(rows: list[dict], full: dict, z_crit: float = 2.0) -> str | None:
@@ -44,14 +44,34 @@ def conclusion(
     """Markdown: whether the gains add up, computed from the table."""
     full = next(r for r in rows if r["label"] == "full")
     share = next(r for r in rows if r["label"] == "sharing")
-    exact = all(r["kv_bytes"] == r["kv_bytes_predicted"] for r in rows if r.get("kv_bytes_predicted") is not None)
     lines = [
         f"**{model}**: sharing {share['num_shared']} layers keeps {share['kv_ratio']:.1%} of the K/V bytes at "
         f"perplexity {share['ppl']:.2f} (full model {full['ppl']:.2f}, decoded tokens).",
         "",
     ]
+    lines += _memory_lines(rows, adds, strategy)
+    lines += _quality_lines(adds, z_crit)
+    accuracy = accuracy_line(rows, full, z_crit)
+    if accuracy:
+        lines.append(accuracy)
+    combos = [lbl for lbl in front if "+ sharing" in lbl]
+    lines.append(
+        f"- Pareto front (K/V bytes vs perplexity): {', '.join(front)}. "
+        + (f"{len(combos)} combined configuration(s) on it." if combos else "No combined configuration is on it.")
+    )
+    lines += _peak_lines(rows, full)
+    speed = sorted(rows, key=lambda r: -r["decode_tps_ratio"])
+    lines.append(
+        f"- Decode speed against the full model ranges from {speed[-1]['decode_tps_ratio']:.2f}× "
+        f"({speed[-1]['label']}) to {speed[0]['decode_tps_ratio']:.2f}× ({speed[0]['label']})."
+    )
+    return "\n".join(lines)
+
+
+def _memory_lines(rows: list[dict], adds: list[dict], strategy: Strategy | None) -> list[str]:
+    """Whether every cache held the predicted bytes, where the savings multiply, and why they do not elsewhere."""
+    exact = all(r["kv_bytes"] == r["kv_bytes_predicted"] for r in rows if r.get("kv_bytes_predicted") is not None)
     multiply = [a for a in adds if abs(a["kv_ratio_combined"] - a["kv_ratio_product"]) <= 0.005]
-    other = [a for a in adds if a not in multiply]
     text = (
         "- **Memory**: every cache held exactly the bytes sharing and the policy predict together"
         if exact
@@ -59,38 +79,51 @@ def conclusion(
     )
     if multiply:
         text += "; the savings multiply for " + ", ".join(
-            f"{POLICY_LABELS[a['policy']]} {a['budget']} "
+            f"{METHOD_LABELS[a['policy']]} {a['budget']} "
             f"({a['kv_ratio_combined']:.3f} = {a['kv_ratio_policy']:.3f} × "
             f"{a['kv_ratio_sharing']:.3f})"
             for a in multiply
         )
-    lines.append(text + ".")
-    for a in other:
-        why = ""
-        if strategy is not None and a["policy"] in POLICIES:
-            policy = make_policy(a["policy"], budget=a["budget"])
-            n = strategy.num_layers
-            replaced = [policy.layer_budget(i, n) for i in strategy.mapping]
-            if replaced:
-                why = (
-                    f": the replaced layers ({', '.join(map(str, strategy.mapping))}) keep "
-                    f"{sum(replaced) / len(replaced):.1f} tokens on average under it, against {a['budget']} over all "
-                    "layers, so sharing removes a different share of its bytes"
-                )
+    lines = [text + "."]
+    for a in adds:
+        if a in multiply:
+            continue
         lines.append(
-            f"  - {POLICY_LABELS[a['policy']]} {a['budget']}: combined {a['kv_ratio_combined']:.3f} vs product "
+            f"  - {METHOD_LABELS[a['policy']]} {a['budget']}: combined {a['kv_ratio_combined']:.3f} vs product "
             f"{a['kv_ratio_product']:.3f} (sharing removes {1 - a['kv_ratio_combined'] / a['kv_ratio_policy']:.1%} "
-            f"of the policy's bytes instead of {1 - a['kv_ratio_sharing']:.1%}){why}."
+            f"of the policy's bytes instead of {1 - a['kv_ratio_sharing']:.1%}){_why_not_product(a, strategy)}."
         )
+    return lines
+
+
+def _why_not_product(a: dict, strategy: Strategy | None) -> str:
+    """Why a budget method's bytes do not multiply with sharing's: its replaced layers keep another share of it."""
+    if strategy is None or a["policy"] not in budget_methods():
+        return ""
+    method = methods.make(a["policy"], budget=a["budget"])
+    n = strategy.num_layers
+    replaced = [method.layer_budget(i, n) for i in strategy.mapping]
+    if not replaced:
+        return ""
+    return (
+        f": the replaced layers ({', '.join(map(str, strategy.mapping))}) keep "
+        f"{sum(replaced) / len(replaced):.1f} tokens on average under it, against {a['budget']} over all "
+        "layers, so sharing removes a different share of its bytes"
+    )
+
+
+def _quality_lines(adds: list[dict], z_crit: float) -> list[str]:
+    """The combinations whose quality costs add up, and those worse or better together than the parts' sum."""
     add, worse, better = [], [], []
     for a in adds:
         z = a["interaction"] / a["interaction_se"] if a["interaction_se"] and a["interaction_se"] > 0 else float("nan")
-        name = f"{POLICY_LABELS[a['policy']]} {a['budget']}"
+        name = f"{METHOD_LABELS[a['policy']]} {a['budget']}"
         text = (
             f"{name}: ΔNLL {a['nll_diff_combined']:+.3f} combined vs {a['nll_diff_sum']:+.3f} summed "
             f"(interaction {a['interaction']:+.3f} ± {a['interaction_se']:.3f})"
         )
         (worse if z > z_crit else better if z < -z_crit else add).append(text)
+    lines = []
     if add:
         lines.append(
             f"- **Quality costs add up** (interaction within {z_crit:g} standard errors of 0): " + "; ".join(add) + "."
@@ -103,17 +136,14 @@ def conclusion(
             + "; ".join(better)
             + "."
         )
-    accuracy = accuracy_line(rows, full, z_crit)
-    if accuracy:
-        lines.append(accuracy)
-    combos = [lbl for lbl in front if "+ sharing" in lbl]
-    lines.append(
-        f"- Pareto front (K/V bytes vs perplexity): {', '.join(front)}. "
-        + (f"{len(combos)} combined configuration(s) on it." if combos else "No combined configuration is on it.")
-    )
+    return lines
+
+
+def _peak_lines(rows: list[dict], full: dict) -> list[str]:
+    """The whole run's peak memory against the full model's (reached in the prefill), and the decoding peak's."""
     peaks = sorted(rows, key=lambda r: r["peak_ratio"])
     by_prefill = full.get("decode_peak_bytes") is not None and full["peak_bytes"] > full["decode_peak_bytes"]
-    lines.append(
+    lines = [
         f"- Peak memory of the whole run ranges from {peaks[0]['peak_ratio']:.2f}× ({peaks[0]['label']}) to "
         f"{peaks[-1]['peak_ratio']:.2f}× ({peaks[-1]['label']}) of "
         f"the full model's {full['peak_bytes'] / 2**20:.0f} MiB"
@@ -124,7 +154,7 @@ def conclusion(
             if by_prefill
             else "."
         )
-    )
+    ]
     dec = [r for r in rows if r.get("decode_peak_minus_full_mib") is not None]
     if dec:
         low = min(dec, key=lambda r: r["decode_peak_minus_full_mib"])
@@ -136,18 +166,13 @@ def conclusion(
             )
         else:
             lines.append("- While decoding, no configuration's peak is below the full model's.")
-    speed = sorted(rows, key=lambda r: -r["decode_tps_ratio"])
-    lines.append(
-        f"- Decode speed against the full model ranges from {speed[-1]['decode_tps_ratio']:.2f}× "
-        f"({speed[-1]['label']}) to {speed[0]['decode_tps_ratio']:.2f}× ({speed[0]['label']})."
-    )
-    return "\n".join(lines)
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------
 # figure and tables
 # ------------------------------------------------------------------------------------------------
-POLICY_STYLE = {
+METHOD_STYLE = {
     "": ("#222222", "*"),
     "h2o": ("#1f77b4", "o"),
     "pyramidinfer": ("#2ca02c", "s"),
@@ -161,9 +186,26 @@ def pareto_figure(rows: list[dict], title: str = ""):
     fig, (ax, bx) = plt.subplots(
         1, 2, figsize=(13, 5.6), constrained_layout=True, gridspec_kw={"width_ratios": [1.25, 1]}
     )
+    xs, ys = _front_steps(rows)
+    ax.plot(xs, ys, color="#bbbbbb", lw=6, alpha=0.6, zorder=0, label="Pareto front")
+    _draw_configurations(ax, rows)
+    ax.set_xlim(0, 1.12)  # a ratio of bytes: from zero, so the distances between methods read true
+    ax.set_yscale("log")
+    _label_configurations(ax, rows)
+    ax.set_xlabel("K/V bytes at the end of decoding / full model")
+    ax.set_ylabel("perplexity of decoded tokens (± s.e., log)")
+    ax.legend(handles=_legend_handles(rows), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
+    ax.grid(alpha=0.3, which="both")
+    _cost_bars(bx, rows)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _front_steps(rows: list[dict]) -> tuple[list[float], list[float]]:
+    """The Pareto front as a staircase through its points, fewest bytes first."""
     t = {r["label"]: r for r in rows}
-    front = [t[label] for label in pareto_front(rows)]
-    front.sort(key=lambda r: r["kv_ratio"])
+    front = sorted((t[label] for label in pareto_front(rows)), key=lambda r: r["kv_ratio"])
     xs, ys = [], []
     for r in front:
         if xs:
@@ -171,9 +213,14 @@ def pareto_figure(rows: list[dict], title: str = ""):
             ys.append(ys[-1])
         xs.append(r["kv_ratio"])
         ys.append(r["ppl"])
-    ax.plot(xs, ys, color="#bbbbbb", lw=6, alpha=0.6, zorder=0, label="Pareto front")
+    return xs, ys
+
+
+def _draw_configurations(ax, rows: list[dict]):
+    """Every configuration at (bytes, perplexity): filled alone, hollow with sharing, an arrow from alone to it."""
+    t = {r["label"]: r for r in rows}
     for r in rows:
-        color, marker = POLICY_STYLE.get(r["policy"], ("#7f7f7f", "o"))
+        color, marker = METHOD_STYLE.get(r["policy"], ("#7f7f7f", "o"))
         if r["policy"] == "" and r["shared"]:
             color, marker = "#d62728", "D"
         ax.errorbar(
@@ -196,10 +243,11 @@ def pareto_figure(rows: list[dict], title: str = ""):
                 (alone["kv_ratio"], alone["ppl"]),
                 arrowprops=dict(arrowstyle="->", color=color, alpha=0.5),
             )
-    ax.set_xlim(0, 1.12)  # a ratio of bytes: from zero, so the distances between methods read true
-    ax.set_yscale("log")
-    # labels in axes fractions, pushed apart where points crowd (several configurations share a byte ratio),
-    # each joined to its point by a thin line
+
+
+def _label_configurations(ax, rows: list[dict]):
+    """Labels in axes fractions, pushed apart where points crowd (several configurations share a byte ratio), each
+    joined to its point by a thin line; sets the y range they are placed in."""
     ylo, yhi = (math.log(v) for v in (min(r["ppl"] for r in rows) / 1.25, max(r["ppl"] for r in rows) * 1.3))
     ax.set_ylim(math.exp(ylo), math.exp(yhi))
     points = [(r["kv_ratio"] / 1.12, (math.log(r["ppl"]) - ylo) / (yhi - ylo), r) for r in rows]
@@ -213,18 +261,23 @@ def pareto_figure(rows: list[dict], title: str = ""):
             va="center",
             arrowprops=dict(arrowstyle="-", color="#999999", lw=0.5, shrinkA=0, shrinkB=3),
         )
-    ax.set_xlabel("K/V bytes at the end of decoding / full model")
-    ax.set_ylabel("perplexity of decoded tokens (± s.e., log)")
+
+
+def _legend_handles(rows: list[dict]) -> list:
+    """One entry per method present, then sharing alone, a method with sharing, and the front (off the points)."""
     handles = [
-        plt.Line2D([], [], color=c, marker=m, ls="", ms=8, label=POLICY_LABELS.get(p, "full"))
-        for p, (c, m) in POLICY_STYLE.items()
+        plt.Line2D([], [], color=c, marker=m, ls="", ms=8, label=METHOD_LABELS.get(p, "full"))
+        for p, (c, m) in METHOD_STYLE.items()
         if any(r["policy"] == p for r in rows)
     ]
     handles.append(plt.Line2D([], [], color="#d62728", marker="D", ls="", ms=8, label="sharing 25%"))
     handles.append(plt.Line2D([], [], color="#555555", marker="o", mfc="white", ls="", ms=8, label="policy + sharing"))
     handles.append(plt.Line2D([], [], color="#bbbbbb", lw=6, alpha=0.6, label="Pareto front"))
-    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)  # off the points
-    ax.grid(alpha=0.3, which="both")
+    return handles
+
+
+def _cost_bars(bx, rows: list[dict]):
+    """Decode speed and the two peaks of every configuration against the full model, with the rounds' spread."""
     labels = [r["label"] for r in rows]
     y = np.arange(len(rows))
     h = 0.27
@@ -243,9 +296,6 @@ def pareto_figure(rows: list[dict], title: str = ""):
     bx.set_xlabel("ratio to the full model (bars: the rounds' lowest..highest)")
     bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     bx.grid(alpha=0.3, axis="x")
-    if title:
-        fig.suptitle(title)
-    return fig
 
 
 def spread_labels(points: list[tuple[float, float]], gap: float = 0.04, near: float = 0.2) -> list[float]:
@@ -307,7 +357,7 @@ def overhead_markdown(rows: list[dict]) -> str:
     for r in rows:
         steps = r["decode_s"] / max(1e-9, r["decode_step_ms"] / 1000)
         lines.append(
-            f"| {r['attention']} | {POLICY_LABELS.get(r['policy'], r['policy'])} | {r['prefill_s']:.2f} | "
+            f"| {r['attention']} | {METHOD_LABELS.get(r['policy'], r['policy'])} | {r['prefill_s']:.2f} | "
             f"{r['prefill_score_s']:.2f} | {r['decode_step_ms']:.1f} | {1000 * r['decode_score_s'] / steps:.1f} | "
             f"{1000 * r['decode_evict_s'] / steps:.1f} |"
         )

@@ -100,10 +100,29 @@ def conclusion(
     """The computed verdict (Markdown): protocol, the screen, each method against the full model, the best method
     at the target bytes, costs, and what the budget left out."""
     lengths = ", ".join(f"{n:,}" for n in cfg["lengths"])
-    counts = ", ".join(f"{n} at {length:,}" for n, length in zip(cfg["samples"], cfg["lengths"]))
     lines = [
         f"# Notebook 09: long context, RULER at {lengths} tokens ({model}, {num_layers} layers)",
         "",
+        _protocol_paragraph(cfg, estimate),
+        "",
+    ]
+    lines += _screen_lines(screen_rows, cfg)
+    lines += ["", _comparable_bytes_paragraph(cfg, record), ""]
+    lines += _against_full_lines(verdict, cfg)
+    lines += _verdict_lines(verdict, record)
+    if cost_rows:
+        lines += [_cost_paragraph(cost_rows), ""]
+    lines.append(
+        "**Left out.** 8k contexts (the 45-minute budget does not allow them), RULER's essay haystacks (they "
+        "need a download), and more examples per length."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _protocol_paragraph(cfg: dict, estimate: dict) -> str:
+    """The tasks, how answers are generated and scored, the examples per length, and the time they imply."""
+    counts = ", ".join(f"{n} at {length:,}" for n, length in zip(cfg["samples"], cfg["lengths"]))
+    return (
         f"**Protocol.** lm-eval's generated RULER tasks ({', '.join(cfg['tasks'])}) in the model's own tokens, through "
         "`kvshare eval --suite long`: the answer is generated greedily from each method's cache and scored by RULER's "
         f"string match. Examples per task: {counts} (every method on the same examples, so differences to the full "
@@ -113,24 +132,40 @@ def conclusion(
         f"{estimate['screen_s'] / 60:.0f}, cost {estimate['bench_s'] / 60:.0f}, searches and data "
         f"{estimate['setup_s'] / 60:.0f}), from measured per-example costs (about 9, 16 and 35 s of one core at 1k, 2k "
         "and 4k tokens; the notebook runs two threads on the 2 cores); with so few examples per length only large "
-        "differences can be significant.",
-        "",
-        f"**Screen** (the full model alone at {cfg['screen_length']:,} tokens, {cfg['screen_samples']} examples each):",
+        "differences can be significant."
+    )
+
+
+def _screen_lines(screen_rows: list[dict], cfg: dict) -> list[str]:
+    """The full model alone on every candidate task: a task it fails cannot show what compression loses."""
+    lines = [
+        f"**Screen** (the full model alone at {cfg['screen_length']:,} tokens, {cfg['screen_samples']} examples each):"
     ]
     for r in screen_rows:
         lines.append(f"- {r['ruler_task']}: {r['value']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]")
-    lines += [
+    lines.append(
         f"Only the sweep's tasks ({', '.join(cfg['tasks'])}) are run for every method; a task the full model fails "
-        "cannot show what compression loses.",
-        "",
+        "cannot show what compression loses."
+    )
+    return lines
+
+
+def _comparable_bytes_paragraph(cfg: dict, record: dict) -> str:
+    """How every method is placed at KVSharer's share of the bytes."""
+    return (
         "**Comparable bytes.** KVSharer keeps (L - C) / L of the cache; the eviction policies and the peers are "
         f"placed at KVSharer's share at {100 * cfg['target_rate']:g}% "
         f"({100 * record['kept_share_target']:.1f}% of the bytes): "
         "a token budget of that share of each prompt, "
         + (f"MiniCache from layer {record['minicache_start_layer']}, " if "minicache_start_layer" in record else "")
         + "SimLayerKV's threshold set on calibration text. The measured ratios are in the table (kvshare.bench, random "
-        "prompt tokens, RULER's longest prompt at each length: length - 128).",
-        "",
+        "prompt tokens, RULER's longest prompt at each length: length - 128)."
+    )
+
+
+def _against_full_lines(verdict: dict, cfg: dict) -> list[str]:
+    """Each method's pooled accuracy against the full model's, with the paired difference and its sign test."""
+    lines = [
         f"**Each method against the full model** (all lengths pooled; paired difference on the same examples; a loss "
         f"is significant when the exact sign test gives p < {cfg['alpha']:g}):",
     ]
@@ -145,6 +180,12 @@ def conclusion(
         trend = "" if p["trend"] is None else f"; longest minus shortest length {p['trend']:+.2f}"
         lines.append(f"- {p['label']}: {p['acc']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}]{diff}{trend}")
     lines.append("")
+    return lines
+
+
+def _verdict_lines(verdict: dict, record: dict) -> list[str]:
+    """The best method at the target bytes, and which methods (KVSharer's points among them) lose significantly."""
+    lines = []
     if verdict["best_at_target"]:
         lines.append(
             f"**At {100 * record['kept_share_target']:.1f}% of the bytes** the highest pooled accuracy is "
@@ -168,21 +209,19 @@ def conclusion(
         )
     )
     lines.append("")
-    if cost_rows:
-        longest = max(r["length"] for r in cost_rows)
-        at = [r for r in cost_rows if r["length"] == longest]
-        full_c = next(r for r in at if r["family"] == "full")
-        cells = ", ".join(
-            f"{r['label']} {100 * r['kv_ratio']:.0f}% / ×{r['decode_tps_ratio']:.2f}" for r in at if r is not full_c
-        )
-        lines.append(
-            f"**Cost at {longest:,} tokens** (bytes / decode speed relative to the full model's "
-            f"{full_c['kv_bytes'] / 2**20:.1f} MiB and {full_c['decode_tps']:.1f} tokens/s): {cells}. On 2 shared CPU "
-            "cores speed differences of a few percent are noise."
-        )
-        lines.append("")
-    lines.append(
-        "**Left out.** 8k contexts (the 45-minute budget does not allow them), RULER's essay haystacks (they "
-        "need a download), and more examples per length."
+    return lines
+
+
+def _cost_paragraph(cost_rows: list[dict]) -> str:
+    """Bytes and decode speed of every method at the longest length, relative to the full model's."""
+    longest = max(r["length"] for r in cost_rows)
+    at = [r for r in cost_rows if r["length"] == longest]
+    full_c = next(r for r in at if r["family"] == "full")
+    cells = ", ".join(
+        f"{r['label']} {100 * r['kv_ratio']:.0f}% / ×{r['decode_tps_ratio']:.2f}" for r in at if r is not full_c
     )
-    return "\n".join(lines) + "\n"
+    return (
+        f"**Cost at {longest:,} tokens** (bytes / decode speed relative to the full model's "
+        f"{full_c['kv_bytes'] / 2**20:.1f} MiB and {full_c['decode_tps']:.1f} tokens/s): {cells}. On 2 shared CPU "
+        "cores speed differences of a few percent are noise."
+    )

@@ -18,80 +18,106 @@ def conclusion(
     cache_rows: list[dict] | None = None,
 ) -> str:
     """A markdown conclusion computed from the measurements (no hand-written numbers)."""
-    lines = []
     plain = [r for r in cpu_rows if r["mode"] == "plain"]
     shared25 = [r for r in cpu_rows if r["mode"] == "shared" and abs(r["rate"] - 0.25) < 1e-9]
     zero = [r for r in cpu_rows if r["mode"] == "shared" and r["rate"] == 0]
-    if shared25:
-        r = shared25[-1]
-        lines.append(
-            f"- **KV cache** at 25% sharing ({r['num_shared']}/{r['num_layers']} layers): "
-            f"{r['kv_bytes_ratio']:.4f} of the plain cache, exactly (L−C)/L = {r['kv_bytes_expected_ratio']:.4f}."
-        )
-        lines.append(
-            f"- **Peak memory on this CPU** (batch {r['batch']}): {r['peak_ratio']:.3f} of plain transformers; the "
-            f"weights and the runtime dominate a {r['model']} process, so the KV saving hardly shows in the total."
-        )
-        lines.append(
-            f"- **Decode speed** at 25% (batch {r['batch']}): {r['decode_tps_ratio']:.2f}x plain "
-            f"({r['decode_tps']:.1f} vs {r['decode_tps'] / r['decode_tps_ratio']:.1f} tokens/s)."
-        )
+    lines = _quarter_shared_lines(shared25[-1]) if shared25 else []
     if zero:
-        worst = min(z["decode_tps_ratio"] for z in zero)
-        verdict = "meets" if worst >= 0.98 else "misses"
-        ratios = ", ".join(f"{z['decode_tps_ratio']:.3f} at batch {z['batch']}" for z in zero)
-        text = (
-            f"- **C=0 overhead**: decode tokens/s against plain transformers {ratios} ({verdict} the ≥ 0.98 "
-            "target). At C=0 the model is left untouched (no hook, no patched module: the very same code runs)"
-        )
-        # the machine's own run-to-run spread: plain transformers against itself across measurement rounds
-        spreads = [
-            min(x["decode_tps"] for x in r["rounds"]) / max(x["decode_tps"] for x in r["rounds"])
-            for r in plain
-            if r.get("rounds")
-        ]
-        if spreads:
-            text += (
-                f", so any gap is measurement noise: plain transformers' own runs of one configuration differ by "
-                f"up to {1 - min(spreads):.0%} in this run"
-            )
-        lines.append(text + ".")
-    fits = [b for b in budget_rows if b.get("fits") and b["mode"] == "shared" and "throughput_ratio" in b]
-    plain_budget = next((b for b in budget_rows if b["mode"] == "plain"), None)
-    if fits and plain_budget:
+        lines.append(_zero_overhead_line(zero, plain))
+    lines += _budget_lines(budget_rows)
+    lines.append(_paper_peak_line(check))
+    lines += _speedup_lines(accounting)
+    lines += cache_lines(cache_rows or [])
+    if cuda:
         lines.append(
-            f"- **Long prompts within a memory budget** ({plain_budget['prompt_len']}-token prompts, "
-            f"{plain_budget['new_tokens']} generated, the whole process's peak within "
-            f"{plain_budget['budget_bytes'] / 2**30:.2f} GiB): plain transformers fits batch {plain_budget['batch']}"
-            + ("" if plain_budget.get("largest_proven") else " (the search stopped before proving it the largest)")
-            + "."
+            f"- **CUDA** ({cuda.get('gpu', 'GPU')}): see the CUDA panels; measured rows are in the results file."
         )
-        for b in fits:
-            proven = "" if b.get("largest_proven") else " (not proven the largest: the search hit its bound)"
-            lines.append(
-                f"  - {b['num_shared']}/{b['num_layers']} layers shared ({100 * b['rate']:.0f}%): batch {b['batch']}"
-                f"{proven}, {b['batch_ratio']:.2f}x plain's against the limit L/(L−C) = {b['ideal_ratio']:.2f}x; "
-                f"peak bytes per sequence {b['per_sequence_bytes_ratio']:.3f} of plain's against (L−C)/L = "
-                f"{b['kv_limit_ratio']:.3f} (K/V alone: {b['kv_per_sequence_ratio']:.3f}; the prefill's activations "
-                f"do not shrink); decode throughput {b['throughput_ratio']:.2f}x "
-                f"({b['throughput_tps']:.1f} vs {plain_budget['throughput_tps']:.1f} tokens/s; with the prefill "
-                f"{b['e2e_ratio']:.2f}x). Against the paper: "
-                f"{'meets' if b['meets_paper_speedup'] else 'misses'} its ≥ {b['paper_min_speedup']:.1f}x "
-                f"throughput; per-sequence memory {'within' if b['meets_paper_memory'] else 'above'} its "
-                f"{b['paper_peak_ratio']:.0%}."
-            )
-    elif plain_budget:  # a section that ran and found nothing to compare says so, rather than nothing
+    else:
+        lines.append("- **CUDA**: no GPU results file yet (`scripts/cuda_bench.sh` writes it when a GPU is lent).")
+    if plain:
+        lines += _machine_lines(cpu_rows, plain[0])
+    return "\n".join(lines)
+
+
+def _quarter_shared_lines(r: dict) -> list[str]:
+    """KV bytes, peak memory and decode speed at 25% sharing against plain transformers."""
+    return [
+        f"- **KV cache** at 25% sharing ({r['num_shared']}/{r['num_layers']} layers): "
+        f"{r['kv_bytes_ratio']:.4f} of the plain cache, exactly (L−C)/L = {r['kv_bytes_expected_ratio']:.4f}.",
+        f"- **Peak memory on this CPU** (batch {r['batch']}): {r['peak_ratio']:.3f} of plain transformers; the "
+        f"weights and the runtime dominate a {r['model']} process, so the KV saving hardly shows in the total.",
+        f"- **Decode speed** at 25% (batch {r['batch']}): {r['decode_tps_ratio']:.2f}x plain "
+        f"({r['decode_tps']:.1f} vs {r['decode_tps'] / r['decode_tps_ratio']:.1f} tokens/s).",
+    ]
+
+
+def _zero_overhead_line(zero: list[dict], plain: list[dict]) -> str:
+    """Decode speed at C = 0 against plain transformers, beside the machine's own run-to-run spread."""
+    worst = min(z["decode_tps_ratio"] for z in zero)
+    verdict = "meets" if worst >= 0.98 else "misses"
+    ratios = ", ".join(f"{z['decode_tps_ratio']:.3f} at batch {z['batch']}" for z in zero)
+    text = (
+        f"- **C=0 overhead**: decode tokens/s against plain transformers {ratios} ({verdict} the ≥ 0.98 "
+        "target). At C=0 the model is left untouched (no hook, no patched module: the very same code runs)"
+    )
+    # the machine's own run-to-run spread: plain transformers against itself across measurement rounds
+    spreads = [
+        min(x["decode_tps"] for x in r["rounds"]) / max(x["decode_tps"] for x in r["rounds"])
+        for r in plain
+        if r.get("rounds")
+    ]
+    if spreads:
+        text += (
+            f", so any gap is measurement noise: plain transformers' own runs of one configuration differ by "
+            f"up to {1 - min(spreads):.0%} in this run"
+        )
+    return text + "."
+
+
+def _budget_lines(budget_rows: list[dict]) -> list[str]:
+    """The largest batch of long prompts within a memory budget, shared against plain, and against the paper."""
+    fits = [b for b in budget_rows if b.get("fits") and b["mode"] == "shared" and "throughput_ratio" in b]
+    plain = next((b for b in budget_rows if b["mode"] == "plain"), None)
+    if not plain:
+        return []
+    if not fits:  # a section that ran and found nothing to compare says so, rather than nothing
         found = ", ".join(
             f"{b['mode']}{'' if b['mode'] == 'plain' else ' ' + format(b['rate'], '.0%')}: "
             + (f"batch {b['batch']}" if b.get("fits") else "no batch fits")
             for b in budget_rows
         )
-        lines.append(
-            f"- **Long prompts within a memory budget** ({plain_budget['prompt_len']}-token prompts, the whole "
-            f"process's peak within {plain_budget['budget_bytes'] / 2**30:.2f} GiB): no comparison ({found}; "
+        return [
+            f"- **Long prompts within a memory budget** ({plain['prompt_len']}-token prompts, the whole "
+            f"process's peak within {plain['budget_bytes'] / 2**30:.2f} GiB): no comparison ({found}; "
             "probes in the budget file)."
+        ]
+    lines = [
+        f"- **Long prompts within a memory budget** ({plain['prompt_len']}-token prompts, "
+        f"{plain['new_tokens']} generated, the whole process's peak within "
+        f"{plain['budget_bytes'] / 2**30:.2f} GiB): plain transformers fits batch {plain['batch']}"
+        + ("" if plain.get("largest_proven") else " (the search stopped before proving it the largest)")
+        + "."
+    ]
+    for b in fits:
+        proven = "" if b.get("largest_proven") else " (not proven the largest: the search hit its bound)"
+        lines.append(
+            f"  - {b['num_shared']}/{b['num_layers']} layers shared ({100 * b['rate']:.0f}%): batch {b['batch']}"
+            f"{proven}, {b['batch_ratio']:.2f}x plain's against the limit L/(L−C) = {b['ideal_ratio']:.2f}x; "
+            f"peak bytes per sequence {b['per_sequence_bytes_ratio']:.3f} of plain's against (L−C)/L = "
+            f"{b['kv_limit_ratio']:.3f} (K/V alone: {b['kv_per_sequence_ratio']:.3f}; the prefill's activations "
+            f"do not shrink); decode throughput {b['throughput_ratio']:.2f}x "
+            f"({b['throughput_tps']:.1f} vs {plain['throughput_tps']:.1f} tokens/s; with the prefill "
+            f"{b['e2e_ratio']:.2f}x). Against the paper: "
+            f"{'meets' if b['meets_paper_speedup'] else 'misses'} its ≥ {b['paper_min_speedup']:.1f}x "
+            f"throughput; per-sequence memory {'within' if b['meets_paper_memory'] else 'above'} its "
+            f"{b['paper_peak_ratio']:.0%}."
         )
-    lines.append(
+    return lines
+
+
+def _paper_peak_line(check: dict) -> str:
+    """Whether removing the shared layers' K/V can explain the paper's 72% peak memory at its own shapes."""
+    return (
         f"- **The paper's 72% peak memory** ({check['preset']}, 512+2048 tokens): fp16 weights alone are "
         f"{check['weights_bytes'] / 2**30:.1f} GiB of the "
         f"{check['paper_peak_bytes'] / 2**30:.1f} GiB baseline. Even if "
@@ -101,12 +127,17 @@ def conclusion(
         f"The reported {check['paper_peak_ratio']:.1%} is below what sharing the KV cache can explain; it cannot be "
         "reproduced by KV sharing alone (allocator reuse and a different batch or measurement may explain it)."
     )
-    lines.append(
-        "- **Where a speed-up can come from**: every layer still reads a cache of full length, so attention bytes per "
-        "step do not fall (see the byte table). What falls is the work of k_proj/v_proj in replaced layers and, with "
-        "transformers' dynamic cache, the bytes rewritten by `torch.cat` as the cache grows (quadratic in length, "
-        "proportional to the kept layers). With a static cache that copy is gone, and so is most of that gain."
-    )
+
+
+def _speedup_lines(accounting: list[dict]) -> list[str]:
+    """Where a decode speed-up can come from, and its bound from the bytes moved, per cache kind."""
+    lines = [
+        "- **Where a speed-up can come from**: every layer still reads a cache of full length, so attention bytes "
+        "per step do not fall (see the byte table). What falls is the work of k_proj/v_proj in replaced layers and, "
+        "with transformers' dynamic cache, the bytes rewritten by `torch.cat` as the cache grows (quadratic in "
+        "length, proportional to the kept layers). With a static cache that copy is gone, and so is most of that "
+        "gain."
+    ]
     for cache in ("dynamic", "static"):
         best = max(
             (a for a in accounting if a["cache"] == cache and a["num_shared"] > 0),
@@ -120,26 +151,23 @@ def conclusion(
                 f"{best['speedup_bound']:.2f}x (the paper reports "
                 f"{PAPER['tokens_per_s'][1] / PAPER['tokens_per_s'][0]:.2f}x)."
             )
-    lines += cache_lines(cache_rows or [])
-    if cuda:
+    return lines
+
+
+def _machine_lines(cpu_rows: list[dict], plain: dict) -> list[str]:
+    """The machine the timings come from, and a caution when other work loaded it meanwhile."""
+    lines = [
+        f"\nMeasured on: {plain.get('device_name', plain['device'])}, torch {plain['torch']}, "
+        f"transformers {plain['transformers']}, {plain.get('threads', '?')} threads."
+    ]
+    loads = [r["load_avg_1min"] for r in cpu_rows if r.get("load_avg_1min") is not None]
+    if loads and max(loads) > (plain.get("threads") or 1) + 0.5:
         lines.append(
-            f"- **CUDA** ({cuda.get('gpu', 'GPU')}): see the CUDA panels; measured rows are in the results file."
+            f"**Caution:** other work was running during these measurements (1-minute load average up to "
+            f"{max(loads):.1f} on {plain.get('threads', '?')} threads): the timings and their ratios "
+            "are noisy; the byte counts are exact regardless."
         )
-    else:
-        lines.append("- **CUDA**: no GPU results file yet (`scripts/cuda_bench.sh` writes it when a GPU is lent).")
-    if plain:
-        lines.append(
-            f"\nMeasured on: {plain[0].get('device_name', plain[0]['device'])}, torch {plain[0]['torch']}, "
-            f"transformers {plain[0]['transformers']}, {plain[0].get('threads', '?')} threads."
-        )
-        loads = [r["load_avg_1min"] for r in cpu_rows if r.get("load_avg_1min") is not None]
-        if loads and max(loads) > (plain[0].get("threads") or 1) + 0.5:
-            lines.append(
-                f"**Caution:** other work was running during these measurements (1-minute load average up to "
-                f"{max(loads):.1f} on {plain[0].get('threads', '?')} threads): the timings and their ratios "
-                "are noisy; the byte counts are exact regardless."
-            )
-    return "\n".join(lines)
+    return lines
 
 
 def cache_lines(rows: list[dict]) -> list[str]:

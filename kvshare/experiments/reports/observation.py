@@ -138,11 +138,25 @@ def paired_differences(comparisons, num_layers: int, title: str = ""):
     over its seeds with the 95% t-interval over seeds, and the mean over all sets' seeds (black)."""
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.8), sharey=True, layout="constrained")
     distinct = distinct_comparisons(comparisons)
-    sets = sorted({r["calibration_set"] for r in comparisons})
-    colors = plt.get_cmap("tab10")
-
-    ax = axes[0]
     sim = [d for d in distinct if d["versus"] == "similar"]
+    _similar_pairs(axes[0], sim)
+    axes[0].set_title(f"dissimilar vs similar: {len(sim)} distinct pairs of strategies", fontsize=10)
+    sets = sorted({r["calibration_set"] for r in comparisons})
+    _random_seeds_by_set(axes[1], [d for d in distinct if d["versus"] == "random"], sets)
+    _random_over_all_sets(axes[1], comparisons)
+    axes[1].set_title("dissimilar vs random (the random order as a distribution)", fontsize=10)
+    for ax in axes:
+        _ratio_axis(ax, sorted({c["num_shared"] for c in comparisons}))
+    axes[0].set_ylabel("ppl(dissimilar) / ppl(other), log scale\n(< 1: dissimilar better)")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _similar_pairs(ax, sim: list[dict]):
+    """Each distinct dissimilar / similar pair of strategies with its 95% paired interval, side by side at its C,
+    coloured by the calibration sets whose searches chose it."""
+    colors = plt.get_cmap("tab10")
     groups = list(dict.fromkeys(_sets_label(d["calibration_sets"]) for d in sim))
     for c in sorted({d["num_shared"] for d in sim}):
         at = [d for d in sim if d["num_shared"] == c]
@@ -160,10 +174,12 @@ def paired_differences(comparisons, num_layers: int, title: str = ""):
                 color=colors(groups.index(g) % 10),
                 label=f"chosen on {g}",
             )
-    ax.set_title(f"dissimilar vs similar: {len(sim)} distinct pairs of strategies", fontsize=10)
 
-    ax = axes[1]
-    rnd = [d for d in distinct if d["versus"] == "random"]
+
+def _random_seeds_by_set(ax, rnd: list[dict], sets: list[int]):
+    """Per calibration set and C: each random strategy's ratio (dots) and the set's mean over its seeds with the
+    95% t-interval over seeds."""
+    colors = plt.get_cmap("tab10")
     for j, k in enumerate(sets):
         for c in sorted({d["num_shared"] for d in rnd}):
             rs = [d for d in rnd if d["num_shared"] == c and k in d["calibration_sets"]]
@@ -184,6 +200,10 @@ def paired_differences(comparisons, num_layers: int, title: str = ""):
                 color=colors(j % 10),
                 label=f"set {k}: mean of {len(rs)} seeds, 95% t-interval",
             )
+
+
+def _random_over_all_sets(ax, comparisons):
+    """The mean over every set's seeds at each C (black diamonds), beside the per-set means."""
     for row in random_versus(comparisons):
         err = np.nan_to_num([[row["ratio"] - row["ratio_lo"]], [row["ratio_hi"] - row["ratio"]]])
         ax.errorbar(
@@ -196,33 +216,30 @@ def paired_differences(comparisons, num_layers: int, title: str = ""):
             color="k",
             label="all sets: mean over seeds x sets, 95% t-interval",
         )
-    ax.set_title("dissimilar vs random (the random order as a distribution)", fontsize=10)
 
-    for ax in axes:
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_yscale("log")  # a ratio: 2x and 1/2x equally far from 1
-        ax.yaxis.set_major_formatter(PLAIN)
-        ax.yaxis.set_minor_formatter(PLAIN_2_5)
-        ax.tick_params(axis="y", which="minor", labelsize=7)
-        ax.set_xticks(sorted({c["num_shared"] for c in comparisons}))
-        ax.set_xlabel("replaced layers C")
-        ax.grid(alpha=0.3, which="both")
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        if unique:
-            ax.legend(
-                unique.values(),
-                unique.keys(),
-                fontsize=7,
-                loc="upper center",
-                bbox_to_anchor=(0.5, -0.16),
-                ncols=2,
-                frameon=False,
-            )
-    axes[0].set_ylabel("ppl(dissimilar) / ppl(other), log scale\n(< 1: dissimilar better)")
-    if title:
-        fig.suptitle(title)
-    return fig
+
+def _ratio_axis(ax, cs: list[int]):
+    """A ratio's log axis around 1 (2x and 1/2x equally far from it), and one legend entry per label below it."""
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(PLAIN)
+    ax.yaxis.set_minor_formatter(PLAIN_2_5)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_xticks(cs)
+    ax.set_xlabel("replaced layers C")
+    ax.grid(alpha=0.3, which="both")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    if unique:
+        ax.legend(
+            unique.values(),
+            unique.keys(),
+            fontsize=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            ncols=2,
+            frameon=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,10 +268,9 @@ def observation_conclusion(
     accounting, if given). Every count is of distinct comparisons: when the searches on several calibration sets
     chose the same two strategies, that is one measurement, said once."""
     comps = paired_comparisons(rows)
-    distinct = distinct_comparisons(comps)
+    sim = [d for d in distinct_comparisons(comps) if d["versus"] == "similar"]
     sets = sorted({r["calibration_set"] for r in rows})
     cs = sorted({c["num_shared"] for c in comps})
-    main = sets[0]
     summary = curve_summary(rows)
     seeds_per_set = max((s["seeds"] for s in summary if s["order"] == "random" and s["num_shared"] > 0), default=0)
     random_cs = sorted({r["num_shared"] for r in rows if r["order"] == "random" and r["num_shared"] > 0})
@@ -263,14 +279,41 @@ def observation_conclusion(
         f"strategy scored on {_protocol_text(rows)}; intervals are 95%; a comparison is *clear* when the 95% "
         "interval of its paired perplexity ratio excludes 1).",
         "",
+        _similar_claim(sim, comps, model),
+        "",
     ]
+    lines += _headline_table(summary, comps, sets[0], cs, num_layers_, seeds_per_set, random_cs)
+    lines += _similar_per_c(sim, cs, num_layers_)
+    if random_versus(comps):
+        lines += _random_section(comps, cs, random_cs, seeds_per_set, len(sets), scoring)
+    if len(sets) > 1:
+        lines.append(_identical_choices_line(rows, cs, len(sets)))
+    if runs:
+        lines += _search_lines(runs)
+    if scoring:
+        lines.append(
+            f"Scoring: {scoring['distinct_strategies']} distinct strategies, {scoring['fresh']} evaluated in this run "
+            f"({scoring['fresh_seconds'] / 60:.1f} min), {scoring['from_store']} taken from the store "
+            f"`{scoring['store']}` shared with the other notebooks of this model (the same protocol: computed once)."
+        )
+    return "\n".join(lines)
 
-    # headline table on the first calibration set
-    lines.append(
+
+def _headline_table(
+    summary: list[dict],
+    comps: list[dict],
+    main: int,
+    cs: list[int],
+    num_layers: int,
+    seeds_per_set: int,
+    random_cs: list[int],
+) -> list[str]:
+    """Each order's perplexity at each C on calibration set `main`, with the paired dissimilar / similar ratio."""
+    lines = [
         "| C (layers replaced) | KV kept | dissimilar | similar | "
-        f"random (mean of {seeds_per_set} seeds) | dissimilar / similar (paired) |"
-    )
-    lines.append("|---|---|---|---|---|---|")
+        f"random (mean of {seeds_per_set} seeds) | dissimilar / similar (paired) |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in cs:
         d = find_rows(summary, calibration_set=main, order="dissimilar", num_shared=c)
         s = find_rows(summary, calibration_set=main, order="similar", num_shared=c)
@@ -279,20 +322,22 @@ def observation_conclusion(
         cell = lambda x: _ci(x[0]) if x else "n/a"
         vcell = f"{_ratio(vs[0])}, z {vs[0]['z']:+.1f}" if vs else "n/a"
         lines.append(
-            f"| {c} ({c / num_layers_:.0%}) | {(num_layers_ - c) / num_layers_:.0%} | {cell(d)} | {cell(s)} | "
+            f"| {c} ({c / num_layers:.0%}) | {(num_layers - c) / num_layers:.0%} | {cell(d)} | {cell(s)} | "
             f"{cell(rnd)} | {vcell} |"
         )
-    lines.append("")
-    lines.append(
+    lines += [
+        "",
         f"Table: calibration set {main}, perplexity [95% interval]. Fixed orders: the interval over the evaluation "
         "windows. Random: exp of the mean NLL over the seeds (their geometric mean), with the 95% t-interval over "
         f"seeds; scored at C = {', '.join(map(str, random_cs)) or 'none'} only (n/a elsewhere). Last column: "
-        "perplexity ratio dissimilar / similar with its paired 95% interval (< 1: dissimilar better) and z."
-    )
-    lines.append("")
+        "perplexity ratio dissimilar / similar with its paired 95% interval (< 1: dissimilar better) and z.",
+        "",
+    ]
+    return lines
 
-    # dissimilar vs similar: distinct pairs of strategies
-    sim = [d for d in distinct if d["versus"] == "similar"]
+
+def _similar_claim(sim: list[dict], comps: list[dict], model: str) -> str:
+    """The paper's claim, dissimilar against similar, counted over distinct pairs of strategies."""
     points = len({(c["calibration_set"], c["num_shared"]) for c in comps if c["versus"] == "similar"})
     better = sum(outcome(d) == "better" for d in sim)
     worse = sum(outcome(d) == "worse" for d in sim)
@@ -303,121 +348,121 @@ def observation_conclusion(
         "chose the same two strategies, that is one comparison, counted once"
     )
     if n == 0:
-        claim = "There is no shared C > 0 to compare: nothing can be concluded."
-    elif better == n:
-        claim = (
+        return "There is no shared C > 0 to compare: nothing can be concluded."
+    if better == n:
+        return (
             f"**The paper's claim holds on {model}:** sharing the most *dissimilar* layers' KV cache gives clearly "
             f"lower perplexity than sharing the most *similar* ones in all {n} distinct comparisons ({counted})."
         )
-    elif worse == n:
-        claim = (
+    if worse == n:
+        return (
             f"**The paper's claim does not hold on {model}:** sharing the most *similar* layers gives clearly lower "
             f"perplexity than the dissimilar (KVSharer) order in all {n} distinct comparisons ({counted})."
         )
-    elif better > worse:
-        claim = (
+    if better > worse:
+        return (
             f"**The paper's claim mostly holds on {model}:** dissimilar is clearly lower in {better} of {n} distinct "
             f"comparisons, similar in {worse}, {unclear} unclear ({counted})."
         )
-    elif worse > better:
-        claim = (
+    if worse > better:
+        return (
             f"**The paper's claim does not hold on {model}:** similar is clearly lower in {worse} of {n} distinct "
             f"comparisons, dissimilar in {better}, {unclear} unclear ({counted})."
         )
-    else:
-        claim = (
-            f"**No clear winner on {model}:** dissimilar is clearly lower in {better} of {n} distinct comparisons, "
-            f"similar in {worse}, {unclear} unclear ({counted})."
-        )
-    lines.insert(2, claim)
-    lines.insert(3, "")
+    return (
+        f"**No clear winner on {model}:** dissimilar is clearly lower in {better} of {n} distinct comparisons, "
+        f"similar in {worse}, {unclear} unclear ({counted})."
+    )
 
+
+def _similar_per_c(sim: list[dict], cs: list[int], num_layers: int) -> list[str]:
+    """Dissimilar / similar at each C, one entry per distinct pair of strategies with the sets that chose it."""
     word = {"better": "dissimilar clearly lower", "worse": "similar clearly lower", "unclear": "unclear"}
-    per_c = []
+    lines = ["Dissimilar / similar at each C, per distinct pair of strategies [95% paired interval]:", ""]
     for c in cs:
         at = [d for d in sim if d["num_shared"] == c]
         if not at:
             continue
         parts = "; ".join(f"{_ratio(d)} ({_sets_label(d['calibration_sets'])}, {word[outcome(d)]})" for d in at)
-        per_c.append(
-            f"- C = {c} ({c / num_layers_:.0%} of layers): {len(at)} distinct pair{'s' if len(at) > 1 else ''}: "
+        lines.append(
+            f"- C = {c} ({c / num_layers:.0%} of layers): {len(at)} distinct pair{'s' if len(at) > 1 else ''}: "
             f"dissimilar / similar {parts}."
         )
-    lines.extend(["Dissimilar / similar at each C, per distinct pair of strategies [95% paired interval]:", ""])
-    lines.extend(per_c + [""])
+    lines.append("")
+    return lines
 
-    # the random order as a distribution
-    rv = random_versus(comps)
-    if rv:
+
+def _random_section(
+    comps: list[dict], cs: list[int], random_cs: list[int], seeds_per_set: int, num_sets: int, scoring: dict | None
+) -> list[str]:
+    """Dissimilar against the random order as a distribution over seeds, and why the seeds cover only some C."""
+    lines = [
+        f"Against the random order ({seeds_per_set} seeds per calibration set, each set's seeds drawn "
+        "independently: the mean over every set's seeds of the paired log ratio, with its 95% t-interval over "
+        "those random strategies; below 1: dissimilar better):",
+        "",
+    ]
+    for r in random_versus(comps):
         lines.append(
-            f"Against the random order ({seeds_per_set} seeds per calibration set, each set's seeds drawn "
-            "independently: the mean over every set's seeds of the paired log ratio, with its 95% t-interval over "
-            "those random strategies; below 1: dissimilar better):"
+            f"- C = {r['num_shared']}: dissimilar / random {r['ratio']:.3f} [{r['ratio_lo']:.3f}, "
+            f"{r['ratio_hi']:.3f}] over {r['strategies']} distinct random strategies; dissimilar clearly lower "
+            f"than {r['better']}, clearly higher than {r['worse']}, unclear against {r['unclear']} of them."
         )
-        lines.append("")
-        for r in rv:
-            lines.append(
-                f"- C = {r['num_shared']}: dissimilar / random {r['ratio']:.3f} [{r['ratio_lo']:.3f}, "
-                f"{r['ratio_hi']:.3f}] over {r['strategies']} distinct random strategies; dissimilar clearly lower "
-                f"than {r['better']}, clearly higher than {r['worse']}, unclear against {r['unclear']} of them."
+    lines.append("")
+    if random_cs != cs:
+        why = " to keep the run short"
+        if scoring and scoring.get("seconds_per_strategy"):
+            all_c = seeds_per_set * num_sets * len(cs)
+            why = (
+                f" each strategy costs ~{scoring['seconds_per_strategy']:.0f} s to score here, and "
+                f"{seeds_per_set} seeds x {num_sets} sets at all {len(cs)} C values would be {all_c} strategies "
+                f"(~{all_c * scoring['seconds_per_strategy'] / 60:.0f} min)"
             )
-        lines.append("")
-        if random_cs != cs:
-            why = " to keep the run short"
-            if scoring and scoring.get("seconds_per_strategy"):
-                all_c = seeds_per_set * len(sets) * len(cs)
-                why = (
-                    f" each strategy costs ~{scoring['seconds_per_strategy']:.0f} s to score here, and "
-                    f"{seeds_per_set} seeds x {len(sets)} sets at all {len(cs)} C values would be {all_c} strategies "
-                    f"(~{all_c * scoring['seconds_per_strategy'] / 60:.0f} min)"
-                )
-            lines.append(
-                f"The random seeds are scored at C = {', '.join(map(str, random_cs))} only (as in notebook 11, whose "
-                f"seeds they are):{why}."
-            )
-            lines.append("")
-
-    # identical choices: one strategy on every set is one measurement, not robustness
-    if len(sets) > 1:
-        same = {o: identical_across_sets(rows, o) for o in ("dissimilar", "similar")}
-        said = [
-            f"the {o} searches at C = {', '.join(map(str, cs_))}" + (" (every C)" if cs_ == cs else "")
-            for o, cs_ in same.items()
-            if cs_
+        lines += [
+            f"The random seeds are scored at C = {', '.join(map(str, random_cs))} only (as in notebook 11, whose "
+            f"seeds they are):{why}.",
+            "",
         ]
-        if said:
-            lines.append(
-                f"Identical choices: {' and '.join(said)} chose one and the same strategy on all {len(sets)} "
-                "calibration sets. There the sets repeat one measurement: it is counted once above and is no "
-                "evidence that the result holds across calibration data."
-            )
-        else:
-            lines.append(f"No order chose the same strategy on all {len(sets)} calibration sets at any C.")
-    if runs:
-        visited = sum(len(r.trace) for r in runs)
-        rejected = sum(not t["accepted"] for r in runs for t in r.trace)
-        lines.append(
-            f"The threshold rejected {rejected} of the {visited} candidates the {len(runs)} searches visited"
-            + (
-                ": the candidate order alone decided every strategy, which is why searches of one order on "
-                "different calibration sets can choose the same strategy."
-                if rejected == 0
-                else "."
-            )
+    return lines
+
+
+def _identical_choices_line(rows: list[dict], cs: list[int], num_sets: int) -> str:
+    """One strategy chosen on every calibration set is one measurement repeated, not evidence of robustness."""
+    same = {o: identical_across_sets(rows, o) for o in ("dissimilar", "similar")}
+    said = [
+        f"the {o} searches at C = {', '.join(map(str, cs_))}" + (" (every C)" if cs_ == cs else "")
+        for o, cs_ in same.items()
+        if cs_
+    ]
+    if not said:
+        return f"No order chose the same strategy on all {num_sets} calibration sets at any C."
+    return (
+        f"Identical choices: {' and '.join(said)} chose one and the same strategy on all {num_sets} "
+        "calibration sets. There the sets repeat one measurement: it is counted once above and is no "
+        "evidence that the result holds across calibration data."
+    )
+
+
+def _search_lines(runs: list) -> list[str]:
+    """What the threshold rejected over the searches' traces, and which searches stopped short of their target."""
+    visited = sum(len(r.trace) for r in runs)
+    rejected = sum(not t["accepted"] for r in runs for t in r.trace)
+    lines = [
+        f"The threshold rejected {rejected} of the {visited} candidates the {len(runs)} searches visited"
+        + (
+            ": the candidate order alone decided every strategy, which is why searches of one order on "
+            "different calibration sets can choose the same strategy."
+            if rejected == 0
+            else "."
         )
-        short = [r for r in runs if r.strategy.num_shared < r.strategy.metadata.get("target_num_shared", 0)]
-        if short:
-            reached = sorted({r.strategy.num_shared for r in short})
-            targets = sorted({r.strategy.metadata["target_num_shared"] for r in short})
-            lines.append(
-                f"{len(short)} of the {len(runs)} searches ran out of candidates above the threshold before their "
-                f"target C = {'/'.join(map(str, targets))}: they stopped at C = {'/'.join(map(str, reached))}, so "
-                "their curves end there and the larger C points are missing."
-            )
-    if scoring:
+    ]
+    short = [r for r in runs if r.strategy.num_shared < r.strategy.metadata.get("target_num_shared", 0)]
+    if short:
+        reached = sorted({r.strategy.num_shared for r in short})
+        targets = sorted({r.strategy.metadata["target_num_shared"] for r in short})
         lines.append(
-            f"Scoring: {scoring['distinct_strategies']} distinct strategies, {scoring['fresh']} evaluated in this run "
-            f"({scoring['fresh_seconds'] / 60:.1f} min), {scoring['from_store']} taken from the store "
-            f"`{scoring['store']}` shared with the other notebooks of this model (the same protocol: computed once)."
+            f"{len(short)} of the {len(runs)} searches ran out of candidates above the threshold before their "
+            f"target C = {'/'.join(map(str, targets))}: they stopped at C = {'/'.join(map(str, reached))}, so "
+            "their curves end there and the larger C points are missing."
         )
-    return "\n".join(lines)
+    return lines

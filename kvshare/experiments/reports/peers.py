@@ -63,7 +63,28 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[di
     evaluated points (bars: one standard error). Bottom: decode speed and the peak memory the run added, of the points
     the cost step measured. Right: the legend."""
     fig, axes = plt.subplots(2, 3, figsize=(15, 10), gridspec_kw={"width_ratios": [1.5, 1, 0.6]})  # right: the legend
-    ax = axes[0, 0]
+    handles = _perplexity_panel(axes[0, 0], curves)
+    ratio_of = {(c["family"], c["value"]): c["kv_ratio"] for c in curves}
+    _suite_panel(axes[0, 1], [r for r in suite_rows or [] if (r["family"], r["value"]) in ratio_of], ratio_of)
+    by_key = {(r["family"], r["value"]): r for r in cost_rows}
+    _cost_panel(axes[1, 0], curves, by_key, "decode_tps", "decode tokens/s")
+    _cost_panel(axes[1, 1], curves, by_key, "peak_above_baseline_bytes", "peak memory added by the run (MiB)")
+    axes[1, 0].set_title("decode speed (bars: the decode's four quarters)")
+    axes[1, 1].set_title("peak memory (above the process's resident set before the run)")
+    # the right column holds only the legend, over both rows
+    for a in axes[:, 2]:
+        a.remove()
+    legend_ax = fig.add_subplot(axes[0, 0].get_gridspec()[:, 2])
+    legend_ax.axis("off")
+    legend_ax.legend(handles=handles, loc="center", fontsize=9, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _perplexity_panel(ax, curves: list[dict]) -> list:
+    """Each family's decoded perplexity ratio against its byte ratio; returns the lines for the shared legend."""
     handles = []
     for fam, (color, marker) in STYLE.items():
         mine = sorted((c for c in curves if c["family"] == fam), key=lambda c: c["kv_ratio"])
@@ -98,9 +119,11 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[di
     ax.invert_xaxis()
     ax.grid(alpha=0.3, which="both")
     ax.set_title("held-out decoded perplexity vs memory (lower is better)")
-    ratio_of = {(c["family"], c["value"]): c["kv_ratio"] for c in curves}
-    suite_rows = [r for r in suite_rows or [] if (r["family"], r["value"]) in ratio_of]
-    ax = axes[0, 1]
+    return handles
+
+
+def _suite_panel(ax, suite_rows: list[dict], ratio_of: dict):
+    """The offline suite's average at the points it evaluated, placed at their byte ratios, the full model dotted."""
     for fam, (color, marker) in STYLE.items():
         mine = [r for r in suite_rows if r["family"] == fam]
         if not mine:
@@ -116,58 +139,45 @@ def pareto_figure(curves: list[dict], cost_rows: list[dict], suite_rows: list[di
     ax.grid(alpha=0.3)
     n = suite_rows[0]["average_n"] if suite_rows else 0
     ax.set_title(f"offline suite ({n} examples per point)")
-    by_key = {(r["family"], r["value"]): r for r in cost_rows}
-    for ax, key, ylabel in (
-        (axes[1, 0], "decode_tps", "decode tokens/s"),
-        (axes[1, 1], "peak_above_baseline_bytes", "peak memory added by the run (MiB)"),
-    ):
-        for fam, (color, marker) in STYLE.items():
-            pts = sorted(
-                (
-                    (c["kv_ratio"], by_key[(fam, c["value"])])
-                    for c in curves
-                    if c["family"] == fam and (fam, c["value"]) in by_key
-                ),
-                key=lambda p: p[0],
-            )
-            if not pts:
-                continue
-            scale = 2**20 if "bytes" in key else 1
-            y = [row[key] / scale for _, row in pts]
-            # decode speed: bars span the speeds of the decode's four quarters (the spread within the run)
-            quarters = [row.get("decode_tps_quarters") if key == "decode_tps" else None for _, row in pts]
-            err = (
-                _bars(y, [min(q) for q in quarters], [max(q) for q in quarters])
-                if all(isinstance(q, list) and q for q in quarters)
-                else None
-            )
-            ax.errorbar(
-                [p[0] for p in pts],
-                y,
-                yerr=err,
-                color=color,
-                marker=marker,
-                lw=1.2,
-                capsize=3,
-                ms=6 if fam != "full" else 11,
-            )
-        ax.set_xlabel("measured KV bytes / full cache")
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)  # bytes and speeds from zero: the differences are a few percent
-        ax.invert_xaxis()
-        ax.grid(alpha=0.3)
-    axes[1, 0].set_title("decode speed (bars: the decode's four quarters)")
-    axes[1, 1].set_title("peak memory (above the process's resident set before the run)")
-    # the right column holds only the legend, over both rows
-    for a in axes[:, 2]:
-        a.remove()
-    legend_ax = fig.add_subplot(axes[0, 0].get_gridspec()[:, 2])
-    legend_ax.axis("off")
-    legend_ax.legend(handles=handles, loc="center", fontsize=9, frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+
+
+def _cost_panel(ax, curves: list[dict], by_key: dict, key: str, ylabel: str):
+    """One cost measure (`key` of the cost rows) of each family's measured points against their byte ratios."""
+    for fam, (color, marker) in STYLE.items():
+        pts = sorted(
+            (
+                (c["kv_ratio"], by_key[(fam, c["value"])])
+                for c in curves
+                if c["family"] == fam and (fam, c["value"]) in by_key
+            ),
+            key=lambda p: p[0],
+        )
+        if not pts:
+            continue
+        scale = 2**20 if "bytes" in key else 1
+        y = [row[key] / scale for _, row in pts]
+        # decode speed: bars span the speeds of the decode's four quarters (the spread within the run)
+        quarters = [row.get("decode_tps_quarters") if key == "decode_tps" else None for _, row in pts]
+        err = (
+            _bars(y, [min(q) for q in quarters], [max(q) for q in quarters])
+            if all(isinstance(q, list) and q for q in quarters)
+            else None
+        )
+        ax.errorbar(
+            [p[0] for p in pts],
+            y,
+            yerr=err,
+            color=color,
+            marker=marker,
+            lw=1.2,
+            capsize=3,
+            ms=6 if fam != "full" else 11,
+        )
+    ax.set_xlabel("measured KV bytes / full cache")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)  # bytes and speeds from zero: the differences are a few percent
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
 
 
 def _fmt_point(r: dict) -> str:
@@ -224,12 +234,35 @@ def conclusion(
     statistics against the runner-up and the full model, what the byte sweep reached, the offline suite at the
     target points, costs, and what was left out."""
     full = next(c for c in curves if c["family"] == "full")
-    text_tokens = cfg["windows"] * cfg["window"]
-    per_window = cfg["window"] - 1 - cfg["context"]
-    scored = cfg["windows"] * per_window
     lines = [
         f"# Notebook 07: KVSharer and its peers at equal KV bytes ({model}, {num_layers} layers)",
         "",
+        _protocol_paragraph(cfg),
+        "",
+        f"Full model: decoded perplexity {full['ppl']:.3f} ± {full['ppl_se']:.3f}.",
+        "",
+        verdict_line(verdicts, z_crit),
+        "",
+    ]
+    for v in verdicts:
+        lines += _target_section(v, z_crit)
+    lines += _landed_section(curves, calibration)
+    if suite_rows:
+        lines += suite_lines(suite_rows, cfg) + [""]
+    full_cost = next((r for r in cost_rows if r["family"] == "full"), None)
+    if full_cost is not None:
+        lines += [_cost_line(cost_rows, full_cost, cfg), ""]
+    lines.append(_left_out_line(curves))
+    return "\n".join(lines) + "\n"
+
+
+def _protocol_paragraph(cfg: dict) -> str:
+    """What was scored (windows, prefilled and decoded tokens), how each kind of method is scored, and how bytes
+    are measured."""
+    text_tokens = cfg["windows"] * cfg["window"]
+    per_window = cfg["window"] - 1 - cfg["context"]
+    scored = cfg["windows"] * per_window
+    return (
         f"**Protocol.** {cfg['windows']} held-out windows of {cfg['window']} tokens ({text_tokens:,} tokens of "
         "text"
         + (
@@ -243,56 +276,52 @@ def conclusion(
         "same tokens are scored from one forward per window (equal to decoding; tests/test_methods.py checks it). "
         "KV bytes are measured (`kvshare.cache_bytes` of the cache each method really builds) per sequence at the "
         "end of a window; SimLayerKV's are the bytes of the tokens each sequence keeps (its batched, rectangular "
-        "cache is in the table). Differences are paired per window (kvshare.metrics.paired_difference).",
-        "",
-        f"Full model: decoded perplexity {full['ppl']:.3f} ± {full['ppl_se']:.3f}.",
-        "",
-        verdict_line(verdicts, z_crit),
-        "",
-    ]
-    for v in verdicts:
-        pct = f"{100 * v['target']:.0f}%"
-        if v["best"] is None:
-            lines.append(
-                f"**At {pct} of the bytes** (±{100 * v['tolerance']:.0f} points): no method has a point there."
-            )
-            lines.append("")
-            continue
-        b, r2 = v["best"], v["runner_up"]
-        head = (
-            f"**At {pct} of the bytes** (points within ±{100 * v['tolerance']:.0f} points of it): the best is "
-            f"**{_fmt_point(b)}** ({100 * b['kv_ratio']:.1f}% of the bytes, perplexity {b['ppl']:.3f} ± "
-            f"{b['ppl_se']:.3f}; vs the full model ×{b['vs_full_ppl_ratio']:.3f}, 95% CI "
-            f"{b['vs_full_ppl_ratio_ci95'][0]:.3f}..{b['vs_full_ppl_ratio_ci95'][1]:.3f}, "
-            f"ΔNLL {b['vs_full_nll_diff']:+.4f} ± {b['vs_full_se']:.4f}, {_z_words(b['vs_full_z'], z_crit)})"
+        "cache is in the table). Differences are paired per window (kvshare.metrics.paired_difference)."
+    )
+
+
+def _target_section(v: dict, z_crit: float) -> list[str]:
+    """One target byte ratio: the best point against the full model and the runner-up, then every point there."""
+    pct = f"{100 * v['target']:.0f}%"
+    if v["best"] is None:
+        return [f"**At {pct} of the bytes** (±{100 * v['tolerance']:.0f} points): no method has a point there.", ""]
+    b, r2 = v["best"], v["runner_up"]
+    head = (
+        f"**At {pct} of the bytes** (points within ±{100 * v['tolerance']:.0f} points of it): the best is "
+        f"**{_fmt_point(b)}** ({100 * b['kv_ratio']:.1f}% of the bytes, perplexity {b['ppl']:.3f} ± "
+        f"{b['ppl_se']:.3f}; vs the full model ×{b['vs_full_ppl_ratio']:.3f}, 95% CI "
+        f"{b['vs_full_ppl_ratio_ci95'][0]:.3f}..{b['vs_full_ppl_ratio_ci95'][1]:.3f}, "
+        f"ΔNLL {b['vs_full_nll_diff']:+.4f} ± {b['vs_full_se']:.4f}, {_z_words(b['vs_full_z'], z_crit)})"
+    )
+    if r2 is not None:
+        head += (
+            f"; the runner-up, {_fmt_point(r2)}, is worse by ΔNLL {r2['vs_best_nll_diff']:+.4f} ± "
+            f"{r2['vs_best_se']:.4f} per window ({_z_words(r2['vs_best_z'], z_crit)})."
         )
-        if r2 is not None:
-            head += (
-                f"; the runner-up, {_fmt_point(r2)}, is worse by ΔNLL {r2['vs_best_nll_diff']:+.4f} ± "
-                f"{r2['vs_best_se']:.4f} per window ({_z_words(r2['vs_best_z'], z_crit)})."
-            )
-        else:
-            head += "; no other method has a point there."
-        lines.append(head)
-        for r in v["ranking"]:
-            vs_full = (
-                f"vs full: ×{r['vs_full_ppl_ratio']:.3f} (ΔNLL {r['vs_full_nll_diff']:+.4f} ± {r['vs_full_se']:.4f})"
-            )
-            vs_best = (
-                f"; vs best: ΔNLL {r['vs_best_nll_diff']:+.4f} ± {r['vs_best_se']:.4f} "
-                f"({_z_words(r['vs_best_z'], z_crit)})"
-                if "vs_best_nll_diff" in r
-                else ""
-            )
-            seeds = f" (mean of {r['seeds']} seeds)" if r.get("seeds", 1) > 1 else ""
-            lines.append(
-                f"- {_fmt_point(r)}{seeds}: {100 * r['kv_ratio']:.1f}% bytes, perplexity {r['ppl']:.3f}; "
-                f"{vs_full}{vs_best}"
-            )
-        if v["missing"]:
-            lines.append(f"- no point within the tolerance: {', '.join(v['missing'])}")
-        lines.append("")
-    lines.append("**Where each method landed** (measured byte ratio: perplexity):")
+    else:
+        head += "; no other method has a point there."
+    lines = [head]
+    for r in v["ranking"]:
+        vs_full = f"vs full: ×{r['vs_full_ppl_ratio']:.3f} (ΔNLL {r['vs_full_nll_diff']:+.4f} ± {r['vs_full_se']:.4f})"
+        vs_best = (
+            f"; vs best: ΔNLL {r['vs_best_nll_diff']:+.4f} ± {r['vs_best_se']:.4f} ({_z_words(r['vs_best_z'], z_crit)})"
+            if "vs_best_nll_diff" in r
+            else ""
+        )
+        seeds = f" (mean of {r['seeds']} seeds)" if r.get("seeds", 1) > 1 else ""
+        lines.append(
+            f"- {_fmt_point(r)}{seeds}: {100 * r['kv_ratio']:.1f}% bytes, perplexity {r['ppl']:.3f}; {vs_full}{vs_best}"
+        )
+    if v["missing"]:
+        lines.append(f"- no point within the tolerance: {', '.join(v['missing'])}")
+    lines.append("")
+    return lines
+
+
+def _landed_section(curves: list[dict], calibration: dict) -> list[str]:
+    """Every family's knob values with the byte ratio and perplexity each reached (SimLayerKV's thresholds aim
+    at ratios on calibration text, so they land beside them)."""
+    lines = ["**Where each method landed** (measured byte ratio: perplexity):"]
     for fam in dict.fromkeys(c["family"] for c in curves):
         if fam == "full":
             continue
@@ -311,29 +340,33 @@ def conclusion(
             "decided per window, so the measured ratios differ from the aims."
         )
     lines.append("")
-    if suite_rows:
-        lines += suite_lines(suite_rows, cfg) + [""]
-    full_cost = next((r for r in cost_rows if r["family"] == "full"), None)
-    if full_cost is not None:
-        fastest = max(cost_rows, key=lambda r: r["decode_tps"])
-        slowest = min(cost_rows, key=lambda r: r["decode_tps"])
-        key = "peak_above_baseline_bytes" if "peak_above_baseline_bytes" in full_cost else "peak_bytes"
-        ratio_key = "peak_above_baseline_ratio" if key == "peak_above_baseline_bytes" else "peak_ratio"
-        lowest = min(cost_rows, key=lambda r: r[key])
-        where = (
-            "each in a fresh process"
-            if cfg.get("bench_isolate")
-            else f"in one process, {cfg.get('bench_rounds', 1)} alternating round(s), the fastest kept"
-        )
-        lines.append(
-            f"**Costs** (batch {cfg['bench_batch']}, prompt {cfg['bench_prompt']}, {cfg['bench_new_tokens']} new "
-            f"tokens, {where}): the full model decodes {full_cost['decode_tps']:.1f} tokens/s and its run adds "
-            f"{full_cost[key] / 2**20:.0f} MiB at its peak; the fastest point is {fastest['label']} "
-            f"(×{fastest['decode_tps_ratio']:.2f}), the slowest {slowest['label']} "
-            f"(×{slowest['decode_tps_ratio']:.2f}); the lowest peak {lowest['label']} (×{lowest[ratio_key]:.2f}). "
-            "On 2 CPU cores speed differences of a few percent are within the machine's noise."
-        )
-        lines.append("")
+    return lines
+
+
+def _cost_line(cost_rows: list[dict], full_cost: dict, cfg: dict) -> str:
+    """The benchmark's setting, the full model's speed and peak, and the fastest, slowest and leanest points."""
+    fastest = max(cost_rows, key=lambda r: r["decode_tps"])
+    slowest = min(cost_rows, key=lambda r: r["decode_tps"])
+    key = "peak_above_baseline_bytes" if "peak_above_baseline_bytes" in full_cost else "peak_bytes"
+    ratio_key = "peak_above_baseline_ratio" if key == "peak_above_baseline_bytes" else "peak_ratio"
+    lowest = min(cost_rows, key=lambda r: r[key])
+    where = (
+        "each in a fresh process"
+        if cfg.get("bench_isolate")
+        else f"in one process, {cfg.get('bench_rounds', 1)} alternating round(s), the fastest kept"
+    )
+    return (
+        f"**Costs** (batch {cfg['bench_batch']}, prompt {cfg['bench_prompt']}, {cfg['bench_new_tokens']} new "
+        f"tokens, {where}): the full model decodes {full_cost['decode_tps']:.1f} tokens/s and its run adds "
+        f"{full_cost[key] / 2**20:.0f} MiB at its peak; the fastest point is {fastest['label']} "
+        f"(×{fastest['decode_tps_ratio']:.2f}), the slowest {slowest['label']} "
+        f"(×{slowest['decode_tps_ratio']:.2f}); the lowest peak {lowest['label']} (×{lowest[ratio_key]:.2f}). "
+        "On 2 CPU cores speed differences of a few percent are within the machine's noise."
+    )
+
+
+def _left_out_line(curves: list[dict]) -> str:
+    """What the comparison does not cover: methods not implemented, and eviction methods this run did not sweep."""
     left_out = ["xKV (cross-layer SVD) is not implemented"]
     absent = [LABELS[f] for f in ("h2o", "pyramidinfer", "streamingllm") if f not in {c["family"] for c in curves}]
     if absent:
@@ -341,8 +374,7 @@ def conclusion(
             f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not in this run's sweep (settings "
             "`evictions`: the 45-minute budget on 2 CPU cores)"
         )
-    lines.append("**Left out.** " + "; ".join(left_out) + ".")
-    return "\n".join(lines) + "\n"
+    return "**Left out.** " + "; ".join(left_out) + "."
 
 
 def suite_lines(suite_rows: list[dict], cfg: dict) -> list[str]:

@@ -145,20 +145,31 @@ def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2
     """Markdown computed from the rows: the trend with C per combination, against the rebuttal; what KV
     quantization and GPTQ add; whether bytes equal the prediction."""
     reb = REBUTTAL["ppl"]
-    grid = sorted({r["num_shared"] for r in rows})
+    reb_ratio = {c: reb[c] / reb[0] for c in reb}
     series = {}
     for r in rows:
         series.setdefault((r["weights"], r["kv"]), {})[r["num_shared"]] = r
-    lines = []
-    top = max(grid)
-    reb_ratio = {c: reb[c] / reb[0] for c in reb}
-    lines.append(
+    lines = [
         f"**Rebuttal ({REBUTTAL['model']}):** perplexity × {reb_ratio[4]:.2f} / × {reb_ratio[8]:.2f} / "
-        f"× {reb_ratio[12]:.2f} at C = 4 / 8 / 12 of {REBUTTAL['num_layers']} layers (vs C = 0)."
-    )
-    lines.append("")
-    lines.append(protocol_line(rows))
-    lines.append("")
+        f"× {reb_ratio[12]:.2f} at C = 4 / 8 / 12 of {REBUTTAL['num_layers']} layers (vs C = 0).",
+        "",
+        protocol_line(rows),
+        "",
+    ]
+    lines += _trend_section(rows, series, reb_ratio)
+    lines += _kv_quantization_section(rows, series, z_crit)
+    lines += _gptq_sharing_section(rows, series)
+    lines += _budget_section(rows)
+    lines += _gptq_weights_section(rows, series)
+    lines += ["", _bytes_line(rows)]
+    if notes:
+        lines += ["", "Notes: " + " ".join(notes)]
+    return "\n".join(lines)
+
+
+def _trend_section(rows: list[dict], series: dict, reb_ratio: dict) -> list[str]:
+    """Perplexity's rise with C for each (weights, cache) series, and whether it goes the rebuttal's way."""
+    lines = []
     monotone_all = True
     for (w, kv), s in series.items():
         if 0 not in s:
@@ -178,35 +189,42 @@ def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2
         else "not everywhere the rebuttal's monotone rise"
     )
     lines.append(f"**Trend:** {same}.")
-    if top in reb_ratio:
-        ours = [s[top]["ppl"] / s[0]["ppl"] for s in series.values() if 0 in s and top in s]
-        if ours:
-            lines.append(
-                f" At C = {top} the rise here is × {min(ours):.2f}–{max(ours):.2f} against the rebuttal's "
-                f"× {reb_ratio[top]:.2f} (a {rows[0]['num_layers']}-layer 135M model against a 32-layer 7B one: "
-                f"{top / rows[0]['num_layers']:.0%} vs {top / REBUTTAL['num_layers']:.0%} of the layers)."
-            )
-    # what KV quantization adds, per weights and C, paired
-    lines.append("")
-    lines.append(
+    top = max(r["num_shared"] for r in rows)
+    ours = [s[top]["ppl"] / s[0]["ppl"] for s in series.values() if 0 in s and top in s]
+    if top in reb_ratio and ours:
+        num_layers = rows[0]["num_layers"]
+        lines.append(
+            f" At C = {top} the rise here is × {min(ours):.2f}–{max(ours):.2f} against the rebuttal's "
+            f"× {reb_ratio[top]:.2f} (a {num_layers}-layer 135M model against a 32-layer 7B one: "
+            f"{top / num_layers:.0%} vs {top / REBUTTAL['num_layers']:.0%} of the layers)."
+        )
+    return lines
+
+
+def _paired_quantization_cost(quantized: dict, plain: dict, grid: list[int]) -> list[tuple]:
+    """(C, mean paired ΔNLL per window, its standard error, perplexity ratio) of a quantized cache against the
+    unquantized one at the same weights, at every C both were scored at."""
+    diffs = []
+    for c in grid:
+        a, b = quantized.get(c), plain.get(c)
+        if a and b:
+            d = np.asarray(a["window_nll"]) - np.asarray(b["window_nll"])
+            se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+            diffs.append((c, float(d.mean()), se, a["ppl"] / b["ppl"]))
+    return diffs
+
+
+def _kv_quantization_section(rows: list[dict], series: dict, z_crit: float) -> list[str]:
+    """What int8 and int4 caches add on top of sharing, per weight set, and at which C it is beyond noise."""
+    grid = sorted({r["num_shared"] for r in rows})
+    lines = [
+        "",
         "**KV-cache quantization on top of sharing** (paired ΔNLL against the unquantized cache at the same "
-        "weights and C; mean over C):"
-    )
+        "weights and C; mean over C):",
+    ]
     for w in dict.fromkeys(r["weights"] for r in rows):
         for kv in ("int8", "int4"):
-            diffs = []
-            for c in grid:
-                a, b = series.get((w, kv), {}).get(c), series.get((w, "unquantized"), {}).get(c)
-                if a and b:
-                    d = np.asarray(a["window_nll"]) - np.asarray(b["window_nll"])
-                    diffs.append(
-                        (
-                            c,
-                            float(d.mean()),
-                            float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"),
-                            a["ppl"] / b["ppl"],
-                        )
-                    )
+            diffs = _paired_quantization_cost(series.get((w, kv), {}), series.get((w, "unquantized"), {}), grid)
             if not diffs:
                 continue
             mean_ratio = statistics.mean(x[3] for x in diffs)
@@ -221,48 +239,62 @@ def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2
                 )
                 + "."
             )
-    # does GPTQ change sharing's relative cost?
-    fp_s, g_s = series.get(("fp32 weights", "unquantized"), {}), None
+    return lines
+
+
+def _gptq_sharing_section(rows: list[dict], series: dict) -> list[str]:
+    """Whether GPTQ weights change sharing's relative cost: the rise from C = 0 on each weight set."""
+    fp_s = series.get(("fp32 weights", "unquantized"), {})
     gptq_label = next((r["weights"] for r in rows if r["weights"] != "fp32 weights"), None)
-    if gptq_label is not None:
-        g_s = series.get((gptq_label, "unquantized"), {})
-    if fp_s and g_s and 0 in fp_s and 0 in g_s:
-        both = [c for c in grid if c and c in fp_s and c in g_s]
-        if both:
-            lines.append("")
-            lines.append(
-                "**Sharing on GPTQ weights vs full-precision weights** (perplexity rise from C = 0, unquantized "
-                "cache): "
-                + "; ".join(
-                    f"C = {c}: × {g_s[c]['ppl'] / g_s[0]['ppl']:.2f} vs × {fp_s[c]['ppl'] / fp_s[0]['ppl']:.2f}"
-                    for c in both
-                )
-                + ". Ratio of the two rises at C = "
-                + f"{both[-1]}: "
-                f"{(g_s[both[-1]]['ppl'] / g_s[0]['ppl']) / (fp_s[both[-1]]['ppl'] / fp_s[0]['ppl']):.2f}."
-            )
-    # which configuration is best at a given K/V budget
-    lines.append("")
-    lines.append(
-        "**At a given K/V budget** (Pareto front of K/V bytes and perplexity, per weight set, fewest bytes first):"
-    )
+    g_s = series.get((gptq_label, "unquantized"), {}) if gptq_label is not None else None
+    if not (fp_s and g_s and 0 in fp_s and 0 in g_s):
+        return []
+    grid = sorted({r["num_shared"] for r in rows})
+    both = [c for c in grid if c and c in fp_s and c in g_s]
+    if not both:
+        return []
+    last = both[-1]
+    return [
+        "",
+        "**Sharing on GPTQ weights vs full-precision weights** (perplexity rise from C = 0, unquantized "
+        "cache): "
+        + "; ".join(
+            f"C = {c}: × {g_s[c]['ppl'] / g_s[0]['ppl']:.2f} vs × {fp_s[c]['ppl'] / fp_s[0]['ppl']:.2f}" for c in both
+        )
+        + f". Ratio of the two rises at C = {last}: "
+        f"{(g_s[last]['ppl'] / g_s[0]['ppl']) / (fp_s[last]['ppl'] / fp_s[0]['ppl']):.2f}.",
+    ]
+
+
+def _pareto_front(cells: list[dict]) -> list[dict]:
+    """The cells no other cell beats on both K/V bytes and perplexity, fewest bytes first."""
+    front = [
+        r
+        for r in cells
+        if not any(
+            o["kv_bytes"] <= r["kv_bytes"]
+            and o["ppl"] <= r["ppl"]
+            and (o["kv_bytes"] < r["kv_bytes"] or o["ppl"] < r["ppl"])
+            for o in cells
+        )
+    ]
+    return sorted(front, key=lambda r: r["kv_bytes"])
+
+
+def _budget_section(rows: list[dict]) -> list[str]:
+    """Which configuration is best at a given K/V budget: the Pareto front per weight set, and the cells where
+    more sharing with more bits costs the same bytes as less sharing with fewer."""
+    lines = [
+        "",
+        "**At a given K/V budget** (Pareto front of K/V bytes and perplexity, per weight set, fewest bytes first):",
+    ]
     for w in dict.fromkeys(r["weights"] for r in rows):
         mine = [r for r in rows if r["weights"] == w]
-        front = [
-            r
-            for r in mine
-            if not any(
-                o["kv_bytes"] <= r["kv_bytes"]
-                and o["ppl"] <= r["ppl"]
-                and (o["kv_bytes"] < r["kv_bytes"] or o["ppl"] < r["ppl"])
-                for o in mine
-            )
-        ]
-        front.sort(key=lambda r: r["kv_bytes"])
         lines.append(
             f"- {w}: "
             + " → ".join(
-                f"{r['kv']} C = {r['num_shared']} ({r['kv_bytes'] / 2**20:.2f} MiB, ppl {r['ppl']:.1f})" for r in front
+                f"{r['kv']} C = {r['num_shared']} ({r['kv_bytes'] / 2**20:.2f} MiB, ppl {r['ppl']:.1f})"
+                for r in _pareto_front(mine)
             )
             + "."
         )
@@ -280,42 +312,41 @@ def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2
                 f"  - equal bytes ({a['kv_bytes'] / 2**20:.2f} MiB): {a['kv']} cache with C = {a['num_shared']}, "
                 f"perplexity {a['ppl']:.1f}, vs {b['kv']} cache with C = {b['num_shared']}, {b['ppl']:.1f}."
             )
+    return lines
+
+
+def _gptq_weights_section(rows: list[dict], series: dict) -> list[str]:
+    """GPTQ weights against full-precision ones at C = 0: perplexity, stored bytes and decode speed."""
     gptq = [r for r in rows if r["weights"] != "fp32 weights"]
+    if not gptq:
+        return []
 
     def median_tps(weights: str) -> float:
         return float(np.median([r["decode_tps"] for r in rows if r["weights"] == weights]))
 
-    if gptq:
-        lines.append("")
-        fp0 = series.get(("fp32 weights", "unquantized"), {}).get(0)
-        g0 = series.get((gptq[0]["weights"], "unquantized"), {}).get(0)
-        if fp0 and g0:
-            lines.append(
-                f"**GPTQ weights:** perplexity {g0['ppl']:.2f} vs {fp0['ppl']:.2f} at C = 0 "
-                f"(× {g0['ppl'] / fp0['ppl']:.2f}), weights {g0['weight_bytes'] / 2**20:.0f} MiB vs "
-                f"{fp0['weight_bytes'] / 2**20:.0f} MiB as stored; decode {median_tps(g0['weights']):.1f} vs "
-                f"{median_tps(fp0['weights']):.1f} tok/s on this machine, the median over each weight set's "
-                f"{len(gptq)} cells (GPTQModel's torch kernel dequantizes per forward; a cell's own figure is the "
-                f"best of {len(g0.get('decode_s_all') or [0])} timed runs at batch 1 and they spread widely here: "
-                "notebook 04 measures speed)."
-            )
-    lines.append("")
-    ok = all(r["kv_bytes"] == r["kv_bytes_predicted"] for r in rows)
-    lines.append(
-        "**Bytes:** "
-        + (
-            "in every cell the K/V bytes equal what sharing and the quantizer predict together "
+    fp0 = series.get(("fp32 weights", "unquantized"), {}).get(0)
+    g0 = series.get((gptq[0]["weights"], "unquantized"), {}).get(0)
+    if not (fp0 and g0):
+        return [""]
+    return [
+        "",
+        f"**GPTQ weights:** perplexity {g0['ppl']:.2f} vs {fp0['ppl']:.2f} at C = 0 "
+        f"(× {g0['ppl'] / fp0['ppl']:.2f}), weights {g0['weight_bytes'] / 2**20:.0f} MiB vs "
+        f"{fp0['weight_bytes'] / 2**20:.0f} MiB as stored; decode {median_tps(g0['weights']):.1f} vs "
+        f"{median_tps(fp0['weights']):.1f} tok/s on this machine, the median over each weight set's "
+        f"{len(gptq)} cells (GPTQModel's torch kernel dequantizes per forward; a cell's own figure is the "
+        f"best of {len(g0.get('decode_s_all') or [0])} timed runs at batch 1 and they spread widely here: "
+        "notebook 04 measures speed).",
+    ]
+
+
+def _bytes_line(rows: list[dict]) -> str:
+    """Whether every cell's measured K/V bytes equal what sharing and the quantizer predict together."""
+    if all(r["kv_bytes"] == r["kv_bytes_predicted"] for r in rows):
+        return (
+            "**Bytes:** in every cell the K/V bytes equal what sharing and the quantizer predict together "
             "((L − C) kept layers × per-token bytes of codes, scales and zeros)."
-            if ok
-            else "some cells differ from the prediction: "
-            + ", ".join(
-                f"{r['weights']}/{r['kv']}/C={r['num_shared']}"
-                for r in rows
-                if r["kv_bytes"] != r["kv_bytes_predicted"]
-            )
         )
+    return "**Bytes:** some cells differ from the prediction: " + ", ".join(
+        f"{r['weights']}/{r['kv']}/C={r['num_shared']}" for r in rows if r["kv_bytes"] != r["kv_bytes_predicted"]
     )
-    if notes:
-        lines.append("")
-        lines.append("Notes: " + " ".join(notes))
-    return "\n".join(lines)

@@ -200,84 +200,17 @@ def search_conclusion(
     if default is None:  # counts of the default search: from the sweep when it holds the default T
         default = next((r for r in sweep if r["threshold"] == default_T), None)
     if default is not None:
-        if default["rejected"] == 0:
-            lines.append(
-                f"At the default T = {default_T} the threshold rejected nothing: the first "
-                f"{default['accepted']} candidates in dissimilarity order all passed, so the *ranking* alone "
-                "chose the strategy."
-            )
-        else:
-            lines.append(
-                f"At the default T = {default_T} the threshold rejected {default['rejected']} of "
-                f"{default['visited']} visited candidates, so both the ranking and the threshold shaped the strategy."
-            )
+        lines.append(_default_threshold_line(default, default_T))
     if control is not None:
-        n = control.get("searches", 1)
-        who = f"The random-order controls ({n} seeds, one search each)" if n > 1 else "The random-order control"
-        rate = ""
-        if n > 1 and control["rejected"] and not math.isnan(control.get("pass_rate_lo", math.nan)):
-            rate = (
-                f"; pass rate {control['pass_rate_mean']:.0%} on average over seeds, 95% t-interval "
-                f"{_interval(100 * control['pass_rate_lo'], 100 * control['pass_rate_hi'], 0)}%"
-            )
-        lines.append(
-            f"{who} at the same T passed {control['accepted']} of {control['visited']} candidates "
-            f"{'they' if n > 1 else 'it'} visited{rate}"
-            + (" (nothing rejected either)." if control["rejected"] == 0 else ".")
-        )
+        lines.append(_control_line(control))
     if random is not None and random.get("n"):
-        text = (
-            f"Quality of the random order at C = {random['num_shared']} (T = {default_T}, {random['n']} seeds): "
-            f"held-out perplexity {random['ppl']:.2f} {_interval(random['ppl_lo'], random['ppl_hi'])} (exp of the "
-            "mean NLL over seeds, 95% t-interval over seeds)"
-        )
-        if "reference_vs_random" in random:
-            text += (
-                f"; the default (dissimilar) strategy: {random['reference_ppl']:.2f}, "
-                f"{random['reference_vs_random']:.3f}x the random order's "
-                f"{_interval(random['reference_vs_random_lo'], random['reference_vs_random_hi'], 3)} (mean over "
-                f"seeds of the paired ratio), clearly lower than {random['reference_better']} and clearly higher "
-                f"than {random['reference_worse']} of the {random['n']} random strategies"
-            )
-        lines.append(text + ".")
+        lines.append(_random_quality_line(random, default_T))
     lines += ["", "Threshold sweep (same target, dissimilar order; perplexity with its 95% interval):", ""]
-    for r in sweep:
-        short = (
-            "" if r["reached_target"] else f" (the candidates ran out: only {r['num_shared']} of {r['target']} layers)"
-        )
-        vs = ""
-        if "ppl_ratio_vs_default" in r and r["threshold"] != default_T and not math.isnan(r["z_vs_default"]):
-            ci = r.get("ppl_ratio_vs_default_ci95")
-            vs = (
-                f", {(r['ppl_ratio_vs_default'] - 1) * 100:+.1f}% against the default T"
-                + (f" (95% {_interval((ci[0] - 1) * 100, (ci[1] - 1) * 100, 1)}%" if ci else " (")
-                + f", z {r['z_vs_default']:+.1f})"
-            )
-        ppl = f"{r['ppl']:.2f}" + (f" {_interval(r['ppl_lo'], r['ppl_hi'])}" if "ppl_lo" in r else "")
-        lines.append(
-            f"- T = {r['threshold']}: {r['accepted']} of {r['visited']} visited candidates passed "
-            f"({r['pass_rate']:.0%}){short}; perplexity {ppl}{vs}."
-        )
+    lines += [_sweep_line(r, default_T) for r in sweep]
     reached = [r for r in sweep if r["reached_target"]]
     if reached and default is not None:
-        best = min(reached, key=lambda r: r["ppl"])
-        strictest = max(r["threshold"] for r in reached)
-        same = [
-            r["threshold"] for r in reached if r.get("mapping_key") and r.get("mapping_key") == best.get("mapping_key")
-        ]
-        lines += [
-            "",
-            "Of the thresholds whose search reached the target C, T = "
-            + (", ".join(map(str, same)) if len(same) > 1 else str(best["threshold"]))
-            + f" gave the lowest perplexity ({best['ppl']:.2f}"
-            + (", one and the same strategy" if len(same) > 1 else "")
-            + f"); the strictest one that still reached it was T = {strictest}.",
-        ]
-    identical = {}
-    for r in sweep:
-        if r.get("mapping_key"):
-            identical.setdefault(r["mapping_key"], []).append(r["threshold"])
-    repeats = [ts for ts in identical.values() if len(ts) > 1]
+        lines += ["", _best_threshold_line(reached)]
+    repeats = _identical_strategies(sweep)
     if repeats:
         lines.append(
             "Thresholds whose searches returned the identical strategy (one measurement, not several): "
@@ -299,3 +232,94 @@ def search_conclusion(
             f"{scoring['from_store']} taken from the store `{scoring['store']}` shared with notebooks 01 and 11.",
         ]
     return "\n".join(lines)
+
+
+def _default_threshold_line(default: dict, default_T: float) -> str:
+    """Whether the threshold or the ranking alone chose the default search's strategy."""
+    if default["rejected"] == 0:
+        return (
+            f"At the default T = {default_T} the threshold rejected nothing: the first "
+            f"{default['accepted']} candidates in dissimilarity order all passed, so the *ranking* alone "
+            "chose the strategy."
+        )
+    return (
+        f"At the default T = {default_T} the threshold rejected {default['rejected']} of "
+        f"{default['visited']} visited candidates, so both the ranking and the threshold shaped the strategy."
+    )
+
+
+def _control_line(control: dict) -> str:
+    """How many candidates the random-order control searches passed at the same threshold."""
+    n = control.get("searches", 1)
+    who = f"The random-order controls ({n} seeds, one search each)" if n > 1 else "The random-order control"
+    rate = ""
+    if n > 1 and control["rejected"] and not math.isnan(control.get("pass_rate_lo", math.nan)):
+        rate = (
+            f"; pass rate {control['pass_rate_mean']:.0%} on average over seeds, 95% t-interval "
+            f"{_interval(100 * control['pass_rate_lo'], 100 * control['pass_rate_hi'], 0)}%"
+        )
+    return (
+        f"{who} at the same T passed {control['accepted']} of {control['visited']} candidates "
+        f"{'they' if n > 1 else 'it'} visited{rate}"
+        + (" (nothing rejected either)." if control["rejected"] == 0 else ".")
+    )
+
+
+def _random_quality_line(random: dict, default_T: float) -> str:
+    """The random order's perplexity at the target C over its seeds, and the default strategy's against it."""
+    text = (
+        f"Quality of the random order at C = {random['num_shared']} (T = {default_T}, {random['n']} seeds): "
+        f"held-out perplexity {random['ppl']:.2f} {_interval(random['ppl_lo'], random['ppl_hi'])} (exp of the "
+        "mean NLL over seeds, 95% t-interval over seeds)"
+    )
+    if "reference_vs_random" in random:
+        text += (
+            f"; the default (dissimilar) strategy: {random['reference_ppl']:.2f}, "
+            f"{random['reference_vs_random']:.3f}x the random order's "
+            f"{_interval(random['reference_vs_random_lo'], random['reference_vs_random_hi'], 3)} (mean over "
+            f"seeds of the paired ratio), clearly lower than {random['reference_better']} and clearly higher "
+            f"than {random['reference_worse']} of the {random['n']} random strategies"
+        )
+    return text + "."
+
+
+def _sweep_line(r: dict, default_T: float) -> str:
+    """One threshold of the sweep: how many candidates passed, whether it reached the target, its perplexity and
+    (when it differs) its paired change against the default threshold."""
+    short = "" if r["reached_target"] else f" (the candidates ran out: only {r['num_shared']} of {r['target']} layers)"
+    vs = ""
+    if "ppl_ratio_vs_default" in r and r["threshold"] != default_T and not math.isnan(r["z_vs_default"]):
+        ci = r.get("ppl_ratio_vs_default_ci95")
+        vs = (
+            f", {(r['ppl_ratio_vs_default'] - 1) * 100:+.1f}% against the default T"
+            + (f" (95% {_interval((ci[0] - 1) * 100, (ci[1] - 1) * 100, 1)}%" if ci else " (")
+            + f", z {r['z_vs_default']:+.1f})"
+        )
+    ppl = f"{r['ppl']:.2f}" + (f" {_interval(r['ppl_lo'], r['ppl_hi'])}" if "ppl_lo" in r else "")
+    return (
+        f"- T = {r['threshold']}: {r['accepted']} of {r['visited']} visited candidates passed "
+        f"({r['pass_rate']:.0%}){short}; perplexity {ppl}{vs}."
+    )
+
+
+def _best_threshold_line(reached: list[dict]) -> str:
+    """Among the thresholds that reached the target C: the one(s) of lowest perplexity, and the strictest."""
+    best = min(reached, key=lambda r: r["ppl"])
+    strictest = max(r["threshold"] for r in reached)
+    same = [r["threshold"] for r in reached if r.get("mapping_key") and r.get("mapping_key") == best.get("mapping_key")]
+    return (
+        "Of the thresholds whose search reached the target C, T = "
+        + (", ".join(map(str, same)) if len(same) > 1 else str(best["threshold"]))
+        + f" gave the lowest perplexity ({best['ppl']:.2f}"
+        + (", one and the same strategy" if len(same) > 1 else "")
+        + f"); the strictest one that still reached it was T = {strictest}."
+    )
+
+
+def _identical_strategies(sweep: list[dict]) -> list[list[float]]:
+    """The groups of thresholds whose searches returned one and the same strategy."""
+    identical = {}
+    for r in sweep:
+        if r.get("mapping_key"):
+            identical.setdefault(r["mapping_key"], []).append(r["threshold"])
+    return [ts for ts in identical.values() if len(ts) > 1]

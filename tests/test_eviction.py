@@ -1,10 +1,10 @@
-"""Token eviction policies (StreamingLLM, H2O, PyramidInfer) alone and combined with KV sharing.
+"""Token eviction methods with a budget (StreamingLLM, H2O, PyramidInfer) alone and combined with KV sharing.
 
-- each policy keeps exactly the tokens its rule selects, on hand-checkable cases;
-- with a budget above the sequence length each policy is the full model, bit for bit;
-- combined with C = 0 sharing each equals the policy alone; with real sharing a replaced layer reads
+- each method keeps exactly the tokens its rule selects, on hand-checkable cases;
+- with a budget above the sequence length each method is the full model, bit for bit;
+- combined with C = 0 sharing each equals the method alone; with real sharing a replaced layer reads
   its source's kept tokens and the cache's bytes are what the two predict together;
-- incremental decoding follows the policy's own semantics (StreamingLLM: a one-pass forward with the
+- incremental decoding follows the method's own semantics (StreamingLLM: a one-pass forward with the
   mask the rule implies; H2O / PyramidInfer: a reference that tracks scores by token position);
 - left-padded batches: each row keeps and computes what it would alone.
 """
@@ -17,31 +17,24 @@ from conftest import NUM_LAYERS, make_tiny_model
 from transformers import DynamicCache
 
 import kvshare
-from kvshare.policies import (
-    H2O,
-    POLICIES,
-    H2OSettings,
-    PyramidInfer,
-    PyramidInferSettings,
-    StreamingLLM,
-    layer_budgets,
-    make_policy,
-    predicted_cache_bytes,
-)
-from kvshare.sharing import active_policy, active_strategy, source_kv
+from kvshare.accounting import predicted_cache_bytes
+from kvshare.methods import H2O, REGISTRY, H2OSettings, PyramidInfer, PyramidInferSettings, StreamingLLM, make
+from kvshare.methods.pyramidinfer import layer_budgets
+from kvshare.sharing import active_method, active_strategy, source_kv
 from kvshare.strategy import Strategy
 
-NAMES = list(POLICIES)
+# the registered eviction methods that keep a token budget
+NAMES = [name for name, cls in REGISTRY.items() if cls.role == "eviction" and "budget" in cls.setting_names()]
 
 
 @torch.no_grad()
-def run(model, ids, policy=None, strategy=None, prompt=None, mask=None, positions=False, on_step=None):
+def run(model, ids, method=None, strategy=None, prompt=None, mask=None, positions=False, on_step=None):
     """Prefill `prompt` tokens, then decode the rest one token at a time; last-token logits of each forward."""
     B, T = ids.shape
     prompt = prompt or T // 2
     mask = torch.ones(B, T, dtype=torch.long) if mask is None else mask
     outs = []
-    with kvshare.compression(model, strategy, policy):
+    with kvshare.compression(model, strategy, method):
         cache = DynamicCache(config=model.config)
         for s, e in [(0, prompt)] + [(t, t + 1) for t in range(prompt, T)]:
             kw = {}
@@ -67,16 +60,16 @@ def tiny_config(**kw):
 # registry and settings
 # --------------------------------------------------------------------------------------------
 def test_registry_and_settings():
-    assert set(POLICIES) == {"streamingllm", "h2o", "pyramidinfer"}
-    assert isinstance(make_policy("H2O", budget=8), H2O)
-    assert isinstance(make_policy("streaming-llm", budget=8, sink=2), StreamingLLM)
-    assert make_policy("pyramidinfer", budget=8, window=4).settings == PyramidInferSettings(8, window=4)
-    with pytest.raises(ValueError, match="unknown policy"):
-        make_policy("snapkv", budget=8)
+    assert set(NAMES) == {"streamingllm", "h2o", "pyramidinfer"}
+    assert isinstance(make("H2O", budget=8), H2O)
+    assert isinstance(make("streaming-llm", budget=8, sink=2), StreamingLLM)
+    assert make("pyramidinfer", budget=8, window=4).settings == PyramidInferSettings(8, window=4)
+    with pytest.raises(ValueError, match="unknown method"):
+        make("snapkv", budget=8)
     with pytest.raises(ValueError, match="budget"):
-        make_policy("h2o", budget=0)
+        make("h2o", budget=0)
     with pytest.raises(ValueError, match="sink"):
-        make_policy("streamingllm", budget=4, sink=4)
+        make("streamingllm", budget=4, sink=4)
     with pytest.raises(TypeError):
         H2O(H2OSettings(8), budget=4)
 
@@ -112,9 +105,9 @@ def test_streamingllm_keeps_sinks_and_recent_window():
     assert all(layer == [[[3, 4, 9, 10, 11, 12]], [[0, 1, 9, 10, 11, 12]]] for layer in steps[1])
 
 
-def _layer(policy, heads=(4, 2), dim=4, layer_idx=0):
+def _layer(method, heads=(4, 2), dim=4, layer_idx=0):
     cfg = tiny_config()
-    layer = policy.make_layer(layer_idx, cfg)
+    layer = method.make_layer(layer_idx, cfg)
     layer.num_key_value_groups = heads[0] // heads[1]
     return layer
 
@@ -182,9 +175,9 @@ def test_pyramidinfer_selects_by_the_most_recent_queries():
 def test_budget_above_length_is_the_full_model(tiny_model, name):
     ids = torch.randint(3, 100, (1, 14), generator=torch.Generator().manual_seed(1))
     full, _ = run(tiny_model, ids, prompt=9)
-    evicting, cache = run(tiny_model, ids, make_policy(name, budget=64), prompt=9)
+    evicting, cache = run(tiny_model, ids, make(name, budget=64), prompt=9)
     assert torch.equal(full, evicting)
-    assert all(getattr(layer, "kvshare_policy", False) for layer in cache.layers)
+    assert all(getattr(layer, "kvshare_method_slot", False) for layer in cache.layers)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -195,7 +188,7 @@ def test_budget_above_length_left_padded(name):
         mask = torch.ones(2, 14, dtype=torch.long)
         mask[1, :4] = 0
         full, _ = run(model, ids, prompt=9, mask=mask)
-        evicting, _ = run(model, ids, make_policy(name, budget=64), prompt=9, mask=mask)
+        evicting, _ = run(model, ids, make(name, budget=64), prompt=9, mask=mask)
         assert torch.equal(full, evicting), (arch, impl)
 
 
@@ -203,11 +196,11 @@ def test_budget_above_length_left_padded(name):
 # composition with sharing
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
-def test_c0_sharing_with_policy_is_the_policy_alone(name):
+def test_c0_sharing_with_eviction_is_the_eviction_alone(name):
     model = make_tiny_model("qwen2", "sdpa")
     ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(3))
-    alone, c1 = run(model, ids, make_policy(name, budget=5), prompt=10)
-    c0, c2 = run(model, ids, make_policy(name, budget=5), Strategy({}, NUM_LAYERS), prompt=10)
+    alone, c1 = run(model, ids, make(name, budget=5), prompt=10)
+    c0, c2 = run(model, ids, make(name, budget=5), Strategy({}, NUM_LAYERS), prompt=10)
     assert torch.equal(alone, c0)
     assert kvshare.cache_bytes(c1) == kvshare.cache_bytes(c2)
 
@@ -237,9 +230,9 @@ def test_replaced_layer_reads_the_sources_kept_tokens(name):
             snapshots[src] = cache.layers[src].keys.clone()
 
     handles = [model.model.layers[r].self_attn.register_forward_hook(check, with_kwargs=True) for r in strategy.mapping]
-    policy = make_policy(name, budget=6)
+    method = make(name, budget=6)
     try:
-        _, cache = run(model, ids, policy, strategy, prompt=10, on_step=snap)
+        _, cache = run(model, ids, method, strategy, prompt=10, on_step=snap)
     finally:
         for h in handles:
             h.remove()
@@ -254,18 +247,20 @@ def test_combined_bytes_are_what_both_predict(name, arch):
     strategy = Strategy({2: 0, 4: 3, 5: 1}, NUM_LAYERS)
     ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(5))
     for budget in (5, 8, 40):
-        policy = make_policy(name, budget=budget)
+        method = make(name, budget=budget)
         for strat in (None, strategy):
-            _, cache = run(model, ids, policy, strat, prompt=9)
-            predicted = predicted_cache_bytes(model.config, strat, policy, 2, [9] + [1] * 11, 4)
+            _, cache = run(model, ids, method, strat, prompt=9)
+            predicted = predicted_cache_bytes(model.config, method, 2, [9] + [1] * 11, 4, strategy=strat)
             assert kvshare.cache_bytes(cache) == predicted, (budget, strat)
     # and the two savings multiply for uniform budgets: kept layers x tokens kept
     _, shared_only = run(model, ids, None, strategy, prompt=9)
-    assert kvshare.cache_bytes(shared_only) == predicted_cache_bytes(model.config, strategy, None, 2, [9] + [1] * 11, 4)
+    assert kvshare.cache_bytes(shared_only) == predicted_cache_bytes(
+        model.config, None, 2, [9] + [1] * 11, 4, strategy=strategy
+    )
 
 
 # --------------------------------------------------------------------------------------------
-# incremental decoding follows each policy's semantics
+# incremental decoding follows each method's semantics
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("llama", "eager"), ("qwen3", "sdpa")])
 def test_streamingllm_decoding_equals_the_rule_as_a_mask(arch, impl):
@@ -291,8 +286,8 @@ def test_streamingllm_decoding_equals_the_rule_as_a_mask(arch, impl):
 class Reference:
     """H2O / PyramidInfer by token position, from the attention weights eager attention returns."""
 
-    def __init__(self, model, policy):
-        self.policy, self.cfg = policy, model.config
+    def __init__(self, model, method):
+        self.method, self.cfg = method, model.config
         self.score = {}  # (layer, kv head, position) -> accumulated attention
         self.since = {}
         self.handles = [m.self_attn.register_forward_hook(self.hook, with_kwargs=True) for m in model.model.layers]
@@ -304,10 +299,10 @@ class Reference:
         pos = layer.positions[0].tolist() if layer.held() == w.shape[-1] else None
         assert pos is not None
         q, groups = w.shape[1], w.shape[0] // len(pos)
-        s = self.policy.settings
-        budget = self.policy.layer_budget(i, NUM_LAYERS)
+        s = self.method.settings
+        budget = self.method.layer_budget(i, NUM_LAYERS)
         out = []
-        if isinstance(self.policy, PyramidInfer):
+        if isinstance(self.method, PyramidInfer):
             self.since[i] = self.since.get(i, 0) + q
             select = q > 1 or self.since[i] >= s.interval
             rows = range(max(0, q - s.window), q)
@@ -320,12 +315,12 @@ class Reference:
             if not select or len(positions) <= budget:
                 out.append(positions)
                 continue
-            recent = min(s.recent if isinstance(self.policy, H2O) else s.window, budget)
+            recent = min(s.recent if isinstance(self.method, H2O) else s.window, budget)
             keep = set(positions[len(positions) - recent :]) if recent else set()
             rest = sorted((p for p in positions if p not in keep), key=lambda p: (-self.score[i, h, p], p))
             keep |= set(rest[: budget - len(keep)])
             out.append(sorted(keep))
-        if isinstance(self.policy, PyramidInfer) and select:
+        if isinstance(self.method, PyramidInfer) and select:
             self.since[i] = 0
             self.score = {k: v for k, v in self.score.items() if k[0] != i}  # the next selection's queries start afresh
         self.expected[i] = out
@@ -336,11 +331,11 @@ class Reference:
 
 
 @pytest.mark.parametrize("name", ["h2o", "pyramidinfer"])
-def test_attention_policies_follow_their_rule_while_decoding(name):
+def test_attention_scored_methods_follow_their_rule_while_decoding(name):
     model = make_tiny_model("llama", "eager")
     ids = torch.randint(3, 100, (1, 22), generator=torch.Generator().manual_seed(7))
-    policy = make_policy(name, budget=7) if name == "h2o" else make_policy(name, budget=7, window=3, interval=3)
-    ref = Reference(model, policy)
+    method = make(name, budget=7) if name == "h2o" else make(name, budget=7, window=3, interval=3)
+    ref = Reference(model, method)
     mismatches = []
 
     def compare(cache, s, e):
@@ -349,7 +344,7 @@ def test_attention_policies_follow_their_rule_while_decoding(name):
                 mismatches.append((s, i, kept(cache, i)[0], ref.expected[i]))
 
     try:
-        run(model, ids, policy, prompt=10, on_step=compare)
+        run(model, ids, method, prompt=10, on_step=compare)
     finally:
         ref.remove()
     assert not mismatches, mismatches[:3]
@@ -367,7 +362,7 @@ def test_sdpa_scores_match_eager_weights(name):
         logits, _ = run(
             make_tiny_model("qwen3", impl),
             ids,
-            make_policy(name, budget=6),
+            make(name, budget=6),
             prompt=9,
             mask=mask,
             on_step=lambda c, s, e: steps.append([kept(c, i) for i in range(NUM_LAYERS)]),
@@ -388,12 +383,10 @@ def test_left_padded_rows_match_rows_alone(name, arch, impl):
     ids = torch.randint(3, 100, (2, T), generator=torch.Generator().manual_seed(9))
     mask = torch.ones(2, T, dtype=torch.long)
     mask[0, :pad] = 0
-    policy = (
-        make_policy(name, budget=6) if name != "pyramidinfer" else make_policy(name, budget=6, window=3, interval=3)
-    )
+    method = make(name, budget=6) if name != "pyramidinfer" else make(name, budget=6, window=3, interval=3)
     for strategy in (None, Strategy({2: 1, 4: 0}, NUM_LAYERS)):
-        batch, bc = run(model, ids, policy, strategy, prompt=prompt, mask=mask)
-        alone, ac = run(model, ids[:1, pad:], policy, strategy, prompt=prompt - pad, positions=True)
+        batch, bc = run(model, ids, method, strategy, prompt=prompt, mask=mask)
+        alone, ac = run(model, ids[:1, pad:], method, strategy, prompt=prompt - pad, positions=True)
         assert torch.allclose(batch[0], alone[0], atol=1e-5)
         for i in range(NUM_LAYERS):
             if i in (strategy.mapping if strategy else {}):
@@ -415,113 +408,79 @@ def test_left_padded_rows_match_rows_alone(name, arch, impl):
 # --------------------------------------------------------------------------------------------
 # command line and benchmark
 # --------------------------------------------------------------------------------------------
-def test_cli_bench_with_policy(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "flags,name",
+    [
+        (["--method", "pyramidinfer", "--budget", "5"], "pyramidinfer"),
+        (["--method", "quantized", "--bits", "4"], "quantized"),
+        (["--method", "h2o,quantized", "--budget", "4", "--bits", "8"], "h2o+quantized"),
+    ],
+)
+def test_cli_bench_with_a_method(tiny_dir, tmp_path, monkeypatch, flags, name):
+    """Every shared row carries the method (rate 0: the method alone) and holds exactly the bytes it predicts; a
+    method without its settings, or on a static cache, is refused before anything is built."""
     import json
-
-    from transformers import LlamaConfig
 
     import kvshare.bench
     from kvshare.cli import main
 
     in_process = kvshare.bench.bench  # spawning a process per row costs seconds each: measure here
     monkeypatch.setattr(kvshare.bench, "bench", lambda *a, **kw: in_process(*a, **{**kw, "isolate": False}))
-
-    LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    ).save_pretrained(tmp_path / "tiny")
     out = tmp_path / "b.json"
-    rc = main(
-        [
-            "bench",
-            "--model",
-            str(tmp_path / "tiny"),
-            "--random-weights",
-            "--rates",
-            "0,0.25",
-            "--batch",
-            "2",
-            "--prompt-len",
-            "12",
-            "--new-tokens",
-            "3",
-            "--repeats",
-            "1",
-            "--policy",
-            "pyramidinfer",
-            "--budget",
-            "5",
-            "--out",
-            str(out),
-        ]
-    )
-    assert rc == 0
+    command = ["bench", "--model", tiny_dir, "--random-weights", "--out", str(out)]
+    sizes = ["--rates", "0,0.25", "--batch", "2", "--prompt-len", "12", "--new-tokens", "3", "--repeats", "1"]
+    assert main(command + sizes + flags) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["mode"], r["policy"], r["num_shared"]) for r in rows] == [
+    assert [(r["mode"], (r["method"] or {}).get("method"), r["num_shared"]) for r in rows] == [
         ("plain", None, 0),
-        ("shared", "pyramidinfer", 0),
-        ("shared", "pyramidinfer", 2),
+        ("shared", name, 0),
+        ("shared", name, 2),
     ]
     for r in rows:
         assert r["kv_bytes"] == r["kv_bytes_predicted"]
+        assert r["kv_bytes_ratio"] == pytest.approx(r["kv_bytes_expected_ratio"])
     assert rows[2]["kv_bytes"] < rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
-    assert (
-        main(["bench", "--model", str(tmp_path / "tiny"), "--random-weights", "--policy", "h2o", "--out", str(out)])
-        == 2
-    )
-    assert (
-        main(
-            [
-                "bench",
-                "--model",
-                str(tmp_path / "tiny"),
-                "--random-weights",
-                "--policy",
-                "h2o",
-                "--budget",
-                "4",
-                "--cache",
-                "static",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    if name == "quantized":  # int4 with groups of 8 float32 channels: (0.5 + 8 / 8) / 4 of the bytes, x (L - C) / L
+        assert rows[1]["kv_bytes_ratio"] == pytest.approx(0.375)
+        assert rows[2]["kv_bytes_ratio"] == pytest.approx(0.375 * 6 / 8)
+    assert main(command + flags + ["--cache", "static"]) == 2
+    assert main(command + ["--method", "h2o"]) == 2  # its budget is missing
 
 
-def test_cli_ppl_with_policy(monkeypatch, capsys, char_tokenizer):
-    import json
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["ppl", "--policy", "h2o", "--budget", "128"], "ppl: error: --policy is gone: use --method h2o --budget 128"),
+        (["bench", "--kv-bits", "8", "--out", "b"], "bench: error: --kv-bits is gone: use --method quantized --bits 8"),
+        (
+            ["eval", "--policy=h2o", "--budget", "64", "--kv-bits", "4", "--out", "r.json"],
+            "eval: error: --policy and --kv-bits are gone: use --method h2o,quantized --budget 64 --bits 4",
+        ),
+    ],
+)
+def test_policy_and_kv_bits_fail_with_one_line_naming_the_new_spelling(argv, line, capsys):
+    from kvshare.cli import main
 
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [f"kvshare {line}"] and out.out == ""
+
+
+def test_cli_ppl_with_eviction(cli_ppl):
     import kvshare.cli as cli
-    import kvshare.data
 
-    model = make_tiny_model("llama", "sdpa")
-    monkeypatch.setattr(cli, "_load", lambda args: (model, char_tokenizer))
-    monkeypatch.setattr(
-        kvshare.data, "eval_text", lambda source="offline": "the quick brown fox jumps over the lazy dog " * 4
-    )
-
-    def ppl(*extra):
-        assert cli.main(["ppl", "--window", "32", "--limit-tokens", "128", *extra]) == 0
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-
+    ppl = cli_ppl
     full = ppl("--decode", "--context", "16")
-    big = ppl("--policy", "h2o", "--budget", "100", "--context", "16")
-    small = ppl("--policy", "streamingllm", "--budget", "6", "--context", "16")
+    big = ppl("--method", "h2o", "--budget", "100", "--context", "16")
+    small = ppl("--method", "streamingllm", "--budget", "6", "--context", "16")
     assert full["tokens"] == big["tokens"] == small["tokens"] == 4 * 15
     assert big["ppl"] == full["ppl"] and small["ppl"] != full["ppl"]
-    assert small["policy"] == "streamingllm" and small["budget"] == 6
-    assert cli.main(["ppl", "--policy", "h2o"]) == 2
+    assert small["method"] == {"method": "streamingllm", "budget": 6, "sink": 4} and "method" not in full
+    assert cli.main(["ppl", "--method", "h2o"]) == 2
     assert cli.main(["ppl", "--context", "8"]) == 2
 
 
-def test_decode_protocol_without_policy_is_the_single_forward(char_tokenizer):
+def test_decode_protocol_without_a_method_is_the_single_forward(char_tokenizer):
     """Perplexity by decoding scores the same tokens a single forward would, with the same numbers."""
     import torch.nn.functional as F
 
@@ -541,16 +500,16 @@ def test_decode_protocol_without_policy_is_the_single_forward(char_tokenizer):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_order_of_construction_does_not_matter(name):
-    """Policy first or sharing first, nested or not: one semantics, and whatever was enabled before comes back."""
+    """Method first or sharing first, nested or not: one semantics, and whatever was enabled before comes back."""
     model = make_tiny_model("llama", "sdpa")
     strategy = Strategy({2: 1, 5: 3}, NUM_LAYERS)
     ids = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(10))
-    direct, _ = run(model, ids, make_policy(name, budget=5), strategy, prompt=9)
-    with kvshare.compression(model, None, make_policy(name, budget=5)):  # a policy on, then sharing + policy
-        nested, _ = run(model, ids, make_policy(name, budget=5), strategy, prompt=9)
+    direct, _ = run(model, ids, make(name, budget=5), strategy, prompt=9)
+    with kvshare.compression(model, None, make(name, budget=5)):  # a method on, then sharing + method
+        nested, _ = run(model, ids, make(name, budget=5), strategy, prompt=9)
         assert active_strategy(model).mapping == {}
-    with kvshare.compression(model, strategy):  # sharing on, then sharing + policy
-        nested2, _ = run(model, ids, make_policy(name, budget=5), strategy, prompt=9)
-        assert active_policy(model) is None
+    with kvshare.compression(model, strategy):  # sharing on, then sharing + method
+        nested2, _ = run(model, ids, make(name, budget=5), strategy, prompt=9)
+        assert active_method(model) is None
     assert torch.equal(direct, nested) and torch.equal(direct, nested2)
     assert getattr(model, "_kvshare", None) is None
