@@ -218,3 +218,18 @@ runpy.run_module("kvshare", run_name="__main__")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "usage:" in proc.stdout
+
+
+def test_the_architecture_sketch_in_the_docs_is_the_code_s():
+    """docs/how-it-works.md draws the layers as boxes (top to bottom) with arrows for imports; the boxes must be
+    LAYERS, in order, and LAYERS is what the tests above check against the code."""
+    import re
+
+    doc = (PACKAGE.parent / "docs" / "how-it-works.md").read_text()
+    block = re.search(r"<!-- kvshare:layers -->\n```text\n(.*?)\n```\n<!-- /kvshare:layers -->", doc, re.S)
+    assert block, "docs/how-it-works.md has no layer sketch between <!-- kvshare:layers --> markers"
+    lines = block.group(1).splitlines()
+    boxes = [re.match(r"^\[(.+?)\]\s+(.+)$", line) for line in lines[::2]]
+    assert all(boxes) and all(line.strip().startswith("↓") for line in lines[1::2]), "a box per layer, arrows between"
+    drawn = [(b.group(1), b.group(2).split(" · ")) for b in boxes]
+    assert drawn == list(reversed(LAYERS)), "the sketch in docs/how-it-works.md is not tests/test_architecture.LAYERS"
