@@ -400,6 +400,7 @@ def build(out: Path = DATA_DIR, cache: Path | None = None) -> dict:
         "long_calibration_documents_dropped_for_overlap": dropped,
         "files": {},
     }
+    before = _previous_hashes(out)
     for name, (rows, sources) in sorted(files.items()):
         data = gzip_jsonl(rows)
         path = out / name
@@ -407,6 +408,15 @@ def build(out: Path = DATA_DIR, cache: Path | None = None) -> dict:
         path.write_bytes(data)
         manifest["files"][name] = {"sha256": sha256_bytes(data), "bytes": len(data), "counts": counts(name, rows)}
         manifest["files"][name]["sources"] = sources
-        print(f"data build: {name}: {len(rows)} items, {len(data) / 1e6:.2f} MB", flush=True)
+        same = {None: "new", sha256_bytes(data): "the same bytes as before"}.get(before.get(name), "CHANGED")
+        print(f"data build: {name}: {len(rows)} items, {len(data) / 1e6:.2f} MB ({same})", flush=True)
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
+
+
+def _previous_hashes(out: Path) -> dict[str, str]:
+    """{file: SHA-256} of the manifest a rebuild replaces, so that it can say whether it gave the same bytes."""
+    path = out / "MANIFEST.json"
+    if not path.is_file():
+        return {}
+    return {name: entry["sha256"] for name, entry in json.loads(path.read_text())["files"].items()}
