@@ -48,8 +48,7 @@ def manifest(root: str | None = None) -> dict:
     return json.loads(path.read_text())
 
 
-def _verified_bytes(name: str) -> bytes:
-    root = data_dir()
+def _verified_bytes(root: Path, name: str) -> bytes:
     entry = manifest(str(root))["files"].get(name)
     if entry is None:
         raise DataError(f"data/MANIFEST.json lists no file {name}: rebuild the data with `{REBUILD}`")
@@ -62,10 +61,14 @@ def _verified_bytes(name: str) -> bytes:
     return data
 
 
-@lru_cache(maxsize=32)
 def read_rows(name: str) -> tuple[dict, ...]:
-    """The rows of data file `name` (e.g. "prose.jsonl.gz", "tasks/arc_easy.jsonl.gz"), checked once."""
-    text = gzip.decompress(_verified_bytes(name)).decode("utf-8")
+    """The rows of data file `name` (e.g. "prose.jsonl.gz", "tasks/arc_easy.jsonl.gz"), checked once per folder."""
+    return _rows(str(data_dir()), name)
+
+
+@lru_cache(maxsize=32)
+def _rows(root: str, name: str) -> tuple[dict, ...]:
+    text = gzip.decompress(_verified_bytes(Path(root), name)).decode("utf-8")
     return tuple(json.loads(line) for line in text.splitlines() if line)
 
 

@@ -114,15 +114,11 @@ def test_a_corrupt_file_gives_one_line_naming_it_and_the_rebuild(tmp_path, monke
     raw[100] ^= 0xFF
     (copy / "prose.jsonl.gz").write_bytes(bytes(raw))
     (copy / "tasks" / "piqa.jsonl.gz").unlink()
-    monkeypatch.setenv("KVSHARE_DATA", str(copy))
-    data.read_rows.cache_clear()
-    try:
-        with pytest.raises(data.DataError) as corrupt:
-            data.calibration_texts(30)
-        with pytest.raises(data.DataError) as missing:
-            data.task_rows("piqa")
-    finally:
-        data.read_rows.cache_clear()
+    monkeypatch.setenv("KVSHARE_DATA", str(copy))  # another folder: read and checked afresh
+    with pytest.raises(data.DataError) as corrupt:
+        data.calibration_texts(30)
+    with pytest.raises(data.DataError) as missing:
+        data.task_rows("piqa")
     for err, name in ((corrupt, "prose.jsonl.gz"), (missing, "piqa.jsonl.gz")):
         line = str(err.value)
         assert "\n" not in line and name in line and "python -m kvshare data build" in line
@@ -134,11 +130,7 @@ def test_data_check_command_is_one_line_on_a_corrupt_file(tmp_path, capsys, monk
     copy = _copy_data(tmp_path)
     (copy / "long.jsonl.gz").write_bytes(b"not gzip")
     monkeypatch.setenv("KVSHARE_DATA", str(copy))
-    data.read_rows.cache_clear()
-    try:
-        assert main(["data", "check"]) == 2
-    finally:
-        data.read_rows.cache_clear()
+    assert main(["data", "check"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "long.jsonl.gz" in err and "data build" in err
 
