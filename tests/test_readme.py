@@ -190,3 +190,18 @@ def test_how_to_choose_quotes_notebook_08s_verdicts(tmp_path):
     assert "- **Order and threshold T** ([figure](figures/08_ablations_threshold.png)): Use similar at T = 0.5." in text
     assert "- **Search cost** ([summary](figures/08_ablations_conclusion.md)): Cheap." in text
     assert "Distance metric" not in text  # no verdict, no line
+
+
+def test_every_committed_figure_is_linked_from_the_notebooks_page():
+    page = (ROOT / "docs" / "notebooks.md").read_text()
+    linked = set(re.findall(r"\]\(\.\./(figures/[^)]+\.png)\)", page))
+    committed = {p.relative_to(ROOT).as_posix() for p in (ROOT / "figures").rglob("*.png")}
+    assert not committed - linked, f"figures linked nowhere in docs/notebooks.md: {sorted(committed - linked)}"
+
+
+def test_every_notebook_has_a_row_in_the_readme_and_a_section_in_the_notebooks_page():
+    readme_text = (ROOT / "README.md").read_text()
+    sections = anchors(ROOT / "docs" / "notebooks.md")
+    for notebook in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb")):
+        assert f"| `{notebook.stem}` |" in readme_text, f"README's notebook table has no row for {notebook.stem}"
+        assert any(s.startswith(notebook.stem[:2] + "--") for s in sections), f"docs/notebooks.md: no {notebook.stem}"
