@@ -903,6 +903,21 @@ def measure_rounds(configs: list, run, rounds: int = 1, progress: bool = True, d
     return rows
 
 
+def check_context(name: str, prompt_len: int, new_tokens: int) -> None:
+    """Refuse, before anything runs, a prompt and generation longer than an embedded model's context (a preset's
+    random weights and a hub model's config set no limit this check could trust)."""
+    from .models import EMBEDDED
+
+    if name not in EMBEDDED:
+        return
+    limit = getattr(shape_config(name), "max_position_embeddings", None)
+    if limit and prompt_len + new_tokens > limit:
+        raise ValueError(
+            f"a {prompt_len}-token prompt and {new_tokens} new tokens exceed {name}'s context of {limit} tokens: "
+            f"use a prompt of at most {limit - new_tokens} tokens"
+        )
+
+
 def shape_config(name: str, model=None):
     """The (text) config of `name` without loading weights: a preset's shapes, an embedded checkpoint's or a
     hub/local config (the loaded `model`'s when given)."""

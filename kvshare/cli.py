@@ -455,7 +455,7 @@ def cmd_ppl(args):
 
 
 def cmd_bench(args):
-    from .bench import PRESETS, bench, budget_comparison, format_table
+    from .bench import PRESETS, bench, budget_comparison, check_context, format_table
     from .io import write_csv, write_json
 
     rates = _numbers(args.rates, float, "--rates")
@@ -470,6 +470,7 @@ def cmd_bench(args):
         raise CLIError("--compile needs --cache static (transformers compiles decoding over a static cache)")
     if args.rounds < 1:
         raise CLIError("--rounds must be >= 1")
+    check_context(args.model, args.prompt_len, args.new_tokens)
     if args.profile:
         if method is not None or args.memory_budget_gb or args.compile:
             raise CLIError(
@@ -502,8 +503,21 @@ def cmd_bench(args):
     write_csv(out.with_suffix(".csv"), rows)
     print(format_table(rows))
     if "budget" in result:
+        _check_budget_fits(args, result["budget"][0], out)
         print(format_table(result["budget"], budget=True))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
+
+
+def _check_budget_fits(args, plain: dict, out: Path) -> None:
+    """One line when the memory budget fits not even batch 1 of the plain model (the rows measured are kept)."""
+    if plain.get("fits"):
+        return
+    peak = next((p for b, p in plain.get("line_points", []) if b == 1), None)
+    at_one = f" (batch 1 peaks at {peak / 2**30:.2f} GiB)" if peak else ""
+    raise CLIError(
+        f"a peak-memory budget of {args.memory_budget_gb:g} GiB fits no batch of the plain {args.model}{at_one}: "
+        f"raise --memory-budget-gb; the other rows are in {out}"
+    )
 
 
 def _bench_arguments(args, rates, batches, strategy) -> dict:

@@ -101,3 +101,30 @@ def test_a_configuration_that_cannot_fit_fails_before_loading(capsys, monkeypatc
     assert not loaded
     assert main(["bench", "--model", "llama2-70b", "--random-weights", "--out", "/tmp/never.json"]) == 2
     assert "no --dtype fits" in capsys.readouterr().err
+
+
+def test_a_context_beyond_the_model_s_is_one_line_before_anything_runs(monkeypatch, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(B, "shape_config", lambda name, model=None: SimpleNamespace(max_position_embeddings=8192))
+    monkeypatch.setattr(B, "bench", lambda *a, **k: pytest.fail("the benchmark ran"))
+    B.check_context("smollm2-135m", 8190, 2)  # exactly the context: fine
+    B.check_context("llama2-7b", 100_000, 2)  # a preset's random weights: no limit to trust
+    out = tmp_path / "b.json"
+    assert main(["bench", "--prompt-len", "100000", "--new-tokens", "2", "--rates", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "context of 8192 tokens" in err and "at most 8190" in err
+    assert not out.exists()
+
+
+def test_a_memory_budget_that_fits_nothing_is_one_line_and_keeps_the_rows(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from kvshare.cli import CLIError, _check_budget_fits
+
+    args = SimpleNamespace(memory_budget_gb=0.001, model="m")
+    _check_budget_fits(args, {"fits": True}, tmp_path / "b.json")  # a fitting budget says nothing
+    with pytest.raises(CLIError) as err:
+        _check_budget_fits(args, {"fits": False, "line_points": [(1, 2**30), (2, 2**31)]}, tmp_path / "b.json")
+    line = str(err.value)
+    assert "\n" not in line and "0.001 GiB fits no batch" in line and "1.00 GiB" in line and "b.json" in line
