@@ -73,3 +73,18 @@ def test_a_run_saves_its_settings_with_the_environment_and_its_rows_twice(tmp_pa
     assert save_rows(tmp_path, "99_toy_rates", rows) is rows
     assert json.loads((tmp_path / "99_toy_rates.json").read_text()) == rows
     assert (tmp_path / "99_toy_rates.csv").read_text().splitlines()[0] == "rate,ppl,note"
+
+
+def test_save_rows_writes_the_numbers_and_the_figure_in_one_call(tmp_path):
+    class Figure:  # what save_rows needs of a matplotlib figure
+        def __init__(self):
+            self.saved = []
+
+        def savefig(self, path, **kwargs):
+            self.saved.append(path.name)
+            path.write_bytes(b"drawn")
+
+    fig = Figure()
+    save_rows(tmp_path, "99_toy_rates", [{"rate": 0.25, "ppl": 2.0}], figure=fig)
+    assert fig.saved == ["99_toy_rates.png", "99_toy_rates.pdf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"99_toy_rates.{e}" for e in ("csv", "json", "pdf", "png")]

@@ -8,7 +8,7 @@ run's numbers beside its figures.
     cfg = Settings.for_run("smollm2-135m", quick=True, seed=0, samples=None)   # None: the default
     cache = ResultCache(out / "11_best_search_results.json")                     # a unit computed once, then read
     save_settings(out, "04_memory_speed", cfg, estimated_s=...)                  # + the environment it ran in
-    save_rows(out, "04_memory_speed_rates", rows)                                # .json and .csv
+    save_rows(out, "04_memory_speed_rates", rows, figure=fig)                    # .json, .csv, .png and .pdf
 """
 
 from __future__ import annotations
@@ -90,8 +90,29 @@ def save_settings(out: Path, name: str, settings: RunSettings | Mapping, **extra
     return write_json(Path(out) / f"{name}_settings.json", {**values, **extra, "environment": environment_info()})
 
 
-def save_rows(out: Path, name: str, rows: list[dict]) -> list[dict]:
-    """`rows` as `<out>/<name>.json` and `<out>/<name>.csv` (the numbers behind a table or a figure); returns them."""
+def save_rows(out: Path, name: str, rows: list[dict], figure=None) -> list[dict]:
+    """A run's numbers and its figure in one call: `rows` as `<out>/<name>.json` and `<out>/<name>.csv`, and, when
+    given, the `figure` drawn from them as `<out>/<name>.png` and `.pdf` (`save_figure`); returns the rows."""
     write_json(Path(out) / f"{name}.json", rows)
     write_csv(Path(out) / f"{name}.csv", rows)
+    if figure is not None:
+        save_figure(figure, out, name)
     return rows
+
+
+def save_figure(fig, out_dir, name: str, formats=("png", "pdf")) -> list[Path]:
+    """Write `name.png` and `name.pdf` into `out_dir` (metadata fixed, so reruns give the same bytes). Takes the
+    figure object as drawn (matplotlib's `savefig`), so this module never imports matplotlib."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in formats:
+        path = out_dir / f"{name}.{ext}"
+        kwargs = {"dpi": 150} if ext == "png" else {}
+        if ext == "pdf":
+            kwargs["metadata"] = {"CreationDate": None, "Producer": "kvshare"}
+        if ext == "png":
+            kwargs["metadata"] = {"Software": "kvshare"}
+        fig.savefig(path, bbox_inches="tight", **kwargs)
+        paths.append(path)
+    return paths

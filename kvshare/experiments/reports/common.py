@@ -3,27 +3,10 @@ generations (notebooks 02 and 03)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from ..scaffold import save_figure  # noqa: F401 (the reports' and notebooks' name for it)
 
 COLORS = {"dissimilar": "#d62728", "similar": "#1f77b4", "random": "#7f7f7f"}
 MARKERS = {"dissimilar": "o", "similar": "s", "random": "^"}
-
-
-def save_figure(fig, out_dir, name: str, formats=("png", "pdf")) -> list[Path]:
-    """Write `name.png` and `name.pdf` into `out_dir` (PDF metadata fixed, so reruns give the same bytes)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in formats:
-        path = out_dir / f"{name}.{ext}"
-        kwargs = {"dpi": 150} if ext == "png" else {}
-        if ext == "pdf":
-            kwargs["metadata"] = {"CreationDate": None, "Producer": "kvshare"}
-        if ext == "png":
-            kwargs["metadata"] = {"Software": "kvshare"}
-        fig.savefig(path, bbox_inches="tight", **kwargs)
-        paths.append(path)
-    return paths
 
 
 def generations_markdown(rows: list[dict]) -> str:
