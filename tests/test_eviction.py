@@ -48,8 +48,8 @@ def run(model, ids, method=None, strategy=None, prompt=None, mask=None, position
 
 
 def kept(cache, layer):
-    """Kept stream positions of a layer: [batch][head] lists."""
-    return cache.layers[layer].positions.tolist()
+    """Kept stream positions of a layer: [batch][head] ascending lists (slots are not in stream order)."""
+    return cache.layers[layer].positions.sort(dim=-1).values.tolist()
 
 
 def tiny_config(**kw):
@@ -133,16 +133,21 @@ def test_h2o_keeps_heavy_hitters_and_recent_window():
     _forward(layer, 6, w)
     assert kept_positions(layer) == [[1, 2, 4, 5], [0, 3, 4, 5]]
     # accumulated scores travel with their tokens: KV head 0 had 6 * (0.5, 0.4) on tokens 1, 2
-    assert torch.allclose(layer.scores[0, 0, :2], torch.tensor([3.0, 2.4]))
+    assert torch.allclose(layer.scores[0, 0, [slot(layer, 0, 1), slot(layer, 0, 2)]], torch.tensor([3.0, 2.4]))
     # one decoded token (position 6): token 4 leaves the recent window and competes on its score
     w = torch.zeros(1, 4, 1, 5)
-    w[0, 0, 0, 2] = 2.5  # KV head 0: token 4 (held at index 2) -> 2.5 beats token 2's 2.4
+    w[0, 0, 0, slot(layer, 0, 4)] = 2.5  # KV head 0: token 4 -> 2.5 beats token 2's 2.4
     _forward(layer, 1, w)
     assert kept_positions(layer) == [[1, 4, 5, 6], [0, 3, 5, 6]]
 
 
+def slot(layer, head, position):
+    """The slot holding stream `position` in KV head `head` of row 0 (slots are not in stream order)."""
+    return int((layer.positions[0, head] == position).nonzero())
+
+
 def kept_positions(layer):
-    return layer.positions[0].tolist()
+    return layer.positions[0].sort(dim=-1).values.tolist()
 
 
 def test_pyramidinfer_selects_by_the_most_recent_queries():
@@ -158,12 +163,13 @@ def test_pyramidinfer_selects_by_the_most_recent_queries():
     assert kept_positions(layer) == [[1, 2, 4, 5], [0, 3, 4, 5]]
     # decoding: the first generated token is appended (interval 2), the second triggers a selection
     w = torch.zeros(1, 4, 1, 5)
-    w[0, :, 0, 1] = 1.0  # KV head 0: token 2 now; KV head 1: token 3
+    w[0, :2, 0, slot(layer, 0, 2)] = 1.0  # KV head 0: token 2 now
+    w[0, 2:, 0, slot(layer, 1, 3)] = 1.0  # KV head 1: token 3
     _forward(layer, 1, w)
     assert kept_positions(layer) == [[1, 2, 4, 5, 6], [0, 3, 4, 5, 6]]
     w = torch.zeros(1, 4, 1, 6)
-    w[0, :2, 0, 2] = 0.3  # KV head 0: token 4 gets 0.6 in total (token 1: nothing), token 2 got 2.0 a step before
-    w[0, 2:, 0, 0] = 1.5  # KV head 1: token 0 gets 3.0 vs token 3's 2.0
+    w[0, :2, 0, slot(layer, 0, 4)] = 0.3  # KV head 0: token 4 gets 0.6 in total (token 1: nothing), token 2 got 2.0
+    w[0, 2:, 0, slot(layer, 1, 0)] = 1.5  # KV head 1: token 0 gets 3.0 vs token 3's 2.0
     _forward(layer, 1, w)
     assert kept_positions(layer) == [[2, 4, 6, 7], [0, 3, 6, 7]]
 
@@ -313,10 +319,10 @@ class Reference:
             for j, p in enumerate(positions):
                 self.score[i, h, p] = self.score.get((i, h, p), 0.0) + float(sums[j])
             if not select or len(positions) <= budget:
-                out.append(positions)
+                out.append(sorted(positions))
                 continue
             recent = min(s.recent if isinstance(self.method, H2O) else s.window, budget)
-            keep = set(positions[len(positions) - recent :]) if recent else set()
+            keep = set(sorted(positions)[len(positions) - recent :]) if recent else set()
             rest = sorted((p for p in positions if p not in keep), key=lambda p: (-self.score[i, h, p], p))
             keep |= set(rest[: budget - len(keep)])
             out.append(sorted(keep))
@@ -513,3 +519,46 @@ def test_order_of_construction_does_not_matter(name):
         assert active_method(model) is None
     assert torch.equal(direct, nested) and torch.equal(direct, nested2)
     assert getattr(model, "_kvshare", None) is None
+
+
+# --------------------------------------------------------------------------------------------
+# the fast decode path: slots in place, probabilities from the attention itself
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["h2o", "pyramidinfer"])
+def test_scored_attention_under_sdpa_keeps_what_eager_weights_keep(name):
+    """Under sdpa a scoring layer's decode attention returns its own probabilities (kvshare's attention function);
+    under eager the model's weights are used: the same tokens are kept and the logits agree."""
+    ids = torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(11))
+    method = make(name, budget=7) if name == "h2o" else make(name, budget=7, window=3, interval=3)
+    outs, kept_sets = {}, {}
+    for impl in ("sdpa", "eager"):
+        steps = []
+        outs[impl], _ = run(
+            make_tiny_model("llama", impl),
+            ids,
+            method,
+            prompt=10,
+            on_step=lambda c, s, e, steps=steps: steps.append([kept(c, i) for i in range(NUM_LAYERS)]),
+        )
+        kept_sets[impl] = steps
+    assert kept_sets["sdpa"] == kept_sets["eager"]
+    assert torch.allclose(outs["sdpa"], outs["eager"], atol=1e-4)
+    model = make_tiny_model("llama", "sdpa")
+    assert all(layer.self_attn.config is model.config for layer in model.model.layers)  # detach restored it
+
+
+def test_decoding_past_the_budget_reuses_one_buffer():
+    """Past the budget a decode step writes the new token into the free slot and moves at most one kept token (per
+    row and head) into the slot it frees: after the prefill, every step uses the same budget + 1 slots."""
+    model = make_tiny_model("llama", "sdpa")
+    ids = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(3))
+    buffers, sizes = [], []
+
+    def record(cache, s, e):
+        layer = cache.layers[0]
+        buffers.append(layer._kbuf.data_ptr())
+        sizes.append((layer.capacity(), layer.held()))
+
+    run(model, ids, StreamingLLM(budget=6, sink=2), prompt=10, on_step=record)
+    assert len(set(buffers[1:])) == 1
+    assert set(sizes) == {(7, 6)}

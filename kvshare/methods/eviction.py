@@ -29,7 +29,7 @@ How eviction fits transformers (nothing in a modeling file is copied or changed)
 from __future__ import annotations
 
 import contextlib
-import math
+import copy
 import time
 from dataclasses import dataclass
 
@@ -69,6 +69,10 @@ class EvictionSettings(MethodSettings):
             raise ValueError(f"budget must be a positive number of tokens, got {self.budget!r}")
 
 
+# below every priority a method gives (H2O's accumulated attention is at most the tokens seen); positions stay
+# exact when added to it in float64
+NEVER_VISIBLE = 1e15
+
 layer_kind = layer_window  # the sliding window of a layer (None: full attention)
 
 
@@ -78,21 +82,34 @@ layer_kind = layer_window  # the sliding window of a layer (None: full attention
 class EvictingLayer(DynamicLayer):
     """A dynamic cache layer whose eviction method drops tokens after each forward.
 
-    State besides `keys`/`values` ([batch, kv_heads, kept, head_dim]):
-    `positions` [batch, P, kept] (stream index of each kept token; P = kv_heads when the method
-    keeps different tokens per head, else 1), `valid` [batch, P, kept] (False for padding),
-    `seen` (tokens seen). Subclasses implement `priority` (and `observe` to collect attention).
+    Where the kept tokens live. Full-precision K/V sit in buffers allocated for `capacity()` slots
+    ([batch, kv_heads, capacity, head_dim]); `keys` / `values` are views of the first `held()` slots. A
+    forward writes its new tokens into the free slots after those (nothing held is copied), and dropping
+    k tokens moves at most k kept tokens from the end of the held region into the freed slots below it
+    (`discard`): decoding past the budget costs a few token copies per step, not a copy of the cache, and
+    a layer's buffer stays at its budget plus `spare` slots. The price is that slots are not in stream
+    order: `positions` says which token each slot holds, and masks, causality and recency read positions,
+    never slot order. The moves are applied when the model's forward ends (`settle`), because a layer
+    replaced by this one (sharing) reads, later in the same forward, the K/V this slot's `update` returned.
+
+    State besides K/V, per slot: `positions` [batch, P, held] (the token's stream index; P = kv_heads when
+    the method keeps different tokens per head, else 1), `valid` [batch, P, held] (False for padding) and
+    the method's scores (`score_names`); and `seen` (tokens seen). Subclasses implement `priority` (and
+    `observe` to collect attention).
     """
 
     kvshare_method_slot = True
     is_croppable = False
     needs_attention = False  # does the method need attention probabilities?
     per_head = False  # does the method keep different tokens in different KV heads?
+    spare = 1  # free slots kept beyond the most a layer holds after a selection (the next token's slot)
+    grow_slots = 64  # slots added at once when a layer holds more than its budget (it keeps everything)
+    slot_names: tuple = ("positions", "valid")  # per-slot state moved with the tokens (plus `score_names`)
 
     def __init__(self, settings, layer_idx: int, config, budget: int | None = None, storage=None):
         super().__init__()
         self.settings = settings
-        # where the kept tokens live: None -> full-precision `keys` / `values` tensors; else a storage object
+        # where the kept tokens live: None -> full-precision buffers; else a storage object
         # (kvshare.methods.quantized.QuantizedStorage: codes), while `keys` / `values` stay empty dtype/device stubs
         self.storage = storage
         self.layer_idx = layer_idx
@@ -100,6 +117,10 @@ class EvictingLayer(DynamicLayer):
         self.sliding_window = layer_kind(config, layer_idx)
         self.is_sliding = self.sliding_window is not None
         self.seen = 0
+        self.used = 0  # slots of the K/V buffers holding tokens
+        self._kbuf = self._vbuf = None
+        self._moves = None  # (src, dst) slot moves of the last selection, applied by `settle`
+        self.in_order = True  # slots in stream order (nothing dropped yet, or only the oldest tokens)
         self.positions = None
         self.valid = None
         self.evicted = False  # once True, masks are gathered at the kept positions
@@ -121,46 +142,161 @@ class EvictingLayer(DynamicLayer):
         """Tokens held now (per sequence and head)."""
         if self.storage is not None:
             return self.storage.held()
-        return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
+        return self.used
+
+    def capacity(self) -> int:
+        """Slots the K/V buffers have now (held + free)."""
+        return 0 if self._kbuf is None else self._kbuf.shape[2]
 
     def nbytes(self) -> int:
-        """K/V bytes held (what `kvshare.cache_bytes` counts; bookkeeping is in `overhead_bytes`)."""
+        """K/V bytes of the tokens held (what `kvshare.cache_bytes` counts; free slots and bookkeeping are in
+        `overhead_bytes`)."""
         if self.storage is not None:
             return self.storage.nbytes()
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if isinstance(t, torch.Tensor))
+        if self._kbuf is None:
+            return 0
+        batch, heads, _, dim = self._kbuf.shape
+        return 2 * batch * heads * self.used * dim * self._kbuf.element_size()
 
-    # -- storage: full-precision tensors, or the storage object's representation ----------------
+    # -- storage: full-precision buffers, or the storage object's representation ---------------
     def store(self, key_states, value_states, first: bool):
         """Append the new tokens' K/V (`first`: nothing held yet); return the K/V of everything held."""
         if self.storage is not None:
             self.storage.append(key_states, value_states, first)
             return self.storage.read(self.keys.dtype)
+        self.settle()
         if first:
-            self.keys, self.values = key_states, value_states
-        else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.used = 0
+        end = self.used + key_states.shape[-2]
+        self._reserve(end, key_states)
+        self._kbuf[:, :, self.used : end] = key_states
+        self._vbuf[:, :, self.used : end] = value_states
+        self.used = end
+        self._view()
         return self.keys, self.values
+
+    def capacity_target(self) -> int:
+        """Slots a buffer keeps between forwards: the most tokens held after a selection, plus `spare`."""
+        keep = self.budget if self.sliding_window is None else min(self.budget, self.sliding_window - 1)
+        return keep + self.spare
+
+    def _reserve(self, slots: int, like: torch.Tensor) -> None:
+        """Make the buffers hold at least `slots` tokens shaped like `like` (keeping what is held)."""
+        buf = self._kbuf
+        same = (
+            buf is not None
+            and buf.shape[:2] == like.shape[:2]
+            and buf.shape[3] == like.shape[3]
+            and (buf.dtype, buf.device) == (like.dtype, like.device)
+        )
+        if same and buf.shape[2] >= slots:
+            return
+        target = self.capacity_target()
+        cap = 0 if buf is None else buf.shape[2]
+        size = max(slots, min(target, 2 * cap)) if slots <= target else slots + self.grow_slots
+        self._resize(size, like, keep=self.used if same else 0)
+
+    def _resize(self, size: int, like: torch.Tensor, keep: int) -> None:
+        batch, heads, _, dim = like.shape
+        kbuf = like.new_empty(batch, heads, size, dim)
+        vbuf = like.new_empty(batch, heads, size, dim)
+        if keep:
+            kbuf[:, :, :keep] = self._kbuf[:, :, :keep]
+            vbuf[:, :, :keep] = self._vbuf[:, :, :keep]
+        self._kbuf, self._vbuf = kbuf, vbuf
+
+    def _view(self) -> None:
+        self.keys = self._kbuf[:, :, : self.used]
+        self.values = self._vbuf[:, :, : self.used]
+
+    def settle(self) -> None:
+        """Apply the last selection's slot moves and give back the slots beyond the capacity target (called
+        when the model's forward ends, and before anything is written)."""
+        if self._kbuf is None:
+            return
+        if self._moves is not None:
+            src, dst = self._moves
+            self._moves = None
+            batch, heads, _, dim = self._kbuf.shape
+            src = src.expand(batch, heads, -1)[..., None].expand(batch, heads, src.shape[-1], dim)
+            dst = dst.expand(batch, heads, -1)[..., None].expand(batch, heads, dst.shape[-1], dim)
+            for buf in (self._kbuf, self._vbuf):
+                buf.scatter_(2, dst, buf.gather(2, src))
+        target = self.capacity_target()
+        allowed = target if self.used <= target - self.spare else self.used + self.grow_slots
+        if self.capacity() > allowed:
+            self._resize(allowed, self._kbuf, keep=self.used)
+        self._view()
 
     def held_keys(self) -> torch.Tensor:
         """[batch, kv_heads, held, head_dim]: the keys attention reads (scoring recomputes from them)."""
         return self.keys if self.storage is None else self.storage.read_keys(self.keys.dtype)
 
-    def gather_kv(self, idx: torch.Tensor) -> None:
-        """Keep the held K/V at `idx` ([batch, P, keep]) only."""
-        if self.storage is not None:
-            self.storage.gather(idx)
+    def discard(self, idx: torch.Tensor) -> None:
+        """Drop the held tokens in slots `idx` ([batch, P, k], distinct in each row). The held region shrinks
+        to its first `held - k` slots: each freed slot below that gets one kept token from the slots above it,
+        in ascending order, so only those tokens move (the moves of K/V wait for `settle`)."""
+        k = idx.shape[-1]
+        if k == 0:
             return
-        batch, kv_heads, _, dim = self.keys.shape
-        kidx = idx[..., None].expand(batch, kv_heads, idx.shape[-1], dim)
-        self.keys = self.keys.gather(2, kidx)
-        self.values = self.values.gather(2, kidx)
+        n = self.held()
+        m = n - k
+        dropped = idx.sort(dim=-1).values
+        if self.in_order and int(dropped[..., -1].max()) < k:  # the oldest tokens of slots in stream order
+            self._drop_first(k)
+            return
+        self.in_order = False
+        j = torch.arange(k, device=idx.device)
+        above = torch.ones(*idx.shape[:-1], k + 1, dtype=torch.bool, device=idx.device)
+        above.scatter_(-1, torch.where(dropped >= m, dropped - m, k), False)  # kept slots among the top k
+        movers = torch.where(above[..., :k], m + j, n + j).sort(dim=-1).values
+        pair = dropped < m  # as many freed slots below m as kept slots above it, both ascending
+        dst = torch.where(pair, dropped, m + j)
+        src = torch.where(pair, movers, m + j)  # non-pairs: a top slot onto itself, dropped with the top
+        for name in self.slot_names + self.score_names:
+            t = getattr(self, name, None)
+            if isinstance(t, torch.Tensor):
+                s, d = src.expand(t.shape[0], t.shape[1], k), dst.expand(t.shape[0], t.shape[1], k)
+                t.scatter_(-1, d, t.gather(-1, s))
+                setattr(self, name, t[..., :m])
+        if self.storage is not None:
+            full = torch.arange(n, device=idx.device).expand(*idx.shape[:-1], n).clone()
+            self.storage.gather(full.scatter_(-1, dst, src)[..., :m])
+        else:
+            if self._moves is not None:
+                self.settle()
+            self._moves = (src, dst)
+            self.used = m
+        self.evicted = True
+
+    def _drop_first(self, k: int) -> None:
+        """Drop the first `k` slots and keep stream order, as transformers' sliding-window layer does (a copy of
+        what is kept, into new buffers: the old ones stay as this forward's `update` returned them)."""
+        n = self.held()
+        for name in self.slot_names + self.score_names:
+            t = getattr(self, name, None)
+            if isinstance(t, torch.Tensor):
+                setattr(self, name, t[..., k:])
+        if self.storage is not None:
+            self.storage.map(lambda t: t[:, :, k:])
+        else:
+            self.settle()
+            kept_k, kept_v = self._kbuf[:, :, k:n], self._vbuf[:, :, k:n]
+            self._kbuf = self._vbuf = None
+            self.used = 0
+            self._reserve(n - k, kept_k)
+            self._kbuf[:, :, : n - k], self._vbuf[:, :, : n - k] = kept_k, kept_v
+            self.used = n - k
+            self._view()
+        self.evicted = True
 
     def reset(self) -> None:
         super().reset()
         if self.storage is not None:
             self.storage.reset()
-        self.seen = 0
+        self.in_order = True
+        self.seen = self.used = 0
+        self._kbuf = self._vbuf = self._moves = None
         self.positions = self.valid = None
         self.evicted = False
         self._pending = self.current_mask = None
@@ -176,8 +312,11 @@ class EvictingLayer(DynamicLayer):
     def _index_state(self, fn) -> None:
         if self.storage is not None:
             self.storage.map(fn)
-        tensors = ("keys", "values") if self.storage is None else ()  # with storage, keys/values are empty stubs
-        for name in tensors + ("positions", "valid") + self.score_names:
+        else:
+            self.settle()
+            self._kbuf, self._vbuf = fn(self.keys), fn(self.values)
+            self._view()
+        for name in self.slot_names + self.score_names:
             t = getattr(self, name, None)
             if isinstance(t, torch.Tensor) and t.dim() > 0:
                 setattr(self, name, fn(t))
@@ -195,9 +334,12 @@ class EvictingLayer(DynamicLayer):
             self._index_state(lambda t: t[indices, ...])
 
     def overhead_bytes(self) -> int:
-        """Bookkeeping beside K/V (positions, padding flags, scores); `layer_bytes` counts K/V only."""
+        """Bookkeeping beside the K/V of held tokens: free buffer slots, positions, padding flags, scores."""
         total = 0
-        for name in ("positions", "valid") + self.score_names:
+        if self._kbuf is not None:
+            batch, heads, cap, dim = self._kbuf.shape
+            total += 2 * batch * heads * (cap - self.used) * dim * self._kbuf.element_size()
+        for name in self.slot_names + self.score_names:
             t = getattr(self, name, None)
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
@@ -267,12 +409,13 @@ class EvictingLayer(DynamicLayer):
         val = new_valid.view(batch, 1, q_len).expand(batch, heads, q_len)
         first = self.positions is None or self.positions.numel() == 0
         keys, values = self.store(key_states, value_states, first)
-        if first:
-            self.positions, self.valid = pos.contiguous(), val.contiguous()
+        if first:  # own copies: slot state is moved in place (`discard`)
+            self.positions, self.valid = pos.clone(), val.clone()
         else:
             self.positions = torch.cat([self.positions, pos], dim=-1)
             self.valid = torch.cat([self.valid, val], dim=-1)
         self._grow_scores(batch, heads, q_len)
+        self.appended(new_valid, first)
         self.seen += q_len
         return keys, values
 
@@ -364,41 +507,30 @@ class EvictingLayer(DynamicLayer):
         rectangular cache: a head with fewer visible tokens keeps the newest hidden ones as filler)."""
         if self.sliding_window is None or self.held() <= self.sliding_window - 1:
             return
-        priority = self.positions.to(torch.float64).masked_fill(self.out_of_window(), -math.inf)
-        order = torch.sort(priority, dim=-1, descending=True, stable=True).indices[..., : self.sliding_window - 1]
-        self.gather(order.sort(dim=-1).values)
+        self.discard(self.lowest(self.positions, self.held() - (self.sliding_window - 1)))
 
     def select(self, keep: int) -> None:
+        self.discard(self.lowest(self.ranked(), self.held() - keep))
+
+    def ranked(self) -> torch.Tensor:
+        """`priority()` with padding and tokens out of the window first, the oldest of them first (no ties among
+        them, so slots in stream order drop a prefix and stay in order)."""
         priority = self.priority().to(torch.float64)
-        priority = priority.masked_fill(~self.valid, float("-inf"))  # padding goes first
+        gone = ~self.valid
         oow = self.out_of_window()
         if oow is not None:
-            priority = priority.masked_fill(oow, -math.inf)
-        order = torch.sort(priority, dim=-1, descending=True, stable=True).indices[..., :keep]
-        self.gather(order.sort(dim=-1).values)
+            gone = gone | oow
+        return torch.where(gone, self.positions.to(torch.float64) - NEVER_VISIBLE, priority)
 
-    def gather(self, idx: torch.Tensor) -> None:
-        """Keep the held tokens at `idx` ([batch, P, keep], ascending) and nothing else."""
-        self.gather_kv(idx)
-        self.positions = self.positions.gather(-1, idx)
-        self.valid = self.valid.gather(-1, idx)
-        for name in self.score_names:
-            t = getattr(self, name)
-            if isinstance(t, torch.Tensor):
-                setattr(
-                    self,
-                    name,
-                    t.gather(-1, idx if t.shape[1] == idx.shape[1] else idx.expand(t.shape[0], t.shape[1], -1)),
-                )
-        self.evicted = True
+    @staticmethod
+    def lowest(priority: torch.Tensor, count: int) -> torch.Tensor:
+        """[batch, P, count]: the slots of the `count` lowest priorities in each row (ties: any of them)."""
+        return torch.topk(priority, count, dim=-1, largest=False, sorted=False).indices
 
     def recent_mask(self, count: int) -> torch.Tensor:
-        """[1, 1, held]: the `count` most recent held tokens (held tokens are in stream order)."""
-        held = self.held()
-        mask = torch.zeros(1, 1, held, dtype=torch.bool, device=self.keys.device)
-        if count > 0:
-            mask[..., max(0, held - count) :] = True
-        return mask
+        """[batch, P, held]: the held tokens among the `count` most recent ones seen (by position: slots are not
+        in stream order)."""
+        return self.positions >= self.seen - count
 
     # -- what an eviction method defines -----------------------------------------------------
     score_names: tuple = ()
@@ -412,6 +544,9 @@ class EvictingLayer(DynamicLayer):
             t = getattr(self, name, None)
             zeros = torch.zeros(batch, self.num_kv_heads, q_len, dtype=torch.float32, device=self.keys.device)
             setattr(self, name, zeros if t is None else torch.cat([t, zeros], dim=-1))
+
+    def appended(self, new_valid: torch.Tensor, first: bool) -> None:
+        """Called after new tokens got their slots (`new_valid` [batch, q]): per-slot state of a method."""
 
     def observe(self, query, weights, scaling, new_pos, new_valid) -> None:
         raise NotImplementedError
@@ -498,7 +633,10 @@ class EvictionMethod(KVMethod):
             self.detach(model)
         base = base_model(model)
         ctx: dict = {"mask2d": None, "queries": {}}
-        handles = [base.register_forward_pre_hook(_record_padding(ctx), with_kwargs=True)]
+        handles = [
+            base.register_forward_pre_hook(_record_padding(ctx), with_kwargs=True),
+            base.register_forward_hook(_settle_slots, with_kwargs=True),
+        ]
         for decoder_layer in decoder_layers(model):
             attn = decoder_layer.self_attn
             replaced = getattr(attn, "_kvshare_source", None) is not None
@@ -507,11 +645,16 @@ class EvictionMethod(KVMethod):
                 handles.append(attn.register_forward_hook(_after_attention(ctx), with_kwargs=True))
                 if self.layer_class.needs_attention:
                     handles.append(attn.q_proj.register_forward_hook(_capture_query(ctx, attn.layer_idx)))
+                    _use_scored_attention(attn)
         self._handles[id(model)] = handles
 
     def detach(self, model) -> None:
         for h in self._handles.pop(id(model), []):
             h.remove()
+        for decoder_layer in decoder_layers(model):
+            attn = decoder_layer.self_attn
+            if "_kvshare_config" in attn.__dict__:
+                attn.config = attn.__dict__.pop("_kvshare_config")
 
 
 def _slot(cache, idx):
@@ -540,6 +683,10 @@ def _before_attention(ctx):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if source is None:
             impl = module.config._attn_implementation or "eager"
+            impl = "sdpa" if impl == SCORED_ATTENTION else impl
+            # one decoded query of a scoring slot whose slots left stream order: the attention returns its
+            # probabilities (until then sdpa runs as in the plain model: a budget above the length stays bit-exact)
+            module._kvshare_weights = bool(slot.needs_attention and not slot.in_order and hidden.shape[1] == 1)
             if impl not in ("sdpa", "eager"):
                 raise NotImplementedError(f"token eviction supports sdpa and eager attention, not {impl!r}")
             mask = slot.begin(
@@ -551,6 +698,58 @@ def _before_attention(ctx):
         return args, kwargs
 
     return hook
+
+
+# --------------------------------------------------------------------------------------------
+# attention that also returns its probabilities (H2O, PyramidInfer, SimLayerKV score with them)
+# --------------------------------------------------------------------------------------------
+SCORED_ATTENTION = "kvshare_sdpa_scored"
+
+
+def _use_scored_attention(attn) -> None:
+    """Give a scoring layer's attention its own config naming `SCORED_ATTENTION` (the model's masks, built from
+    the model's config, stay sdpa's); `detach` restores the shared config."""
+    from transformers import AttentionInterface
+
+    if attn.config._attn_implementation != "sdpa" or "_kvshare_config" in attn.__dict__:
+        return
+    AttentionInterface.register(SCORED_ATTENTION, _scored_attention)
+    own = copy.copy(attn.config)
+    own._attn_implementation_internal = SCORED_ATTENTION
+    attn._kvshare_config, attn.config = attn.config, own
+
+
+def _scored_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """sdpa, except for one decoded query of a slot that dropped tokens: there softmax(q k^T) v is computed here and
+    the probabilities are returned, so the method scores with them instead of reading every key a second time."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not getattr(module, "_kvshare_weights", False) or kwargs.get("softcap") is not None or query.shape[2] != 1:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, heads, _, dim = query.shape
+    kv_heads, held = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    logits = torch.matmul(query.view(batch, kv_heads, group, dim), key.transpose(-1, -2))  # [b, kv, group, held]
+    logits.mul_(module.scaling if scaling is None else scaling)
+    if attention_mask is not None:  # [b or 1, 1 or heads, 1, held]: per query head when heads keep different tokens
+        mask = attention_mask.reshape(attention_mask.shape[0], -1, 1, held)
+        mask = mask.view(mask.shape[0], kv_heads, group, held) if mask.shape[1] == heads else mask
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs, value)  # [b, kv, group, dim]
+    return out.view(batch, heads, 1, dim).transpose(1, 2).contiguous(), probs.view(batch, heads, 1, held)
+
+
+def _settle_slots(module, args, kwargs, output):
+    """After the model's forward (no replaced layer still reads this forward's K/V): apply the slots' moves."""
+    cache = cache_of(kwargs)
+    if cache is None:
+        cache = getattr(output, "past_key_values", None)
+    for layer in getattr(cache, "layers", ()):
+        if isinstance(layer, EvictingLayer):
+            layer.settle()
 
 
 def _capture_query(ctx, layer_idx):

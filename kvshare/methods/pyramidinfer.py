@@ -60,6 +60,7 @@ class PyramidInferLayer(EvictingLayer):
 
     def __init__(self, settings, layer_idx, config, budget=None, storage=None):
         super().__init__(settings, layer_idx, config, budget, storage)
+        self.spare = settings.interval  # tokens appended between two selections (the last one's slot included)
         self.since = 0  # tokens added since the last selection
         self.point = False  # does this forward end at a selection?
 

@@ -86,13 +86,9 @@ class SimLayerKVLayer(StreamingLLMLayer):
         """[batch, 1, held] bool: the tokens a lazy row keeps now (its sinks and its recent window)."""
         held = self.held()
         keep = self.keep_count()
-        priority = self.priority().to(torch.float64).masked_fill(~self.valid, float("-inf"))
-        oow = self.out_of_window()
-        if oow is not None:
-            priority = priority.masked_fill(oow, float("-inf"))
-        order = torch.sort(priority, dim=-1, descending=True, stable=True).indices[..., :keep]
-        out = torch.zeros(priority.shape[0], 1, held, dtype=torch.bool, device=priority.device)
-        return out.scatter_(-1, order, True) & self.valid
+        priority = self.ranked()
+        out = torch.ones(priority.shape[0], 1, held, dtype=torch.bool, device=priority.device)
+        return out.scatter_(-1, self.lowest(priority, held - keep), False) & self.valid
 
     def observe(self, query, weights, scaling, new_pos, new_valid) -> None:
         q_len = new_pos.shape[0]
@@ -165,8 +161,8 @@ class SimLayerKVLayer(StreamingLLMLayer):
             if isinstance(t, torch.Tensor) and t.dim() > 0:
                 setattr(self, name, fn(t))
 
-    def gather(self, idx: torch.Tensor) -> None:
-        super().gather(idx)
+    def discard(self, idx: torch.Tensor) -> None:
+        super().discard(idx)
         self.hidden = None  # recomputed by `evict` for the tokens now held
 
 

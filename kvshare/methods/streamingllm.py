@@ -29,13 +29,37 @@ class StreamingLLMSettings(EvictionSettings):
 
 
 class StreamingLLMLayer(EvictingLayer):
+    """`sink` [batch, 1, held] marks the slots holding a sequence's first `sink` real tokens; `real_seen` [batch]
+    counts the real (non-padding) tokens seen, so a sink is known when its token arrives."""
+
+    slot_names = EvictingLayer.slot_names + ("sink",)
+
+    def __init__(self, settings, layer_idx, config, budget=None, storage=None):
+        super().__init__(settings, layer_idx, config, budget, storage)
+        self.sink = self.real_seen = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.sink = self.real_seen = None
+
+    def appended(self, new_valid: torch.Tensor, first: bool) -> None:
+        batch = new_valid.shape[0]
+        before = 0 if first or self.real_seen is None else self.real_seen[:, None]
+        rank = new_valid.to(torch.int64).cumsum(-1) + before  # [batch, q]: 1 for a sequence's first real token
+        new = (new_valid & (rank <= self.settings.sink)).view(batch, 1, -1)
+        self.sink = new if first or self.sink is None else torch.cat([self.sink, new], dim=-1)
+        self.real_seen = rank[:, -1]
+
+    def _index_state(self, fn) -> None:
+        super()._index_state(fn)
+        if isinstance(self.real_seen, torch.Tensor):
+            self.real_seen = fn(self.real_seen)
+
     def priority(self) -> torch.Tensor:
-        # sinks first (the first `sink` real tokens), then the most recent tokens, then the rest by recency
-        rank = self.valid.cumsum(-1)
-        sink = self.valid & (rank <= self.settings.sink)
+        # sinks first, then the most recent tokens, then the rest by recency
         recent = self.recent_mask(self.budget - self.settings.sink)
         order = self.positions.to(torch.float64) / (self.seen + 1)  # in [0, 1): later is higher
-        return order + 1.0 * recent + 2.0 * sink
+        return order + 1.0 * recent + 2.0 * self.sink
 
 
 @register
