@@ -5,6 +5,13 @@ perplexity; sharing and a quantized cache show in it. By decoding (`decode_perpl
 first `context` tokens are prefilled, the rest fed one at a time (generation with teacher forcing)
 and scored. Token eviction only shows this way: a single forward attends over the whole window
 before anything is dropped, so one-pass perplexity is the same with or without an eviction method.
+
+Significance: one rule, here and nowhere else. Every interval is 95%, two-sided, from the normal approximation of a
+(paired) mean: `interval95(estimate, se)` is estimate ± Z95·se. A difference is *clearly* different from 0 when
+that interval excludes 0, i.e. when `z_score(diff, se)` lies beyond ±Z95: `clear_sign(z)` says which way (+1, -1,
+or 0 for "not clearly different"), `clearly_lower`, `clearly_higher` and `clearly_different` read it as a yes or
+no, and `verdict_of(diff, se)` names it for a difference where lower is better ("better" / "worse" / "same").
+A z that is nan (no spread to test) is never clear; an infinite one always is.
 """
 
 from __future__ import annotations
@@ -16,6 +23,50 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: the half-width of a two-sided 95% interval, in se
+
+
+def z_score(diff: float, se: float) -> float:
+    """diff / se; nan when se is not positive or is nan (no spread, nothing to test)."""
+    return diff / se if se > 0 else float("nan")
+
+
+def interval95(estimate: float, se: float) -> tuple[float, float]:
+    """The 95% interval estimate ± Z95·se (nan bounds when se is nan)."""
+    return estimate - Z95 * se, estimate + Z95 * se
+
+
+def clear_sign(z: float) -> int:
+    """The one significance rule: +1 when z > Z95 (clearly above 0), -1 when z < -Z95 (clearly below), else 0.
+
+    Strict inequalities, so a z exactly at the bound is not clear; nan compares false both ways and gives 0."""
+    if z > Z95:
+        return 1
+    if z < -Z95:
+        return -1
+    return 0
+
+
+def clearly_lower(z: float) -> bool:
+    return clear_sign(z) < 0
+
+
+def clearly_higher(z: float) -> bool:
+    return clear_sign(z) > 0
+
+
+def clearly_different(z: float) -> bool:
+    return clear_sign(z) != 0
+
+
+def verdict_of(diff: float, se: float, lower_is_better: bool = True) -> str:
+    """'better' / 'worse' / 'same' for a paired difference (a - b) whose 95% interval does / does not exclude 0;
+    with lower_is_better (NLL, perplexity) a clearly negative difference is 'better'."""
+    sign = clear_sign(z_score(diff, se))
+    if sign == 0:
+        return "same"
+    return "better" if (sign < 0) == lower_is_better else "worse"
 
 
 def _windows(n_tokens: int, window: int, stride: int):
@@ -319,11 +370,12 @@ def paired_difference(a: dict, b: dict) -> dict:
     d = wa - wb
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
     diff = a["nll"] - b["nll"] if "nll" in a and "nll" in b else float(d.mean())
+    lo, hi = interval95(diff, se)
     return {
         "nll_diff": diff,
         "nll_diff_se": se,
         "ppl_ratio": math.exp(diff),
-        "z": diff / se if se > 0 else float("nan"),
-        "ppl_ratio_ci95": [math.exp(diff - 1.96 * se), math.exp(diff + 1.96 * se)],
+        "z": z_score(diff, se),
+        "ppl_ratio_ci95": [math.exp(lo), math.exp(hi)],
         "windows": len(d),
     }

@@ -14,7 +14,7 @@ from kvshare.experiments import best_search as bs
 from kvshare.experiments import common
 from kvshare.experiments import observation as obs
 from kvshare.experiments.scaffold import ResultCache
-from kvshare.metrics import HELDOUT
+from kvshare.metrics import HELDOUT, Z95
 from kvshare.strategy import Strategy
 
 PROTO = replace(HELDOUT, tokens=96, window=32)
@@ -186,4 +186,4 @@ def test_ppl_ci95_is_a_geometric_mean_with_its_interval():
     t = common.ci95(nlls)
     assert c["lo"] == pytest.approx(math.exp(t["lo"])) and c["hi"] == pytest.approx(math.exp(t["hi"]))
     lo, hi = common.result_ci95({"nll": 2.0, "nll_se": 0.1})
-    assert lo == pytest.approx(math.exp(2 - 0.196)) and hi == pytest.approx(math.exp(2 + 0.196))
+    assert lo == pytest.approx(math.exp(2 - Z95 * 0.1)) and hi == pytest.approx(math.exp(2 + Z95 * 0.1))

@@ -30,7 +30,7 @@ from ..adapter import layer_types
 from ..calibration import distances_from_means, encode_calibration, kv_means, layer_norms, reference_forward
 from ..damage import DamageMap, damage_map
 from ..data import DOMAINS, calibration_texts
-from ..metrics import HELDOUT, paired_difference
+from ..metrics import HELDOUT, clearly_different, clearly_higher, clearly_lower, paired_difference
 from ..progress import Progress
 from ..search import search
 from ..strategy import Strategy, apply_pair
@@ -565,8 +565,8 @@ def layer_norm_rows(model, tokenizer, cfg: AblationSettings, set_index: int = 0)
 
 
 def metric_verdict(rows: list[dict], norms: list[dict], cfg: AblationSettings) -> dict:
-    """Does the metric change the strategy (Jaccard < 1) and the perplexity (paired z beyond ±2)? And the rebuttal's
-    direction (cosine below Euclidean) at its C values, where this run has them."""
+    """Does the metric change the strategy (Jaccard < 1) and the perplexity (clearly: `kvshare.metrics.clear_sign`)?
+    And the rebuttal's direction (cosine below Euclidean) at its C values, where this run has them."""
     out = {"per_metric": {}, "rebuttal": [], "norm_driven": None}
     for metric in cfg.metrics:
         if metric == "euclidean":
@@ -576,8 +576,8 @@ def metric_verdict(rows: list[dict], norms: list[dict], cfg: AblationSettings) -
             "points": len(rs),
             "changed": sum(r["jaccard_vs_euclidean"] < 1 for r in rs),
             "jaccard_mean": float(np.mean([r["jaccard_vs_euclidean"] for r in rs])) if rs else None,
-            "lower": sum(r["vs_euclidean_z"] < -2 for r in rs),
-            "higher": sum(r["vs_euclidean_z"] > 2 for r in rs),
+            "lower": sum(clearly_lower(r["vs_euclidean_z"]) for r in rs),
+            "higher": sum(clearly_higher(r["vs_euclidean_z"]) for r in rs),
             "ratio_geo": float(np.exp(np.mean([math.log(r["vs_euclidean_ratio"]) for r in rs]))) if rs else None,
         }
     for c, reb in REBUTTAL_METRIC["ppl"].items():
@@ -593,8 +593,8 @@ def metric_verdict(rows: list[dict], norms: list[dict], cfg: AblationSettings) -
                     "rebuttal_ratio": reb["cosine"] / reb["euclidean"],
                     "ratio_geo": float(np.exp(np.mean([math.log(r["vs_euclidean_ratio"]) for r in rs]))),
                     "sets": len(rs),
-                    "sets_clearly_lower": sum(r["vs_euclidean_z"] < -2 for r in rs),
-                    "sets_clearly_higher": sum(r["vs_euclidean_z"] > 2 for r in rs),
+                    "sets_clearly_lower": sum(clearly_lower(r["vs_euclidean_z"]) for r in rs),
+                    "sets_clearly_higher": sum(clearly_higher(r["vs_euclidean_z"]) for r in rs),
                 }
             )
     if norms:
@@ -616,8 +616,9 @@ def metric_sentences(v: dict) -> list[str]:
             continue
         lines.append(
             f"- **{m}** against Euclidean: the strategy differs at {p['changed']} of {p['points']} (set, C) points "
-            f"(mean Jaccard of the pairs {p['jaccard_mean']:.2f}); perplexity clearly lower (paired z < -2) at "
-            f"{p['lower']}, clearly higher at {p['higher']}; geometric mean ratio {p['ratio_geo']:.2f}x."
+            f"(mean Jaccard of the pairs {p['jaccard_mean']:.2f}); perplexity clearly lower (the ratio's paired "
+            f"95% interval below 1) at {p['lower']}, clearly higher at {p['higher']}; geometric mean ratio "
+            f"{p['ratio_geo']:.2f}x."
         )
     reb = []
     for r in v["rebuttal"]:
@@ -871,7 +872,7 @@ def calibration_verdict(rows: list[dict]) -> dict:
             "min_jaccard": min(r["jaccard_vs_reference"] for r in rs),
             "max_ratio": max(r["vs_reference_ratio"] for r in rs),
             "min_ratio": min(r["vs_reference_ratio"] for r in rs),
-            "clear": sum(abs(r["vs_reference_z"]) > 2 for r in rs if not math.isnan(r["vs_reference_z"])),
+            "clear": sum(clearly_different(r["vs_reference_z"]) for r in rs),
         }
     stable = [k for k, p in per.items() if p["distinct_strategies"] == 1]
     return {"per": per, "stable": stable}
@@ -883,7 +884,7 @@ def calibration_sentences(v: dict, cfg: AblationSettings) -> list[str]:
         lines.append(
             f"- {k}: {p['distinct_strategies']} distinct strategies over {p['conditions']} conditions (lowest Jaccard "
             f"against the reference {p['min_jaccard']:.2f}); perplexity {p['min_ratio']:.2f}–{p['max_ratio']:.2f}x "
-            f"the reference's, clearly different (|paired z| > 2) in {p['clear']}."
+            f"the reference's, clearly different (the ratio's paired 95% interval excludes 1) in {p['clear']}."
         )
     if v["per"]:
         n = len(v["per"])

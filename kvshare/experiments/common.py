@@ -30,7 +30,7 @@ import torch
 from ..calibration import distances_from_means, encode_calibration, kv_means, reference_forward
 from ..combine import sharing
 from ..io import write_json
-from ..metrics import HELDOUT, HeldOutProtocol, heldout_perplexity
+from ..metrics import HELDOUT, Z95, HeldOutProtocol, heldout_perplexity, interval95
 from ..progress import Progress, format_seconds
 from ..search import search
 from ..strategy import Strategy
@@ -380,7 +380,7 @@ def t975(df: int) -> float:
         return float("nan")
     if df <= len(_T975):
         return _T975[df - 1]
-    z = 1.959964  # Cornish-Fisher expansion around the normal quantile: < 1e-4 off beyond 30 degrees of freedom
+    z = Z95  # Cornish-Fisher expansion around the normal quantile: < 1e-4 off beyond 30 degrees of freedom
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
@@ -406,8 +406,9 @@ def ppl_ci95(nlls) -> dict:
 
 
 def result_ci95(result: dict) -> tuple[float, float]:
-    """The 95% interval of one strategy's perplexity over its evaluation windows: exp(nll ± 1.96 nll_se)."""
-    return math.exp(result["nll"] - 1.96 * result["nll_se"]), math.exp(result["nll"] + 1.96 * result["nll_se"])
+    """The 95% interval of one strategy's perplexity over its evaluation windows: exp of nll's `interval95`."""
+    lo, hi = interval95(result["nll"], result["nll_se"])
+    return math.exp(lo), math.exp(hi)
 
 
 # ------------------------------------------------------------------------------------------------

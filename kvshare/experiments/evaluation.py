@@ -25,7 +25,9 @@ import numpy as np
 # one rate -> layers rule (notebook 03 had its own copy, rounding half up: the same C at 30 layers)
 from ..accounting import num_shared_for
 from ..adapter import num_layers
+from ..claims import interval_status
 from ..evaluation import Evaluator, model_fingerprint, safe_name
+from ..metrics import interval95
 from ..models import model_name
 from ..pypi_files import kvshare_home
 from ..strategy import Strategy
@@ -297,16 +299,9 @@ def paired_bootstrap(
 
 
 def verdict(lo: float, hi: float, threshold: float = THRESHOLD_PCT) -> str:
-    """'holds' when the whole 95% interval is above `threshold`, 'fails' when it is below, else 'undecided'."""
-    if lo > threshold:
-        return "holds"
-    if hi < threshold:
-        return "fails"
-    return "undecided"
-
-
-# Student's t 0.975 quantiles by degrees of freedom (seeds - 1)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+    """'holds' when the whole 95% interval is above `threshold`, 'fails' when it is below, else 'undecided'
+    (`kvshare.claims.interval_status`, the rule every claim reads an interval by)."""
+    return interval_status(lo, hi, threshold, "above")
 
 
 def t_interval(values) -> tuple[float, float]:
@@ -316,7 +311,7 @@ def t_interval(values) -> tuple[float, float]:
     if len(values) < 2:
         return m, m
     df = len(values) - 1
-    t = T975.get(df, 1.96 + 2.4 / df)  # beyond the table: within 0.01 of the exact quantile
+    t = common.t975(df)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / df)
     half = t * sd / math.sqrt(len(values))
     return m - half, m + half
@@ -330,7 +325,8 @@ def summarize(rows, iters: int = BOOTSTRAP_ITERS, seed: int = 0) -> list[dict]:
     """Per (order, layers replaced), all seeds of an order pooled: the average of the primary higher-is-better
     scores, "% of full kept" and "% of the above-chance margin kept" with paired bootstrap 95% intervals
     (`paired_bootstrap`), the drop against the full model with its interval and paired stderr, perplexity
-    (random: the mean over seeds with a t interval over seeds; else ± 1.96 stderr) and the per-seed values."""
+    (random: the mean over seeds with a t interval over seeds; else `interval95` of its stderr) and the per-seed
+    values."""
     primary = [r for r in rows if r.get("primary") and r.get("higher_is_better", True)]
     full_rows = {r["task"]: r for r in primary if r["num_shared"] == 0}
     full = {t: r["scores"] for t, r in full_rows.items()}
@@ -414,7 +410,8 @@ def _cell_entry(order: str, c: int, per_arm: list[tuple[str, dict]], full: dict,
 
 
 def _perplexity_interval(ppl_rows: list[dict]) -> dict:
-    """The cell's perplexity: over several seeds their mean with a t interval, for one ± 1.96 stderr; {} if none."""
+    """The cell's perplexity: over several seeds their mean with a t interval, for one `interval95` of its stderr;
+    {} if none."""
     if not ppl_rows:
         return {}
     values = [x["value"] for x in ppl_rows]
@@ -422,7 +419,7 @@ def _perplexity_interval(ppl_rows: list[dict]) -> dict:
         lo, hi = t_interval(values)
     else:
         se = ppl_rows[0].get("stderr") or 0.0
-        lo, hi = values[0] - 1.96 * se, values[0] + 1.96 * se
+        lo, hi = interval95(values[0], se)
     return {"ppl": mean_or_nan(values), "ppl_lo": lo, "ppl_hi": hi}
 
 

@@ -31,6 +31,7 @@ from .. import methods
 from ..accounting import num_shared_for, predicted_cache_bytes
 from ..adapter import num_layers
 from ..evaluation import Evaluator
+from ..metrics import Z95
 from ..strategy import Strategy
 from .scaffold import ResultCache, RunSettings
 
@@ -284,8 +285,8 @@ def accuracy(evaluator: Evaluator, pts: list[Point], cfg: Settings, progress: bo
     return rows
 
 
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of k successes in n trials."""
+def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of k successes in n trials (95% by default, the one interval convention)."""
     if n == 0:
         return float("nan"), float("nan")
     p = k / n

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..adapter import num_layers
 from ..data import calibration_texts
-from ..metrics import paired_difference
+from ..metrics import clear_sign, paired_difference
 from ..progress import Progress
 from .common import (
     ORDER_LABELS,
@@ -134,7 +134,7 @@ def _key(row: dict) -> str:
 def curve_summary(rows: list[dict]) -> list[dict]:
     """Per (set, order, C): perplexity with its 95% interval.
 
-    Fixed orders: the strategy's perplexity, interval exp(nll ± 1.96 SE) over the evaluation windows. Random: the
+    Fixed orders: the strategy's perplexity, interval `common.result_ci95` over the evaluation windows. Random: the
     mean over seeds, as exp(mean NLL) (the geometric mean of the seeds' perplexities), with the 95% t-interval over
     seeds (n - 1 degrees of freedom), and the seeds' min and max."""
     groups: dict[tuple, list[dict]] = {}
@@ -224,11 +224,10 @@ def distinct_comparisons(comparisons: list[dict]) -> list[dict]:
     return sorted(out.values(), key=lambda d: (d["versus"], d["num_shared"], d["calibration_sets"]))
 
 
-def outcome(comparison: dict, z_crit: float = 1.96) -> str:
-    """'better' / 'worse' (dissimilar's perplexity clearly lower / higher: its 95% paired interval excludes 1) or
-    'unclear'."""
-    z = comparison["z"]
-    return "better" if z < -z_crit else ("worse" if z > z_crit else "unclear")
+def outcome(comparison: dict) -> str:
+    """'better' / 'worse' (dissimilar's perplexity clearly lower / higher: its 95% paired interval excludes 1, read by
+    `kvshare.metrics.clear_sign`) or 'unclear'."""
+    return {-1: "better", 1: "worse", 0: "unclear"}[clear_sign(comparison["z"])]
 
 
 def random_versus(comparisons: list[dict]) -> list[dict]:

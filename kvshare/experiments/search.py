@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ..metrics import paired_difference
+from ..metrics import clearly_higher, clearly_lower, paired_difference
 from ..progress import Progress
 from ..search import candidate_pairs
 from ..strategy import Strategy
@@ -258,8 +258,8 @@ def random_quality(runs: list[SearchRun], scorer: HeldOutScorer, num_shared: int
             reference_vs_random=math.exp(d["mean"]),
             reference_vs_random_lo=math.exp(d["lo"]),
             reference_vs_random_hi=math.exp(d["hi"]),
-            reference_better=sum(r["z"] < -1.96 for r in seeds),
-            reference_worse=sum(r["z"] > 1.96 for r in seeds),
+            reference_better=sum(clearly_lower(r["z"]) for r in seeds),
+            reference_worse=sum(clearly_higher(r["z"]) for r in seeds),
         )
     return out
 

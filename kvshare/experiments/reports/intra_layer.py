@@ -9,25 +9,26 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ... import methods
+from ...metrics import clear_sign, clearly_lower, z_score
 from ...strategy import Strategy
 from ..intra_layer import METHOD_LABELS, budget_methods, pareto_front
 
 
-def accuracy_line(rows: list[dict], full: dict, z_crit: float = 2.0) -> str | None:
+def accuracy_line(rows: list[dict], full: dict) -> str | None:
     """Markdown bullet: which configurations lose multiple-choice accuracy against the full model (paired); None
     without accuracy columns (no multiple-choice task in the settings)."""
     scored = [r for r in rows if r.get("mc_acc") is not None and r.get("mc_acc_diff") == r.get("mc_acc_diff")]
     if not scored:
         return None
-    hurt = [r for r in scored if r["mc_acc_diff_se"] and r["mc_acc_diff"] < -z_crit * r["mc_acc_diff_se"]]
+    hurt = [r for r in scored if r["mc_acc_diff_se"] and clearly_lower(z_score(r["mc_acc_diff"], r["mc_acc_diff_se"]))]
     worst = min(scored, key=lambda r: r["mc_acc_diff"])
     return (
         f"- **Multiple-choice accuracy** (full model {full['mc_acc']:.3f}): "
         + (
-            f"{len(hurt)} of {len(scored) - 1} configurations lose significantly (paired, > {z_crit:g} s.e.): "
+            f"{len(hurt)} of {len(scored) - 1} configurations lose significantly (paired 95% interval below 0): "
             + ", ".join(f"{r['label']} ({r['mc_acc_diff']:+.3f})" for r in hurt)
             if hurt
-            else f"no configuration loses significantly (paired, {z_crit:g} s.e.)"
+            else "no configuration loses significantly (none has its paired 95% interval below 0)"
         )
         + f"; the largest drop is {worst['mc_acc_diff']:+.3f} ({worst['label']})."
     )
@@ -39,7 +40,6 @@ def conclusion(
     front: list[str],
     model: str,
     strategy: Strategy | None = None,
-    z_crit: float = 2.0,
 ) -> str:
     """Markdown: whether the gains add up, computed from the table."""
     full = next(r for r in rows if r["label"] == "full")
@@ -50,8 +50,8 @@ def conclusion(
         "",
     ]
     lines += _memory_lines(rows, adds, strategy)
-    lines += _quality_lines(adds, z_crit)
-    accuracy = accuracy_line(rows, full, z_crit)
+    lines += _quality_lines(adds)
+    accuracy = accuracy_line(rows, full)
     if accuracy:
         lines.append(accuracy)
     combos = [lbl for lbl in front if "+ sharing" in lbl]
@@ -112,22 +112,20 @@ def _why_not_product(a: dict, strategy: Strategy | None) -> str:
     )
 
 
-def _quality_lines(adds: list[dict], z_crit: float) -> list[str]:
+def _quality_lines(adds: list[dict]) -> list[str]:
     """The combinations whose quality costs add up, and those worse or better together than the parts' sum."""
     add, worse, better = [], [], []
     for a in adds:
-        z = a["interaction"] / a["interaction_se"] if a["interaction_se"] and a["interaction_se"] > 0 else float("nan")
+        z = z_score(a["interaction"], a["interaction_se"]) if a["interaction_se"] else float("nan")
         name = f"{METHOD_LABELS[a['policy']]} {a['budget']}"
         text = (
             f"{name}: ΔNLL {a['nll_diff_combined']:+.3f} combined vs {a['nll_diff_sum']:+.3f} summed "
             f"(interaction {a['interaction']:+.3f} ± {a['interaction_se']:.3f})"
         )
-        (worse if z > z_crit else better if z < -z_crit else add).append(text)
+        {1: worse, -1: better, 0: add}[clear_sign(z)].append(text)
     lines = []
     if add:
-        lines.append(
-            f"- **Quality costs add up** (interaction within {z_crit:g} standard errors of 0): " + "; ".join(add) + "."
-        )
+        lines.append("- **Quality costs add up** (the interaction's 95% interval contains 0): " + "; ".join(add) + ".")
     if worse:
         lines.append("- **Worse together than the sum of the parts**: " + "; ".join(worse) + ".")
     if better:

@@ -25,7 +25,6 @@ from ..observation import (
 )
 from .common import COLORS, MARKERS
 
-Z95 = 1.96
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")  # log axes labelled 20, 50, 100, not 2 x 10^1
 # minor ticks of a log axis: label 2x and 5x each decade only (every minor tick would crowd over two decades)
 PLAIN_2_5 = FuncFormatter(

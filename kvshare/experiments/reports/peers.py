@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-from ...metrics import HELDOUT
+from ...metrics import HELDOUT, clearly_different, clearly_higher
 from ..peers import LABELS
 
 STYLE = {
@@ -184,13 +184,13 @@ def _fmt_point(r: dict) -> str:
     return f"{r['label']} {r['knob']}={r['value']:g}" if r["knob"] else r["label"]
 
 
-def _z_words(z: float, z_crit: float) -> str:
+def _z_words(z: float) -> str:
     if z != z:
         return "no spread to test"
-    return f"z = {z:.1f}, " + ("significant" if abs(z) > z_crit else "not significant") + f" at |z| > {z_crit:g}"
+    return f"z = {z:.1f}, " + ("significant" if clearly_different(z) else "not significant") + " at 95%"
 
 
-def verdict_line(verdicts: list[dict], z_crit: float = 2.0) -> str:
+def verdict_line(verdicts: list[dict]) -> str:
     """One sentence per target byte ratio: the best method there, and where KVSharer's best point stands against
     it and against the full model (the line the README quotes)."""
     parts = []
@@ -207,7 +207,7 @@ def verdict_line(verdicts: list[dict], z_crit: float = 2.0) -> str:
         sharer = [r for r in v["ranking"] if r["family"].startswith("kvsharer")]
         if sharer and sharer[0] is not b:
             k = sharer[0]
-            worse = "vs_best_z" in k and k["vs_best_z"] > z_crit
+            worse = "vs_best_z" in k and clearly_higher(k["vs_best_z"])
             text += f"; KVSharer's best there, {_fmt_point(k)}, is ×{k['vs_full_ppl_ratio']:.2f}" + (
                 f", significantly worse (z = {k['vs_best_z']:.1f})" if worse else ", not significantly worse"
             )
@@ -228,7 +228,6 @@ def conclusion(
     model: str,
     num_layers: int,
     suite_rows: list[dict] | None = None,
-    z_crit: float = 2.0,
 ) -> str:
     """The computed conclusion (Markdown): protocol, the best method at each target ratio with paired
     statistics against the runner-up and the full model, what the byte sweep reached, the offline suite at the
@@ -241,11 +240,11 @@ def conclusion(
         "",
         f"Full model: decoded perplexity {full['ppl']:.3f} ± {full['ppl_se']:.3f}.",
         "",
-        verdict_line(verdicts, z_crit),
+        verdict_line(verdicts),
         "",
     ]
     for v in verdicts:
-        lines += _target_section(v, z_crit)
+        lines += _target_section(v)
     lines += _landed_section(curves, calibration)
     if suite_rows:
         lines += suite_lines(suite_rows, cfg) + [""]
@@ -280,7 +279,7 @@ def _protocol_paragraph(cfg: dict) -> str:
     )
 
 
-def _target_section(v: dict, z_crit: float) -> list[str]:
+def _target_section(v: dict) -> list[str]:
     """One target byte ratio: the best point against the full model and the runner-up, then every point there."""
     pct = f"{100 * v['target']:.0f}%"
     if v["best"] is None:
@@ -291,12 +290,12 @@ def _target_section(v: dict, z_crit: float) -> list[str]:
         f"**{_fmt_point(b)}** ({100 * b['kv_ratio']:.1f}% of the bytes, perplexity {b['ppl']:.3f} ± "
         f"{b['ppl_se']:.3f}; vs the full model ×{b['vs_full_ppl_ratio']:.3f}, 95% CI "
         f"{b['vs_full_ppl_ratio_ci95'][0]:.3f}..{b['vs_full_ppl_ratio_ci95'][1]:.3f}, "
-        f"ΔNLL {b['vs_full_nll_diff']:+.4f} ± {b['vs_full_se']:.4f}, {_z_words(b['vs_full_z'], z_crit)})"
+        f"ΔNLL {b['vs_full_nll_diff']:+.4f} ± {b['vs_full_se']:.4f}, {_z_words(b['vs_full_z'])})"
     )
     if r2 is not None:
         head += (
             f"; the runner-up, {_fmt_point(r2)}, is worse by ΔNLL {r2['vs_best_nll_diff']:+.4f} ± "
-            f"{r2['vs_best_se']:.4f} per window ({_z_words(r2['vs_best_z'], z_crit)})."
+            f"{r2['vs_best_se']:.4f} per window ({_z_words(r2['vs_best_z'])})."
         )
     else:
         head += "; no other method has a point there."
@@ -304,7 +303,7 @@ def _target_section(v: dict, z_crit: float) -> list[str]:
     for r in v["ranking"]:
         vs_full = f"vs full: ×{r['vs_full_ppl_ratio']:.3f} (ΔNLL {r['vs_full_nll_diff']:+.4f} ± {r['vs_full_se']:.4f})"
         vs_best = (
-            f"; vs best: ΔNLL {r['vs_best_nll_diff']:+.4f} ± {r['vs_best_se']:.4f} ({_z_words(r['vs_best_z'], z_crit)})"
+            f"; vs best: ΔNLL {r['vs_best_nll_diff']:+.4f} ± {r['vs_best_se']:.4f} ({_z_words(r['vs_best_z'])})"
             if "vs_best_nll_diff" in r
             else ""
         )

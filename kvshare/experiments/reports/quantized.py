@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator
 
+from ...metrics import clearly_different, z_score
 from ..quantized import REBUTTAL, wide_table
 
 
@@ -141,7 +142,7 @@ def protocol_line(rows: list[dict]) -> str:
     return line
 
 
-def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2.0) -> str:
+def conclusion(rows: list[dict], notes: list[str], model: str) -> str:
     """Markdown computed from the rows: the trend with C per combination, against the rebuttal; what KV
     quantization and GPTQ add; whether bytes equal the prediction."""
     reb = REBUTTAL["ppl"]
@@ -157,7 +158,7 @@ def conclusion(rows: list[dict], notes: list[str], model: str, z_crit: float = 2
         "",
     ]
     lines += _trend_section(rows, series, reb_ratio)
-    lines += _kv_quantization_section(rows, series, z_crit)
+    lines += _kv_quantization_section(rows, series)
     lines += _gptq_sharing_section(rows, series)
     lines += _budget_section(rows)
     lines += _gptq_weights_section(rows, series)
@@ -214,7 +215,7 @@ def _paired_quantization_cost(quantized: dict, plain: dict, grid: list[int]) -> 
     return diffs
 
 
-def _kv_quantization_section(rows: list[dict], series: dict, z_crit: float) -> list[str]:
+def _kv_quantization_section(rows: list[dict], series: dict) -> list[str]:
     """What int8 and int4 caches add on top of sharing, per weight set, and at which C it is beyond noise."""
     grid = sorted({r["num_shared"] for r in rows})
     lines = [
@@ -228,14 +229,14 @@ def _kv_quantization_section(rows: list[dict], series: dict, z_crit: float) -> l
             if not diffs:
                 continue
             mean_ratio = statistics.mean(x[3] for x in diffs)
-            sig = [c for c, d, se, _ in diffs if se and se > 0 and abs(d) > z_crit * se]
+            sig = [c for c, d, se, _ in diffs if se and clearly_different(z_score(d, se))]
             lines.append(
                 f"- {w}, {kv}: perplexity × {mean_ratio:.3f} on average over C = "
                 f"{', '.join(str(x[0]) for x in diffs)}"
                 + (
-                    f"; beyond {z_crit:g} standard errors at C = {', '.join(map(str, sig))}"
+                    f"; its paired 95% interval excludes the unquantized cache at C = {', '.join(map(str, sig))}"
                     if sig
-                    else f"; within {z_crit:g} standard errors of the unquantized cache at every C"
+                    else "; its paired 95% interval contains the unquantized cache at every C"
                 )
                 + "."
             )

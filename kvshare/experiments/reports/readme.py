@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...metrics import clear_sign, clearly_higher, clearly_lower, z_score
 from ...models import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -183,8 +184,8 @@ def observation_finding(r: Results) -> Finding:
     num_layers = data["num_layers"]
     similar = [d for d in data["distinct_comparisons"] if d["versus"] == "similar"]
     n = len(similar)
-    similar_clear = sum(d["z"] > 1.96 for d in similar)  # the 95% paired interval of the ratio excludes 1
-    dissimilar_clear = sum(d["z"] < -1.96 for d in similar)
+    similar_clear = sum(clearly_higher(d["z"]) for d in similar)  # the ratio's 95% paired interval above 1
+    dissimilar_clear = sum(clearly_lower(d["z"]) for d in similar)
     target = min({d["num_shared"] for d in similar}, key=lambda c: abs(c / num_layers - 0.25))
     at = [d["ppl_ratio"] for d in similar if d["num_shared"] == target]
     geo = math.exp(sum(math.log(v) for v in at) / len(at))
@@ -471,12 +472,14 @@ def finding_intra_layer(r: Results) -> list[tuple]:
     table = r.csv("05_intra_layer_table.csv")
     rows = r.csv("05_intra_layer_additivity.csv")
     exact = sum(x["kv_bytes"] == x["kv_bytes_predicted"] for x in table)
-    worse = [x for x in rows if float(x["interaction"]) > 2 * float(x["interaction_se"])]
-    better = [x for x in rows if float(x["interaction"]) < -2 * float(x["interaction_se"])]
+    sign = [clear_sign(z_score(float(x["interaction"]), float(x["interaction_se"]))) for x in rows]
+    worse = [x for x, s in zip(rows, sign) if s > 0]
+    better = [x for x, s in zip(rows, sign) if s < 0]
     add_up = len(rows) - len(worse) - len(better)
     number = (
         f"K/V bytes equal the prediction of sharing × policy in {exact} of {len(table)} configurations; "
-        f"quality costs (ΔNLL) add up within 2 s.e. in {add_up} of {len(rows)} combinations"
+        f"quality costs (ΔNLL) add up (the interaction's 95% interval contains 0) in {add_up} of {len(rows)} "
+        "combinations"
     )
     verdict = "**bytes exact**" if exact == len(table) else f"**bytes differ** in {len(table) - exact} configurations"
     for label, group in (("worse than the sum", worse), ("better than the sum", better)):
@@ -527,13 +530,15 @@ def finding_serving(r: Results) -> list[tuple]:
 def finding_best_search(r: Results) -> list[tuple]:
     """Notebook 11: `best` against the fixed orders on held-out text (per set and C), at C = target, and on the
     offline suite; from its verdict, perplexity table and suite files."""
+    from ..best_search import lower_everywhere
+
     v = r.json("11_best_search_verdict.json")
     rows = r.csv("11_best_search_ppl.csv")
     suite = r.json("11_best_search_suite.json")
     per = v["per_point"]
     sets = sorted({p["set"] for p in per})
     points = len(per)
-    clear = sum(p["clear"] for p in per)
+    claim = lower_everywhere(per, sets)  # the one significance rule, whatever rule wrote the file
     c_t = v["target"][0]["C"]
     best = ", ".join(f"{t['ratio_to_full']:.2f}×" for t in v["target"])
     fixed = {}
@@ -547,11 +552,10 @@ def finding_best_search(r: Results) -> list[tuple]:
             "11",
             "A best-first search (KL-guided, re-scored against the accepted strategy) is below every fixed order "
             "at every C",
-            f"paired z < −2 against dissimilar, similar and random at {clear} of {points} (set, C) points; held "
-            f"everywhere on {len(v['sets_where_clear_at_every_C'])} of {len(sets)} calibration sets",
-            "**holds**"
-            if v["claim_lower_everywhere_on_2_of_3_sets"]
-            else "**does not hold** (see where it falls short)",
+            f"clearly lower (the ratio's paired 95% interval below 1) than dissimilar, similar and random at "
+            f"{claim['clear_points']} of {points} (set, C) points; at every C on "
+            f"{len(claim['sets_where_clear_at_every_C'])} of {len(sets)} calibration sets",
+            "**holds**" if claim["holds"] else "**does not hold** (see where it falls short)",
             r.link("11_best_search_ppl_curves.png", "figure")
             + ", "
             + r.link("11_best_search_conclusion.md", "summary"),
@@ -576,7 +580,7 @@ def finding_best_search(r: Results) -> list[tuple]:
             f"best keeps {b['kept_pct']:.1f}% of the full average ({suite['limit']} examples per task); closest rival "
             f"{lowest['label']} (z {lowest['best_vs_this_z']:+.1f})",
             "**holds clearly**"
-            if suite["clear"]
+            if all(clearly_higher(x["best_vs_this_z"]) for x in rivals)
             else "**higher, not clearly**"
             if suite["higher_than_all"]
             else "**does not hold**",

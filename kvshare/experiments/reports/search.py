@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Arc
 
+from ...metrics import interval95
 from .observation import PLAIN, PLAIN_2_5
 
 
@@ -131,8 +132,10 @@ def threshold_sweep_plot(rows, title: str = "", random: dict | None = None, full
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     ax.grid(alpha=0.3, axis="y")
     y = np.array([r["ppl"] for r in rows])
-    lo = np.array([r.get("ppl_lo", r["ppl"] - 1.96 * r["ppl_se"]) for r in rows])
-    hi = np.array([r.get("ppl_hi", r["ppl"] + 1.96 * r["ppl_se"]) for r in rows])
+    # rows written without their interval fall back to the one convention (ppl ± Z95 se)
+    bounds = [(r["ppl_lo"], r["ppl_hi"]) if "ppl_lo" in r else interval95(r["ppl"], r["ppl_se"]) for r in rows]
+    lo = np.array([b[0] for b in bounds], dtype=float)
+    hi = np.array([b[1] for b in bounds], dtype=float)
     ax2.errorbar(
         T,
         y,
