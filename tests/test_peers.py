@@ -253,6 +253,26 @@ def test_minicache_prefill_is_the_full_model_then_decoding_reads_merged_kv():
     assert cache.layers[1].nbytes() == 0 and cache.layers[0].nbytes() > 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_minicache_decode_reads_merged_directions_as_rebuilt_kv_would(arch, monkeypatch):
+    """A decode step's attention over the stored directions and magnitudes (kvshare's split attention) gives the
+    logits that rebuilding every merged token's K/V gives, and it is the path taken."""
+    from kvshare.methods.minicache import MiniCacheLayer
+
+    model = make_tiny_model(arch, "sdpa")
+    ids = ids_for()[:1]
+    method = methods.make("minicache", start_layer=0, retain=0.25, merge_interval=3)
+    calls = []
+    split_read = MiniCacheLayer._split_read
+    monkeypatch.setattr(MiniCacheLayer, "_split_read", lambda self, k, v: calls.append(1) or split_read(self, k, v))
+    fast, _ = run(model, ids, method)
+    assert len(calls) == NUM_LAYERS * (TOTAL - PROMPT)
+    monkeypatch.setattr(MiniCacheLayer, "_reads_split", lambda self, q: False)
+    rebuilt, _ = run(model, ids, method)
+    torch.testing.assert_close(fast, rebuilt, rtol=1e-5, atol=1e-5)
+    assert all(layer.self_attn.config is model.config for layer in model.model.layers)  # detach restored it
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral_sliding", "qwen3"])
 @pytest.mark.parametrize("retain,interval", [(0.0, 1), (0.3, 4), (1.0, 3)])
 def test_minicache_bytes_equal_the_prediction(arch, retain, interval):

@@ -19,6 +19,7 @@ Everything a method may do has a default here, so callers never probe with `hasa
 | `make_layer(i, config, storage)` | `None`: transformers' own slot | eviction, storage, cache |
 | `make_storage(i, config)` | `None`: full-precision tensors | storage |
 | `attach(model)` / `detach(model)` | nothing | methods with hooks |
+| `shared_state()` | `()` | methods whose slots share state with the method (MiniCache, SimLayerKV) |
 | `strategy_for(model)`, `strategy` | `None`: no layer replaced | sharing |
 | `predicted_tokens(i, config, lengths)` | every token seen (window-capped) | eviction |
 | `bytes_per_token(config, dtype_bytes)` | full-precision K + V | storage |
@@ -120,6 +121,11 @@ class KVMethod:
 
     def detach(self, model) -> None:
         """Remove what `attach` added."""
+
+    def shared_state(self) -> tuple:
+        """Objects the method's cache slots share with the method itself (and its hooks): a copy of a cache keeps
+        pointing at these (`kvshare.combine.copy_cache_layers`), not at copies of them."""
+        return ()
 
     def strategy_for(self, model):
         """The layer-sharing `Strategy` this method applies to `model` (sharing methods only)."""

@@ -56,6 +56,9 @@ class Composition(KVMethod):
     def member(self, role: str) -> KVMethod | None:
         return self.members.get(role)
 
+    def shared_state(self) -> tuple:
+        return tuple(o for m in self.members.values() for o in m.shared_state())
+
     @property
     def cache_members(self) -> list[KVMethod]:
         """The members that shape kept layers' slots (everything but sharing)."""

@@ -79,6 +79,19 @@ layer_kind = layer_window  # the sliding window of a layer (None: full attention
 # --------------------------------------------------------------------------------------------
 # the cache layer
 # --------------------------------------------------------------------------------------------
+def _moves(dropped: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dst, src) slot moves that drop the slots `dropped` ([..., k], ascending) of `n`, keeping the first `m`: each
+    freed slot below m gets one kept slot from above it, both in ascending order; the other entries move a top slot
+    onto itself (it is dropped with the top)."""
+    k = dropped.shape[-1]
+    j = torch.arange(k, device=dropped.device)
+    above = torch.ones(*dropped.shape[:-1], k + 1, dtype=torch.bool, device=dropped.device)
+    above.scatter_(-1, torch.where(dropped >= m, dropped - m, k), False)  # kept slots among the top k
+    movers = torch.where(above[..., :k], m + j, n + j).sort(dim=-1).values
+    pair = dropped < m  # as many freed slots below m as kept slots above it
+    return torch.where(pair, dropped, m + j), torch.where(pair, movers, m + j)
+
+
 class EvictingLayer(DynamicLayer):
     """A dynamic cache layer whose eviction method drops tokens after each forward.
 
@@ -241,18 +254,15 @@ class EvictingLayer(DynamicLayer):
             return
         n = self.held()
         m = n - k
-        dropped = idx.sort(dim=-1).values
-        if self.in_order and int(dropped[..., -1].max()) < k:  # the oldest tokens of slots in stream order
-            self._drop_first(k)
-            return
-        self.in_order = False
-        j = torch.arange(k, device=idx.device)
-        above = torch.ones(*idx.shape[:-1], k + 1, dtype=torch.bool, device=idx.device)
-        above.scatter_(-1, torch.where(dropped >= m, dropped - m, k), False)  # kept slots among the top k
-        movers = torch.where(above[..., :k], m + j, n + j).sort(dim=-1).values
-        pair = dropped < m  # as many freed slots below m as kept slots above it, both ascending
-        dst = torch.where(pair, dropped, m + j)
-        src = torch.where(pair, movers, m + j)  # non-pairs: a top slot onto itself, dropped with the top
+        if k == 1 and not self.in_order:  # a decode step: the last slot moves into the freed one (or onto itself)
+            dst, src = idx, torch.full_like(idx, m)
+        else:
+            dropped = idx.sort(dim=-1).values
+            if self.in_order and int(dropped[..., -1].max()) < k:  # the oldest tokens of slots in stream order
+                self._drop_first(k)
+                return
+            self.in_order = False
+            dst, src = _moves(dropped, n, m)
         for name in self.slot_names + self.score_names:
             t = getattr(self, name, None)
             if isinstance(t, torch.Tensor):
@@ -335,7 +345,7 @@ class EvictingLayer(DynamicLayer):
 
     def overhead_bytes(self) -> int:
         """Bookkeeping beside the K/V of held tokens: free buffer slots, positions, padding flags, scores."""
-        total = 0
+        total = 0 if self.storage is None else self.storage.spare_bytes()
         if self._kbuf is not None:
             batch, heads, cap, dim = self._kbuf.shape
             total += 2 * batch * heads * (cap - self.used) * dim * self._kbuf.element_size()
@@ -363,13 +373,12 @@ class EvictingLayer(DynamicLayer):
     def _layer_mask(self, batch, q_len, new_pos, mask, impl):
         if not self.evicted or self.positions is None:
             return mask  # every token seen is held: the model's own mask is exact
+        if mask is None and q_len == 1:
+            return None  # sdpa skipped the mask (no padding) and one query sees every token held
         kept = self.positions.shape[-1]
         heads = self.positions.shape[1]
         idx = torch.cat([self.positions, new_pos.view(1, 1, -1).expand(batch, heads, q_len)], dim=-1)
-        if mask is None:
-            # sdpa skipped the mask: no padding and, for one query, every past token visible
-            if q_len == 1:
-                return None
+        if mask is None:  # sdpa skipped the mask: no padding
             allowed = idx[:, :, None, :] <= new_pos.view(1, 1, -1, 1)
             if self.sliding_window is not None:
                 allowed &= new_pos.view(1, 1, -1, 1) - idx[:, :, None, :] < self.sliding_window
@@ -645,7 +654,7 @@ class EvictionMethod(KVMethod):
                 handles.append(attn.register_forward_hook(_after_attention(ctx), with_kwargs=True))
                 if self.layer_class.needs_attention:
                     handles.append(attn.q_proj.register_forward_hook(_capture_query(ctx, attn.layer_idx)))
-                    _use_scored_attention(attn)
+                _use_scored_attention(attn)
         self._handles[id(model)] = handles
 
     def detach(self, model) -> None:
@@ -653,7 +662,7 @@ class EvictionMethod(KVMethod):
             h.remove()
         for decoder_layer in decoder_layers(model):
             attn = decoder_layer.self_attn
-            if "_kvshare_config" in attn.__dict__:
+            if attn.config._attn_implementation == SCORED_ATTENTION:
                 attn.config = attn.__dict__.pop("_kvshare_config")
 
 
@@ -686,7 +695,7 @@ def _before_attention(ctx):
             impl = "sdpa" if impl == SCORED_ATTENTION else impl
             # one decoded query of a scoring slot whose slots left stream order: the attention returns its
             # probabilities (until then sdpa runs as in the plain model: a budget above the length stays bit-exact)
-            module._kvshare_weights = bool(slot.needs_attention and not slot.in_order and hidden.shape[1] == 1)
+            module._kvshare_weights = bool(not slot.in_order and hidden.shape[1] == 1)
             if impl not in ("sdpa", "eager"):
                 raise NotImplementedError(f"token eviction supports sdpa and eager attention, not {impl!r}")
             mask = slot.begin(

@@ -39,6 +39,7 @@ every slot is transformers' own: exactly the full model.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..accounting import full_tokens, kv_token_bytes
-from ..adapter import base_model, head_dim, kv_heads, layer_types, layer_window, num_layers
+from ..adapter import base_model, decoder_layers, head_dim, kv_heads, layer_types, layer_window, num_layers
 from .base import KVMethod, MethodSettings, register
 
 
@@ -340,11 +341,10 @@ class MiniCacheLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        held_k, held_v = self.pair.read(self.which)
-        if held_k is not None and self.is_sliding and held_k.shape[-2] > self.sliding_window - 1:
-            held_k, held_v = held_k[:, :, -(self.sliding_window - 1) :], held_v[:, :, -(self.sliding_window - 1) :]
-        keys = key_states if held_k is None else torch.cat([held_k, key_states], dim=-2)
-        values = value_states if held_v is None else torch.cat([held_v, value_states], dim=-2)
+        if self._reads_split(q):
+            keys, values = self._split_read(key_states, value_states)
+        else:
+            keys, values = self._full_read(self.pair, key_states, value_states)
         if self.which == 0:
             self.pair.pending = (key_states, value_states)
         else:
@@ -361,6 +361,41 @@ class MiniCacheLayer(DynamicLayer):
             self.pair.commit(key_states, value_states, valid, due)
         self.seen += q
         return keys, values
+
+    def _full_read(self, pair, key_states, value_states):
+        """Every held token's K/V as this layer sees them, in stream order, then the new tokens'."""
+        held_k, held_v = pair.read(self.which)
+        if held_k is not None and self.is_sliding and held_k.shape[-2] > self.sliding_window - 1:
+            held_k, held_v = held_k[:, :, -(self.sliding_window - 1) :], held_v[:, :, -(self.sliding_window - 1) :]
+        keys = key_states if held_k is None else torch.cat([held_k, key_states], dim=-2)
+        values = value_states if held_v is None else torch.cat([held_v, value_states], dim=-2)
+        return keys, values
+
+    def _reads_split(self, q: int) -> bool:
+        """One decoded token, no padding, full attention, merged tokens held, and kvshare's attention function on
+        this layer (sdpa models; not a layer whose K/V a replaced layer reads): attention reads the merged
+        directions and this layer's magnitudes as stored, without rebuilding its K/V."""
+        mask2d = self.context.get("mask2d")
+        return (
+            q == 1
+            and not self.is_sliding
+            and self.layer_idx in self.context.get("split_layers", ())
+            and self.pair.dir_k is not None
+            and self.pair.dir_k.shape[-2] > 0
+            and (mask2d is None or bool(mask2d.all()))
+        )
+
+    def _split_read(self, key_states, value_states):
+        """The unmerged tokens (retained originals, the buffer, the new token) as K/V for the attention call; the
+        merged part goes to `_split_attention` through the context (with the state to rebuild everything in
+        stream order, should the call come with a mask)."""
+        pair, w = copy.copy(self.pair), self.which  # the state before this forward's commit
+        rest_k = [pair.orig[2 * w]] + ([pair.buffer[2 * w]] if pair.buffer is not None else []) + [key_states]
+        rest_v = [pair.orig[2 * w + 1]] + ([pair.buffer[2 * w + 1]] if pair.buffer is not None else []) + [value_states]
+        self.context["split"][self.layer_idx] = SplitRead(
+            pair.dir_k, pair.dir_v, pair.mags[..., w], pair.mags[..., 2 + w], self, pair, key_states, value_states
+        )
+        return torch.cat(rest_k, dim=-2), torch.cat(rest_v, dim=-2)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -406,6 +441,70 @@ class MiniCacheLayer(DynamicLayer):
             self.pair.map(lambda t: t[indices, ...])
 
 
+def _use_split_attention(attn, context: dict) -> bool:
+    """Give a paired layer's attention its own config naming `SPLIT_ATTENTION` (sdpa models only; the model's
+    masks, built from the model's config, stay sdpa's); `MiniCache.detach` restores the shared config."""
+    from transformers import AttentionInterface
+
+    if attn.config._attn_implementation != "sdpa" or "_kvshare_config" in attn.__dict__:
+        return False
+    AttentionInterface.register(SPLIT_ATTENTION, _split_attention)
+    own = copy.copy(attn.config)
+    own._attn_implementation_internal = SPLIT_ATTENTION
+    attn._kvshare_config, attn.config = attn.config, own
+    attn._kvshare_minicache = context
+    return True
+
+
+@dataclass
+class SplitRead:
+    """A decode step's merged part for one layer: directions [batch, kv_heads, merged, dim] and this layer's
+    magnitudes [batch, kv_heads, merged]; `layer`, `pair` (the state before the step's commit) and the new K/V
+    rebuild everything in stream order when the attention call needs it (`full`)."""
+
+    dir_k: torch.Tensor
+    dir_v: torch.Tensor
+    mag_k: torch.Tensor
+    mag_v: torch.Tensor
+    layer: "MiniCacheLayer"
+    pair: MergedPair
+    key_states: torch.Tensor
+    value_states: torch.Tensor
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer._full_read(self.pair, self.key_states, self.value_states)
+
+
+SPLIT_ATTENTION = "kvshare_minicache_split"
+
+
+def _split_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """sdpa, except where the layer's slot handed its merged part over (`MiniCacheLayer._split_read`): then
+    softmax over [q . dir_k x |K|, q . k_rest] and the output (p x |V|) . dir_v + p_rest . v_rest, one read of the
+    stored directions instead of a rebuilt K/V per step. With a mask (not expected in that case) K/V are rebuilt."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    split = module._kvshare_minicache["split"].pop(module.layer_idx, None)
+    if split is not None and (attention_mask is not None or query.shape[2] != 1 or kwargs.get("softcap") is not None):
+        key, value = split.full()
+        split = None
+    if split is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.view(batch, kv_heads, heads // kv_heads, dim)
+    merged = torch.matmul(q, split.dir_k.transpose(-1, -2)).mul_(split.mag_k[:, :, None, :])
+    rest = torch.matmul(q, key.transpose(-1, -2))
+    logits = torch.cat([merged, rest], dim=-1).mul_(module.scaling if scaling is None else scaling)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(value.dtype)
+    n = split.dir_k.shape[-2]
+    out = torch.matmul(probs[..., :n] * split.mag_v[:, :, None, :], split.dir_v)
+    out = out.add_(torch.matmul(probs[..., n:], value))
+    return out.view(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
 @register
 class MiniCache(KVMethod):
     """`MiniCache(start_layer=None, slerp_t=0.5, retain=0.05, merge_interval=16)`: cross-layer merged K/V (role
@@ -421,11 +520,19 @@ class MiniCache(KVMethod):
         super().__init__(settings, **kwargs)
         self._replaced: frozenset = frozenset()  # layers the applied sharing strategy replaces (set by attach)
         self._open: dict[int, MergedPair] = {}  # second layer -> the pair its first layer's slot just created
-        self._context: dict = {"mask2d": None}
+        self._context: dict = {"mask2d": None, "split": {}, "split_layers": frozenset()}
         self._handles: dict[int, list] = {}
 
     def __getstate__(self):
-        return {**self.__dict__, "_open": {}, "_handles": {}, "_context": {"mask2d": None}}
+        return {
+            **self.__dict__,
+            "_open": {},
+            "_handles": {},
+            "_context": {"mask2d": None, "split": {}, "split_layers": frozenset()},
+        }
+
+    def shared_state(self) -> tuple:
+        return (self._context,)  # the slots hand the attention function their merged part through it
 
     def pairs(self, config) -> list[tuple[int, int]]:
         """The pairs merged on a model with `config` (among the layers the last applied strategy keeps)."""
@@ -460,11 +567,24 @@ class MiniCache(KVMethod):
 
         self.detach(model)
         self._handles[id(model)] = [base_model(model).register_forward_pre_hook(record, with_kwargs=True)]
+        sources = frozenset(strategy.sources) if strategy is not None else frozenset()
+        context["split_layers"] = frozenset(
+            attn.layer_idx
+            for attn in (layer.self_attn for layer in decoder_layers(model))
+            if any(attn.layer_idx in p for p in self.pairs(model.config))
+            and attn.layer_idx not in sources  # a replaced layer reads what this layer's update returns
+            and _use_split_attention(attn, context)
+        )
 
     def detach(self, model) -> None:
         for h in self._handles.pop(id(model), []):
             h.remove()
-        self._context["mask2d"] = None
+        for layer in decoder_layers(model):
+            attn = layer.self_attn
+            if attn.config._attn_implementation == SPLIT_ATTENTION:
+                attn.config = attn.__dict__.pop("_kvshare_config")
+                del attn._kvshare_minicache
+        self._context.update(mask2d=None, split={}, split_layers=frozenset())
 
     # -- bytes ----------------------------------------------------------------------------------
     def predicted_layer_bytes(self, layer_idx: int, config, lengths, dtype_bytes: int) -> int:

@@ -117,8 +117,9 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     dtype = dtype or qt.scale.dtype
     q = _unpack(qt.packed, qt.bits)
     groups = q.shape[-1] // qt.group_size
-    q = q.reshape(*q.shape[:-1], groups, qt.group_size).to(dtype)
-    out = q * qt.scale.to(dtype)[..., None] + qt.zero.to(dtype)[..., None]
+    q = q.reshape(*q.shape[:-1], groups, qt.group_size)
+    # uint8 codes times float scales: the conversion happens inside the multiplication (one pass, not two)
+    out = torch.mul(q, qt.scale.to(dtype)[..., None]).add_(qt.zero.to(dtype)[..., None])
     return out.reshape(*q.shape[:-2], groups * qt.group_size)
 
 
@@ -151,18 +152,6 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
-def _cat(a: QTensor | None, b: QTensor, dim: int = -2) -> QTensor:
-    if a is None:
-        return b
-    return QTensor(
-        torch.cat([a.packed, b.packed], dim),
-        torch.cat([a.scale, b.scale], dim),
-        torch.cat([a.zero, b.zero], dim),
-        b.bits,
-        b.group_size,
-    )
-
-
 def _map(qt: QTensor | None, fn) -> QTensor | None:
     if qt is None:
         return None
@@ -174,18 +163,33 @@ def _map(qt: QTensor | None, fn) -> QTensor | None:
 # --------------------------------------------------------------------------------------------
 class QuantizedStorage:
     """K/V of one cache slot held as packed per-token codes (`qkeys` / `qvalues`, [batch, kv_heads, tokens, ...],
-    see `QTensor`). Held by `QuantizedKVLayer` and, for quantization x eviction, by an evicting slot."""
+    see `QTensor`). Held by `QuantizedKVLayer` and, for quantization x eviction, by an evicting slot.
+
+    The codes, scales and zeros sit in buffers with room for more tokens: a decode step writes its token's codes
+    in place instead of copying everything held (the buffers grow by `grow_slots` tokens at a time, counted in
+    `spare_bytes`, not in `nbytes`)."""
+
+    grow_slots = 64
 
     def __init__(self, bits: int = 8, group_size: int = 32):
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits!r}")
         self.bits = bits
         self.group_size = group_size
-        self.qkeys: QTensor | None = None
-        self.qvalues: QTensor | None = None
+        self._bk: QTensor | None = None  # buffers, tokens on dim -2 (capacity >= held)
+        self._bv: QTensor | None = None
+        self.n = 0  # tokens held
 
     def __repr__(self):
         return f"QuantizedStorage(bits={self.bits}, group_size={self.group_size}, held={self.held()})"
+
+    @property
+    def qkeys(self) -> QTensor | None:
+        return _map(self._bk, lambda t: t[:, :, : self.n])
+
+    @property
+    def qvalues(self) -> QTensor | None:
+        return _map(self._bv, lambda t: t[:, :, : self.n])
 
     def _quantize(self, x: torch.Tensor) -> QTensor:
         return quantize(x, self.bits, group_size_for(x.shape[-1], self.group_size))
@@ -193,12 +197,21 @@ class QuantizedStorage:
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, first: bool = False) -> None:
         """Quantize the new tokens' K/V and append them (`first`: replace whatever is held)."""
         qk, qv = self._quantize(key_states), self._quantize(value_states)
-        self.qkeys = qk if first else _cat(self.qkeys, qk)
-        self.qvalues = qv if first else _cat(self.qvalues, qv)
+        if first:
+            self._bk = self._bv = None
+            self.n = 0
+        end = self.n + key_states.shape[-2]
+        if self._bk is None or self._bk.packed.shape[-2] < end or self._bk.packed.shape[:2] != qk.packed.shape[:2]:
+            size = end if self.n == 0 else end + self.grow_slots  # a prefill gets what it needs, decoding room
+            self._bk, self._bv = (_grown(old, new, self.n, size) for old, new in ((self._bk, qk), (self._bv, qv)))
+        for buf, new in ((self._bk, qk), (self._bv, qv)):
+            for name in ("packed", "scale", "zero"):
+                getattr(buf, name)[:, :, self.n : end] = getattr(new, name)
+        self.n = end
 
     def held(self) -> int:
         """Tokens held now (per sequence and head)."""
-        return 0 if self.qkeys is None else self.qkeys.packed.shape[-2]
+        return self.n if self._bk is not None else 0
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V attention reads: the dequantized contents."""
@@ -209,7 +222,9 @@ class QuantizedStorage:
 
     def map(self, fn) -> None:
         """Apply `fn` to every per-token tensor (codes, scales, zeros): select, reorder, repeat, move."""
-        self.qkeys, self.qvalues = _map(self.qkeys, fn), _map(self.qvalues, fn)
+        keys, values = _map(self.qkeys, fn), _map(self.qvalues, fn)
+        self._bk, self._bv = keys, values
+        self.n = 0 if keys is None else keys.packed.shape[-2]
 
     def gather(self, idx: torch.Tensor) -> None:
         """Keep the tokens at `idx` ([batch, P, keep]) only."""
@@ -220,11 +235,29 @@ class QuantizedStorage:
         self.map(pick)
 
     def nbytes(self) -> int:
-        """Bytes stored: packed codes, scales and zeros of keys and values."""
+        """Bytes stored for the tokens held: packed codes, scales and zeros of keys and values."""
         return sum(q.nbytes() for q in (self.qkeys, self.qvalues) if q is not None)
 
+    def spare_bytes(self) -> int:
+        """Bytes of the buffers' room for tokens not yet written."""
+        return sum(q.nbytes() for q in (self._bk, self._bv) if q is not None) - self.nbytes()
+
     def reset(self) -> None:
-        self.qkeys = self.qvalues = None
+        self._bk = self._bv = None
+        self.n = 0
+
+
+def _grown(old: QTensor | None, new: QTensor, held: int, size: int) -> QTensor:
+    """Buffers shaped like `new` with room for `size` tokens, holding `old`'s first `held` tokens."""
+
+    def buffer(t_new, t_old):
+        out = t_new.new_empty(*t_new.shape[:2], size, t_new.shape[-1])
+        if held:
+            out[:, :, :held] = t_old[:, :, :held]
+        return out
+
+    parts = [buffer(getattr(new, n), getattr(old, n, None)) for n in ("packed", "scale", "zero")]
+    return QTensor(*parts, new.bits, new.group_size)
 
 
 # --------------------------------------------------------------------------------------------

@@ -183,6 +183,9 @@ class SimLayerKV(EvictionMethod):
     def __getstate__(self):
         return {**super().__getstate__(), "decisions": {}}
 
+    def shared_state(self) -> tuple:
+        return (self.decisions,)  # the slots record their lazy decisions in it
+
     def make_layer(self, layer_idx: int, config, storage=None):
         n = config.get_text_config().num_hidden_layers
         layer = self.layer_class(
