@@ -203,7 +203,22 @@ def _add_bench_command(sub):
     b.add_argument("--rates", default="0,0.125,0.25", help="compression rates (fractions of the layers)")
     b.add_argument("--batch", default="1,4", help="batch sizes")
     b.add_argument("--prompt-len", type=int, default=512)
-    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=None, help="decode steps (default 128; 32 with --context)")
+    b.add_argument(
+        "--context",
+        default=None,
+        help="instead of the sweep: the speed-versus-context grid (kvshare.speed) at these context lengths, "
+        "comma-separated (prompt + new tokens, e.g. 1024,2048,4096,8192): every --methods at every --keep share "
+        "of the KV bytes against the full model, on a model built once",
+    )
+    b.add_argument(
+        "--methods",
+        default=None,
+        help="registered methods of the --context grid, comma-separated (default: all of them)",
+    )
+    b.add_argument(
+        "--keep", default="0.75,0.5", help="shares of the full model's KV bytes (16-bit) of the --context grid"
+    )
     b.add_argument(
         "--cache",
         default="dynamic",
@@ -462,6 +477,10 @@ def cmd_bench(args):
     batches = _numbers(args.batch, int, "--batch")
     if args.model in PRESETS and not args.random_weights:
         raise CLIError(f"'{args.model}' is a shape preset: add --random-weights")
+    if args.context:
+        return _bench_speed_grid(args, batches)
+    if args.new_tokens is None:
+        args.new_tokens = 128
     method = _cache_method(args)  # validates --method and its settings before any model is built
     strategy = _read_strategy(args)
     if method is not None and args.cache != "dynamic":
@@ -505,6 +524,44 @@ def cmd_bench(args):
     if "budget" in result:
         _check_budget_fits(args, result["budget"][0], out)
         print(format_table(result["budget"], budget=True))
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+
+
+def _bench_speed_grid(args, batches):
+    """kvshare bench --context ...: the speed-versus-context grid (kvshare.speed), JSON to --out, a table."""
+    from . import speed
+    from .io import write_csv, write_json
+
+    given = {
+        "--method": args.method,
+        "--profile": args.profile,
+        "--memory-budget-gb": args.memory_budget_gb,
+        "--compile": args.compile,
+        "--cache static": args.cache != "dynamic",
+    }
+    for dest in args.method_flags:  # a method's setting belongs to --method, which the grid does not take
+        given["--" + dest.replace("__", "-").replace("_", "-")] = getattr(args, dest, None) is not None
+    clashing = [flag for flag, on in given.items() if on]
+    if clashing:
+        raise CLIError(f"--context runs the speed grid: drop {', '.join(clashing)} (its methods come from --methods)")
+    names = [n.strip() for n in (args.methods or "").split(",") if n.strip()] or None
+    rows = speed.speed_grid(
+        args.model,
+        methods=names,
+        contexts=_numbers(args.context, int, "--context"),
+        batches=batches,
+        keep=_numbers(args.keep, float, "--keep"),
+        new_tokens=32 if args.new_tokens is None else args.new_tokens,
+        rounds=args.rounds,
+        strategy=_read_strategy(args),
+        random_weights=args.random_weights,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    out = Path(args.out)
+    write_json(out, {"speed_grid": rows})
+    write_csv(out.with_suffix(".csv"), rows)
+    print(speed.format_grid_table(rows))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
 
 

@@ -12,6 +12,7 @@ kept layer the slot the cache methods make.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 from .adapter import num_layers
 from .methods.compose import Composition
@@ -55,3 +56,10 @@ def compression(model, *methods):
 def sharing(model, strategy: Strategy | None):
     """`with kvshare.sharing(model, strategy): model.generate(...)`; None means no sharing."""
     return compression(model, strategy)
+
+
+def copy_cache_layers(layers: list, method=None) -> list:
+    """A deep copy of a cache's `layers`, for decoding again from the same state (a prefill measured once, decoded
+    in several rounds): what the slots share with `method` (`shared_state()`) stays shared, not copied."""
+    keep = method.shared_state() if method is not None else ()
+    return copy.deepcopy(layers, {id(o): o for o in keep})

@@ -35,7 +35,7 @@ LAYERS = [
             "combine",
         ],
     ),
-    ("evaluation and bench", ["metrics", "claims", "evaluation", "tasks", "bench", "profile", "serving"]),
+    ("evaluation and bench", ["metrics", "claims", "evaluation", "tasks", "bench", "speed", "profile", "serving"]),
     ("experiments (one module per notebook)", ["experiments"]),
     ("interface", ["cli", "__main__", "__init__"]),
 ]

@@ -423,3 +423,47 @@ def plot_cuda(cuda: dict, title: str = ""):
     axes[1].set_ylabel("decode tokens/s")
     fig.suptitle(title or f"CUDA: {cuda.get('gpu', '')}")
     return fig
+
+
+def speed_vs_context_figure(rows: list[dict], title: str = ""):
+    """The speed grid (kvshare.speed.speed_grid): one panel per batch size, decode speed against the full model
+    over the context, one colour per method, a line style per share of the bytes, the bytes bound dashed beside
+    it in the method's colour, and a line at 1.0 (the full model)."""
+    from matplotlib.lines import Line2D
+
+    names = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full"))
+    shares = sorted({r["target_share"] for r in rows if r["method"] != "full"}, reverse=True)
+    batches = sorted({r["batch"] for r in rows})
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    styles = {share: ("-", "o") if i % 2 == 0 else (":", "s") for i, share in enumerate(shares)}
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.8), layout="constrained", squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for name in names:
+            for share in shares:
+                sub = sorted(
+                    (r for r in rows if r["method"] == name and r["target_share"] == share and r["batch"] == batch),
+                    key=lambda r: r["context"],
+                )
+                if not sub:
+                    continue
+                x = [r["context"] for r in sub]
+                ls, marker = styles[share]
+                ax.plot(x, [r["speed_ratio"] for r in sub], ls=ls, marker=marker, color=colours[name])
+                bound = [r["bytes_bound"] for r in sub]  # hollow markers: which share the bound belongs to
+                ax.plot(x, bound, ls="--", lw=0.9, alpha=0.6, marker=marker, mfc="none", ms=4, color=colours[name])
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["context"] for r in rows}), [str(c) for c in sorted({r["context"] for r in rows})])
+        ax.set_xlabel("context (tokens: prompt + generated)")
+        ax.set_ylabel("decode tokens/s vs the full model")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # from zero, with room above the highest line
+        ax.set_title(f"batch {batch}", fontsize=10)
+    handles = [Line2D([], [], color=colours[n], lw=2) for n in names]
+    handles += [Line2D([], [], color="grey", ls=styles[s][0], marker=styles[s][1]) for s in shares]
+    handles.append(Line2D([], [], color="grey", ls="--", lw=0.9))
+    labels = names + [f"at {100 * s:.0f}% of the bytes" for s in shares] + ["bytes bound (same colour)"]
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)), fontsize=8)
+    rounds = min((len(r.get("rounds") or [r]) for r in rows), default=0)
+    heading = title or "Decode speed against the full model"
+    fig.suptitle(figure_title(f"{heading} (best of {rounds} alternating rounds)", rows), fontsize=10)
+    return fig
