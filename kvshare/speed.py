@@ -473,7 +473,8 @@ def weight_bytes(model) -> int:
 # ---------------------------------------------------------------------------------------------
 def estimate_seconds(model, settings: GridSettings, ids=None, unit_tokens: int = 512, unit_steps: int = 4) -> dict:
     """The grid's time, from one short unit measured on the full model: a `unit_tokens` prefill (batch 1) and
-    `unit_steps` decode steps. A prefill scales with its FLOPs (linear in the tokens for the weights, quadratic for
+    `unit_steps` decode steps, counted as the grid runs them (one prefill per configuration, each method's decode
+    rounds beside as many of the full model's). A prefill scales with its FLOPs (linear in the tokens for the weights, quadratic for
     attention) and the batch; a decode step with the bytes it reads (weights + the batch's cache). Methods are
     counted at the full model's speed: a slower method makes the grid longer than this."""
     ids = heldout_ids(unit_tokens, getattr(model, "kvshare_tokenizer", None), _vocab(model)) if ids is None else ids
@@ -500,11 +501,13 @@ def estimate_seconds(model, settings: GridSettings, ids=None, unit_tokens: int =
         for batch in settings.batches:
             prefill = unit["prefill_s"] * batch * prefill_work(n) / prefill_work(n0)
             step = step_s * (weights + batch * token_bytes * mid) / (weights + token_bytes * (n0 + unit_steps / 2))
-            seconds = settings.rounds * configs * (prefill + settings.new_tokens * step)
+            # one prefill per configuration; each method's rounds alternate with as many of the full model's
+            decodes = settings.rounds * max(1, 2 * (configs - 1))
+            seconds = configs * prefill + decodes * settings.new_tokens * step
             points.append({"context": context, "batch": batch, "seconds": seconds})
     return {
         "seconds": sum(p["seconds"] for p in points),
-        "runs": settings.rounds * configs * len(points),
+        "runs": settings.rounds * max(1, 2 * (configs - 1)) * len(points),
         "configurations": configs,
         "unit_tokens": n0,
         "unit_prefill_s": unit["prefill_s"],
