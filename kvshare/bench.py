@@ -821,6 +821,8 @@ def bench(
         compile=compile,
     )
     configs = _bench_configs(common, rates, batches, strategy, method)
+    if isolate and progress:
+        print(isolation_note(model, random_weights, len(configs), rounds), file=sys.stderr, flush=True)
     shared_model = None
 
     def run(config):
@@ -832,6 +834,21 @@ def bench(
         return measure(config, shared_model)
 
     return add_ratios(measure_rounds(configs, run, rounds, progress=progress))
+
+
+def isolation_note(model: str, random_weights: bool, configs: int, rounds: int) -> str:
+    """Said before an isolated run starts: how many processes it starts and why, each building the model again."""
+    try:
+        size = f"{param_count(shape_config(model)) / 1e9:.2f}B parameters, "
+    except Exception:  # a config that cannot be read without the weights: say it without the size
+        size = ""
+    weights = "random weights" if random_weights else "its weights"
+    return (
+        f"bench: {configs * rounds} runs ({configs} configurations x {rounds} rounds), each in a process of its own "
+        f"so that its peak memory is its own; each process builds {model} ({size}{weights}) before it measures, "
+        "so a large model takes minutes per run (the bar's estimate follows the first run). --rounds 1, or "
+        "--same-process (built once, peaks not per configuration), is quicker for a shape check"
+    )
 
 
 def _check_bench_arguments(cache: str, compile: bool, rates):

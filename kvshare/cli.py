@@ -242,6 +242,13 @@ def _add_bench_command(sub):
         "0.25 busy cores of other work per core)",
     )
     b.add_argument(
+        "--same-process",
+        action="store_true",
+        help="build the model once and measure every configuration on it, in alternating rounds (on a CPU the "
+        "default runs each configuration in a process of its own, which builds the model again, so that its peak "
+        "memory is its own; with this flag peaks are not per configuration)",
+    )
+    b.add_argument(
         "--profile",
         action="store_true",
         help="instead of the sweep: where the time goes in plain and shared prefill and decode (torch.profiler "
@@ -503,6 +510,7 @@ def cmd_bench(args):
         repeats=args.repeats,
         method=method,
         compile=args.compile,
+        isolate=False if args.same_process else None,
     )
     result = {"rows": rows}
     if args.memory_budget_gb:

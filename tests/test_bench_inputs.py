@@ -128,3 +128,21 @@ def test_a_memory_budget_that_fits_nothing_is_one_line_and_keeps_the_rows(tmp_pa
         _check_budget_fits(args, {"fits": False, "line_points": [(1, 2**30), (2, 2**31)]}, tmp_path / "b.json")
     line = str(err.value)
     assert "\n" not in line and "0.001 GiB fits no batch" in line and "1.00 GiB" in line and "b.json" in line
+
+
+def test_same_process_builds_the_model_once_and_an_isolated_run_says_what_it_starts(monkeypatch, tmp_path, capsys):
+    """--same-process measures every configuration on one model (isolate=False); without it, a CPU run first says
+    how many processes it starts, each building the model again, and why (peak memory)."""
+    seen = {}
+
+    def fake_bench(model, **kw):
+        seen.update(kw)
+        return [{"mode": "plain", "rate": 0.0, "batch": 1, "decode_tps": 1.0, "prefill_s": 1.0}]
+
+    monkeypatch.setattr(B, "bench", fake_bench)
+    monkeypatch.setattr(B, "format_table", lambda rows, budget=False: "")
+    argv = ["bench", "--model", "llama2-7b", "--random-weights", "--rates", "0,0.25", "--batch", "1"]
+    main([*argv, "--prompt-len", "16", "--new-tokens", "2", "--same-process", "--out", str(tmp_path / "b.json")])
+    assert seen["isolate"] is False
+    note = B.isolation_note("llama2-7b", True, 3, 5)
+    assert "15 runs (3 configurations x 5 rounds)" in note and "6.74B parameters" in note and "--same-process" in note

@@ -242,3 +242,36 @@ def test_decoding_from_a_copied_prefill_is_decoding_after_it(name):
         cache.layers = copy_cache_layers(copied, method)
         again = steps(cache, token)
     assert torch.equal(direct, again)
+
+
+def _row(method, share, batch, context, ratio, bound=1.1, kept16=None):
+    return {
+        "method": method,
+        "target_share": share,
+        "batch": batch,
+        "context": context,
+        "speed_ratio": ratio,
+        "bytes_bound": bound,
+        "share_of_bound": ratio / bound,
+        "kept_share16": share if kept16 is None else kept16,
+    }
+
+
+def test_speed_goals_read_the_grid():
+    """Notebook 04's section 5: the lowest ratio at batch 1 from 2k tokens (goal >= 1.0) and the share of the bound
+    at the largest batch and context (goal >= 0.8), per method and share; a method below is named in the text."""
+    from kvshare.experiments import memory_speed as ms
+    from kvshare.experiments.reports import memory_speed as report
+
+    rows = [_row("full", 1.0, b, c, 1.0, 1.0) for b in (1, 4) for c in (1024, 2048, 8192)]
+    rows += [_row("h2o", 0.75, 1, 1024, 0.5), _row("h2o", 0.75, 1, 2048, 0.95), _row("h2o", 0.75, 1, 8192, 1.2)]
+    rows += [_row("h2o", 0.75, 4, 8192, 0.85, bound=1.2)]
+    rows += [_row("kvsharer", 0.75, 1, c, 1.05) for c in (1024, 2048, 8192)] + [_row("kvsharer", 0.75, 4, 8192, 1.1)]
+    goals = {g["method"]: g for g in ms.speed_goals(rows)}
+    h2o, kvsharer = goals["h2o"], goals["kvsharer"]
+    assert (h2o["min_ratio_batch1"], h2o["min_ratio_context"], h2o["at_or_above_full"]) == (0.95, 2048, False)
+    assert h2o["largest"] == (4, 8192) and h2o["within_bound_goal"] is False  # 0.85 / 1.2 < 0.8
+    assert kvsharer["at_or_above_full"] and kvsharer["within_bound_goal"]
+    text = "\n".join(report.speed_goal_lines(list(goals.values())))
+    assert "1 of 2 method settings decode at or above" in text and "h2o at 75% (x0.95 at 2048)" in text
+    assert "1 of 2 method settings reach 80%" in text

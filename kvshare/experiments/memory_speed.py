@@ -62,6 +62,12 @@ class Settings(RunSettings):
     budget_limit: int = 256  # largest batch tried
     budget_time_limit_s: int = 200  # no budget probe starts past this (the whole search)
     budget_max_probes: int = 4  # full runs per search (plain, 25%, 50%)
+    # section 5, decode speed against the context (kvshare.speed): every method at each share of the bytes
+    speed_contexts: tuple = (1024, 2048, 4096, 8192)
+    speed_batches: tuple = (1, 4)
+    speed_keep: tuple = (0.75, 0.5)
+    speed_new_tokens: int = 32
+    speed_methods: tuple | None = None  # None: every registered method
 
     QUICK = dict(
         prompt_len=64,
@@ -77,6 +83,11 @@ class Settings(RunSettings):
         budget_limit=8,
         budget_time_limit_s=120,
         budget_max_probes=3,
+        speed_contexts=(128,),
+        speed_batches=(1,),
+        speed_keep=(0.75,),
+        speed_new_tokens=4,
+        speed_methods=("streamingllm", "kvsharer"),
     )
 
 
@@ -342,11 +353,28 @@ def estimate_seconds(config, s: dict) -> dict:
         "2_lengths": length_s,
         "3_static_compile": static_s + compile_s,
         "4_budget_2k": budget_s,
-        "5_accounting": 5.0,
+        "5_speed_context": speed_grid_s(config, s),
+        "6_accounting": 5.0,
     }
     sections = {k: round(v) for k, v in sections.items()}
     sections["total"] = sum(sections.values())
     return sections
+
+
+def speed_grid_s(config, s: dict) -> float:
+    """Section 5's seconds: one prefill per configuration and point, each method's decode rounds beside as many of
+    the full model's (no process per configuration: the model is built once)."""
+    from ..methods import REGISTRY
+
+    configs = 1 + len(s["speed_methods"] or REGISTRY) * len(s["speed_keep"])
+    total = 0.0
+    for context in s["speed_contexts"]:
+        prompt = context - s["speed_new_tokens"]
+        for batch in s["speed_batches"]:
+            prefill = estimate_run_s(config, batch, prompt, 0, warmup=0, isolate=False)
+            decode = estimate_run_s(config, batch, prompt, s["speed_new_tokens"], warmup=0, isolate=False) - prefill
+            total += configs * prefill + s["rounds"] * 2 * max(1, configs - 1) * decode
+    return total
 
 
 def byte_accounting(
@@ -416,3 +444,57 @@ def paper_memory_check(
         "paper_peak_ratio": paper_peak_mb[1] / paper_peak_mb[0],
         "kv_only_ratio": (L - C) / L,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# section 5: decode speed against the context, every method
+# ------------------------------------------------------------------------------------------------
+SPEED_GOAL_FROM = 2048  # at or above the full model's decode speed at batch 1 from this context on
+BOUND_GOAL = 0.8  # at the largest batch and context: at least this share of the bytes bound
+
+
+def context_sweep(model, cfg: Settings, progress: bool = True) -> list[dict]:
+    """Section 5: kvshare.speed.speed_grid with the notebook's settings (the model built once, every configuration
+    prefilled once and decoded in rounds alternating with the full model's)."""
+    from ..speed import speed_grid
+
+    return speed_grid(
+        model,
+        methods=cfg.speed_methods,
+        contexts=cfg.speed_contexts,
+        batches=cfg.speed_batches,
+        keep=cfg.speed_keep,
+        new_tokens=cfg.speed_new_tokens,
+        rounds=cfg.rounds,
+        progress=progress,
+    )
+
+
+def speed_goals(rows: list[dict]) -> list[dict]:
+    """Per method and share of the bytes, the two goals read off the grid's rows: the lowest speed ratio at batch 1
+    from `SPEED_GOAL_FROM` tokens on (met when >= 1.0), and the share of the bytes bound at the largest batch and
+    context (met when >= `BOUND_GOAL`). A goal the grid has no point for is None."""
+    out = []
+    methods = [r for r in rows if r["method"] != "full"]
+    biggest = max(((r["batch"], r["context"]) for r in rows), default=None)
+    for name, share in dict.fromkeys((r["method"], r["target_share"]) for r in methods):
+        mine = [r for r in methods if (r["method"], r["target_share"]) == (name, share)]
+        small = [r for r in mine if r["batch"] == 1 and r["context"] >= SPEED_GOAL_FROM]
+        worst = min(small, key=lambda r: r["speed_ratio"], default=None)
+        big = next((r for r in mine if (r["batch"], r["context"]) == biggest), None)
+        out.append(
+            {
+                "method": name,
+                "target_share": share,
+                "kept_share16": max(r["kept_share16"] for r in mine),
+                "min_ratio_batch1": None if worst is None else worst["speed_ratio"],
+                "min_ratio_context": None if worst is None else worst["context"],
+                "at_or_above_full": None if worst is None else worst["speed_ratio"] >= 1.0,
+                "largest": biggest,
+                "of_bound_largest": None if big is None else big["share_of_bound"],
+                "ratio_largest": None if big is None else big["speed_ratio"],
+                "bound_largest": None if big is None else big["bytes_bound"],
+                "within_bound_goal": None if big is None else big["share_of_bound"] >= BOUND_GOAL,
+            }
+        )
+    return out

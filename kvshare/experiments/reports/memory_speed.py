@@ -6,7 +6,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..memory_speed import PAPER, PAPER_PEAK_RATIO, figure_title
+from ..memory_speed import BOUND_GOAL, PAPER, PAPER_PEAK_RATIO, SPEED_GOAL_FROM, figure_title
 
 
 def conclusion(
@@ -16,6 +16,7 @@ def conclusion(
     accounting: list[dict],
     cuda: dict | None = None,
     cache_rows: list[dict] | None = None,
+    speed_goals: list[dict] | None = None,
 ) -> str:
     """A markdown conclusion computed from the measurements (no hand-written numbers)."""
     plain = [r for r in cpu_rows if r["mode"] == "plain"]
@@ -28,6 +29,7 @@ def conclusion(
     lines.append(_paper_peak_line(check))
     lines += _speedup_lines(accounting)
     lines += cache_lines(cache_rows or [])
+    lines += speed_goal_lines(speed_goals or [])
     if cuda:
         lines.append(
             f"- **CUDA** ({cuda.get('gpu', 'GPU')}): see the CUDA panels; measured rows are in the results file."
@@ -193,6 +195,42 @@ def cache_lines(rows: list[dict]) -> list[str]:
 SPREAD_NOTE = (
     "error bars and bands: lowest to highest over the rounds (a row measured once: over its decode's quarters)"
 )
+
+
+def speed_goal_lines(goals: list[dict]) -> list[str]:
+    """Section 5 in sentences: which method settings decode at or above the full model's speed at batch 1 from 2k
+    tokens, and which reach 80% of their bytes bound at the largest batch and context."""
+    if not goals:
+        return []
+
+    def name(g):
+        return f"{g['method']} at {100 * g['kept_share16']:.0f}%"
+
+    judged = [g for g in goals if g["at_or_above_full"] is not None]
+    below = [g for g in judged if not g["at_or_above_full"]]
+    lines = [
+        f"- **Decode speed against the context** (batch 1, from {SPEED_GOAL_FROM} tokens; shares of the 16-bit "
+        f"cache's bytes): {len(judged) - len(below)} of {len(judged)} method settings decode at or above the full "
+        "model's speed at every context."
+    ]
+    if below:
+        slow = ", ".join(f"{name(g)} (x{g['min_ratio_batch1']:.2f} at {g['min_ratio_context']})" for g in below)
+        lines.append(f"  Below it: {slow}.")
+    big = [g for g in goals if g["within_bound_goal"] is not None]
+    if big:
+        batch, context = big[0]["largest"]
+        short = [g for g in big if not g["within_bound_goal"]]
+        lines.append(
+            f"- **Against the bytes bound** (batch {batch}, {context} tokens): {len(big) - len(short)} of {len(big)} "
+            f"method settings reach {100 * BOUND_GOAL:.0f}% of the speed-up their bytes allow."
+        )
+        if short:
+            lines.append(
+                "  Short of it: "
+                + ", ".join(f"{name(g)} (x{g['ratio_largest']:.2f} of x{g['bound_largest']:.2f})" for g in short)
+                + "."
+            )
+    return lines
 
 
 def spread(row: dict, key: str) -> tuple[float, float] | None:
@@ -426,19 +464,24 @@ def plot_cuda(cuda: dict, title: str = ""):
 
 
 def speed_vs_context_figure(rows: list[dict], title: str = ""):
-    """The speed grid (kvshare.speed.speed_grid): one panel per batch size, decode speed against the full model
-    over the context, one colour per method, a line style per share of the bytes, the bytes bound dashed beside
-    it in the method's colour, and a line at 1.0 (the full model)."""
+    """The speed grid (kvshare.speed.speed_grid) as small multiples: one panel per method, decode speed against the
+    full model over the context; a colour per batch size, a line style per share of the bytes, the bytes bound
+    dashed and thin in the same colour and style's marker, and a line at 1.0 (the full model)."""
     from matplotlib.lines import Line2D
 
     names = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full"))
     shares = sorted({r["target_share"] for r in rows if r["method"] != "full"}, reverse=True)
     batches = sorted({r["batch"] for r in rows})
-    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    contexts = sorted({r["context"] for r in rows})
+    colours = {batch: f"C{i % 10}" for i, batch in enumerate(batches)}
     styles = {share: ("-", "o") if i % 2 == 0 else (":", "s") for i, share in enumerate(shares)}
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.8), layout="constrained", squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        for name in names:
+    cols = min(4, max(1, len(names)))
+    nrows = -(-len(names) // cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(3.4 * cols, 2.9 * nrows + 0.8), layout="constrained", squeeze=False, sharey=True
+    )
+    for ax, name in zip(axes.flat, names):
+        for batch in batches:
             for share in shares:
                 sub = sorted(
                     (r for r in rows if r["method"] == name and r["target_share"] == share and r["batch"] == batch),
@@ -448,22 +491,26 @@ def speed_vs_context_figure(rows: list[dict], title: str = ""):
                     continue
                 x = [r["context"] for r in sub]
                 ls, marker = styles[share]
-                ax.plot(x, [r["speed_ratio"] for r in sub], ls=ls, marker=marker, color=colours[name])
-                bound = [r["bytes_bound"] for r in sub]  # hollow markers: which share the bound belongs to
-                ax.plot(x, bound, ls="--", lw=0.9, alpha=0.6, marker=marker, mfc="none", ms=4, color=colours[name])
+                ax.plot(x, [r["speed_ratio"] for r in sub], ls=ls, marker=marker, ms=4, color=colours[batch])
+                bound = [r["bytes_bound"] for r in sub]
+                ax.plot(x, bound, ls="--", lw=0.8, alpha=0.6, marker=marker, mfc="none", ms=3, color=colours[batch])
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["context"] for r in rows}), [str(c) for c in sorted({r["context"] for r in rows})])
-        ax.set_xlabel("context (tokens: prompt + generated)")
-        ax.set_ylabel("decode tokens/s vs the full model")
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # from zero, with room above the highest line
-        ax.set_title(f"batch {batch}", fontsize=10)
-    handles = [Line2D([], [], color=colours[n], lw=2) for n in names]
+        ax.set_xticks(contexts, [f"{c // 1024}k" if c >= 1024 else str(c) for c in contexts])
+        ax.set_title(name, fontsize=10)
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("decode speed vs full")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("context (tokens)")
+    handles = [Line2D([], [], color=colours[b], lw=2) for b in batches]
     handles += [Line2D([], [], color="grey", ls=styles[s][0], marker=styles[s][1]) for s in shares]
-    handles.append(Line2D([], [], color="grey", ls="--", lw=0.9))
-    labels = names + [f"at {100 * s:.0f}% of the bytes" for s in shares] + ["bytes bound (same colour)"]
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)), fontsize=8)
-    rounds = min((len(r.get("rounds") or [r]) for r in rows), default=0)
+    handles.append(Line2D([], [], color="grey", ls="--", lw=0.8))
+    labels = [f"batch {b}" for b in batches] + [f"at {100 * s:.0f}% of the bytes" for s in shares]
+    labels.append("bytes bound (same colour and marker)")
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
+    rounds = min((len(r.get("rounds") or [r]) for r in rows if r["method"] != "full"), default=0)
     heading = title or "Decode speed against the full model"
     fig.suptitle(figure_title(f"{heading} (best of {rounds} alternating rounds)", rows), fontsize=10)
     return fig
