@@ -419,7 +419,7 @@ def cmd_generate(args):
 def cmd_ppl(args):
     from .combine import compression
     from .data import eval_text
-    from .metrics import perplexity_with_error
+    from .metrics import paired_difference, window_cache_bytes
 
     strategy = _read_strategy(args)
     method = _cache_method(args)
@@ -431,49 +431,63 @@ def cmd_ppl(args):
     model, tokenizer = _load(args)
     strategy = _check_strategy(args, strategy, model)
     with compression(model, strategy, method):
-        if decode:
-            from .metrics import decode_perplexity
-
-            result = decode_perplexity(
-                model,
-                tokenizer,
-                text,
-                window=args.window,
-                context=args.context,
-                max_tokens=args.limit_tokens,
-                progress=True,
-            )
-        else:
-            result = perplexity_with_error(
-                model,
-                tokenizer,
-                text,
-                window=args.window,
-                stride=args.stride,
-                max_tokens=args.limit_tokens,
-                progress=True,
-            )
-    # bytes of the KV cache after the first scored window of the same text, under the same protocol, with the
-    # methods and without anything (kvshare.cache_bytes: what the cache really holds)
-    from .metrics import window_cache_bytes
-
-    context = result.get("context") if decode else None
-    kv_bytes = window_cache_bytes(model, tokenizer, text, args.window, context, strategy, method)
-    kv_bytes_full = window_cache_bytes(model, tokenizer, text, args.window, context)
+        result = _ppl_protocol(args, model, tokenizer, text, decode)
     line = {
+        "protocol": result["protocol"],
         "ppl": result["ppl"],
         "tokens": result["tokens"],
         "ppl_se": result["ppl_se"],
-        "num_shared": 0 if strategy is None else strategy.num_shared,
-        "kv_bytes": kv_bytes,
-        "kv_bytes_full": kv_bytes_full,
-        "kv_bytes_ratio": kv_bytes / kv_bytes_full,
     }
-    if decode:
-        line.update(protocol=f"decode: prefill {result['context']} of every {result['window']} tokens, score the rest")
+    if strategy is not None or method is not None:
+        # the full model under the same protocol, so the ratio compares like with like (one protocol, one baseline)
+        full = _ppl_protocol(args, model, tokenizer, text, decode, progress=False)
+        paired = paired_difference(result, full)
+        line.update(ppl_full=full["ppl"], ppl_ratio=paired["ppl_ratio"], ppl_ratio_ci95=paired["ppl_ratio_ci95"])
+    # bytes of the KV cache after the first scored window of the same text, under the same protocol, with the
+    # methods and without anything (kvshare.cache_bytes: what the cache really holds)
+    context = result.get("context") if decode else None
+    kv_bytes = window_cache_bytes(model, tokenizer, text, args.window, context, strategy, method)
+    kv_bytes_full = window_cache_bytes(model, tokenizer, text, args.window, context)
+    line.update(
+        num_shared=0 if strategy is None else strategy.num_shared,
+        kv_bytes=kv_bytes,
+        kv_bytes_full=kv_bytes_full,
+        kv_bytes_ratio=kv_bytes / kv_bytes_full,
+    )
     if method is not None:
         line.update(method=method.to_dict())
     print(json.dumps(line))
+
+
+def _ppl_protocol(args, model, tokenizer, text: str, decode: bool, progress: bool = True) -> dict:
+    """Perplexity of `text` under the protocol the flags name, with the protocol's name: one forward per window
+    (`one-pass windows`), or each window's first `context` tokens prefilled and the rest decoded one at a time
+    (`decoded windows`, what a method lossy after the prefill needs)."""
+    from .metrics import decode_perplexity, perplexity_with_error
+
+    if decode:
+        result = decode_perplexity(
+            model,
+            tokenizer,
+            text,
+            window=args.window,
+            context=args.context,
+            max_tokens=args.limit_tokens,
+            progress=progress,
+        )
+        protocol = f"decoded windows: prefill {result['context']} of every {result['window']} tokens, decode the rest"
+    else:
+        result = perplexity_with_error(
+            model,
+            tokenizer,
+            text,
+            window=args.window,
+            stride=args.stride,
+            max_tokens=args.limit_tokens,
+            progress=progress,
+        )
+        protocol = f"one-pass windows of {args.window} tokens, stride {args.stride}"
+    return {**result, "protocol": protocol}
 
 
 def cmd_bench(args):

@@ -562,3 +562,21 @@ def test_decoding_past_the_budget_reuses_one_buffer():
     run(model, ids, StreamingLLM(budget=6, sink=2), prompt=10, on_step=record)
     assert len(set(buffers[1:])) == 1
     assert set(sizes) == {(7, 6)}
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--method", "minicache", "--start-layer", str(NUM_LAYERS)),  # no pair: nothing merged
+        ("--method", "h2o", "--budget", "1000", "--context", "16"),  # a budget above every window
+        ("--method", "simlayerkv", "--threshold", "1.5"),  # no layer lazy
+    ],
+)
+def test_cli_ppl_of_a_method_that_compresses_nothing_is_the_full_models(cli_ppl, flags):
+    """`kvshare ppl` with a method names its protocol and gives the full model's perplexity under that same
+    protocol beside it: a method that compresses nothing gives exactly the full number, ratio 1."""
+    line = cli_ppl(*flags)
+    assert line["protocol"].startswith("decoded windows")
+    assert line["ppl"] == line["ppl_full"] and line["ppl_ratio"] == 1.0
+    plain = cli_ppl("--decode", *(f for f in flags if f in ("--context", "16")))
+    assert plain["ppl"] == line["ppl"] and plain["protocol"] == line["protocol"] and "ppl_full" not in plain
