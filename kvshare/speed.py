@@ -474,9 +474,9 @@ def weight_bytes(model) -> int:
 def estimate_seconds(model, settings: GridSettings, ids=None, unit_tokens: int = 512, unit_steps: int = 4) -> dict:
     """The grid's time, from one short unit measured on the full model: a `unit_tokens` prefill (batch 1) and
     `unit_steps` decode steps, counted as the grid runs them (one prefill per configuration, each method's decode
-    rounds beside as many of the full model's). A prefill scales with its FLOPs (linear in the tokens for the weights, quadratic for
-    attention) and the batch; a decode step with the bytes it reads (weights + the batch's cache). Methods are
-    counted at the full model's speed: a slower method makes the grid longer than this."""
+    rounds beside as many of the full model's). A prefill scales with its FLOPs (linear in the tokens for the
+    weights, quadratic for attention) and the batch; a decode step with the bytes it reads (weights + the batch's
+    cache). Methods are counted at the full model's speed: a slower method makes the grid longer than this."""
     ids = heldout_ids(unit_tokens, getattr(model, "kvshare_tokenizer", None), _vocab(model)) if ids is None else ids
     n0 = min(unit_tokens, min(settings.prompt_len(c) for c in settings.contexts), len(ids))
     device = next(model.parameters()).device

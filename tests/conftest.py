@@ -32,6 +32,19 @@ from transformers import (
 # under contention turns a 20 ms search into seconds. KVSHARE_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("KVSHARE_TEST_THREADS", "1")))
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _strategy_store(tmp_path_factory):
+    """The strategy store (kvshare.strategies) of the test session: its own folder, never the user's."""
+    old = os.environ.get("KVSHARE_STRATEGIES")
+    os.environ["KVSHARE_STRATEGIES"] = str(tmp_path_factory.mktemp("strategies"))
+    yield
+    if old is None:
+        os.environ.pop("KVSHARE_STRATEGIES", None)
+    else:
+        os.environ["KVSHARE_STRATEGIES"] = old
+
+
 NUM_LAYERS = 6
 VOCAB = 100
 PAD_ID = 0

@@ -31,6 +31,7 @@ LAYERS = [
             "methods",
             "sharing",
             "search",
+            "strategies",
             "damage",
             "combine",
         ],

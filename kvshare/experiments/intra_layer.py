@@ -126,18 +126,13 @@ def cells(cfg: Settings) -> list[Cell]:
     return out
 
 
-def sharing_strategy(model, tokenizer, cfg: Settings) -> Strategy:
-    """The searched strategy at `share_fraction` of the layers (the KVSharer search, calibration set 0)."""
-    import warnings
-
-    from ..data import calibration_texts
-    from ..search import search
+def sharing_strategy(model, tokenizer, cfg: Settings, order: str = "dissimilar") -> Strategy:
+    """The `order` strategy at `share_fraction` of the layers, from the one store (kvshare.strategies: calibration
+    set 0, `samples` texts; searched there the first time)."""
+    from ..strategies import get, key_for
 
     c = num_shared_for(cfg.share_fraction, num_layers(model))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        strategy, _ = search(model, tokenizer, calibration_texts(cfg.samples), c, seed=cfg.seed, progress=False)
-    return strategy
+    return get(model, tokenizer, key_for(model, order, c, samples=cfg.samples, seed=cfg.seed))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,9 +6,10 @@
     kvshare.methods.make("kvsharer", num_shared=8, order="spread")        # evenly spread, no search
 
 A replaced layer neither computes nor stores K/V (kvshare.sharing does the work); its cache slot holds
-nothing, so the cache is exactly (L - C) / L of the plain one. Without a strategy the search runs on the
-model it is applied to (calibration set `calibration_set`, `samples` texts of `max_tokens` tokens) and its
-result is kept per model, so orders and seeds are methods like any other.
+nothing, so the cache is exactly (L - C) / L of the plain one. Without a strategy the strategy comes from the
+one store (kvshare.strategies: searched on the model it is applied to the first time, calibration set
+`calibration_set`, `samples` texts of `max_tokens` tokens, then read back), so orders and seeds are methods like
+any other and every user of a setting gets the same layers.
 """
 
 from __future__ import annotations
@@ -84,32 +85,21 @@ class KVSharer(KVMethod):
             return Strategy({}, num_layers, {"order": s.order})
         if s.order == "spread":
             return spread_strategy(num_layers, s.num_shared, layer_types(model))
-        from ..models import model_name
+        from ..strategies import get, key_for
 
-        key = (model_name(model), num_layers)
-        if key not in self._searched:
-            from ..data import calibration_texts
-            from ..search import search
-
-            tokenizer = getattr(model, "kvshare_tokenizer", None)  # set by kvshare.load_model
-            if tokenizer is None:
-                raise ValueError(
-                    "kvsharer: searching a strategy needs the model's tokenizer; load the model with "
-                    "kvshare.load_model, or pass strategy= (a file from `python -m kvshare search`)"
-                )
-            texts = calibration_texts(s.samples, set_index=s.calibration_set)
-            self._searched[key], _ = search(
-                model,
-                tokenizer,
-                texts,
-                s.num_shared,
-                s.threshold,
-                s.order,
-                s.metric,
-                s.seed,
-                s.max_tokens,
-                progress=False,
-            )
+        key = key_for(
+            model,
+            s.order,
+            s.num_shared,
+            calibration_set=s.calibration_set,
+            samples=s.samples,
+            max_tokens=s.max_tokens,
+            threshold=s.threshold,
+            metric=s.metric,
+            seed=s.seed,
+        )
+        if key not in self._searched:  # the one store: the same strategy everywhere (searched there the first time)
+            self._searched[key] = get(model, getattr(model, "kvshare_tokenizer", None), key)
         return self._searched[key]
 
     def to_dict(self) -> dict:
