@@ -275,3 +275,24 @@ def test_speed_goals_read_the_grid():
     text = "\n".join(report.speed_goal_lines(list(goals.values())))
     assert "1 of 2 method settings decode at or above" in text and "h2o at 75% (x0.95 at 2048)" in text
     assert "1 of 2 method settings reach 80%" in text
+
+
+def test_notebook_04_section_5_in_quick_mode_on_a_tiny_model(tmp_path):
+    """What notebook 04's section 5 runs, in its quick settings (context shortened for the tiny model): the grid,
+    the goals, the figure and the conclusion's lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from kvshare.experiments import memory_speed as ms
+    from kvshare.experiments.reports import memory_speed as report
+
+    cfg = ms.Settings.for_run("tiny", quick=True, speed_contexts=(40,))
+    assert cfg.speed_methods == ("streamingllm", "kvsharer") and cfg.rounds == 1
+    rows = ms.context_sweep(make_tiny_model("llama", "sdpa"), cfg, progress=False)
+    assert [r["method"] for r in rows] == ["full", "streamingllm", "kvsharer"]
+    goals = ms.speed_goals(rows)
+    fig = report.speed_vs_context_figure(rows, title="tiny")
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 2  # a panel per method
+    assert [g["method"] for g in goals] == ["streamingllm", "kvsharer"]
+    lines = report.speed_goal_lines(goals)  # no point from 2k tokens: only the bound at the one point measured
+    assert len(lines) >= 1 and lines[0].startswith("- **Against the bytes bound** (batch 1, 40 tokens)")

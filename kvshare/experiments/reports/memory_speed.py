@@ -208,11 +208,13 @@ def speed_goal_lines(goals: list[dict]) -> list[str]:
 
     judged = [g for g in goals if g["at_or_above_full"] is not None]
     below = [g for g in judged if not g["at_or_above_full"]]
-    lines = [
-        f"- **Decode speed against the context** (batch 1, from {SPEED_GOAL_FROM} tokens; shares of the 16-bit "
-        f"cache's bytes): {len(judged) - len(below)} of {len(judged)} method settings decode at or above the full "
-        "model's speed at every context."
-    ]
+    lines = []
+    if judged:
+        lines.append(
+            f"- **Decode speed against the context** (batch 1, from {SPEED_GOAL_FROM} tokens; shares of the 16-bit "
+            f"cache's bytes): {len(judged) - len(below)} of {len(judged)} method settings decode at or above the "
+            "full model's speed at every context."
+        )
     if below:
         slow = ", ".join(f"{name(g)} (x{g['min_ratio_batch1']:.2f} at {g['min_ratio_context']})" for g in below)
         lines.append(f"  Below it: {slow}.")
