@@ -293,6 +293,13 @@ def _add_eval_command(sub):
         help="score log-likelihoods and perplexity by decoding (always on with an eviction --method: eviction "
         "only shows this way); use it for the full model to compare with eviction under one protocol",
     )
+    e.add_argument(
+        "--query",
+        choices=["agnostic", "aware"],
+        default="agnostic",
+        help="--suite long: agnostic (default) prefills and compresses each prompt's context before its question is "
+        "read, as a cached document would be; aware prefills the whole prompt, question included, then compresses",
+    )
     e.add_argument("--out", required=True, help="results JSON (the table goes beside it as CSV)")
 
 
@@ -647,7 +654,13 @@ def cmd_eval(args):
     strategy = _check_strategy(args, strategy, model)
     evaluator = Evaluator(model, tokenizer, batch_size=args.batch_size, cache=not args.no_cache)
     result = evaluator.evaluate(
-        strategy, suite=args.suite, tasks=specs, limit=args.limit, method=method, decode=True if args.decode else None
+        strategy,
+        suite=args.suite,
+        tasks=specs,
+        limit=args.limit,
+        method=method,
+        decode=True if args.decode else None,
+        query_agnostic=args.query == "agnostic",
     )
     json_path, csv_path = write_results(result, args.out)
     print(format_rows(result["rows"]))
@@ -657,6 +670,7 @@ def cmd_eval(args):
             f"{result['num_shared']} layers shared" if result["num_shared"] else "",
             repr(method) if method is not None else "",
             "scored by decoding" if result["protocol"] == "decode" else "",
+            f"query-{result['query']}" if result.get("query") else "",
         )
         if x
     )

@@ -187,6 +187,7 @@ class Evaluator:
         self.progress = progress
         self._lm = None
         self._decode = False  # the protocol of the evaluation in progress
+        self._query_agnostic = True  # the long suite's setting of the evaluation in progress
         self._online_tasks = None
         self._fingerprint = None
 
@@ -222,8 +223,10 @@ class Evaluator:
         return uses_chat_template(self.model, self.tokenizer)
 
     # -- cache -----------------------------------------------------------------------------
-    def _cache_path(self, strategy, spec, limit, method=None, decode: bool = False) -> Path:
+    def _cache_path(self, strategy, spec, limit, method=None, decode: bool = False, agnostic: bool = False) -> Path:
         text = task_key(spec) + f"|chat={self.chat()}|v{CACHE_VERSION}"
+        if agnostic and getattr(spec, "kind", None) == "ruler":  # the query-aware key stays what it always was
+            text += "|query=agnostic"
         key = hashlib.sha256(text.encode()).hexdigest()[:10]
         name = f"{safe_name(spec.name)}-limit{limit if limit is not None else 'all'}-{key}.json"
         where = strategy_key(strategy)
@@ -250,9 +253,13 @@ class Evaluator:
         method=None,
         decode: bool | None = None,
         lengths=None,
+        query_agnostic: bool = True,
     ) -> dict:
         """Evaluate the model under `strategy` (None: no sharing) and cache `method` (None: none) on a suite;
         returns the results dict.
+
+        `query_agnostic` (the long suite): each prompt's context is prefilled and compressed before its question is
+        read (kvshare.tasks.lmeval.answer_tokens); False: the whole prompt is prefilled, then compressed.
 
         `limit` caps the examples of every task (for perplexity: 512-token windows); None uses each
         task's default size (the offline suite's defaults fit the 5-minute budget on 2 CPU cores).
@@ -276,7 +283,7 @@ class Evaluator:
         entries, todo = {}, []
         for spec in specs:
             n = limit if limit is not None else spec.limit
-            path = self._cache_path(strategy, spec, n, method, decode)
+            path = self._cache_path(strategy, spec, n, method, decode, query_agnostic)
             hit = self._cached(path)
             if hit is not None:
                 entries[spec.name] = hit
@@ -286,6 +293,7 @@ class Evaluator:
         if todo:
             t1 = time.perf_counter()
             self._decode = decode
+            self._query_agnostic = query_agnostic
             try:
                 with compression(self.model, strategy, method):
                     for spec, _n, path, entry in self._run(todo):
@@ -294,6 +302,7 @@ class Evaluator:
                             write_json(path, entry)
             finally:
                 self._decode = False
+                self._query_agnostic = True
             computed = time.perf_counter() - t1
         elapsed = time.perf_counter() - t0
         rows = [row for spec in specs for row in entries[spec.name]["rows"]]
@@ -306,6 +315,8 @@ class Evaluator:
             "num_shared": 0 if strategy is None else strategy.num_shared,
             "method": method_description(method),
             "protocol": "decode" if decode else "one-pass",
+            # the long suite's generation: context compressed before the question is read, or after
+            "query": ("agnostic" if query_agnostic else "aware") if any(s.kind == "ruler" for s in specs) else None,
             "tasks": [s.name for s in specs],
             "cached_tasks": [s.name for s in specs if s.name not in {t[0].name for t in todo}],
             "seconds": round(elapsed, 2),
@@ -370,10 +381,15 @@ class Evaluator:
                     {"rows": results[item[0].name], "seconds": seconds, "batched_with": [s.name for s in specs]},
                 )
         for items in long_groups.values():
-            from .tasks.long import run_long
+            from .tasks.long import question_start, run_long
 
             t0 = time.perf_counter()
-            results = run_long(self.lm, self.tokenizer, [(i[0], i[1]) for i in items], chat=self.chat())
+            lm = self.lm
+            lm.question_start = question_start if self._query_agnostic else None
+            try:
+                results = run_long(lm, self.tokenizer, [(i[0], i[1]) for i in items], chat=self.chat())
+            finally:
+                lm.question_start = None
             seconds = round(time.perf_counter() - t0, 2)
             for item in items:
                 yield (

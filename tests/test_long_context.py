@@ -11,7 +11,8 @@ import json
 import sys
 
 import pytest
-from conftest import byte_llama
+import torch
+from conftest import NUM_LAYERS, byte_llama, make_tiny_model
 
 from kvshare.evaluation import Evaluator, resolve_tasks, write_results
 from kvshare.strategy import Strategy
@@ -116,6 +117,10 @@ def test_long_suite_end_to_end(tiny_model, byte_tokenizer, home):
         None, suite="long", tasks="niah_single_1", lengths=[LENGTH], limit=2, method=methods.make("h2o", budget=64)
     )
     assert evicted["method"]["method"] == "h2o" and evicted["rows"][0]["n"] == 2
+    # the headline setting compresses each context before its question is read; the other, after
+    aware = ev.evaluate(None, suite="long", tasks="niah_single_1", lengths=[LENGTH], limit=2, query_agnostic=False)
+    assert result["query"] == "agnostic" and aware["query"] == "aware" and aware["cached_tasks"] == []
+    assert aware["rows"][0]["n"] == 2
 
 
 @pytest.mark.slow
@@ -271,3 +276,57 @@ def test_notebook_logic_on_a_tiny_model(tiny_model, byte_tokenizer, home):
     assert "cost_full model_1024" in json.loads((home / "units.json").read_text())
     v = lc.verdict(rows, cfg)
     assert {p["label"] for p in v["pooled"]} == {p.label for p in pts}
+
+
+# --------------------------------------------------------------------------------------------
+# query-agnostic (context compressed before the question) and query-aware generation
+# --------------------------------------------------------------------------------------------
+def _answer(model, method, agnostic: bool):
+    import kvshare
+    from kvshare.tasks.lmeval import answer_tokens
+
+    ids = torch.randint(3, 100, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    logits = []
+    with kvshare.compression(model, method):
+        tokens = answer_tokens(model, ids, 32, 6, query_agnostic=agnostic, logits=logits)
+    return tokens, torch.stack(logits)
+
+
+def test_query_agnostic_differs_from_query_aware_for_eviction():
+    """StreamingLLM with a budget below the context: compressing before the question is read drops tokens the
+    question then never sees; compressing after it, the question read them all in the prefill."""
+    from kvshare import methods
+
+    model = make_tiny_model("llama", "sdpa")
+    method = methods.make("streamingllm", budget=8, sink=2)
+    _, agnostic = _answer(model, method, True)
+    _, aware = _answer(model, method, False)
+    assert not torch.allclose(agnostic[0], aware[0], atol=1e-3)
+    _, full_agnostic = _answer(model, None, True)
+    _, full_aware = _answer(model, None, False)
+    torch.testing.assert_close(full_agnostic, full_aware, rtol=1e-4, atol=1e-4)  # nothing compressed: the same
+
+
+def test_query_agnostic_equals_query_aware_for_kvsharer():
+    """KVSharer is causal: prefilling the context and then the question is prefilling them together."""
+    from kvshare import methods
+    from kvshare.strategy import spread_strategy
+
+    model = make_tiny_model("llama", "sdpa")
+    method = methods.make("kvsharer", strategy=spread_strategy(NUM_LAYERS, 2))
+    tokens_a, agnostic = _answer(model, method, True)
+    tokens_b, aware = _answer(model, method, False)
+    assert tokens_a == tokens_b
+    torch.testing.assert_close(agnostic, aware, rtol=1e-4, atol=1e-4)
+
+
+def test_question_start_finds_rulers_question_lines():
+    from kvshare.tasks.long import question_start
+
+    niah = "Some special magic numbers are hidden...\nhaystack\nWhat are all the special magic numbers for x mentioned?"
+    vt = "Memorize...\n\nVAR A = 1\nQuestion: Find all variables that are assigned the value 1 in the text above."
+    assert niah[question_start(niah) :].startswith("\nWhat are all the special magic numbers for x")
+    assert vt[question_start(vt) :].startswith("\nQuestion: Find all variables")
+    single = "A special magic number is hidden...\nhaystack\nWhat is the special magic number for x mentioned?"
+    assert single[question_start(single) :].startswith("\nWhat is the special magic number for x")
+    assert question_start("no question here") is None

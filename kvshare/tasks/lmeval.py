@@ -14,10 +14,18 @@ Two scoring protocols for log-likelihoods (multiple choice, perplexity):
   time, and every continuation token is scored from the cache the method left, as in generation.
   The choices of one question share a prefill (a batch of identical rows, so no padding).
 Generation tasks always decode (`generate`), so eviction shows in them under either protocol.
+
+Two settings for generation tasks whose prompt is a context then a question (RULER):
+- query-aware (lm-eval's own): the whole prompt is prefilled, then compressed; the question has read the context
+  before anything is dropped.
+- query-agnostic (`KVShareLM.question_start` set): the context alone is prefilled and compressed, as a cached
+  document or an earlier turn would be; the question is then read, and the answer decoded, against the compressed
+  cache (`answer_tokens`). For a causal method (KVSharer) the two are the same.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 
@@ -53,6 +61,12 @@ def _lm_class():
 
     class KVShareLM(HFLM):
         decode = False
+        question_start = None  # context string -> index where its question starts: query-agnostic generation
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            if self.question_start is None:
+                return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            return query_agnostic_generations(self, requests, progress=not disable_tqdm)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             if not self.decode:
@@ -78,6 +92,73 @@ def _lm_class():
 
     _LM_CLASS = KVShareLM
     return KVShareLM
+
+
+def query_agnostic_generations(lm, requests, progress: bool = True) -> list[str]:
+    """lm-eval's generate_until requests answered query-agnostically, one at a time: each context is cut where
+    `lm.question_start` says its question starts, encoded as HFLM encodes it (left-truncated to leave room for the
+    answer), and answered greedily by `answer_tokens`; the text is cut at the first stop sequence, as HFLM cuts it."""
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+    from tqdm.auto import tqdm
+
+    eos = lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)
+    out = []
+    for request in tqdm(requests, desc="query-agnostic generation", disable=not progress):
+        context, gen_kwargs = request.args
+        kwargs = normalize_gen_kwargs(dict(gen_kwargs), lm.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+        max_gen_toks = kwargs.pop("max_gen_toks")
+        start = lm.question_start(context)
+        if start is None:
+            raise ValueError("query-agnostic generation: no question found in a prompt of this task")
+        full = lm.tok_batch_encode([context])[0][0].tolist()
+        prefix = lm.tok_batch_encode([context[:start]])[0][0].tolist()
+        split = next((i for i, (a, b) in enumerate(zip(full, prefix)) if a != b), min(len(full), len(prefix)))
+        keep = lm.max_length - max_gen_toks  # HFLM's left truncation: the oldest context tokens go first
+        cut = max(0, len(full) - keep)
+        ids, split = full[cut:], max(1, split - cut)
+        tokens = answer_tokens(lm.model, ids, split, max_gen_toks, {lm.eot_token_id}, query_agnostic=True)
+        text = postprocess_generated_text(generation=lm.tok_decode(tokens), stop=until, think_end_token=None)
+        lm.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        out.append(text)
+    return out
+
+
+def answer_tokens(
+    model, ids: list[int], split: int, max_new_tokens: int, stop_ids=(), query_agnostic: bool = True, logits=None
+):
+    """Greedy answer (token ids) to the prompt `ids`, whose first `split` tokens are the context and the rest the
+    question. Query-agnostic: the context is prefilled alone (a method compresses it at the end of that forward),
+    then the question is read against the compressed cache; query-aware: the whole prompt in one forward, then
+    compressed. Stops at a token of `stop_ids` (not returned) or after `max_new_tokens`; `logits` (a list) receives
+    each step's next-token logits."""
+    import torch
+    from transformers import DynamicCache
+
+    from ..adapter import model_cache_kwarg
+
+    logits_out = logits
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    kw = {model_cache_kwarg(model): DynamicCache(config=model.config), "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kw["logits_to_keep"] = 1  # only the last position's logits are read
+    with torch.no_grad():
+        if query_agnostic and 0 < split < len(ids):
+            model(input_ids=x[:, :split], **kw)
+            logits = model(input_ids=x[:, split:], **kw).logits
+        else:
+            logits = model(input_ids=x, **kw).logits
+        out = []
+        for _ in range(max_new_tokens):
+            if logits_out is not None:
+                logits_out.append(logits[0, -1].float().clone())
+            token = int(logits[0, -1].argmax())
+            if token in stop_ids:
+                break
+            out.append(token)
+            logits = model(input_ids=torch.tensor([[token]], device=device), **kw).logits
+    return out
 
 
 def onepass_loglikelihoods(

@@ -48,6 +48,10 @@ GENERATORS = {
     "niah_multikey_3": ("niah_utils", "niah_multikey_3", 128),
     "ruler_vt": ("vt_utils", "get_vt_dataset", 30),
 }
+# where a prompt's question starts (RULER's templates: the context, then this line): query-agnostic evaluation
+# prefills and compresses what comes before it, then reads the question against the compressed cache
+# (NIAH's template with one needle says "is" where several say "are all")
+QUESTION_MARKERS = ("\nWhat are all the special magic", "\nWhat is the special magic", "\nQuestion: Find all variables")
 LONG_TASKS = tuple(GENERATORS)
 LONG_LENGTHS = (1024, 2048, 4096)
 LONG_LIMIT = 10  # examples per task and length by default (a 4k prompt takes about 35 s of one CPU core)
@@ -238,6 +242,13 @@ def available(spec, root: Path) -> int:
 # ------------------------------------------------------------------------------------------------
 # scoring and running
 # ------------------------------------------------------------------------------------------------
+def question_start(prompt: str) -> int | None:
+    """Index in `prompt` (as lm-eval built it, chat template included) where its question starts: the last
+    RULER question line; None when there is none."""
+    start = max(prompt.rfind(marker) for marker in QUESTION_MARKERS)
+    return start if start >= 0 else None
+
+
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """RULER's score of one answer under the name `acc` (lm-eval's own RULER names it by the length)."""
     from lm_eval.tasks.ruler.common_utils import postprocess_pred, string_match_all
