@@ -468,6 +468,46 @@ def finding_memory_budget(r: Results) -> list[tuple]:
     ]
 
 
+def finding_speed_context(r: Results) -> list[tuple]:
+    """Notebook 04's section 5: decode speed against the context, every method (no row before its results exist)."""
+    try:
+        goals = r.json("04_memory_speed_speed_goals.json")
+    except Missing:
+        return []
+    judged = [g for g in goals if g.get("at_or_above_full") is not None]
+    bounded = [g for g in goals if g.get("within_bound_goal") is not None]
+    if not judged:
+        return []
+
+    def name(g):
+        return f"{g['method']} {pct(g['kept_share16'], 0)}"
+
+    below = [g for g in judged if not g["at_or_above_full"]]
+    here = f"{len(judged) - len(below)} of {len(judged)} method settings at or above x1.00 from 2k tokens (batch 1)"
+    if below:
+        here += "; below: " + ", ".join(f"{name(g)} x{g['min_ratio_batch1']:.2f}" for g in below)
+    if bounded:
+        batch, context = bounded[0]["largest"]
+        short = [g for g in bounded if not g["within_bound_goal"]]
+        here += (
+            f"; batch {batch} x {context} tokens: {len(bounded) - len(short)} of {len(bounded)} within 80% of "
+            "their bytes bound"
+        )
+    verdict = "**holds**" if not below else f"**holds for {len(judged) - len(below)} of {len(judged)}**"
+    return [
+        (
+            "04",
+            "A compressed cache decodes at least as fast as the full one (every method at 75% and 50% of the 16-bit "
+            "cache's bytes, batch 1, 2k-8k tokens)",
+            here,
+            verdict,
+            r.link("04_memory_speed_speed_context.png", "figure")
+            + ", "
+            + r.link("04_memory_speed_conclusion.md", "summary"),
+        )
+    ]
+
+
 def finding_intra_layer(r: Results) -> list[tuple]:
     table = r.csv("05_intra_layer_table.csv")
     rows = r.csv("05_intra_layer_additivity.csv")
@@ -629,6 +669,7 @@ FINDINGS: list[tuple[str, str, Callable[[Results], list[tuple]]]] = [
     ("02", "The threshold T picks the pairs to share", finding_search),
     ("03", "Over 90% of the full model's performance kept at 25% compression (paper)", finding_evaluation),
     ("04", "Memory and speed of the shared model", finding_memory_speed),
+    ("04", "Decode speed of every method against the context", finding_speed_context),
     ("05", "Sharing combines with token eviction", finding_intra_layer),
     ("06", "Sharing on quantized weights and a quantized KV cache", finding_quantized),
     (
