@@ -991,6 +991,7 @@ def max_batch_within(
     probe_tokens: int = 4,
     seed: int = 0,
     plain_points: list | None = None,
+    probe_repeats: int = 1,
 ) -> dict:
     """Largest batch whose measured peak memory stays within `budget_bytes`, for the plain (rate 0) or shared model,
     and its throughput there.
@@ -1007,7 +1008,10 @@ def max_batch_within(
 
     Bounded: at most `max_probes` full runs, and none is started once the runs so far plus the next one's predicted
     time (the last run's, scaled by the batch) would pass `time_limit_s`. `largest_proven` says whether batch + 1
-    was measured not to fit (or batch is `limit`); `probes` lists every run (batch, peak, fits, seconds)."""
+    was measured not to fit (or batch is `limit`); `probes` lists every run (batch, peak, fits, seconds).
+
+    `probe_repeats`: each probe is run that many times (each in a process of its own without `model`); a batch
+    fits only if every repeat's peak does, and its peak is the largest of them (a peak measured once can be luck)."""
     mode = "plain" if rate == 0 else "shared"
     t0 = time.perf_counter()
     cfg = shape_config(model_name, model)
@@ -1030,7 +1034,7 @@ def max_batch_within(
     if fixed_bytes is None:
         fixed_bytes = int(fit_line(points, per_seq)[1])
     search = _BudgetSearch(budget_bytes, per_seq, fixed_bytes, points, limit, started=t0)
-    search.run_probes(run, new_tokens, repeats, max_probes, time_limit_s)
+    search.run_probes(run, new_tokens, repeats, max_probes, time_limit_s, probe_repeats)
     asked = dict(mode=mode, rate=rate, num_layers=cfg.num_hidden_layers, num_shared=C, budget_bytes=budget_bytes)
     return search.result({**asked, "prompt_len": prompt_len, "new_tokens": new_tokens}, new_tokens)
 
@@ -1074,9 +1078,11 @@ class _BudgetSearch:
         )
         return int((self.budget_bytes - intercept) // slope)
 
-    def run_probes(self, run, new_tokens: int, repeats: int, max_probes: int, time_limit_s: float | None):
+    def run_probes(
+        self, run, new_tokens: int, repeats: int, max_probes: int, time_limit_s: float | None, probe_repeats: int = 1
+    ):
         """Full timed runs at the predicted batch, kept strictly between `lower` and `upper`, until they meet or a
-        bound stops the search."""
+        bound stops the search; each probe `probe_repeats` times (it fits when every repeat fits)."""
         last_s = None
         while self.lower + 1 < self.upper and len(self.probes) < max_probes:
             b = min(max(self.predicted_batch(), self.lower + 1), self.upper - 1)
@@ -1089,11 +1095,15 @@ class _BudgetSearch:
             ):
                 break
             t = time.perf_counter()
-            row = run(b, new_tokens, repeats, 1)
-            last_s = time.perf_counter() - t
-            fits = row["peak_bytes"] <= self.budget_bytes
+            runs = [run(b, new_tokens, repeats, 1) for _ in range(max(1, probe_repeats))]
+            last_s = (time.perf_counter() - t) / len(runs)
+            peaks = [r["peak_bytes"] for r in runs]
+            row = {**max(runs, key=lambda r: r["decode_tps"]), "peak_bytes": max(peaks), "repeat_peaks": peaks}
+            fits = all(p <= self.budget_bytes for p in peaks)
             self.points.append((b, row["peak_bytes"]))
-            self.probes.append({"batch": b, "peak_bytes": row["peak_bytes"], "fits": fits, "seconds": round(last_s, 2)})
+            self.probes.append(
+                {"batch": b, "peak_bytes": row["peak_bytes"], "peaks": peaks, "fits": fits, "seconds": round(last_s, 2)}
+            )
             if fits:
                 self.lower, self.best = b, row
             else:
@@ -1162,8 +1172,10 @@ def budget_comparison(
     max_probes: int = 6,
     time_limit_s: float | None = None,
     seed: int = 0,
+    probe_repeats: int = 1,
 ) -> list[dict]:
-    """Throughput at the largest batch that fits the budget (`max_batch_within`): plain, then shared at each rate.
+    """Throughput at the largest batch that fits the budget (`max_batch_within`): plain, then shared at each rate;
+    each probe `probe_repeats` times (a batch fits when every repeat fits).
 
     Two short probes of the plain model (batch 1 and 2) and then its full runs give the line of peak memory against
     the batch for every search: weights, runtime and activations do not change with sharing, and the K/V a shared
@@ -1182,6 +1194,7 @@ def budget_comparison(
         repeats=repeats,
         max_probes=max_probes,
         seed=seed,
+        probe_repeats=probe_repeats,
     )
     rates = [0.0, *(r for r in rates if r > 0)]
     plain_points = None

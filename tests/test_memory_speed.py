@@ -73,6 +73,27 @@ def test_budget_search_stops_at_its_bounds(tiny_dir, fake_peaks, monkeypatch):
     assert len(row["probes"]) == 1 and not row["largest_proven"]
 
 
+def test_a_batch_fits_only_if_every_repeat_fits(tiny_dir, monkeypatch):
+    """Each probe runs `probe_repeats` times; one repeat over the budget (a noisy peak) means it does not fit."""
+    model = B.build_model(tiny_dir, random_weights=True, device="cpu")
+    budget = FIXED + 6 * PER_SEQ + PER_SEQ // 2  # batch 6 fits on a quiet machine
+    real, count = B.measure, [0]
+
+    def noisy(config, model=None):
+        row = real(config, model)
+        count[0] += 1
+        spike = PER_SEQ if (config.batch == 6 and count[0] % 3 == 0) else 0  # every third run of batch 6 spikes
+        row["peak_bytes"] = FIXED + config.batch * PER_SEQ + spike
+        return row
+
+    monkeypatch.setattr(B, "measure", noisy)
+    row = B.max_batch_within(tiny_dir, budget, 0.0, 8, 2, random_weights=True, model=model, probe_repeats=3)
+    assert all(len(p["peaks"]) == 3 for p in row["probes"])
+    six = [p for p in row["probes"] if p["batch"] == 6]
+    assert six and not any(p["fits"] for p in six) and row["batch"] < 6  # one spike in three: batch 6 is out
+    assert all(p["fits"] == all(x <= budget for x in p["peaks"]) for p in row["probes"])
+
+
 def test_budget_comparison_against_the_limits_and_the_paper(tiny_dir, fake_peaks):
     model = B.build_model(tiny_dir, random_weights=True, device="cpu")
     budget = FIXED + 6 * PER_SEQ

@@ -62,6 +62,7 @@ class Settings(RunSettings):
     budget_limit: int = 256  # largest batch tried
     budget_time_limit_s: int = 200  # no budget probe starts past this (the whole search)
     budget_max_probes: int = 4  # full runs per search (plain, 25%, 50%)
+    budget_probe_repeats: int = 3  # runs of every probe (each in its own process): a batch fits if all of them fit
     # section 5, decode speed against the context (kvshare.speed): every method at each share of the bytes
     speed_contexts: tuple = (1024, 2048, 4096, 8192)
     speed_batches: tuple = (1, 4)
@@ -83,6 +84,7 @@ class Settings(RunSettings):
         budget_limit=8,
         budget_time_limit_s=120,
         budget_max_probes=3,
+        budget_probe_repeats=1,
         speed_contexts=(128,),
         speed_batches=(1,),
         speed_keep=(0.75,),
@@ -344,7 +346,7 @@ def estimate_seconds(config, s: dict) -> dict:
     budget_s = sum(estimate_run_s(config, b, s["budget_prompt_len"], 4, warmup=0) for b in (1, 2))  # the line probes
     for b in budget.values():
         for batch in (b, b + 1):
-            budget_s += estimate_run_s(
+            budget_s += s.get("budget_probe_repeats", 1) * estimate_run_s(
                 config, batch, s["budget_prompt_len"], s["budget_new_tokens"], warmup_prompt=BUDGET_WARMUP_PROMPT
             )
     budget_s = min(budget_s, s["budget_time_limit_s"] + max(1, max(budget.values())) * 10)
