@@ -16,6 +16,7 @@ A z that is nan (no spread to test) is never clear; an infinite one always is.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 
@@ -333,6 +334,92 @@ def heldout_perplexity(
         progress=progress,
     )
     out["protocol"] = asdict(protocol)
+    return out
+
+
+@dataclass(frozen=True)
+class LongDocumentProtocol:
+    """Long-document perplexity, the protocol of compression as a cached document would see it: the first
+    `documents` held-out long documents (kvshare.data.long_documents: books and Wikipedia articles, never in a
+    calibration set) that have at least max(contexts) + `scored` tokens; for each context length, the document's
+    first `context` tokens are prefilled in one forward (a method compresses them at its end), then the next
+    `scored` tokens are scored in one forward against that compressed cache. Documents are the paired units."""
+
+    contexts: tuple = (2048, 4096, 7680)
+    scored: int = 512
+    documents: int = 12
+
+    def describe(self) -> str:
+        lengths = ", ".join(f"{c:,}" for c in self.contexts)
+        return (
+            f"{self.documents} held-out long documents; {lengths} tokens of context prefilled and compressed once, "
+            f"then the next {self.scored} tokens scored in one forward; paired per document"
+        )
+
+
+LONG_DOCUMENTS = LongDocumentProtocol()
+
+
+def long_document_ids(tokenizer, protocol: LongDocumentProtocol = LONG_DOCUMENTS) -> list[tuple[str, torch.Tensor]]:
+    """(document id, its first max(contexts) + scored token ids) of the protocol's documents, in data order."""
+    from .data import long_documents
+
+    need = max(protocol.contexts) + protocol.scored
+    out = []
+    for doc in long_documents("heldout"):
+        ids = tokenizer(doc["text"], return_tensors="pt")["input_ids"][0]
+        if len(ids) >= need:
+            out.append((doc["id"], ids[:need]))
+        if len(out) == protocol.documents:
+            break
+    if len(out) < protocol.documents:
+        raise ValueError(
+            f"only {len(out)} held-out documents have {need} tokens; the protocol asks for {protocol.documents}"
+        )
+    return out
+
+
+@torch.no_grad()
+def long_document_nll(model, ids: torch.Tensor, context: int, scored: int) -> float:
+    """Mean NLL of the `scored` tokens after the first `context` of `ids`: the context is prefilled in its own forward
+    (whatever methods are applied to `model` compress it there; that forward's last position predicts the first
+    scored token), then the scored tokens but the last are read in one forward against the compressed cache."""
+    from transformers import DynamicCache
+
+    from .adapter import model_cache_kwarg
+
+    device = next(model.parameters()).device
+    x = ids[: context + scored].unsqueeze(0).to(device)
+    cache_kw = {model_cache_kwarg(model): DynamicCache(config=model.config), "use_cache": True}
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    first = model(input_ids=x[:, :context], **cache_kw, **last).logits[:, -1:].float()  # not context x vocabulary
+    rest = model(input_ids=x[:, context : context + scored - 1], **cache_kw).logits.float()
+    logits = torch.cat([first, rest], dim=1)
+    return float(F.cross_entropy(logits[0], x[0, context : context + scored]))
+
+
+def long_document_perplexity(
+    model, tokenizer, protocol: LongDocumentProtocol = LONG_DOCUMENTS, docs=None, progress: bool = False
+) -> dict:
+    """{context: {"ppl", "nll", "nll_se", "window_nll": per-document NLLs, "documents"}} under `protocol` with the
+    methods applied to `model`; `window_nll` makes `paired_difference` work per document."""
+    docs = long_document_ids(tokenizer, protocol) if docs is None else docs
+    out = {}
+    for context in protocol.contexts:
+        nlls = [
+            long_document_nll(model, ids, context, protocol.scored)
+            for _, ids in tqdm(docs, desc=f"long documents at {context}", disable=not progress)
+        ]
+        mean = float(np.mean(nlls))
+        se = float(np.std(nlls, ddof=1) / math.sqrt(len(nlls))) if len(nlls) > 1 else float("nan")
+        out[context] = {
+            "ppl": math.exp(mean),
+            "nll": mean,
+            "nll_se": se,
+            "window_nll": nlls,
+            "documents": [d for d, _ in docs],
+            "protocol": asdict(protocol),
+        }
     return out
 
 

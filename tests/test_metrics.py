@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NUM_LAYERS
+from conftest import NUM_LAYERS, make_tiny_model
 
 import kvshare
 from kvshare.metrics import _windows, perplexity_with_error, token_nlls
@@ -144,3 +144,54 @@ def test_invalid_windows(tiny_llama, char_tokenizer, window, stride):
 def test_text_too_short(tiny_llama, char_tokenizer):
     with pytest.raises(ValueError, match="fewer than 2 tokens"):
         kvshare.perplexity(tiny_llama, char_tokenizer, "")  # only BOS
+
+
+# --------------------------------------------------------------------------------------------
+# long-document perplexity: context prefilled and compressed once, the next tokens scored in one forward
+# --------------------------------------------------------------------------------------------
+def _doc(n: int = 96) -> torch.Tensor:
+    return torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(9))
+
+
+def _one_forward_nll(model, ids, context, scored):
+    with torch.no_grad():
+        logits = model(input_ids=ids[None, : context + scored]).logits[0].float()
+    return float(F.cross_entropy(logits[context - 1 : context + scored - 1], ids[context : context + scored]))
+
+
+def test_long_document_nll_without_compression_is_one_forward(tiny_llama):
+    from kvshare.metrics import long_document_nll
+
+    ids = _doc()
+    assert long_document_nll(tiny_llama, ids, 64, 32) == pytest.approx(
+        _one_forward_nll(tiny_llama, ids, 64, 32), abs=1e-5
+    )
+    with kvshare.compression(tiny_llama, kvshare.methods.make("streamingllm", budget=1000)):  # nothing dropped
+        same = long_document_nll(tiny_llama, ids, 64, 32)
+    with kvshare.compression(tiny_llama, kvshare.methods.make("streamingllm", budget=16, sink=2)):
+        dropped = long_document_nll(tiny_llama, ids, 64, 32)
+    assert same == pytest.approx(_one_forward_nll(tiny_llama, ids, 64, 32), abs=1e-5)
+    assert abs(dropped - same) > 1e-3  # the context was compressed before the scored tokens read it
+
+
+def test_long_document_perplexity_pairs_documents():
+    from kvshare.metrics import LongDocumentProtocol, long_document_perplexity, paired_difference
+
+    model = make_tiny_model("llama", "sdpa")
+    protocol = LongDocumentProtocol(contexts=(32, 64), scored=16, documents=3)
+    docs = [(f"d{i}", _doc(80 + i)) for i in range(3)]
+    full = long_document_perplexity(model, None, protocol, docs=docs)
+    with kvshare.compression(model, kvshare.methods.make("h2o", budget=20)):
+        h2o = long_document_perplexity(model, None, protocol, docs=docs)
+    assert set(full) == {32, 64} and full[64]["documents"] == ["d0", "d1", "d2"] and len(full[64]["window_nll"]) == 3
+    paired = paired_difference(h2o[64], full[64])
+    assert paired["windows"] == 3 and paired["ppl_ratio"] == pytest.approx(h2o[64]["ppl"] / full[64]["ppl"])
+
+
+def test_long_document_ids_come_from_held_out_books_and_articles(char_tokenizer):
+    from kvshare.metrics import LongDocumentProtocol, long_document_ids
+
+    docs = long_document_ids(char_tokenizer, LongDocumentProtocol(contexts=(2048, 7680), scored=512, documents=12))
+    assert len(docs) == 12 and all(len(ids) == 8192 for _, ids in docs) and len({d for d, _ in docs}) == 12
+    with pytest.raises(ValueError, match="held-out documents"):
+        long_document_ids(char_tokenizer, LongDocumentProtocol(contexts=(10**7,), documents=1))
