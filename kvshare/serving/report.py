@@ -122,13 +122,24 @@ def summary_markdown(r: dict) -> str:
         f"{thr['output_len']} tokens, KV budget {thr['kv_cache_bytes'] / 2**20:.0f} MiB: room for "
         f"{mc.get('plain')} plain vs {mc.get('shared')} shared requests at once): plain "
         f"{thr['plain']['tokens_per_second']:.1f} tokens/s, shared {thr['shared']['tokens_per_second']:.1f} "
-        f"tokens/s, ratio {thr['ratio']:.3f} beside L/(L-C) = {expected_ratio(r):.3f}.",
+        f"tokens/s, ratio {thr['ratio']:.3f} beside L/(L-C) = {expected_ratio(r):.3f}{_rounds_note(thr)}.",
         "",
         f"Measured {r['measured_at']} on {r['cpu_count']} CPU cores in {r['seconds'] / 60:.0f} min by "
         f"scripts/vllm_proof.py{' (quick run)' if r.get('quick') else ''}; every number is in {RESULTS_NAME}.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _rounds_note(thr: dict) -> str:
+    """How many alternating runs the ratio stands on (results from before the rounds had one run each)."""
+    rounds = thr.get("rounds", 1)
+    if rounds <= 1 or "ratio_range" not in thr:
+        return " (one run of each)"
+    lo, hi = thr["ratio_range"]
+    return (
+        f" (the median of {rounds} alternating runs of each, ratios {lo:.3f}-{hi:.3f}; each model's fastest run shown)"
+    )
 
 
 def figure(r: dict):
