@@ -522,8 +522,9 @@ def format_estimate(estimate: dict) -> str:
     took = f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
     step_ms = estimate["unit_step_s"] * 1e3
     return (
-        f"speed grid: about {took} for {estimate['runs']} runs ({estimate['configurations']} configurations x "
-        f"{len(estimate['points'])} (context, batch) points x rounds), extrapolated from a {estimate['unit_tokens']}-"
+        f"speed grid: about {took}: {estimate['configurations']} configurations prefilled once at each of "
+        f"{len(estimate['points'])} (context, batch) points, then {estimate['runs']} decode rounds (each method's "
+        f"beside as many of the full model's), extrapolated from a {estimate['unit_tokens']}-"
         f"token prefill ({estimate['unit_prefill_s']:.2f} s) and decode steps of {step_ms:.0f} ms on the full model; "
         "methods slower than the full model take longer"
     )

@@ -134,6 +134,7 @@ class EvictingLayer(DynamicLayer):
         self._kbuf = self._vbuf = None
         self._moves = None  # (src, dst) slot moves of the last selection, applied by `settle`
         self.in_order = True  # slots in stream order (nothing dropped yet, or only the oldest tokens)
+        self.padded = False  # has a forward brought padding (then every selection takes the general path)
         self.positions = None
         self.valid = None
         self.evicted = False  # once True, masks are gathered at the kept positions
@@ -292,9 +293,7 @@ class EvictingLayer(DynamicLayer):
         else:
             self.settle()
             kept_k, kept_v = self._kbuf[:, :, k:n], self._vbuf[:, :, k:n]
-            self._kbuf = self._vbuf = None
-            self.used = 0
-            self._reserve(n - k, kept_k)
+            self._resize(max(n - k, self.capacity_target()), kept_k, keep=0)  # room for the next step's token
             self._kbuf[:, :, : n - k], self._vbuf[:, :, : n - k] = kept_k, kept_v
             self.used = n - k
             self._view()
@@ -305,6 +304,7 @@ class EvictingLayer(DynamicLayer):
         if self.storage is not None:
             self.storage.reset()
         self.in_order = True
+        self.padded = False
         self.seen = self.used = 0
         self._kbuf = self._vbuf = self._moves = None
         self.positions = self.valid = None
@@ -356,16 +356,26 @@ class EvictingLayer(DynamicLayer):
         return total
 
     # -- one forward: begin (pre-hook) -> update (the model) -> end (post-hook) ---------------
-    def begin(self, batch: int, q_len: int, mask, mask2d, device, impl: str):
-        """Before the layer's attention: note the new tokens, return the mask for this layer."""
+    def begin(self, batch: int, q_len: int, mask, mask2d, device, impl: str, memo: dict | None = None):
+        """Before the layer's attention: note the new tokens, return the mask for this layer. `memo` (one dict per
+        forward) shares the new tokens' positions and padding flags between the layers of a forward."""
         start = self.seen
-        new_pos = torch.arange(start, start + q_len, device=device)
-        if mask2d is not None and mask2d.dim() == 2 and mask2d.shape[-1] >= start + q_len:
-            new_valid = mask2d[:, start : start + q_len].to(device=device, dtype=torch.bool)
+        key = (start, q_len, batch)
+        if memo is not None and key in memo:
+            new_pos, new_valid, padded = memo[key]
         else:
-            new_valid = torch.ones(batch, q_len, dtype=torch.bool, device=device)
-        if new_valid.shape[0] != batch:
-            new_valid = new_valid.expand(batch, q_len)
+            new_pos = torch.arange(start, start + q_len, device=device)
+            padded = False
+            if mask2d is not None and mask2d.dim() == 2 and mask2d.shape[-1] >= start + q_len:
+                new_valid = mask2d[:, start : start + q_len].to(device=device, dtype=torch.bool)
+                padded = not bool(new_valid.all())
+            else:
+                new_valid = torch.ones(batch, q_len, dtype=torch.bool, device=device)
+            if new_valid.shape[0] != batch:
+                new_valid = new_valid.expand(batch, q_len)
+            if memo is not None:
+                memo[key] = (new_pos, new_valid, padded)
+        self.padded = self.padded or padded
         self._pending = (new_pos, new_valid)
         self.current_mask = self._layer_mask(batch, q_len, new_pos, mask, impl)
         return self.current_mask
@@ -519,7 +529,16 @@ class EvictingLayer(DynamicLayer):
         self.discard(self.lowest(self.positions, self.held() - (self.sliding_window - 1)))
 
     def select(self, keep: int) -> None:
-        self.discard(self.lowest(self.ranked(), self.held() - keep))
+        drop = self.held() - keep
+        if drop == 1 and not self.padded and self.sliding_window is None:
+            self.discard(self.drop_one())  # a decode step: nothing is padding or out of a window
+            return
+        self.discard(self.lowest(self.ranked(), drop))
+
+    def drop_one(self) -> torch.Tensor:
+        """[batch, P, 1]: the slot of the lowest priority, where no token is padding or out of a window (a method
+        with a cheaper rule for one token overrides it)."""
+        return self.lowest(self.priority(), 1)
 
     def ranked(self) -> torch.Tensor:
         """`priority()` with padding and tokens out of the window first, the oldest of them first (no ties among
@@ -641,7 +660,7 @@ class EvictionMethod(KVMethod):
         if id(model) in self._handles:
             self.detach(model)
         base = base_model(model)
-        ctx: dict = {"mask2d": None, "queries": {}}
+        ctx: dict = {"mask2d": None, "queries": {}, "begin": {}}
         handles = [
             base.register_forward_pre_hook(_record_padding(ctx), with_kwargs=True),
             base.register_forward_hook(_settle_slots, with_kwargs=True),
@@ -678,6 +697,7 @@ def _record_padding(ctx):
         mask = kwargs.get("attention_mask")
         ctx["mask2d"] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         ctx["queries"].clear()
+        ctx["begin"].clear()
 
     return hook
 
@@ -699,7 +719,13 @@ def _before_attention(ctx):
             if impl not in ("sdpa", "eager"):
                 raise NotImplementedError(f"token eviction supports sdpa and eager attention, not {impl!r}")
             mask = slot.begin(
-                hidden.shape[0], hidden.shape[1], kwargs.get("attention_mask"), ctx["mask2d"], hidden.device, impl
+                hidden.shape[0],
+                hidden.shape[1],
+                kwargs.get("attention_mask"),
+                ctx["mask2d"],
+                hidden.device,
+                impl,
+                memo=ctx["begin"],
             )
         else:  # a replaced layer attends over what its source's update returned: the source's mask
             mask = slot.current_mask

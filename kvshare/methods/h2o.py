@@ -44,6 +44,11 @@ class H2OLayer(EvictingLayer):
         recent = self.recent_mask(min(self.settings.recent, self.budget))
         return self.scores.to(torch.float64).masked_fill(recent, float("inf"))
 
+    def drop_one(self) -> torch.Tensor:
+        # one token over the budget: the least attended outside the recent window (accumulated in float32)
+        recent = self.recent_mask(min(self.settings.recent, self.budget))
+        return self.scores.masked_fill(recent, float("inf")).argmin(dim=-1, keepdim=True)
+
 
 @register
 class H2O(EvictionMethod):

@@ -37,23 +37,34 @@ class StreamingLLMLayer(EvictingLayer):
     def __init__(self, settings, layer_idx, config, budget=None, storage=None):
         super().__init__(settings, layer_idx, config, budget, storage)
         self.sink = self.real_seen = None
+        self.sinks_done = False
 
     def reset(self) -> None:
         super().reset()
         self.sink = self.real_seen = None
+        self.sinks_done = False
 
     def appended(self, new_valid: torch.Tensor, first: bool) -> None:
         batch = new_valid.shape[0]
+        if not first and self.sinks_done:  # every sequence has its sinks: no new token is one
+            new = torch.zeros(batch, 1, new_valid.shape[1], dtype=torch.bool, device=new_valid.device)
+            self.sink = torch.cat([self.sink, new], dim=-1)
+            return
         before = 0 if first or self.real_seen is None else self.real_seen[:, None]
         rank = new_valid.to(torch.int64).cumsum(-1) + before  # [batch, q]: 1 for a sequence's first real token
         new = (new_valid & (rank <= self.settings.sink)).view(batch, 1, -1)
         self.sink = new if first or self.sink is None else torch.cat([self.sink, new], dim=-1)
         self.real_seen = rank[:, -1]
+        self.sinks_done = bool((self.real_seen >= self.settings.sink).all())
 
     def _index_state(self, fn) -> None:
         super()._index_state(fn)
         if isinstance(self.real_seen, torch.Tensor):
             self.real_seen = fn(self.real_seen)
+
+    def drop_one(self) -> torch.Tensor:
+        # one token over the budget: the oldest that is not a sink (the recent window is the newest ones)
+        return self.positions.masked_fill(self.sink, self.seen).argmin(dim=-1, keepdim=True)
 
     def priority(self) -> torch.Tensor:
         # sinks first, then the most recent tokens, then the rest by recency
