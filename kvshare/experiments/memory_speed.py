@@ -368,6 +368,8 @@ def speed_grid_s(config, s: dict) -> float:
     the full model's (no process per configuration: the model is built once)."""
     from ..methods import REGISTRY
 
+    if not s.get("speed_contexts"):
+        return 0.0
     configs = 1 + len(s["speed_methods"] or REGISTRY) * len(s["speed_keep"])
     total = 0.0
     for context in s["speed_contexts"]:
